@@ -1,0 +1,131 @@
+"""fedpi coordinator.
+
+  python -m coordinator_service train --workers alice=10.0.0.11:50051,bob=10.0.0.12:50051 --rounds 10
+  python -m coordinator_service demo --rounds 5      # three local workers on 127.0.0.1, then the same training
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+from pathlib import Path
+
+import structlog
+import torch
+
+from coordinator_service.local import demo_cluster
+from coordinator_service.rounds import RoundFailed, TransferSettings
+from coordinator_service.strategy import FedAvg
+from coordinator_service.training import HandshakeFailed, RunConfig, run
+from coordinator_service.worker_client import parse_workers
+from fedpi import data as datasets
+from fedpi.logs import LOG_FORMATS, configure_logging
+from fedpi.models import DEFAULT_MODEL, MODELS
+from generated.fedpi.v1 import worker_pb2 as pb
+
+log = structlog.get_logger()
+ENCODINGS = {"raw": pb.CHUNK_ENCODING_RAW, "zlib": pb.CHUNK_ENCODING_ZLIB}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL)
+    p.add_argument("--dataset", choices=datasets.DATASETS, default="auto",
+                   help="held-out test set the coordinator evaluates on (workers load their own shards)")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--no-download", action="store_true", help="never download datasets")
+    g = p.add_argument_group("local training (sent to every worker each round)")
+    g.add_argument("--local-batches", type=int, default=50, help="batches per worker per round")
+    g.add_argument("--local-epochs", type=int, default=0, help="epochs per round instead of --local-batches")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    g.add_argument("--momentum", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the initial model and every worker's batch order")
+    g.add_argument("--unweighted", action="store_true", help="plain mean instead of weighting by samples")
+    g = p.add_argument_group("rounds and transport")
+    g.add_argument("--min-workers", type=int, default=0,
+                   help="quorum: a round counts if this many workers finish it (default: a majority)")
+    g.add_argument("--round-timeout", type=float, default=3600.0, help="seconds a worker may take for one round")
+    g.add_argument("--idle-timeout", type=float, default=120.0,
+                   help="seconds without training progress before a worker counts as hung")
+    g.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of short calls")
+    g.add_argument("--chunk-size", type=int, default=1 << 20, help="bytes per weight chunk")
+    g.add_argument("--encoding", choices=list(ENCODINGS), default="raw")
+    p.add_argument("--output-dir", default="runs/latest", help="final model.pt and metrics.jsonl go here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: torch's default)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m coordinator_service", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train on running workers")
+    train.add_argument("--workers", required=True, help="NAME=HOST:PORT,... (a bare HOST:PORT is named after itself)")
+    _common(train)
+    demo = sub.add_parser("demo", help="start local workers on 127.0.0.1 and train on them")
+    demo.add_argument("--workers", type=int, default=3, help="how many local workers")
+    demo.add_argument("--worker-threads", type=int, default=1, help="torch threads per local worker")
+    demo.add_argument("--partition-scheme", choices=datasets.PARTITION_SCHEMES, default="iid")
+    _common(demo)
+    return p.parse_args(argv)
+
+
+def _strategy(args: argparse.Namespace, n_workers: int) -> FedAvg:
+    return FedAvg(local_batches=0 if args.local_epochs else args.local_batches, local_epochs=args.local_epochs,
+                  batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum, seed=args.seed,
+                  min_workers=_min_workers(args, n_workers), weighted=not args.unweighted)
+
+
+def _min_workers(args: argparse.Namespace, n_workers: int) -> int:
+    return args.min_workers or math.ceil((n_workers + 1) / 2)
+
+
+def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], dataset: str) -> RunConfig:
+    return RunConfig(
+        workers=workers, model=args.model, rounds=args.rounds, output_dir=Path(args.output_dir),
+        min_workers=_min_workers(args, len(workers)), dataset=dataset, init_seed=args.seed,
+        rpc_timeout=args.rpc_timeout, idle_timeout=args.idle_timeout, round_timeout=args.round_timeout,
+        transfer=TransferSettings(chunk_size=args.chunk_size, encoding=ENCODINGS[args.encoding]),
+    )
+
+
+async def _train(args: argparse.Namespace) -> None:
+    workers = parse_workers(args.workers)
+    data = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+    await run(_run_config(args, workers, data.name), _strategy(args, len(workers)), data.test)
+
+
+async def _demo(args: argparse.Namespace) -> None:
+    # Resolve the dataset once, here, so the workers need not each try (and race) to download it.
+    data = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+    worker_args = ["--model", args.model, "--dataset", data.name, "--data-dir", args.data_dir, "--no-download",
+                   "--partition-scheme", args.partition_scheme, "--threads", str(args.worker_threads)]
+    log_dir = Path(args.output_dir) / "workers"
+    with demo_cluster(args.workers, worker_args, log_dir) as cluster:
+        log.info("local_workers_starting", workers=[w.address for w in cluster.workers], logs=str(log_dir))
+        await cluster.wait_serving()
+        workers = [(w.name, w.address) for w in cluster.workers]
+        await run(_run_config(args, workers, data.name), _strategy(args, len(workers)), data.test)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_format)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        asyncio.run(_train(args) if args.command == "train" else _demo(args))
+    except (HandshakeFailed, RoundFailed, datasets.DatasetUnavailable, ValueError) as exc:
+        log.error("training_failed", reason=str(exc))
+        return 1
+    except KeyboardInterrupt:
+        log.warning("training_interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Start worker processes on this machine (for the demo, tests and benchmarks) and stop them whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEMO_NAMES = ("alice", "bob", "charlie", "dave", "erin", "frank", "grace", "heidi")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalWorker:
+    """One `python -m worker_service` process on 127.0.0.1, its output in a log file."""
+
+    def __init__(self, name: str, args: Sequence[str], log_dir: Path, port: int | None = None,
+                 env: dict[str, str] | None = None):
+        self.name = name
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"{name}.log"
+        self.argv = [sys.executable, "-m", "worker_service", "--id", name, "--host", "127.0.0.1",
+                     "--port", str(self.port), "--log-format", "json", *args]
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    async def wait_serving(self, timeout: float = 120.0) -> None:
+        """Wait until the health service says SERVING; fail early if the process died."""
+        deadline = time.monotonic() + timeout
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.process is not None and self.process.poll() is not None:
+                    tail = self.log_path.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"worker {self.name} exited with {self.process.returncode}:\n{tail}")
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker {self.name} not serving after {timeout:.0f} s; see {self.log_path}")
+                await asyncio.sleep(0.2)
+
+
+class LocalCluster:
+    """A context manager around several LocalWorkers: all stopped on exit, also on Ctrl-C or an exception."""
+
+    def __init__(self, workers: Sequence[LocalWorker]):
+        self.workers = list(workers)
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            for w in self.workers:
+                w.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    async def wait_serving(self, timeout: float = 120.0) -> None:
+        await asyncio.gather(*(w.wait_serving(timeout) for w in self.workers))
+
+    @property
+    def spec(self) -> str:
+        return ",".join(f"{w.name}={w.address}" for w in self.workers)
+
+
+def demo_cluster(count: int, worker_args: Sequence[str], log_dir: Path) -> LocalCluster:
+    names = [DEMO_NAMES[i] if i < len(DEMO_NAMES) else f"worker{i}" for i in range(count)]
+    return LocalCluster([
+        LocalWorker(name, [*worker_args, "--partition", f"{i}/{count}"], log_dir) for i, name in enumerate(names)
+    ])

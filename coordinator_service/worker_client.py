@@ -1,0 +1,176 @@
+"""One worker as the coordinator sees it: a channel, deadlines on every call, streaming, and gRPC errors translated
+into a small hierarchy the round loop can reason about."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from fedpi import serde
+from fedpi.protocol import PROTOCOL_VERSION, SERVICE_NAME, VERSION_METADATA_KEY, ProtocolMismatch, check_compatible
+from generated.fedpi.v1 import worker_pb2 as pb
+from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
+
+# Keepalive pings every 30 s keep a quiet connection (a 10-minute Train on a slow Pi) open through idle timeouts,
+# and find a dead peer within 40 s. Workers allow pings this often (worker_service.server.SERVER_OPTIONS).
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+METADATA = ((VERSION_METADATA_KEY, PROTOCOL_VERSION),)
+# Weight transfers get a deadline that grows with their size: a Pi on Wi-Fi moves at least this many bytes a second.
+MIN_TRANSFER_BYTES_PER_SECOND = 256 * 1024
+
+
+class WorkerError(Exception):
+    """A call to a worker failed. `worker` names it; the message says what happened and what to do."""
+
+    def __init__(self, worker: str, message: str):
+        super().__init__(f"{worker}: {message}")
+        self.worker = worker
+
+
+class WorkerUnavailable(WorkerError):
+    """The worker cannot be reached (down, restarting, network gone)."""
+
+
+class WorkerTimeout(WorkerError):
+    """The worker did not answer, or stopped reporting progress, in time."""
+
+
+class WorkerIncompatible(WorkerError):
+    """The worker runs another protocol version or model architecture."""
+
+
+class WorkerBusy(WorkerError):
+    """The worker is serving another call (another coordinator?)."""
+
+
+class WorkerRejected(WorkerError):
+    """The worker refused the request or sent something invalid."""
+
+
+def translate(worker: str, method: str, exc: grpc.aio.AioRpcError) -> WorkerError:
+    code, details = exc.code(), exc.details() or ""
+    message = f"{method} failed with {code.name}: {details}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return WorkerUnavailable(worker, message)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return WorkerTimeout(worker, message)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return WorkerIncompatible(worker, f"{method} is not served: the worker does not speak {SERVICE_NAME}. "
+                                          f"Upgrade it to a fedpi release that speaks protocol {PROTOCOL_VERSION}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return WorkerIncompatible(worker, message)
+    if code == grpc.StatusCode.ABORTED:
+        return WorkerBusy(worker, message)
+    return WorkerRejected(worker, message)
+
+
+class WorkerClient:
+    def __init__(self, name: str, address: str, *, rpc_timeout: float = 30.0, idle_timeout: float = 120.0):
+        self.name = name
+        self.address = address
+        self.rpc_timeout = rpc_timeout
+        self.idle_timeout = idle_timeout
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.WorkerStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _transfer_timeout(self, nbytes: int) -> float:
+        return self.rpc_timeout + nbytes / MIN_TRANSFER_BYTES_PER_SECOND
+
+    async def get_info(self) -> pb.WorkerInfo:
+        try:
+            return await self._stub.GetInfo(pb.GetInfoRequest(), timeout=self.rpc_timeout, metadata=METADATA)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(self.name, "GetInfo", exc) from None
+
+    async def handshake(self, model_architecture: str) -> pb.WorkerInfo:
+        """GetInfo plus the checks that must pass before any weights move."""
+        info = await self.get_info()
+        try:
+            check_compatible(coordinator=PROTOCOL_VERSION, worker=info.protocol_version)
+        except ProtocolMismatch as exc:
+            raise WorkerIncompatible(self.name, str(exc)) from None
+        if info.model_architecture != model_architecture:
+            raise WorkerIncompatible(
+                self.name, f"worker runs model {info.model_architecture!r}, coordinator trains {model_architecture!r}; "
+                           f"restart one of them with the same --model")
+        if info.train_samples == 0:
+            raise WorkerIncompatible(self.name, "worker has no training samples in its shard")
+        return info
+
+    async def set_weights(self, payload: serde.WeightsPayload, chunk_size: int, encoding: int) -> pb.SetWeightsResponse:
+        try:
+            return await self._stub.SetWeights(
+                payload.chunks(chunk_size, encoding),
+                timeout=self._transfer_timeout(payload.total_bytes), metadata=METADATA,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise translate(self.name, "SetWeights", exc) from None
+
+    async def train(self, request: pb.TrainRequest,
+                    on_progress: Callable[[pb.TrainProgress], None] | None = None) -> pb.TrainResult:
+        """Train one round. There is no overall deadline (a slow Pi is not a dead one): the worker must report
+        progress at least every `idle_timeout` seconds instead."""
+        call = self._stub.Train(request, metadata=METADATA)
+        try:
+            while True:
+                try:
+                    update = await asyncio.wait_for(call.read(), self.idle_timeout)
+                except asyncio.TimeoutError:
+                    call.cancel()
+                    raise WorkerTimeout(self.name, f"Train reported no progress for {self.idle_timeout:.0f} s") from None
+                if update is grpc.aio.EOF:
+                    raise WorkerRejected(self.name, "Train ended without a result")
+                if update.HasField("result"):
+                    return update.result
+                if on_progress is not None:
+                    on_progress(update.progress)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(self.name, "Train", exc) from None
+        finally:
+            call.cancel()  # no-op once finished; stops the worker's training if we leave early
+
+    async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int) -> AsyncIterator[pb.WeightsChunk]:
+        call = self._stub.GetWeights(
+            pb.GetWeightsRequest(chunk_size=chunk_size, encoding=encoding),
+            timeout=self._transfer_timeout(expected_bytes), metadata=METADATA,
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise translate(self.name, "GetWeights", exc) from None
+        finally:
+            call.cancel()
+
+
+def parse_workers(spec: str) -> list[tuple[str, str]]:
+    """'alice=10.0.0.2:50051,bob=…' -> [(name, address)]; a bare address is named after itself."""
+    workers = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, address = item.partition("=")
+        if not sep:
+            name, address = item, item
+        if ":" not in address:
+            raise ValueError(f"worker {name!r}: address {address!r} needs a port, e.g. {address}:50051")
+        workers.append((name, address))
+    names = [n for n, _ in workers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"worker names must be unique: {names}")
+    if not workers:
+        raise ValueError("no workers given; use --workers alice=HOST:PORT,bob=HOST:PORT")
+    return workers
+
+
+def elapsed(start: float) -> float:
+    return time.perf_counter() - start

@@ -1,0 +1,33 @@
+"""Protocol versioning: both sides name their version, and incompatibility is caught before any weights move."""
+
+from __future__ import annotations
+
+import fedpi
+
+PROTOCOL_VERSION = "1.0"
+# Call metadata key in which a coordinator states the protocol it speaks.
+VERSION_METADATA_KEY = "fedpi-protocol-version"
+SERVICE_NAME = "fedpi.v1.Worker"
+
+
+class ProtocolMismatch(Exception):
+    """The two ends speak incompatible protocol versions."""
+
+
+def _major(version: str) -> int:
+    try:
+        return int(version.split(".", 1)[0])
+    except ValueError:
+        raise ProtocolMismatch(f"unreadable protocol version {version!r}; expected MAJOR.MINOR, e.g. {PROTOCOL_VERSION}")
+
+
+def check_compatible(*, coordinator: str, worker: str) -> None:
+    """Raise ProtocolMismatch unless the major versions agree (minor versions only add fields)."""
+    if _major(coordinator) == _major(worker):
+        return
+    newer, older = ("coordinator", "worker") if _major(coordinator) > _major(worker) else ("worker", "coordinator")
+    raise ProtocolMismatch(
+        f"protocol mismatch: coordinator speaks fedpi protocol {coordinator}, worker speaks {worker} "
+        f"(this side is fedpi {fedpi.__version__}); upgrade the {older} to a fedpi release that speaks "
+        f"protocol {max(coordinator, worker, key=_major)}, or run a {newer} that speaks {min(coordinator, worker, key=_major)}"
+    )

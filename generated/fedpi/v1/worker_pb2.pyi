@@ -1,0 +1,190 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_STATE_UNSPECIFIED: _ClassVar[WorkerState]
+    WORKER_STATE_IDLE: _ClassVar[WorkerState]
+    WORKER_STATE_TRAINING: _ClassVar[WorkerState]
+
+class ChunkEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHUNK_ENCODING_UNSPECIFIED: _ClassVar[ChunkEncoding]
+    CHUNK_ENCODING_RAW: _ClassVar[ChunkEncoding]
+    CHUNK_ENCODING_ZLIB: _ClassVar[ChunkEncoding]
+WORKER_STATE_UNSPECIFIED: WorkerState
+WORKER_STATE_IDLE: WorkerState
+WORKER_STATE_TRAINING: WorkerState
+CHUNK_ENCODING_UNSPECIFIED: ChunkEncoding
+CHUNK_ENCODING_RAW: ChunkEncoding
+CHUNK_ENCODING_ZLIB: ChunkEncoding
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker_id", "protocol_version", "software_version", "model_architecture", "parameter_count", "train_samples", "test_samples", "dataset", "partition", "chunk_encodings", "state", "torch_version", "cpu_architecture", "weights_round", "max_payload_bytes", "max_chunk_bytes")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CPU_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    protocol_version: str
+    software_version: str
+    model_architecture: str
+    parameter_count: int
+    train_samples: int
+    test_samples: int
+    dataset: str
+    partition: str
+    chunk_encodings: _containers.RepeatedScalarFieldContainer[ChunkEncoding]
+    state: WorkerState
+    torch_version: str
+    cpu_architecture: str
+    weights_round: int
+    max_payload_bytes: int
+    max_chunk_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., model_architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., chunk_encodings: _Optional[_Iterable[_Union[ChunkEncoding, str]]] = ..., state: _Optional[_Union[WorkerState, str]] = ..., torch_version: _Optional[str] = ..., cpu_architecture: _Optional[str] = ..., weights_round: _Optional[int] = ..., max_payload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "byte_length")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    byte_length: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ...) -> None: ...
+
+class WeightsHeader(_message.Message):
+    __slots__ = ("round", "model_architecture", "tensors", "total_bytes", "digest", "encoding")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    model_architecture: str
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    total_bytes: int
+    digest: str
+    encoding: ChunkEncoding
+    def __init__(self, round: _Optional[int] = ..., model_architecture: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., digest: _Optional[str] = ..., encoding: _Optional[_Union[ChunkEncoding, str]] = ...) -> None: ...
+
+class WeightsData(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: WeightsHeader
+    data: WeightsData
+    def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., data: _Optional[_Union[WeightsData, _Mapping]] = ...) -> None: ...
+
+class SetWeightsResponse(_message.Message):
+    __slots__ = ("round", "bytes_received", "seconds")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    bytes_received: int
+    seconds: float
+    def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    local_batches: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+    seed: int
+    evaluate: bool
+    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ...) -> None: ...
+
+class TrainProgress(_message.Message):
+    __slots__ = ("batches_done", "batches_total", "mean_loss", "seconds")
+    BATCHES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    batches_done: int
+    batches_total: int
+    mean_loss: float
+    seconds: float
+    def __init__(self, batches_done: _Optional[int] = ..., batches_total: _Optional[int] = ..., mean_loss: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class TrainResult(_message.Message):
+    __slots__ = ("round", "samples", "batches", "mean_loss", "accuracy", "train_seconds", "test_loss", "test_accuracy", "test_samples")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    samples: int
+    batches: int
+    mean_loss: float
+    accuracy: float
+    train_seconds: float
+    test_loss: float
+    test_accuracy: float
+    test_samples: int
+    def __init__(self, round: _Optional[int] = ..., samples: _Optional[int] = ..., batches: _Optional[int] = ..., mean_loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., train_seconds: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_samples: _Optional[int] = ...) -> None: ...
+
+class TrainUpdate(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: TrainProgress
+    result: TrainResult
+    def __init__(self, progress: _Optional[_Union[TrainProgress, _Mapping]] = ..., result: _Optional[_Union[TrainResult, _Mapping]] = ...) -> None: ...
+
+class GetWeightsRequest(_message.Message):
+    __slots__ = ("chunk_size", "encoding")
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    chunk_size: int
+    encoding: ChunkEncoding
+    def __init__(self, chunk_size: _Optional[int] = ..., encoding: _Optional[_Union[ChunkEncoding, str]] = ...) -> None: ...

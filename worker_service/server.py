@@ -1,0 +1,61 @@
+"""Serve the worker: the fedpi.v1.Worker service, grpc.health.v1 and server reflection; graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fedpi.protocol import SERVICE_NAME
+from generated.fedpi.v1 import worker_pb2 as pb
+from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
+from worker_service.servicer import WorkerServicer
+
+log = structlog.get_logger()
+
+# Coordinators ping every 30 s to keep long Train streams alive through NATs and idle timeouts; allow it.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+async def create_server(servicer: WorkerServicer, address: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (pb.DESCRIPTOR.services_by_name["Worker"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port, health_servicer
+
+
+async def serve(servicer: WorkerServicer, address: str, grace: float = 10.0) -> None:
+    server, port, health_servicer = await create_server(servicer, address)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("worker_started", address=address, port=port, model=servicer.model_name,
+             dataset=servicer.data.name, train_samples=len(servicer.data.train), partition=servicer.partition)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("worker_stopping", grace_seconds=grace)
+        # NOT_SERVING first, so probes and coordinators see the shutdown before calls are refused.
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace)
+        log.info("worker_stopped")

@@ -1,0 +1,109 @@
+"""Local training on this worker's shard. Plain torch, no gRPC: the servicer calls it from a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedpi.data import Dataset
+from fedpi.models import evaluate
+
+
+class TrainingCancelled(Exception):
+    """The caller went away; the round was abandoned half-way (weights are reset by the next SetWeights)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_batches: int = 50
+    local_epochs: int = 0
+    batch_size: int = 64
+    learning_rate: float = 0.01
+    momentum: float = 0.0
+    seed: int = 0
+    evaluate: bool = False
+
+    def validate(self, train_samples: int) -> None:
+        if (self.local_batches > 0) == (self.local_epochs > 0):
+            raise ValueError("set exactly one of local_batches and local_epochs to a positive number")
+        if self.local_batches < 0 or self.local_epochs < 0:
+            raise ValueError("local_batches and local_epochs must not be negative")
+        if not 1 <= self.batch_size <= 65536:
+            raise ValueError(f"batch_size must be between 1 and 65536, got {self.batch_size}")
+        if not 0 < self.learning_rate < 100:
+            raise ValueError(f"learning_rate must be positive (and sane), got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if train_samples == 0:
+            raise ValueError("this worker's shard holds no training samples")
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    samples: int
+    batches: int
+    mean_loss: float
+    accuracy: float
+    train_seconds: float
+    test_loss: float = 0.0
+    test_accuracy: float = 0.0
+    test_samples: int = 0
+
+
+Progress = Callable[[int, int, float, float], None]  # batches_done, batches_total, mean_loss, seconds
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, data: Dataset):
+        self.model = model
+        self.data = data
+
+    def _batch_order(self, cfg: TrainConfig) -> list[torch.Tensor]:
+        """The index batches of this round: a seeded shuffle, cycled when more batches are asked than one epoch."""
+        n = len(self.data.train)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        per_epoch = -(-n // cfg.batch_size)
+        total = cfg.local_batches or cfg.local_epochs * per_epoch
+        batches: list[torch.Tensor] = []
+        while len(batches) < total:
+            batches.extend(torch.randperm(n, generator=gen).split(cfg.batch_size))
+        return batches[:total]
+
+    def train(self, cfg: TrainConfig, progress: Progress, cancelled: threading.Event,
+              progress_every: float = 2.0) -> TrainOutcome:
+        cfg.validate(len(self.data.train))
+        batches = self._batch_order(cfg)
+        # A fresh optimizer each round, as the reference does: no stale momentum across rounds.
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+        self.model.train()
+        loss_sum, correct, samples = 0.0, 0, 0
+        start = last_report = time.perf_counter()
+        for i, index in enumerate(batches, 1):
+            if cancelled.is_set():
+                raise TrainingCancelled("training cancelled by the caller")
+            x, y = self.data.train.batch(index)
+            optimizer.zero_grad(set_to_none=True)
+            out = self.model(x)
+            loss = F.nll_loss(out, y)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((out.argmax(1) == y).sum())
+            samples += len(y)
+            now = time.perf_counter()
+            if now - last_report >= progress_every or i == len(batches):
+                progress(i, len(batches), loss_sum / samples, now - start)
+                last_report = now
+        seconds = time.perf_counter() - start
+        outcome = TrainOutcome(samples, len(batches), loss_sum / samples, correct / samples, seconds)
+        if cfg.evaluate and len(self.data.test):
+            loss, acc = evaluate(self.model, self.data.test)
+            outcome = TrainOutcome(**{**outcome.__dict__, "test_loss": loss, "test_accuracy": acc,
+                                      "test_samples": len(self.data.test)})
+        return outcome
