@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedpi.serde import MalformedStream, NonFiniteWeights, TensorMeta
+from fedpi.serde import MalformedStream, NonFiniteWeights, TensorMeta, all_finite
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,7 +84,7 @@ class StreamFold:
             if take == 0:
                 break
             x = torch.frombuffer(data, dtype=meta.torch_dtype, count=take // meta.itemsize, offset=used)
-            if (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
+            if not all_finite(x):
                 raise NonFiniteWeights(f"{meta.name} holds NaN or Inf values; the update was rejected")
             start = self._in_tensor // meta.itemsize
             acc = self._total._acc[self._tensor]

@@ -282,9 +282,10 @@ class StreamReader:
             raw = inflater.decompress(data, self.max_chunk_bytes)
         except zlib.error as exc:
             raise MalformedStream(f"zlib chunk at offset {self.received} cannot be decompressed: {exc}")
-        if inflater.unconsumed_tail:
-            raise PayloadTooLarge(f"zlib chunk inflates past the chunk limit of {self.max_chunk_bytes} bytes")
         if not inflater.eof:
+            # Either more output is waiting (too large) or the compressed data stops short (truncated).
+            if inflater.unconsumed_tail or inflater.decompress(b"", 1):
+                raise PayloadTooLarge(f"zlib chunk inflates past the chunk limit of {self.max_chunk_bytes} bytes")
             raise MalformedStream(f"zlib chunk at offset {self.received} is truncated")
         return raw
 
@@ -359,7 +360,16 @@ def tensors_from_buffer(manifest: Sequence[TensorMeta], buf: bytearray) -> dict[
     return state
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True unless a floating-point or complex tensor holds NaN or Inf (integers always are finite)."""
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return True
+    if t.element_size() == 1:  # float8 kinds have no isfinite kernel of their own
+        t = t.float()
+    return bool(torch.isfinite(t).all())
+
+
 def check_finite(state: Mapping[str, torch.Tensor]) -> None:
     for name, t in state.items():
-        if (t.is_floating_point() or t.is_complex()) and t.numel() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise NonFiniteWeights(f"{name} holds NaN or Inf values; the update was rejected")

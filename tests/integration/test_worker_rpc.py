@@ -1,0 +1,152 @@
+"""A live worker over real gRPC: right status codes for bad input, and weights that change only all at once."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from fedpi import serde
+from fedpi.models import build_model
+from generated.fedpi.v1 import worker_pb2 as pb
+from tests.integration.conftest import METADATA
+
+ARCH = "reference-cnn"
+
+
+def _digest(stub) -> tuple[str, int]:
+    header = next(iter(stub.GetWeights(pb.GetWeightsRequest(), metadata=METADATA, timeout=30))).header
+    return header.digest, header.round
+
+
+def _payload(round_: int = 1, seed: int = 1, arch: str = ARCH, **overrides) -> serde.WeightsPayload:
+    state = build_model(ARCH, seed=seed).state_dict()
+    state.update(overrides)
+    return serde.WeightsPayload(state, round=round_, architecture=arch)
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details()
+
+
+def test_get_info_describes_the_worker(worker):
+    _, stub = worker
+    info = stub.GetInfo(pb.GetInfoRequest(), metadata=METADATA, timeout=10)
+    assert (info.worker_id, info.protocol_version, info.model_architecture) == ("solo", "1.0", ARCH)
+    assert info.parameter_count == 431_080 and info.train_samples == 4000 and info.test_samples == 1000
+    assert info.dataset == "digits-5k" and info.state == pb.WORKER_STATE_IDLE
+    assert pb.CHUNK_ENCODING_RAW in info.chunk_encodings and info.cpu_architecture
+
+
+def test_protocol_version_mismatch_is_failed_precondition(worker):
+    _, stub = worker
+    code, details = _code(lambda: stub.GetInfo(pb.GetInfoRequest(), metadata=(("fedpi-protocol-version", "2.0"),),
+                                                timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "2.0" in details and "1.0" in details and "upgrade" in details
+
+
+def test_weights_round_trip_through_the_worker(worker):
+    _, stub = worker
+    payload = _payload(round_=4, seed=4)
+    reply = stub.SetWeights(payload.chunks(100_000), metadata=METADATA, timeout=30)
+    assert reply.bytes_received == payload.total_bytes
+    assert _digest(stub) == (payload.digest, 4)
+
+
+@pytest.mark.parametrize("make_chunks, expected_code", [
+    (lambda: _payload(arch="large-mlp").chunks(), grpc.StatusCode.FAILED_PRECONDITION),
+    (lambda: _payload(**{"fc2.bias": torch.zeros(11)}).chunks(), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda: _payload(**{"fc2.bias": torch.zeros(10, dtype=torch.float64)}).chunks(),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda: _payload(**{"fc2.bias": torch.full((10,), float("nan"))}).chunks(), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda: list(_payload().chunks())[:-1], grpc.StatusCode.INVALID_ARGUMENT),  # ends early
+    (lambda: list(_payload().chunks())[1:], grpc.StatusCode.INVALID_ARGUMENT),  # no header
+    (lambda: _corrupted(_payload()), grpc.StatusCode.DATA_LOSS),
+    (lambda: _payload().chunks(1_500_000), grpc.StatusCode.RESOURCE_EXHAUSTED),  # worker takes 1 MiB chunks
+], ids=["architecture", "shape", "dtype", "nan", "truncated", "headerless", "corrupted", "chunk-too-large"])
+def test_bad_weight_streams_are_refused_and_change_nothing(worker, make_chunks, expected_code):
+    # Prepare
+    _, stub = worker
+    before = _digest(stub)
+    # Execute
+    code, details = _code(lambda: stub.SetWeights(iter(make_chunks()), metadata=METADATA, timeout=30))
+    # Assert
+    assert code == expected_code, details
+    assert details
+    assert _digest(stub) == before
+
+
+def _corrupted(payload: serde.WeightsPayload) -> list[pb.WeightsChunk]:
+    chunks = list(payload.chunks())
+    data = bytearray(chunks[1].data.data)
+    data[100] ^= 0x01
+    chunks[1].data.data = bytes(data)
+    return chunks
+
+
+def test_stream_cut_halfway_leaves_previous_weights(worker):
+    """The coordinator vanishes mid-upload: the worker keeps its previous weights whole."""
+    # Prepare
+    _, stub = worker
+    before = _digest(stub)
+    chunks = list(_payload(seed=9).chunks(64 * 1024))
+    half_sent, release = threading.Event(), threading.Event()
+
+    def stream():
+        for i, chunk in enumerate(chunks):
+            if i == len(chunks) // 2:
+                half_sent.set()
+                release.wait(30)
+                return
+            yield chunk
+
+    # Execute
+    future = stub.SetWeights.future(stream(), metadata=METADATA, timeout=30)
+    assert half_sent.wait(30)
+    future.cancel()
+    release.set()
+    # Assert
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result()
+    assert _digest(stub) == before
+    info = stub.GetInfo(pb.GetInfoRequest(), metadata=METADATA, timeout=10)
+    assert info.state == pb.WORKER_STATE_IDLE
+
+
+def test_train_for_a_round_whose_weights_are_not_installed_is_refused(worker):
+    _, stub = worker
+    _, current_round = _digest(stub)
+    request = pb.TrainRequest(round=current_round + 7, local_batches=1, batch_size=8, learning_rate=0.01)
+    code, details = _code(lambda: list(stub.Train(request, metadata=METADATA, timeout=30)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "call SetWeights" in details
+
+
+def test_train_with_bad_config_is_invalid_argument(worker):
+    _, stub = worker
+    _, current_round = _digest(stub)
+    request = pb.TrainRequest(round=current_round, local_batches=1, batch_size=0, learning_rate=0.01)
+    code, details = _code(lambda: list(stub.Train(request, metadata=METADATA, timeout=30)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "batch_size" in details
+
+
+def test_train_streams_a_result(worker):
+    _, stub = worker
+    _, current_round = _digest(stub)
+    request = pb.TrainRequest(round=current_round, local_batches=3, batch_size=16, learning_rate=0.01, evaluate=True)
+    updates = list(stub.Train(request, metadata=METADATA, timeout=60))
+    result = updates[-1].result
+    assert result.samples == 48 and result.batches == 3 and result.test_samples == 1000
+    assert updates[-1].HasField("result") and all(u.HasField("progress") for u in updates[:-1])
+
+
+def test_get_weights_with_bad_chunk_size_is_invalid_argument(worker):
+    _, stub = worker
+    code, details = _code(lambda: list(stub.GetWeights(pb.GetWeightsRequest(chunk_size=1 << 30), metadata=METADATA,
+                                                       timeout=10)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "chunk_size" in details

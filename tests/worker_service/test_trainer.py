@@ -1,0 +1,65 @@
+"""Local training, without any gRPC."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from fedpi.data import load_dataset, shard
+from fedpi.models import build_model, evaluate
+from worker_service.trainer import TrainConfig, Trainer, TrainingCancelled
+
+
+@pytest.fixture(scope="module")
+def data():
+    return shard(load_dataset("digits-5k", "unused", download=False), 0, 2, "iid", 0)
+
+
+def test_training_improves_the_model_and_reports_progress(data):
+    # Prepare
+    model = build_model("reference-cnn")
+    before, _ = evaluate(model, data.test)
+    progress = []
+    # Execute
+    out = Trainer(model, data).train(TrainConfig(local_batches=30, learning_rate=0.05, momentum=0.5),
+                                     lambda *p: progress.append(p), threading.Event(), progress_every=0.0)
+    # Assert
+    after, _ = evaluate(model, data.test)
+    assert after < before
+    assert out.samples == 30 * 64 and out.batches == 30 and out.train_seconds > 0
+    assert progress[-1][:2] == (30, 30)
+
+
+def test_same_seed_same_result(data):
+    results = []
+    for _ in range(2):
+        model = build_model("reference-cnn")
+        results.append(Trainer(model, data).train(TrainConfig(local_batches=3, seed=7), lambda *p: None,
+                                                  threading.Event()).mean_loss)
+    assert results[0] == results[1]
+
+
+def test_epochs_cover_the_shard_once_per_epoch(data):
+    out = Trainer(build_model("reference-cnn"), data).train(
+        TrainConfig(local_batches=0, local_epochs=1, batch_size=500), lambda *p: None, threading.Event())
+    assert out.samples == len(data.train)
+
+
+def test_cancel_stops_training(data):
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(TrainingCancelled):
+        Trainer(build_model("reference-cnn"), data).train(TrainConfig(local_batches=5), lambda *p: None, cancelled)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (TrainConfig(local_batches=0, local_epochs=0), "exactly one"),
+    (TrainConfig(local_batches=5, local_epochs=1), "exactly one"),
+    (TrainConfig(batch_size=0), "batch_size"),
+    (TrainConfig(learning_rate=0), "learning_rate"),
+    (TrainConfig(momentum=1.5), "momentum"),
+])
+def test_bad_config_is_refused_with_a_reason(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        cfg.validate(100)
