@@ -47,12 +47,15 @@ class WeightedSum:
         fold.finish()
 
     def mean_into(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Write the weighted mean into `state`'s tensors in place (e.g. the global model's state_dict)."""
+        """Write the weighted mean into `state`'s tensors in place (e.g. the global model's state_dict).
+
+        Divides the accumulator in place, so no second model-sized buffer appears; the sum is spent afterwards.
+        """
         if self.contributors == 0:
             raise ValueError("no contributions to average")
         for m, acc in zip(self.manifest, self._acc):
             target = state[m.name]
-            mean = acc / self.total_weight
+            mean = acc.div_(self.total_weight)
             if m.torch_dtype == torch.bool:
                 mean = mean >= 0.5
             elif not (m.torch_dtype.is_floating_point or m.torch_dtype.is_complex):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,8 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> l
         model_path = cfg.output_dir / "model.pt"
         _write_atomically(model_path, lambda p: torch.save(model.state_dict(), p))
         log.info("training_finished", rounds=len(reports), model_path=str(model_path), metrics_path=str(metrics_path),
-                 test_accuracy=round(reports[-1].test_accuracy, 4) if reports else None)
+                 test_accuracy=round(reports[-1].test_accuracy, 4) if reports else None,
+                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     finally:
         await asyncio.gather(*(c.close() for c in clients))
     return reports

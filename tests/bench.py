@@ -1,0 +1,107 @@
+"""Benchmarks with real processes on 127.0.0.1; `make bench` prints their figures.
+
+1. transport: the 105 MB large-mlp model through SetWeights / GetWeights with gRPC's default 4 MB message limit.
+2. memory: the coordinator's peak RSS with 3 and with 8 workers on large-mlp (must not grow by a model per worker).
+3. reference: 3 workers, 20 rounds, the reference CNN and hyper-parameters on 8,000 real MNIST digits (needs
+   ../shared/data/mnist; skipped without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from coordinator_service.local import LocalCluster, LocalWorker, demo_cluster
+from fedpi import serde
+from fedpi.models import build_model
+from generated.fedpi.v1 import worker_pb2 as pb
+from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
+from tests.conftest import SHARED_MNIST
+from tests.integration.conftest import DIGITS, METADATA, events, run_coordinator
+
+
+def _start(cluster: LocalCluster) -> LocalCluster:
+    cluster.__enter__()
+    asyncio.run(cluster.wait_serving(timeout=300))
+    return cluster
+
+
+def bench_transport(tmp: Path) -> None:
+    with _start(LocalCluster([LocalWorker("big", [*DIGITS, "--model", "large-mlp"], tmp)])) as cluster:
+        stub = pb_grpc.WorkerStub(grpc.insecure_channel(cluster.workers[0].address))
+        payload = serde.WeightsPayload(build_model("large-mlp", seed=3).state_dict(), round=1,
+                                       architecture="large-mlp")
+        mb = payload.total_bytes / 1e6
+        for chunk_size in (256 << 10, 1 << 20, (4 << 20) - 4096):
+            up, down = [], []
+            for _ in range(3):
+                t = time.perf_counter()
+                stub.SetWeights(payload.chunks(chunk_size), metadata=METADATA, timeout=300)
+                up.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                chunks = list(stub.GetWeights(pb.GetWeightsRequest(chunk_size=chunk_size), metadata=METADATA))
+                down.append(time.perf_counter() - t)
+                assert chunks[0].header.digest == payload.digest
+            print(f"transport  large-mlp {mb:.0f} MB  chunk {chunk_size >> 10:>5} KiB  "
+                  f"SetWeights {mb / statistics.median(up):6.0f} MB/s  GetWeights {mb / statistics.median(down):6.0f} MB/s")
+
+
+def bench_memory(tmp: Path) -> None:
+    for n in (3, 8):
+        args = [*DIGITS, "--model", "large-mlp"]
+        with _start(demo_cluster(n, args, tmp / f"w{n}")) as cluster:
+            proc = run_coordinator("train", "--workers", cluster.spec, "--model", "large-mlp", "--rounds", "2",
+                                   "--local-batches", "1", "--dataset", "digits-5k", "--min-workers", str(n),
+                                   "--output-dir", str(tmp / f"out{n}"), timeout=1200)
+            finished = [e for e in events(proc.stdout) if e.get("event") == "training_finished"]
+            if proc.returncode or not finished:
+                sys.exit(f"memory benchmark failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            rounds = [e for e in events(proc.stdout) if e.get("event") == "round_finished"]
+            print(f"memory     large-mlp 105 MB  {n} workers  coordinator peak RSS {finished[0]['peak_rss_mb']:.0f} MB"
+                  f"  round wall {rounds[-1]['wall_seconds']:.1f} s  aggregation {rounds[-1]['aggregation_seconds']:.2f} s")
+
+
+def bench_reference(tmp: Path) -> None:
+    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        print(f"reference  skipped: no MNIST digits at {SHARED_MNIST}")
+        return
+    out = tmp / "reference"
+    proc = run_coordinator("demo", "--workers", "3", "--rounds", "20", "--dataset", "mnist-10k",
+                           "--data-dir", str(SHARED_MNIST), "--partition-scheme", "contiguous",
+                           "--lr", "0.01", "--batch-size", "64", "--local-batches", "50",
+                           "--output-dir", str(out), timeout=3600)
+    if proc.returncode:
+        sys.exit(f"reference benchmark failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    walls = [r["wall_seconds"] for r in rounds[1:]]
+    overheads = [r["overhead_seconds"] for r in rounds[1:]]
+    for r in rounds:
+        if r["round"] in (1, 2, 5, 10, 14, 20):
+            print(f"reference  round {r['round']:>2}  test accuracy {r['test_accuracy']:.2%}  wall {r['wall_seconds']:.2f} s")
+    print(f"reference  mnist-10k 8,000/2,000  3 workers  20 rounds  final accuracy {rounds[-1]['test_accuracy']:.2%}  "
+          f"median round wall {statistics.median(walls):.2f} s  median overhead {statistics.median(overheads):.2f} s "
+          f"(rounds 2-20)")
+
+
+BENCHES = {"transport": bench_transport, "memory": bench_memory, "reference": bench_reference}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", choices=[*BENCHES, []], default=list(BENCHES))
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.names or BENCHES:
+            BENCHES[name](Path(tmp) / name)
+
+
+if __name__ == "__main__":
+    main()
