@@ -19,8 +19,9 @@ from coordinator_service.local import demo_cluster
 from coordinator_service.rounds import RoundFailed, TransferSettings
 from coordinator_service.strategy import FedAvg
 from coordinator_service.training import HandshakeFailed, RunConfig, run
-from coordinator_service.worker_client import parse_workers
+from coordinator_service.worker_client import DiscoveryFailed, discover, parse_workers
 from fedpi import data as datasets
+from fedpi.cli import apply_env_defaults
 from fedpi.logs import LOG_FORMATS, configure_logging
 from fedpi.models import DEFAULT_MODEL, MODELS
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -63,13 +64,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train on running workers")
-    train.add_argument("--workers", required=True, help="NAME=HOST:PORT,... (a bare HOST:PORT is named after itself)")
+    train.add_argument("--workers", help="NAME=HOST:PORT,... (a bare HOST:PORT is named after itself)")
+    train.add_argument("--workers-dns", help="instead of --workers: HOST:PORT whose DNS name resolves to every worker "
+                                             "(a Kubernetes headless Service)")
+    train.add_argument("--expect-workers", type=int, default=0, help="with --workers-dns: how many to wait for")
+    train.add_argument("--discovery-timeout", type=float, default=600.0,
+                       help="with --workers-dns: seconds to wait for --expect-workers to appear")
     _common(train)
     demo = sub.add_parser("demo", help="start local workers on 127.0.0.1 and train on them")
     demo.add_argument("--workers", type=int, default=3, help="how many local workers")
     demo.add_argument("--worker-threads", type=int, default=1, help="torch threads per local worker")
     demo.add_argument("--partition-scheme", choices=datasets.PARTITION_SCHEMES, default="iid")
     _common(demo)
+    apply_env_defaults(p)
     return p.parse_args(argv)
 
 
@@ -93,7 +100,14 @@ def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], datase
 
 
 async def _train(args: argparse.Namespace) -> None:
-    workers = parse_workers(args.workers)
+    if bool(args.workers) == bool(args.workers_dns):
+        raise ValueError("give either --workers NAME=HOST:PORT,... or --workers-dns HOST:PORT with --expect-workers")
+    if args.workers:
+        workers = parse_workers(args.workers)
+    else:
+        if args.expect_workers < 1:
+            raise ValueError("--workers-dns needs --expect-workers N (N >= 1)")
+        workers = await discover(args.workers_dns, args.expect_workers, args.discovery_timeout)
     data = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
     await run(_run_config(args, workers, data.name), _strategy(args, len(workers)), data.test)
 
@@ -118,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         asyncio.run(_train(args) if args.command == "train" else _demo(args))
-    except (HandshakeFailed, RoundFailed, datasets.DatasetUnavailable, ValueError) as exc:
+    except (HandshakeFailed, RoundFailed, DiscoveryFailed, datasets.DatasetUnavailable, ValueError) as exc:
         log.error("training_failed", reason=str(exc))
         return 1
     except KeyboardInterrupt:

@@ -50,6 +50,8 @@ async def handshake(clients: list[WorkerClient], model: str, min_workers: int, d
             continue
         if isinstance(info, BaseException):
             raise info
+        if info.worker_id and client.name == client.address:
+            client.name = info.worker_id  # found by address (DNS discovery): use the name the worker gives itself
         log.info("worker_ready", worker=client.name, address=client.address, protocol=info.protocol_version,
                  software=info.software_version, dataset=info.dataset, partition=info.partition,
                  train_samples=info.train_samples, arch=info.cpu_architecture, torch=info.torch_version)

@@ -4,15 +4,19 @@ into a small hierarchy the round loop can reason about."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+import structlog
 
 from fedpi import serde
 from fedpi.protocol import PROTOCOL_VERSION, SERVICE_NAME, VERSION_METADATA_KEY, ProtocolMismatch, check_compatible
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
+
+log = structlog.get_logger()
 
 # Keepalive pings every 30 s keep a quiet connection (a 10-minute Train on a slow Pi) open through idle timeouts,
 # and find a dead peer within 40 s. Workers allow pings this often (worker_service.server.SERVER_OPTIONS).
@@ -170,6 +174,39 @@ def parse_workers(spec: str) -> list[tuple[str, str]]:
     if not workers:
         raise ValueError("no workers given; use --workers alice=HOST:PORT,bob=HOST:PORT")
     return workers
+
+
+class DiscoveryFailed(Exception):
+    """Fewer workers than expected showed up in DNS in time."""
+
+
+def _join(host: str, port: str) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def discover(target: str, expect: int, timeout: float, interval: float = 2.0) -> list[tuple[str, str]]:
+    """Resolve HOST:PORT (a Kubernetes headless Service) until it yields `expect` addresses.
+
+    Workers found this way are named by address until their handshake reports their worker id.
+    """
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--workers-dns needs HOST:PORT, e.g. fedpi-worker.fedpi.svc.cluster.local:50051; got {target!r}")
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            addresses = sorted({info[4][0] for info in infos})
+        except socket.gaierror:
+            addresses = []
+        if len(addresses) >= expect:
+            return [(_join(a, port), _join(a, port)) for a in addresses]
+        if time.monotonic() > deadline:
+            raise DiscoveryFailed(f"{host} resolves to {len(addresses)} worker(s) after {timeout:.0f} s, expected "
+                                  f"{expect}: are the worker pods Ready (kubectl get pods)?")
+        log.info("workers_waiting", dns=host, found=len(addresses), expected=expect)
+        await asyncio.sleep(interval)
 
 
 def elapsed(start: float) -> float:

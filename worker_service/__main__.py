@@ -14,6 +14,7 @@ import structlog
 import torch
 
 from fedpi import data as datasets
+from fedpi.cli import apply_env_defaults
 from fedpi.logs import LOG_FORMATS, configure_logging
 from fedpi.models import DEFAULT_MODEL, MODELS, build_model
 from worker_service.servicer import Limits, WorkerServicer
@@ -23,39 +24,41 @@ log = structlog.get_logger()
 MIB = 1 << 20
 
 
-def _env(name: str, default):
-    value = os.environ.get("FEDPI_" + name.upper().replace("-", "_"))
-    if value is None:
-        return default
-    return type(default)(value) if default is not None else value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m worker_service", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--id", default=_env("id", os.environ.get("HOSTNAME", "worker")), help="worker name")
-    p.add_argument("--host", default=_env("host", "0.0.0.0"), help="address to listen on")
-    p.add_argument("--port", type=int, default=_env("port", 50051))
-    p.add_argument("--model", choices=list(MODELS), default=_env("model", DEFAULT_MODEL))
-    p.add_argument("--dataset", choices=datasets.DATASETS, default=_env("dataset", "mnist"))
-    p.add_argument("--data-dir", default=_env("data_dir", "data"), help="where IDX files are read or downloaded")
-    p.add_argument("--no-download", action="store_true", default=_env("no_download", "") not in ("", "0", "false"),
+    p.add_argument("--id", default=os.environ.get("HOSTNAME", "worker"), help="worker name")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL)
+    p.add_argument("--dataset", choices=datasets.DATASETS, default="mnist")
+    p.add_argument("--data-dir", default="data", help="where IDX files are read or downloaded")
+    p.add_argument("--no-download", action="store_true", default=False,
                    help="never download; read local files only")
-    p.add_argument("--partition", default=_env("partition", "0/1"), help="INDEX/COUNT: this worker's data shard")
-    p.add_argument("--partition-scheme", choices=datasets.PARTITION_SCHEMES, default=_env("partition_scheme", "iid"))
-    p.add_argument("--partition-seed", type=int, default=_env("partition_seed", 0),
+    p.add_argument("--partition", default="0/1", help="INDEX/COUNT: this worker's data shard")
+    p.add_argument("--partition-index", type=int, default=None,
+                   help="overrides INDEX of --partition (Kubernetes: the StatefulSet pod index)")
+    p.add_argument("--partition-count", type=int, default=None, help="overrides COUNT of --partition")
+    p.add_argument("--partition-scheme", choices=datasets.PARTITION_SCHEMES, default="iid")
+    p.add_argument("--partition-seed", type=int, default=0,
                    help="seed of the iid shuffle; must be the same on every worker")
-    p.add_argument("--threads", type=int, default=_env("threads", 0), help="torch threads (0: torch's default)")
-    p.add_argument("--max-payload-mb", type=int, default=_env("max_payload_mb", 1024),
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--max-payload-mb", type=int, default=1024,
                    help="largest weight upload accepted")
-    p.add_argument("--max-chunk-mb", type=int, default=_env("max_chunk_mb", 4), help="largest chunk accepted")
-    p.add_argument("--grace", type=float, default=_env("grace", 10.0), help="seconds to finish calls on SIGTERM")
-    p.add_argument("--log-format", choices=LOG_FORMATS, default=_env("log_format", "auto"))
+    p.add_argument("--max-chunk-mb", type=int, default=4, help="largest chunk accepted")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds to finish calls on SIGTERM")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+    apply_env_defaults(p)
     return p.parse_args(argv)
 
 
 def build_servicer(args: argparse.Namespace) -> WorkerServicer:
     index, count = datasets.parse_partition(args.partition)
+    if args.partition_index is not None:
+        index = args.partition_index
+    if args.partition_count is not None:
+        count = args.partition_count
+    index, count = datasets.parse_partition(f"{index}/{count}")
     full = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
     shard = datasets.shard(full, index, count, args.partition_scheme, args.partition_seed)
     partition = f"{index}/{count} {args.partition_scheme} seed={args.partition_seed}"

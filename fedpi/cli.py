@@ -1,0 +1,38 @@
+"""Command-line helpers shared by both services."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+ENV_PREFIX = "FEDPI_"
+
+
+def env_name(flag: str) -> str:
+    """--data-dir -> FEDPI_DATA_DIR."""
+    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
+    """Let every long flag of `parser` (and its subcommands) be set from FEDPI_<FLAG>, as Kubernetes ConfigMaps do.
+
+    A flag given on the command line still wins. The help text names the variable.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                apply_env_defaults(sub)
+            continue
+        flags = [f for f in action.option_strings if f.startswith("--")]
+        if not flags or action.dest == "help":
+            continue
+        name = env_name(flags[0])
+        action.help = f"{action.help or ''} [env {name}]".strip()
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            action.default = value.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            action.default = action.type(value) if action.type else value
+        action.required = False
