@@ -1,7 +1,7 @@
 """fedpi coordinator.
 
   python -m coordinator_service train --workers alice=10.0.0.11:50051,bob=10.0.0.12:50051 --rounds 10
-  python -m coordinator_service demo --rounds 5      # three local workers on 127.0.0.1, then the same training
+  python -m coordinator_service demo --rounds 5       # three local workers on 127.0.0.1, then the same training
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="with --workers-dns: seconds to wait for --expect-workers to appear")
     _common(train)
     demo = sub.add_parser("demo", help="start local workers on 127.0.0.1 and train on them")
-    demo.add_argument("--workers", type=int, default=3, help="how many local workers")
+    demo.add_argument("--local-workers", type=int, default=3, help="how many local workers to start")
     demo.add_argument("--worker-threads", type=int, default=1, help="torch threads per local worker")
     demo.add_argument("--partition-scheme", choices=datasets.PARTITION_SCHEMES, default="iid")
     _common(demo)
@@ -118,7 +118,7 @@ async def _demo(args: argparse.Namespace) -> None:
     worker_args = ["--model", args.model, "--dataset", data.name, "--data-dir", args.data_dir, "--no-download",
                    "--partition-scheme", args.partition_scheme, "--threads", str(args.worker_threads)]
     log_dir = Path(args.output_dir) / "workers"
-    with demo_cluster(args.workers, worker_args, log_dir) as cluster:
+    with demo_cluster(args.local_workers, worker_args, log_dir) as cluster:
         log.info("local_workers_starting", workers=[w.address for w in cluster.workers], logs=str(log_dir))
         await cluster.wait_serving()
         workers = [(w.name, w.address) for w in cluster.workers]

@@ -24,6 +24,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def wait_serving(address: str, process: subprocess.Popen | None, timeout: float = 120.0,
+                       log_path: Path | None = None) -> None:
+    """Wait until the worker's health service says SERVING; fail early if its process died."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None and process.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:] if log_path else ""
+                raise RuntimeError(f"worker at {address} exited with {process.returncode}:\n{tail}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker at {address} not serving after {timeout:.0f} s; see {log_path}")
+            await asyncio.sleep(0.2)
+
+
 class LocalWorker:
     """One `python -m worker_service` process on 127.0.0.1, its output in a log file."""
 
@@ -54,23 +75,7 @@ class LocalWorker:
             self.process.wait()
 
     async def wait_serving(self, timeout: float = 120.0) -> None:
-        """Wait until the health service says SERVING; fail early if the process died."""
-        deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.process is not None and self.process.poll() is not None:
-                    tail = self.log_path.read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"worker {self.name} exited with {self.process.returncode}:\n{tail}")
-                try:
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"worker {self.name} not serving after {timeout:.0f} s; see {self.log_path}")
-                await asyncio.sleep(0.2)
+        await wait_serving(self.address, self.process, timeout, self.log_path)
 
 
 class LocalCluster:

