@@ -7,7 +7,20 @@ STAMP := $(VENV)/.installed-stamp
 ROUNDS ?= 5
 OUT ?= runs/local
 
-.PHONY: help venv proto run test test-fast bench clean
+# Deployment settings: make deploy OVERLAY=pi WORKERS=3 IMAGE=registry.example/fedpi TAG=0.1.0
+KUBECTL ?= kubectl
+export KUBECONFIG
+NAMESPACE ?= fedpi
+OVERLAY ?= pi
+IMAGE ?= fedpi
+TAG ?= 0.1.0
+WORKERS ?= 3
+POD ?= 0
+PLATFORMS ?= linux/arm64,linux/amd64
+RENDER = KUBECTL=$(KUBECTL) k3s/render $(OVERLAY) $(NAMESPACE) $(IMAGE) $(TAG) $(WORKERS)
+K = $(KUBECTL) -n $(NAMESPACE)
+
+.PHONY: help venv proto run test bench clean image image-tar render deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,6 +45,41 @@ test: $(STAMP)  ## the whole test suite
 
 bench: $(STAMP)  ## benchmarks: transport, aggregation memory, reference workload
 	$(PY) -m tests.bench
+
+image:  ## build the multi-arch image and push it: make image IMAGE=registry.example/fedpi TAG=0.1.0
+	docker buildx build --platform $(PLATFORMS) -t $(IMAGE):$(TAG) --push .
+
+image-tar:  ## build the arm64 image into fedpi-TAG-arm64.tar, for `k3s ctr images import` without a registry
+	docker buildx build --platform linux/arm64 -t $(IMAGE):$(TAG) -o type=docker,dest=fedpi-$(TAG)-arm64.tar .
+
+render:  ## print the manifests `make deploy` would apply
+	@$(RENDER)
+
+deploy:  ## put a worker on every Pi and wait until all are Ready
+	$(RENDER) | $(KUBECTL) apply -l 'app.kubernetes.io/component!=coordinator' -f -
+	$(K) rollout status statefulset/fedpi-worker --timeout=20m
+
+train:  ## start the coordinator Job, follow its logs, say where the model landed
+	$(K) delete job fedpi-train --ignore-not-found --wait
+	$(RENDER) | $(KUBECTL) apply -l app.kubernetes.io/component=coordinator -f -
+	$(K) wait --for=condition=Ready pod -l job-name=fedpi-train --timeout=10m
+	$(K) logs -f job/fedpi-train
+	$(K) wait --for=condition=Complete job/fedpi-train --timeout=1m
+	@echo "model.pt and metrics.jsonl: volume $$($(K) get pvc fedpi-results -o jsonpath='{.spec.volumeName}')" \
+	  "(results/latest/) on node $$($(K) get pod -l job-name=fedpi-train -o jsonpath='{.items[0].spec.nodeName}')"
+
+status:  ## workers, coordinator and volumes
+	$(K) get statefulset,pods,job,pvc -o wide
+
+undeploy:  ## remove fedpi but keep its volumes (dataset caches, results); `kubectl delete namespace` drops those too
+	$(K) delete --ignore-not-found job/fedpi-train statefulset/fedpi-worker service/fedpi-worker \
+	  networkpolicy/fedpi-worker-ingress
+	$(K) delete --ignore-not-found configmap -l app.kubernetes.io/name=fedpi
+
+probe:  ## grpcurl GetInfo and health of worker POD through kubectl port-forward
+	@$(K) port-forward pod/fedpi-worker-$(POD) 50051:50051 >/dev/null & pf=$$!; sleep 3; \
+	grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check; \
+	grpcurl -plaintext localhost:50051 fedpi.v1.Worker/GetInfo; status=$$?; kill $$pf; exit $$status
 
 clean:  ## remove the virtualenv and run outputs
 	rm -rf $(VENV) runs .pytest_cache
