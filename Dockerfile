@@ -17,9 +17,7 @@ COPY fedpi fedpi
 COPY generated generated
 COPY worker_service worker_service
 COPY coordinator_service coordinator_service
-RUN /opt/fedpi/bin/pip install . \
-    && find /opt/fedpi -name '__pycache__' -prune -exec rm -rf {} + \
-    && /opt/fedpi/bin/python -m compileall -q /opt/fedpi/lib
+RUN /opt/fedpi/bin/pip install .
 
 FROM python:${PYTHON_VERSION}-slim-bookworm
 RUN groupadd --gid 10001 fedpi && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin fedpi
