@@ -19,9 +19,10 @@ from coordinator_service.local import demo_cluster
 from coordinator_service.rounds import RoundFailed, TransferSettings
 from coordinator_service.strategy import FedAvg
 from coordinator_service.training import HandshakeFailed, RunConfig, run
-from coordinator_service.worker_client import DiscoveryFailed, discover, parse_workers
+from coordinator_service.checkpoint import CheckpointMismatch
+from coordinator_service.worker_client import ClientSecurity, DiscoveryFailed, discover, parse_workers
 from fedpi import data as datasets
-from fedpi.cli import apply_env_defaults
+from fedpi.cli import apply_env_defaults, read_secret
 from fedpi.logs import LOG_FORMATS, configure_logging
 from fedpi.models import DEFAULT_MODEL, MODELS
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -52,9 +53,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--idle-timeout", type=float, default=120.0,
                    help="seconds without training progress before a worker counts as hung")
     g.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline of short calls")
+    g.add_argument("--handshake-timeout", type=float, default=10.0,
+                   help="seconds an absent worker gets to answer before each round (dropped workers rejoin this way)")
+    g.add_argument("--round-retries", type=int, default=2,
+                   help="times a round that misses its quorum is tried again (with backoff) before giving up")
+    g.add_argument("--keepalive", type=float, default=30.0, help="seconds between keepalive pings on quiet connections")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from checkpoint.pt in --output-dir after the last completed round")
     g.add_argument("--chunk-size", type=int, default=1 << 20, help="bytes per weight chunk")
     g.add_argument("--encoding", choices=list(ENCODINGS), default="raw")
-    p.add_argument("--output-dir", default="runs/latest", help="final model.pt and metrics.jsonl go here")
+    p.add_argument("--output-dir", default="runs/latest",
+                   help="model.pt, metrics.jsonl and checkpoint.pt (after every round) go here")
+    g = p.add_argument_group("security (see README: Threat model)")
+    g.add_argument("--token-file", help="file holding the bearer token workers require")
+    g.add_argument("--tls-ca", help="CA certificate to verify workers with; turns TLS on")
+    g.add_argument("--tls-cert", help="client certificate, for workers that require mutual TLS")
+    g.add_argument("--tls-key", help="private key of --tls-cert")
+    g.add_argument("--tls-server-name", help="name on the workers' certificates when dialling them by IP address")
     p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: torch's default)")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
 
@@ -90,12 +105,29 @@ def _min_workers(args: argparse.Namespace, n_workers: int) -> int:
     return args.min_workers or math.ceil((n_workers + 1) / 2)
 
 
-def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], dataset: str) -> RunConfig:
+def _security(args: argparse.Namespace) -> ClientSecurity:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_cert and not args.tls_ca:
+        raise ValueError("mutual TLS (--tls-cert) needs --tls-ca to verify the workers")
+    token = read_secret(args.token_file, "--token-file") if args.token_file else None
+    if token and not args.tls_ca:
+        log.warning("token_sent_in_clear", hint="without --tls-ca the bearer token crosses the network unencrypted")
+    path = lambda value: Path(value) if value else None  # noqa: E731
+    return ClientSecurity(token=token, ca_file=path(args.tls_ca), cert_file=path(args.tls_cert),
+                          key_file=path(args.tls_key), server_name=args.tls_server_name)
+
+
+def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], dataset: str,
+                workers_dns: str | None = None) -> RunConfig:
     return RunConfig(
         workers=workers, model=args.model, rounds=args.rounds, output_dir=Path(args.output_dir),
-        min_workers=_min_workers(args, len(workers)), dataset=dataset, init_seed=args.seed,
-        rpc_timeout=args.rpc_timeout, idle_timeout=args.idle_timeout, round_timeout=args.round_timeout,
+        min_workers=_min_workers(args, len(workers)), workers_dns=workers_dns, dataset=dataset,
+        init_seed=args.seed, rpc_timeout=args.rpc_timeout, idle_timeout=args.idle_timeout,
+        round_timeout=args.round_timeout, handshake_timeout=args.handshake_timeout,
+        round_retries=args.round_retries, keepalive_seconds=args.keepalive, resume=args.resume,
         transfer=TransferSettings(chunk_size=args.chunk_size, encoding=ENCODINGS[args.encoding]),
+        security=_security(args),
     )
 
 
@@ -109,7 +141,7 @@ async def _train(args: argparse.Namespace) -> None:
             raise ValueError("--workers-dns needs --expect-workers N (N >= 1)")
         workers = await discover(args.workers_dns, args.expect_workers, args.discovery_timeout)
     data = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-    await run(_run_config(args, workers, data.name), _strategy(args, len(workers)), data.test)
+    await run(_run_config(args, workers, data.name, args.workers_dns), _strategy(args, len(workers)), data.test)
 
 
 async def _demo(args: argparse.Namespace) -> None:
@@ -132,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         asyncio.run(_train(args) if args.command == "train" else _demo(args))
-    except (HandshakeFailed, RoundFailed, DiscoveryFailed, datasets.DatasetUnavailable, ValueError) as exc:
+    except (HandshakeFailed, RoundFailed, DiscoveryFailed, CheckpointMismatch, datasets.DatasetUnavailable,
+            ValueError, OSError) as exc:
         log.error("training_failed", reason=str(exc))
         return 1
     except KeyboardInterrupt:

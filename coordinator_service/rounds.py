@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import structlog
@@ -26,7 +26,11 @@ MAX_AGGREGATION_ATTEMPTS = 3
 
 
 class RoundFailed(Exception):
-    """Too few workers finished the round for its average to count."""
+    """Too few workers finished the round for its average to count; the global model is unchanged."""
+
+    def __init__(self, message: str, failures: Sequence[Failure] = ()):
+        super().__init__(message)
+        self.failures = list(failures)
 
 
 @dataclass
@@ -100,12 +104,10 @@ class _PhaseError(Exception):
 
 
 class RoundRunner:
-    """Runs rounds on a fixed set of clients against one global model."""
+    """Runs rounds against one global model, each with the workers present at its start."""
 
-    def __init__(self, *, clients: Sequence[WorkerClient], model: torch.nn.Module, architecture: str,
-                 strategy: Strategy, test_split: Split | None, transfer: TransferSettings = TransferSettings(),
-                 round_timeout: float = 3600.0):
-        self.clients = list(clients)
+    def __init__(self, *, model: torch.nn.Module, architecture: str, strategy: Strategy, test_split: Split | None,
+                 transfer: TransferSettings = TransferSettings(), round_timeout: float = 3600.0):
         self.model = model
         self.architecture = architecture
         self.strategy = strategy
@@ -113,10 +115,20 @@ class RoundRunner:
         self.transfer = transfer
         self.round_timeout = round_timeout
 
-    async def run_round(self, server_round: int) -> RoundReport:
-        start = time.perf_counter()
+    async def run_round(self, server_round: int, clients: Sequence[WorkerClient],
+                        index_of: Callable[[WorkerClient], int] | None = None) -> RoundReport:
+        """One round. `index_of` gives each worker a stable number for its seed (default: its position)."""
+        clients = list(clients)
         structlog.contextvars.bind_contextvars(round=server_round)
-        log.info("round_started", workers=[c.name for c in self.clients])
+        try:
+            return await self._run_round(server_round, clients, index_of or clients.index)
+        finally:
+            structlog.contextvars.unbind_contextvars("round")
+
+    async def _run_round(self, server_round: int, clients: list[WorkerClient],
+                         index_of: Callable[[WorkerClient], int]) -> RoundReport:
+        start = time.perf_counter()
+        log.info("round_started", workers=[c.name for c in clients])
         report = RoundReport(server_round)
         payload = serde.WeightsPayload(self.model.state_dict(), round=server_round, architecture=self.architecture)
         total = WeightedSum(payload.manifest)
@@ -145,12 +157,12 @@ class RoundRunner:
             return stats, result
 
         outcomes = await asyncio.gather(
-            *(asyncio.wait_for(one(i, c), self.round_timeout) for i, c in enumerate(self.clients)),
+            *(asyncio.wait_for(one(index_of(c), c), self.round_timeout) for c in clients),
             return_exceptions=True,
         )
         done: list[tuple[WorkerClient, WorkerRound, pb.TrainResult]] = []
         tainted = False  # a stream that failed part-way may have left part of itself in the sum
-        for client, outcome in zip(self.clients, outcomes):
+        for client, outcome in zip(clients, outcomes):
             if isinstance(outcome, BaseException):
                 failure = _failure(client.name, outcome, self.round_timeout)
                 tainted |= failure.phase == "get_weights"
@@ -165,14 +177,14 @@ class RoundRunner:
             log.warning("aggregation_restarted", attempt=attempt + 1, workers=[c.name for c, _, _ in done])
             total, tainted = await self._refold(payload, done, report, agg_seconds)
         if tainted:
-            raise RoundFailed(f"round {server_round}: worker updates kept failing to arrive intact")
+            raise RoundFailed(f"round {server_round}: worker updates kept failing to arrive intact", report.failures)
 
         results = [r for _, _, r in done]
         if not self.strategy.accept(results, report.failures):
+            reasons = "; ".join(f"{f.worker}: {f.reason}" for f in report.failures) or "no workers available"
             raise RoundFailed(
-                f"round {server_round}: only {len(results)} of {len(self.clients)} workers finished "
-                f"({'; '.join(f'{f.worker}: {f.reason}' for f in report.failures)}); the global model is unchanged"
-            )
+                f"round {server_round}: {len(results)} of {len(clients)} workers finished, below the quorum "
+                f"(--min-workers) ({reasons}); the global model is unchanged", report.failures)
         report.workers = [s for _, s, _ in done]
         t = time.perf_counter()
         total.mean_into(self.model.state_dict())
@@ -181,7 +193,6 @@ class RoundRunner:
         if self.test_split is not None:
             report.test_loss, report.test_accuracy = await asyncio.to_thread(evaluate, self.model, self.test_split)
         report.wall_seconds = elapsed(start)
-        structlog.contextvars.unbind_contextvars("round")
         return report
 
     async def _fold(self, client: WorkerClient, payload: serde.WeightsPayload, total: WeightedSum, weight: float,

@@ -1,4 +1,5 @@
-"""A whole training run: handshake with every worker, run the rounds, write the model and the metrics."""
+"""A whole training run: admit workers, run the rounds (retrying a round that misses its quorum), checkpoint after
+every round, and write the final model and the metrics."""
 
 from __future__ import annotations
 
@@ -12,18 +13,18 @@ from pathlib import Path
 import structlog
 import torch
 
-from coordinator_service.rounds import RoundReport, RoundRunner, TransferSettings
+from coordinator_service import checkpoint
+from coordinator_service.roster import HandshakeFailed, Roster
+from coordinator_service.rounds import RoundFailed, RoundReport, RoundRunner, TransferSettings
 from coordinator_service.strategy import Strategy
-from coordinator_service.worker_client import WorkerClient, WorkerError
+from coordinator_service.worker_client import ClientSecurity, WorkerClient
 from fedpi.data import Split
 from fedpi.logs import is_console
 from fedpi.models import build_model, parameter_count
 
 log = structlog.get_logger()
 
-
-class HandshakeFailed(Exception):
-    """Fewer workers than required passed the handshake."""
+__all__ = ["HandshakeFailed", "RunConfig", "run"]
 
 
 @dataclass
@@ -33,35 +34,19 @@ class RunConfig:
     rounds: int
     output_dir: Path
     min_workers: int
+    workers_dns: str | None = None  # re-resolved before every round, so returning pods are found
     dataset: str | None = None  # what the coordinator evaluates on; workers should report the same
     init_seed: int = 0
     rpc_timeout: float = 30.0
     idle_timeout: float = 120.0
     round_timeout: float = 3600.0
+    handshake_timeout: float = 10.0
+    round_retries: int = 2
+    retry_backoff: float = 5.0
+    keepalive_seconds: float = 30.0
+    resume: bool = False
     transfer: TransferSettings = TransferSettings()
-
-
-async def handshake(clients: list[WorkerClient], model: str, min_workers: int, dataset: str | None) -> list[WorkerClient]:
-    infos = await asyncio.gather(*(c.handshake(model) for c in clients), return_exceptions=True)
-    ready = []
-    for client, info in zip(clients, infos):
-        if isinstance(info, WorkerError):
-            log.error("worker_handshake_failed", worker=client.name, address=client.address, reason=str(info))
-            continue
-        if isinstance(info, BaseException):
-            raise info
-        if info.worker_id and client.name == client.address:
-            client.name = info.worker_id  # found by address (DNS discovery): use the name the worker gives itself
-        log.info("worker_ready", worker=client.name, address=client.address, protocol=info.protocol_version,
-                 software=info.software_version, dataset=info.dataset, partition=info.partition,
-                 train_samples=info.train_samples, arch=info.cpu_architecture, torch=info.torch_version)
-        if dataset and info.dataset != dataset:
-            log.warning("dataset_differs", worker=client.name, worker_dataset=info.dataset, coordinator_dataset=dataset)
-        ready.append(client)
-    if len(ready) < min_workers:
-        raise HandshakeFailed(f"only {len(ready)} of {len(clients)} workers passed the handshake, "
-                              f"need {min_workers} (--min-workers); see the worker_handshake_failed events")
-    return ready
+    security: ClientSecurity = ClientSecurity()
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -70,33 +55,80 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _write_metrics(path: Path, events: list[dict]) -> None:
+    _write_atomically(path, lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in events)))
+
+
 async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> list[RoundReport]:
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg.model, seed=cfg.init_seed)
-    clients = [WorkerClient(n, a, rpc_timeout=cfg.rpc_timeout, idle_timeout=cfg.idle_timeout) for n, a in cfg.workers]
+    metrics: list[dict] = []
+    first_round = 1
+    if cfg.resume and (ckpt := checkpoint.load(cfg.output_dir, cfg.model)) is not None:
+        model.load_state_dict(ckpt.state_dict)
+        ckpt.restore_rng()
+        metrics, first_round = ckpt.metrics, ckpt.round + 1
+        log.info("training_resumed", from_round=ckpt.round, checkpoint=str(cfg.output_dir / checkpoint.CHECKPOINT_NAME))
+    metrics_path = cfg.output_dir / "metrics.jsonl"
+    _write_metrics(metrics_path, metrics)  # drops a round that was logged but never checkpointed
+
+    def make_client(name: str, address: str) -> WorkerClient:
+        return WorkerClient(name, address, rpc_timeout=cfg.rpc_timeout, idle_timeout=cfg.idle_timeout,
+                            keepalive_seconds=cfg.keepalive_seconds, security=cfg.security)
+
+    roster = Roster(make_client, model=cfg.model, dataset=cfg.dataset, workers=cfg.workers, dns=cfg.workers_dns,
+                    handshake_timeout=cfg.handshake_timeout)
+    runner = RoundRunner(model=model, architecture=cfg.model, strategy=strategy, test_split=test_split,
+                         transfer=cfg.transfer, round_timeout=cfg.round_timeout)
     reports: list[RoundReport] = []
     try:
-        ready = await handshake(clients, cfg.model, cfg.min_workers, cfg.dataset)
+        await roster.admit()
+        if len(roster.active) < cfg.min_workers:
+            raise HandshakeFailed(
+                f"only {len(roster.active)} of {len(roster.clients)} workers passed the handshake, need "
+                f"{cfg.min_workers} (--min-workers); the worker_handshake_failed and worker_unavailable events say why")
         log.info("training_started", model=cfg.model, parameters=parameter_count(model), rounds=cfg.rounds,
-                 workers=[c.name for c in ready])
-        runner = RoundRunner(clients=ready, model=model, architecture=cfg.model, strategy=strategy,
-                             test_split=test_split, transfer=cfg.transfer, round_timeout=cfg.round_timeout)
-        metrics_path = cfg.output_dir / "metrics.jsonl"
-        metrics_path.unlink(missing_ok=True)
-        for server_round in range(1, cfg.rounds + 1):
-            report = await runner.run_round(server_round)
+                 first_round=first_round, workers=[c.name for c in roster.active])
+        for server_round in range(first_round, cfg.rounds + 1):
+            report = await _run_round_with_retries(cfg, roster, runner, server_round)
             reports.append(report)
             event = report.as_event()
+            metrics.append(event)
+            checkpoint.save(cfg.output_dir, checkpoint.Checkpoint(
+                round=server_round, model=cfg.model, state_dict=model.state_dict(), metrics=metrics,
+                rng=checkpoint.Checkpoint.capture_rng()))
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(event) + "\n")
             # On a terminal the per-worker table would drown the line; metrics.jsonl always has it.
             shown = {k: v for k, v in event.items() if k != "workers"} if is_console() else event
             log.info("round_finished", **shown, total_rounds=cfg.rounds)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(event) + "\n")
         model_path = cfg.output_dir / "model.pt"
         _write_atomically(model_path, lambda p: torch.save(model.state_dict(), p))
-        log.info("training_finished", rounds=len(reports), model_path=str(model_path), metrics_path=str(metrics_path),
-                 test_accuracy=round(reports[-1].test_accuracy, 4) if reports else None,
+        log.info("training_finished", rounds=cfg.rounds, model_path=str(model_path), metrics_path=str(metrics_path),
+                 test_accuracy=metrics[-1]["test_accuracy"] if metrics else None,
                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     finally:
-        await asyncio.gather(*(c.close() for c in clients))
+        await roster.close()
     return reports
+
+
+async def _run_round_with_retries(cfg: RunConfig, roster: Roster, runner: RoundRunner, server_round: int) -> RoundReport:
+    for attempt in range(cfg.round_retries + 1):
+        joined = await roster.admit()
+        if joined and (server_round > 1 or attempt):
+            log.info("workers_rejoined", round=server_round, workers=[c.name for c in joined])
+        try:
+            report = await runner.run_round(server_round, roster.active, roster.index)
+        except RoundFailed as exc:
+            for failure in exc.failures:
+                roster.drop(failure.worker)
+            if attempt == cfg.round_retries:
+                raise
+            log.warning("round_retrying", round=server_round, attempt=attempt + 1, reason=str(exc),
+                        backoff_seconds=cfg.retry_backoff)
+            await asyncio.sleep(cfg.retry_backoff * (2 ** attempt))
+            continue
+        for failure in report.failures:
+            roster.drop(failure.worker)
+        return report
+    raise AssertionError("unreachable")

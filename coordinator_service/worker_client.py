@@ -4,31 +4,79 @@ into a small hierarchy the round loop can reason about."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import structlog
 
 from fedpi import serde
-from fedpi.protocol import PROTOCOL_VERSION, SERVICE_NAME, VERSION_METADATA_KEY, ProtocolMismatch, check_compatible
+from fedpi.protocol import (
+    AUTH_METADATA_KEY,
+    PROTOCOL_VERSION,
+    SERVICE_NAME,
+    VERSION_METADATA_KEY,
+    ProtocolMismatch,
+    check_compatible,
+)
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 
 log = structlog.get_logger()
 
-# Keepalive pings every 30 s keep a quiet connection (a 10-minute Train on a slow Pi) open through idle timeouts,
-# and find a dead peer within 40 s. Workers allow pings this often (worker_service.server.SERVER_OPTIONS).
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-METADATA = ((VERSION_METADATA_KEY, PROTOCOL_VERSION),)
+# Transient UNAVAILABLE (a worker restarting, Wi-Fi hiccup) is retried by gRPC itself, with backoff.
+_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": SERVICE_NAME}],
+    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.5s", "maxBackoff": "5s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
 # Weight transfers get a deadline that grows with their size: a Pi on Wi-Fi moves at least this many bytes a second.
 MIN_TRANSFER_BYTES_PER_SECOND = 256 * 1024
+
+
+def channel_options(keepalive_seconds: float = 30.0) -> list[tuple[str, object]]:
+    """Keepalive pings keep a quiet connection (a 10-minute Train on a slow Pi) open through NATs and idle timeouts,
+    and find a dead peer within keepalive + 10 s. Workers accept pings this often (worker_service.server)."""
+    return [
+        ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _SERVICE_CONFIG),
+    ]
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How the coordinator proves itself to workers and checks them: a bearer token, TLS, or mutual TLS."""
+
+    token: str | None = None
+    ca_file: Path | None = None  # verify workers' certificates against this CA (turns TLS on)
+    cert_file: Path | None = None  # with key_file: our client certificate (mutual TLS)
+    key_file: Path | None = None
+    server_name: str | None = None  # the name worker certificates carry when they are dialled by IP address
+
+    def channel(self, address: str, options: list) -> grpc.aio.Channel:
+        if self.ca_file is None:
+            return grpc.aio.insecure_channel(address, options=options)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes(),
+            private_key=self.key_file.read_bytes() if self.key_file else None,
+            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
+        )
+        if self.server_name:
+            options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        version = ((VERSION_METADATA_KEY, PROTOCOL_VERSION),)
+        return version + ((AUTH_METADATA_KEY, f"Bearer {self.token}"),) if self.token else version
 
 
 class WorkerError(Exception):
@@ -55,6 +103,10 @@ class WorkerBusy(WorkerError):
     """The worker is serving another call (another coordinator?)."""
 
 
+class WorkerRefusedUs(WorkerError):
+    """The worker does not accept this coordinator's credentials."""
+
+
 class WorkerRejected(WorkerError):
     """The worker refused the request or sent something invalid."""
 
@@ -73,16 +125,20 @@ def translate(worker: str, method: str, exc: grpc.aio.AioRpcError) -> WorkerErro
         return WorkerIncompatible(worker, message)
     if code == grpc.StatusCode.ABORTED:
         return WorkerBusy(worker, message)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return WorkerRefusedUs(worker, message + " (check --token-file and the TLS certificates)")
     return WorkerRejected(worker, message)
 
 
 class WorkerClient:
-    def __init__(self, name: str, address: str, *, rpc_timeout: float = 30.0, idle_timeout: float = 120.0):
+    def __init__(self, name: str, address: str, *, rpc_timeout: float = 30.0, idle_timeout: float = 120.0,
+                 keepalive_seconds: float = 30.0, security: ClientSecurity = ClientSecurity()):
         self.name = name
         self.address = address
         self.rpc_timeout = rpc_timeout
         self.idle_timeout = idle_timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._metadata = security.metadata
+        self._channel = security.channel(address, channel_options(keepalive_seconds))
         self._stub = pb_grpc.WorkerStub(self._channel)
 
     async def close(self) -> None:
@@ -93,7 +149,7 @@ class WorkerClient:
 
     async def get_info(self) -> pb.WorkerInfo:
         try:
-            return await self._stub.GetInfo(pb.GetInfoRequest(), timeout=self.rpc_timeout, metadata=METADATA)
+            return await self._stub.GetInfo(pb.GetInfoRequest(), timeout=self.rpc_timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise translate(self.name, "GetInfo", exc) from None
 
@@ -116,7 +172,7 @@ class WorkerClient:
         try:
             return await self._stub.SetWeights(
                 payload.chunks(chunk_size, encoding),
-                timeout=self._transfer_timeout(payload.total_bytes), metadata=METADATA,
+                timeout=self._transfer_timeout(payload.total_bytes), metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise translate(self.name, "SetWeights", exc) from None
@@ -125,7 +181,7 @@ class WorkerClient:
                     on_progress: Callable[[pb.TrainProgress], None] | None = None) -> pb.TrainResult:
         """Train one round. There is no overall deadline (a slow Pi is not a dead one): the worker must report
         progress at least every `idle_timeout` seconds instead."""
-        call = self._stub.Train(request, metadata=METADATA)
+        call = self._stub.Train(request, metadata=self._metadata)
         try:
             while True:
                 try:
@@ -147,7 +203,7 @@ class WorkerClient:
     async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int) -> AsyncIterator[pb.WeightsChunk]:
         call = self._stub.GetWeights(
             pb.GetWeightsRequest(chunk_size=chunk_size, encoding=encoding),
-            timeout=self._transfer_timeout(expected_bytes), metadata=METADATA,
+            timeout=self._transfer_timeout(expected_bytes), metadata=self._metadata,
         )
         try:
             async for chunk in call:
@@ -184,28 +240,38 @@ def _join(host: str, port: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _split_target(target: str) -> tuple[str, str]:
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--workers-dns needs HOST:PORT, e.g. fedpi-worker.fedpi.svc.cluster.local:50051; got {target!r}")
+    return host, port
+
+
+async def resolve(target: str) -> list[tuple[str, str]]:
+    """HOST:PORT -> [(address, address)] for every address HOST resolves to now (none if it does not resolve)."""
+    host, port = _split_target(target)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    return [(_join(a, port), _join(a, port)) for a in sorted({info[4][0] for info in infos})]
+
+
 async def discover(target: str, expect: int, timeout: float, interval: float = 2.0) -> list[tuple[str, str]]:
     """Resolve HOST:PORT (a Kubernetes headless Service) until it yields `expect` addresses.
 
     Workers found this way are named by address until their handshake reports their worker id.
     """
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--workers-dns needs HOST:PORT, e.g. fedpi-worker.fedpi.svc.cluster.local:50051; got {target!r}")
-    loop = asyncio.get_running_loop()
+    host, _ = _split_target(target)
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-            addresses = sorted({info[4][0] for info in infos})
-        except socket.gaierror:
-            addresses = []
-        if len(addresses) >= expect:
-            return [(_join(a, port), _join(a, port)) for a in addresses]
+        found = await resolve(target)
+        if len(found) >= expect:
+            return found
         if time.monotonic() > deadline:
-            raise DiscoveryFailed(f"{host} resolves to {len(addresses)} worker(s) after {timeout:.0f} s, expected "
+            raise DiscoveryFailed(f"{host} resolves to {len(found)} worker(s) after {timeout:.0f} s, expected "
                                   f"{expect}: are the worker pods Ready (kubectl get pods)?")
-        log.info("workers_waiting", dns=host, found=len(addresses), expected=expect)
+        log.info("workers_waiting", dns=host, found=len(found), expected=expect)
         await asyncio.sleep(interval)
 
 

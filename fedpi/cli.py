@@ -39,3 +39,14 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
         except ValueError as exc:
             parser.error(f"{name}={value!r} is not a valid value for {flags[0]}: {exc}")
         action.required = False
+
+
+def read_secret(path: str, flag: str) -> str:
+    """A token from a file (a mounted Kubernetes Secret), stripped; a clear error if missing or empty."""
+    try:
+        value = open(path, encoding="utf-8").read().strip()
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: {exc.strerror}") from None
+    if not value:
+        raise ValueError(f"{flag} {path} is empty")
+    return value

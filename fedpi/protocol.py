@@ -8,6 +8,8 @@ PROTOCOL_VERSION = "1.0"
 # Call metadata key in which a coordinator states the protocol it speaks.
 VERSION_METADATA_KEY = "fedpi-protocol-version"
 SERVICE_NAME = "fedpi.v1.Worker"
+# Call metadata key of the coordinator's bearer token: "Bearer <token>".
+AUTH_METADATA_KEY = "authorization"
 
 
 class ProtocolMismatch(Exception):

@@ -43,5 +43,5 @@ def test_unreachable_workers_fail_fast_with_a_clear_error(tmp_path):
     proc = run_coordinator("train", "--workers", "ghost=127.0.0.1:1", "--rounds", "1", "--dataset", "digits-5k",
                            "--rpc-timeout", "3", "--output-dir", str(tmp_path), timeout=60)
     assert proc.returncode == 1
-    reasons = [e["reason"] for e in events(proc.stdout) if e.get("event") == "worker_handshake_failed"]
+    reasons = [e["reason"] for e in events(proc.stdout) if e.get("event") == "worker_unavailable"]
     assert reasons and ("UNAVAILABLE" in reasons[0] or "DEADLINE_EXCEEDED" in reasons[0])

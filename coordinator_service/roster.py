@@ -1,0 +1,95 @@
+"""Every worker the coordinator knows of, which of them take part now, and how dropped ones come back.
+
+A worker that fails a round is dropped from the round, not from the run: before every round each absent worker
+gets a fresh handshake, and one that answers (a restarted process, a rebooted Pi) takes part again. With DNS
+discovery the name is resolved again before every round too, so a pod that comes back on a new address is found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+
+from coordinator_service.worker_client import (
+    WorkerClient,
+    WorkerError,
+    WorkerIncompatible,
+    WorkerRefusedUs,
+    resolve,
+)
+
+log = structlog.get_logger()
+
+
+class HandshakeFailed(Exception):
+    """Fewer workers than required passed the handshake."""
+
+
+class Roster:
+    def __init__(self, make_client: Callable[[str, str], WorkerClient], *, model: str, dataset: str | None,
+                 workers: list[tuple[str, str]] = (), dns: str | None = None, handshake_timeout: float = 10.0):
+        self._make_client = make_client
+        self.model = model
+        self.dataset = dataset
+        self.dns = dns
+        self.handshake_timeout = handshake_timeout
+        self.clients: dict[str, WorkerClient] = {}  # by address, in the order first seen
+        self._active: set[str] = set()
+        for name, address in workers:
+            self.clients[address] = make_client(name, address)
+
+    @property
+    def active(self) -> list[WorkerClient]:
+        return [c for a, c in self.clients.items() if a in self._active]
+
+    def index(self, client: WorkerClient) -> int:
+        """A stable number per worker (seeds its batch order), whoever else is present."""
+        return list(self.clients).index(client.address)
+
+    async def refresh(self) -> None:
+        if self.dns is None:
+            return
+        for name, address in await resolve(self.dns):
+            if address not in self.clients:
+                self.clients[address] = self._make_client(name, address)
+
+    async def admit(self) -> list[WorkerClient]:
+        """Handshake every absent worker (bounded by handshake_timeout); return those that joined."""
+        await self.refresh()
+        absent = [c for a, c in self.clients.items() if a not in self._active]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(c.handshake(self.model), self.handshake_timeout) for c in absent),
+            return_exceptions=True,
+        )
+        joined = []
+        for client, info in zip(absent, results):
+            if isinstance(info, (WorkerIncompatible, WorkerRefusedUs)):
+                # Needs a person: another version, model or credentials. Said loudly, and tried again next round.
+                log.error("worker_handshake_failed", worker=client.name, address=client.address, reason=str(info))
+                continue
+            if isinstance(info, (WorkerError, asyncio.TimeoutError)):
+                reason = str(info) or f"no answer within {self.handshake_timeout:.0f} s"
+                log.info("worker_unavailable", worker=client.name, address=client.address, reason=reason)
+                continue
+            if isinstance(info, BaseException):
+                raise info
+            if info.worker_id and client.name == client.address:
+                client.name = info.worker_id  # found by address (DNS): use the name the worker gives itself
+            log.info("worker_ready", worker=client.name, address=client.address, protocol=info.protocol_version,
+                     software=info.software_version, dataset=info.dataset, partition=info.partition,
+                     train_samples=info.train_samples, arch=info.cpu_architecture, torch=info.torch_version,
+                     weights_round=info.weights_round)
+            if self.dataset and info.dataset != self.dataset:
+                log.warning("dataset_differs", worker=client.name, worker_dataset=info.dataset,
+                            coordinator_dataset=self.dataset)
+            self._active.add(client.address)
+            joined.append(client)
+        return joined
+
+    def drop(self, name: str) -> None:
+        self._active -= {c.address for c in self.clients.values() if c.name == name}
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients.values()))
