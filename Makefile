@@ -20,7 +20,9 @@ PLATFORMS ?= linux/arm64,linux/amd64
 RENDER = KUBECTL=$(KUBECTL) k3s/render $(OVERLAY) $(NAMESPACE) $(IMAGE) $(TAG) $(WORKERS)
 K = $(KUBECTL) -n $(NAMESPACE)
 
-.PHONY: help venv proto run test bench clean image image-tar render deploy train status undeploy probe
+CERTS ?= certs
+
+.PHONY: help venv proto run test bench clean image image-tar render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -55,7 +57,21 @@ image-tar:  ## build the arm64 image into fedpi-TAG-arm64.tar, for `k3s ctr imag
 render:  ## print the manifests `make deploy` would apply
 	@$(RENDER)
 
-deploy:  ## put a worker on every Pi and wait until all are Ready
+certs: $(STAMP)  ## create a CA, coordinator and worker certificates and a token in certs/
+	$(PY) -m fedpi.certs --out $(CERTS) --workers $(WORKERS) --namespace $(NAMESPACE)
+
+secrets: certs  ## store the token and certificates as Kubernetes Secrets (what the pods mount)
+	$(KUBECTL) create namespace $(NAMESPACE) --dry-run=client -o yaml | $(KUBECTL) apply -f -
+	$(K) create secret generic fedpi-token --from-file=token=$(CERTS)/token --dry-run=client -o yaml \
+	  | $(KUBECTL) apply -f -
+	$(K) create secret generic fedpi-worker-tls --from-file=ca.crt=$(CERTS)/ca.crt \
+	  --from-file=tls.crt=$(CERTS)/worker.crt --from-file=tls.key=$(CERTS)/worker.key --dry-run=client -o yaml \
+	  | $(KUBECTL) apply -f -
+	$(K) create secret generic fedpi-coordinator-tls --from-file=ca.crt=$(CERTS)/ca.crt \
+	  --from-file=tls.crt=$(CERTS)/coordinator.crt --from-file=tls.key=$(CERTS)/coordinator.key \
+	  --dry-run=client -o yaml | $(KUBECTL) apply -f -
+
+deploy: secrets  ## put a worker on every Pi and wait until all are Ready
 	$(RENDER) | $(KUBECTL) apply -l 'app.kubernetes.io/component!=coordinator' -f -
 	$(K) rollout status statefulset/fedpi-worker --timeout=20m
 

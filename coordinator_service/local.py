@@ -49,13 +49,17 @@ class LocalWorker:
     """One `python -m worker_service` process on 127.0.0.1, its output in a log file."""
 
     def __init__(self, name: str, args: Sequence[str], log_dir: Path, port: int | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, health_port: bool = False):
+        """`health_port`: serve health on a second, plaintext port and wait on that (for TLS workers)."""
         self.name = name
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.health_address = f"127.0.0.1:{free_port()}" if health_port else self.address
         self.log_path = log_dir / f"{name}.log"
         self.argv = [sys.executable, "-m", "worker_service", "--id", name, "--host", "127.0.0.1",
                      "--port", str(self.port), "--log-format", "json", *args]
+        if health_port:
+            self.argv += ["--health-port", self.health_address.rsplit(":", 1)[1]]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 
@@ -75,7 +79,7 @@ class LocalWorker:
             self.process.wait()
 
     async def wait_serving(self, timeout: float = 120.0) -> None:
-        await wait_serving(self.address, self.process, timeout, self.log_path)
+        await wait_serving(self.health_address, self.process, timeout, self.log_path)
 
 
 class LocalCluster:

@@ -9,14 +9,16 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 import structlog
 import torch
 
 from fedpi import data as datasets
-from fedpi.cli import apply_env_defaults
+from fedpi.cli import apply_env_defaults, read_secret
 from fedpi.logs import LOG_FORMATS, configure_logging
 from fedpi.models import DEFAULT_MODEL, MODELS, build_model
+from worker_service.auth import ServerSecurity
 from worker_service.servicer import Limits, WorkerServicer
 from worker_service.server import serve
 
@@ -48,6 +50,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-chunk-mb", type=int, default=4, help="largest chunk accepted")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to finish calls on SIGTERM")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+    p.add_argument("--train-delay", type=float, default=0.0,
+                   help="extra seconds per training batch, to imitate a slower device (fault tests, demos)")
+    p.add_argument("--health-port", type=int, default=0,
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port (kubelet probes cannot do TLS)")
+    g = p.add_argument_group("security (see README: Threat model)")
+    g.add_argument("--token-file", help="require this bearer token (file contents) on every call but health checks")
+    g.add_argument("--tls-cert", help="serve TLS with this certificate")
+    g.add_argument("--tls-key", help="private key of --tls-cert")
+    g.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    g.add_argument("--client-identity", help="with mutual TLS: the certificate name (CN or SAN) that may call, "
+                                             "e.g. fedpi-coordinator; other certificates get PERMISSION_DENIED")
     apply_env_defaults(p)
     return p.parse_args(argv)
 
@@ -65,7 +78,27 @@ def build_servicer(args: argparse.Namespace) -> WorkerServicer:
     return WorkerServicer(
         worker_id=args.id, model_name=args.model, model=build_model(args.model), data=shard, partition=partition,
         limits=Limits(max_chunk_bytes=args.max_chunk_mb * MIB, max_payload_bytes=args.max_payload_mb * MIB),
+        train_delay=args.train_delay,
     )
+
+
+def build_security(args: argparse.Namespace) -> ServerSecurity:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise ValueError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
+    if args.client_identity and not args.tls_client_ca:
+        raise ValueError("--client-identity needs mutual TLS (--tls-client-ca)")
+    path = lambda value: Path(value) if value else None  # noqa: E731
+    security = ServerSecurity(
+        token=read_secret(args.token_file, "--token-file") if args.token_file else None,
+        cert_file=path(args.tls_cert), key_file=path(args.tls_key), client_ca_file=path(args.tls_client_ca),
+        client_identity=args.client_identity,
+    )
+    for f in (security.cert_file, security.key_file, security.client_ca_file):
+        if f is not None and not f.is_file():
+            raise ValueError(f"{f}: no such file")
+    return security
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,11 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        security = build_security(args)
         servicer = build_servicer(args)
     except (datasets.DatasetUnavailable, ValueError) as exc:
         log.error("worker_failed_to_start", reason=str(exc))
         return 2
-    asyncio.run(serve(servicer, f"{args.host}:{args.port}", grace=args.grace))
+    if security.token is None and security.client_ca_file is None:
+        log.warning("worker_unauthenticated", hint="any client that reaches this port can use the worker; "
+                                                    "see --token-file and --tls-client-ca")
+    health_address = f"{args.host}:{args.health_port}" if args.health_port else None
+    asyncio.run(serve(servicer, f"{args.host}:{args.port}", grace=args.grace, security=security,
+                      health_address=health_address))
     return 0
 
 

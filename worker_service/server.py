@@ -13,39 +13,60 @@ from grpc_reflection.v1alpha import reflection
 from fedpi.protocol import SERVICE_NAME
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
+from worker_service.auth import AuthInterceptor, ServerSecurity
 from worker_service.servicer import WorkerServicer
 
 log = structlog.get_logger()
 
-# Coordinators ping every 30 s to keep long Train streams alive through NATs and idle timeouts; allow it.
+# Coordinators ping quiet connections (as often as every second, --keepalive) so that a long Train on a slow Pi
+# survives NATs and idle timeouts. Accept that, and never answer pings with GOAWAY ("too many pings").
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
-async def create_server(servicer: WorkerServicer, address: str) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+def _listen(server: grpc.aio.Server, address: str, security: ServerSecurity) -> int:
+    port = server.add_secure_port(address, security.credentials()) if security.tls else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
+
+
+async def create_server(servicer: WorkerServicer, address: str, security: ServerSecurity = ServerSecurity(),
+                        health_address: str | None = None) -> tuple[list[grpc.aio.Server], int, health.aio.HealthServicer]:
+    """The worker's server (plus, if asked, a plaintext server with only the health service, for kubelet probes,
+    which cannot speak TLS). Returns the servers, the main port and the health servicer."""
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(security)])
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (pb.DESCRIPTOR.services_by_name["Worker"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    return server, port, health_servicer
+    servers = [server]
+    port = _listen(server, address, security)
+    if health_address:
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        _listen(health_server, health_address, ServerSecurity())
+        servers.append(health_server)
+    return servers, port, health_servicer
 
 
-async def serve(servicer: WorkerServicer, address: str, grace: float = 10.0) -> None:
-    server, port, health_servicer = await create_server(servicer, address)
-    await server.start()
+async def serve(servicer: WorkerServicer, address: str, grace: float = 10.0,
+                security: ServerSecurity = ServerSecurity(), health_address: str | None = None) -> None:
+    servers, port, health_servicer = await create_server(servicer, address, security, health_address)
+    for server in servers:
+        await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("worker_started", address=address, port=port, model=servicer.model_name,
-             dataset=servicer.data.name, train_samples=len(servicer.data.train), partition=servicer.partition)
+             dataset=servicer.data.name, train_samples=len(servicer.data.train), partition=servicer.partition,
+             tls=security.tls, mutual_tls=security.client_ca_file is not None, token=security.token is not None,
+             health_address=health_address)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -57,5 +78,5 @@ async def serve(servicer: WorkerServicer, address: str, grace: float = 10.0) -> 
         log.info("worker_stopping", grace_seconds=grace)
         # NOT_SERVING first, so probes and coordinators see the shutdown before calls are refused.
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace)
+        await asyncio.gather(*(server.stop(grace) for server in servers))
         log.info("worker_stopped")

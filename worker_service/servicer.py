@@ -40,7 +40,7 @@ class Busy(Exception):
 
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, *, worker_id: str, model_name: str, model: torch.nn.Module, data: Dataset,
-                 partition: str, limits: Limits = Limits(), progress_every: float = 2.0):
+                 partition: str, limits: Limits = Limits(), progress_every: float = 2.0, train_delay: float = 0.0):
         self.worker_id = worker_id
         self.model_name = model_name
         self.model = model
@@ -48,7 +48,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.partition = partition
         self.limits = limits
         self.progress_every = progress_every
-        self.trainer = Trainer(model, data)
+        self.trainer = Trainer(model, data, batch_delay=train_delay)
         self.manifest = serde.manifest_of(model.state_dict())
         self.weights_round = 0  # the deterministic initial weights
         self.training_round: int | None = None
@@ -178,15 +178,20 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
         round_ = self.training_round
         job = loop.run_in_executor(None, self.trainer.train, cfg, progress, cancelled, self.progress_every)
+        last = pb.TrainProgress()
         finished = False
         try:
             while not job.done() or not queue.empty():
                 getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({getter, job}, timeout=self.progress_every, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield pb.TrainUpdate(progress=getter.result())
-                else:
-                    getter.cancel()
+                    last = getter.result()
+                    yield pb.TrainUpdate(progress=last)
+                    continue
+                getter.cancel()
+                if not job.done():
+                    # A heartbeat inside a long batch: the caller's idle timeout measures liveness, not batch length.
+                    yield pb.TrainUpdate(progress=last)
             outcome: TrainOutcome = job.result()
             finished = True
         finally:

@@ -60,9 +60,10 @@ Progress = Callable[[int, int, float, float], None]  # batches_done, batches_tot
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, data: Dataset):
+    def __init__(self, model: nn.Module, data: Dataset, batch_delay: float = 0.0):
         self.model = model
         self.data = data
+        self.batch_delay = batch_delay  # seconds of extra wall time per batch: imitates a slower device
 
     def _batch_order(self, cfg: TrainConfig) -> list[torch.Tensor]:
         """The index batches of this round: a seeded shuffle, cycled when more batches are asked than one epoch."""
@@ -93,6 +94,8 @@ class Trainer:
             loss = F.nll_loss(out, y)
             loss.backward()
             optimizer.step()
+            if self.batch_delay and cancelled.wait(self.batch_delay):
+                raise TrainingCancelled("training cancelled by the caller")
             loss_sum += loss.item() * len(y)
             correct += int((out.argmax(1) == y).sum())
             samples += len(y)

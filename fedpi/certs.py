@@ -1,0 +1,129 @@
+"""python -m fedpi.certs --out certs --workers 3 [--san 192.168.1.21 ...]
+
+Creates what a secured fedpi deployment needs, in --out:
+  ca.crt, ca.key                 a private certificate authority (keep ca.key offline)
+  coordinator.crt, .key          client certificate, CN fedpi-coordinator (what workers allow with --client-identity)
+  worker.crt, .key               one server certificate for every worker pod in Kubernetes (SAN fedpi-worker, ...)
+  worker-0.crt, .key, ...        one per worker, for workers run outside Kubernetes
+  token                          a random bearer token
+Existing files are kept, so running it again only adds what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import secrets
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+COORDINATOR_IDENTITY = "fedpi-coordinator"
+WORKER_SERVICE = "fedpi-worker"
+VALID_DAYS = 825
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedpi"), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _san(names: list[str]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    for n in dict.fromkeys(names):
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            entries.append(x509.DNSName(n))
+    return x509.SubjectAlternativeName(entries)
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.write_bytes(data)
+    if private:
+        path.chmod(0o600)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def make_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    crt, key = out / "ca.crt", out / "ca.key"
+    if crt.exists() and key.exists():
+        return (x509.load_pem_x509_certificate(crt.read_bytes()),
+                serialization.load_pem_private_key(key.read_bytes(), password=None))
+    private = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(_name("fedpi CA")).issuer_name(_name("fedpi CA"))
+        .public_key(private.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(private, hashes.SHA256())
+    )
+    _write(crt, cert.public_bytes(serialization.Encoding.PEM))
+    _write(key, _key_pem(private), private=True)
+    return cert, private
+
+
+def issue(out: Path, stem: str, cn: str, names: list[str], ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+          *, server: bool, client: bool) -> Path:
+    """Sign a certificate for `cn` with SANs `names`; skip if stem.crt exists already."""
+    crt = out / f"{stem}.crt"
+    if crt.exists():
+        return crt
+    ca_cert, ca_key = ca
+    private = ec.generate_private_key(ec.SECP256R1())
+    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
+        .public_key(private.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(_san([cn, *names]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(out / f"{stem}.key", _key_pem(private), private=True)
+    _write(crt, cert.public_bytes(serialization.Encoding.PEM))
+    return crt
+
+
+def make_all(out: Path, workers: int, extra_sans: list[str] = (), namespace: str = "fedpi") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    ca = make_ca(out)
+    local = ["localhost", "127.0.0.1", *extra_sans]
+    issue(out, "coordinator", COORDINATOR_IDENTITY, [], ca, server=False, client=True)
+    pods = [f"*.{WORKER_SERVICE}", f"*.{WORKER_SERVICE}.{namespace}.svc", f"*.{WORKER_SERVICE}.{namespace}.svc.cluster.local"]
+    issue(out, "worker", WORKER_SERVICE, [*pods, *local], ca, server=True, client=False)
+    for i in range(workers):
+        issue(out, f"worker-{i}", f"worker-{i}", [WORKER_SERVICE, *local], ca, server=True, client=False)
+    token = out / "token"
+    if not token.exists():
+        _write(token, (secrets.token_urlsafe(32) + "\n").encode(), private=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fedpi.certs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="certs", help="directory to write into")
+    p.add_argument("--workers", type=int, default=3, help="how many per-worker certificates")
+    p.add_argument("--san", action="append", default=[], help="extra DNS name or IP for worker certificates")
+    p.add_argument("--namespace", default="fedpi", help="Kubernetes namespace the worker certificate is valid in")
+    args = p.parse_args(argv)
+    make_all(Path(args.out), args.workers, args.san, args.namespace)
+    print(f"certificates and token in {args.out}/ (keep ca.key and token secret)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Only an authenticated coordinator may use a worker: a bearer token and/or a client certificate (mutual TLS).
+
+The health service stays open, so kubelet probes and load balancers need no credentials; it reveals nothing but
+SERVING / NOT_SERVING. Tokens are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import structlog
+
+from fedpi.protocol import AUTH_METADATA_KEY
+
+log = structlog.get_logger()
+
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    token: str | None = None
+    cert_file: Path | None = None  # with key_file: serve TLS
+    key_file: Path | None = None
+    client_ca_file: Path | None = None  # require client certificates signed by this CA (mutual TLS)
+    client_identity: str | None = None  # with mutual TLS: the only certificate name (CN or SAN) allowed to call
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
+            root_certificates=self.client_ca_file.read_bytes() if self.client_ca_file else None,
+            require_client_auth=self.client_ca_file is not None,
+        )
+
+
+def _refusal(security: ServerSecurity, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+    if security.token is not None:
+        presented = dict(context.invocation_metadata() or ()).get(AUTH_METADATA_KEY, "")
+        scheme, _, token = presented.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return grpc.StatusCode.UNAUTHENTICATED, (
+                "missing bearer token: send metadata 'authorization: Bearer <token>' "
+                "(coordinator: --token-file; grpcurl: -H 'authorization: Bearer ...')")
+        if not hmac.compare_digest(token.encode(), security.token.encode()):
+            return grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token: use the token this worker was given"
+    if security.client_identity is not None:
+        auth = context.auth_context()
+        names = {n.decode() for key in ("x509_common_name", "x509_subject_alternative_name") for n in auth.get(key, ())}
+        if security.client_identity not in names:
+            return grpc.StatusCode.PERMISSION_DENIED, (
+                f"client certificate {sorted(names) or 'absent'} is not allowed: only "
+                f"{security.client_identity!r} (the coordinator) may call this worker")
+    return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks credentials before any worker method (and reflection) runs."""
+
+    def __init__(self, security: ServerSecurity):
+        self.security = security
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
+            return handler
+        return _guarded(handler, self.security, handler_call_details.method)
+
+
+def _guarded(handler: grpc.RpcMethodHandler, security: ServerSecurity, method: str) -> grpc.RpcMethodHandler:
+    async def check(context: grpc.aio.ServicerContext) -> None:
+        refusal = _refusal(security, context)
+        if refusal is not None:
+            log.warning("request_refused", method=method, code=refusal[0].name, peer=context.peer())
+            await context.abort(*refusal)
+
+    kwargs = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        async def unary_unary(request, context):
+            await check(context)
+            return await handler.unary_unary(request, context)
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+    if handler.unary_stream:
+        async def unary_stream(request, context):
+            await check(context)
+            async for response in _responses(handler.unary_stream(request, context)):
+                yield response
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
+    if handler.stream_unary:
+        async def stream_unary(requests, context):
+            await check(context)
+            return await handler.stream_unary(requests, context)
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+
+    async def stream_stream(requests, context):
+        await check(context)
+        async for response in _responses(handler.stream_stream(requests, context)):
+            yield response
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
+
+
+async def _responses(result):
+    """A streaming handler either yields its responses or writes them with context.write and returns."""
+    if hasattr(result, "__aiter__"):
+        async for response in result:
+            yield response
+    else:
+        await result
