@@ -60,16 +60,10 @@ render:  ## print the manifests `make deploy` would apply
 certs: $(STAMP)  ## create a CA, coordinator and worker certificates and a token in certs/
 	$(PY) -m fedpi.certs --out $(CERTS) --workers $(WORKERS) --namespace $(NAMESPACE)
 
-secrets: certs  ## store the token and certificates as Kubernetes Secrets (what the pods mount)
+secrets: $(STAMP)  ## store the token and certificates as the Kubernetes Secrets the pods mount
 	$(KUBECTL) create namespace $(NAMESPACE) --dry-run=client -o yaml | $(KUBECTL) apply -f -
-	$(K) create secret generic fedpi-token --from-file=token=$(CERTS)/token --dry-run=client -o yaml \
+	$(PY) -m fedpi.certs --out $(CERTS) --workers $(WORKERS) --namespace $(NAMESPACE) --print-secrets \
 	  | $(KUBECTL) apply -f -
-	$(K) create secret generic fedpi-worker-tls --from-file=ca.crt=$(CERTS)/ca.crt \
-	  --from-file=tls.crt=$(CERTS)/worker.crt --from-file=tls.key=$(CERTS)/worker.key --dry-run=client -o yaml \
-	  | $(KUBECTL) apply -f -
-	$(K) create secret generic fedpi-coordinator-tls --from-file=ca.crt=$(CERTS)/ca.crt \
-	  --from-file=tls.crt=$(CERTS)/coordinator.crt --from-file=tls.key=$(CERTS)/coordinator.key \
-	  --dry-run=client -o yaml | $(KUBECTL) apply -f -
 
 deploy: secrets  ## put a worker on every Pi and wait until all are Ready
 	$(RENDER) | $(KUBECTL) apply -l 'app.kubernetes.io/component!=coordinator' -f -

@@ -6,6 +6,7 @@ Creates what a secured fedpi deployment needs, in --out:
   worker.crt, .key               one server certificate for every worker pod in Kubernetes (SAN fedpi-worker, ...)
   worker-0.crt, .key, ...        one per worker, for workers run outside Kubernetes
   token                          a random bearer token
+With --print-secrets it then prints them as the Kubernetes Secrets the k3s manifests mount.
 Existing files are kept, so running it again only adds what is missing.
 """
 
@@ -112,6 +113,31 @@ def make_all(out: Path, workers: int, extra_sans: list[str] = (), namespace: str
         _write(token, (secrets.token_urlsafe(32) + "\n").encode(), private=True)
 
 
+def secret_files(out: Path) -> dict[str, dict[str, Path]]:
+    """The Kubernetes Secrets the manifests mount, key by key (k3s/base: /etc/fedpi/tls, /etc/fedpi/token)."""
+    return {
+        "fedpi-token": {"token": out / "token"},
+        "fedpi-worker-tls": {"ca.crt": out / "ca.crt", "tls.crt": out / "worker.crt", "tls.key": out / "worker.key"},
+        "fedpi-coordinator-tls": {"ca.crt": out / "ca.crt", "tls.crt": out / "coordinator.crt",
+                                  "tls.key": out / "coordinator.key"},
+    }
+
+
+def secrets_yaml(out: Path, namespace: str) -> str:
+    """The Secrets as a YAML stream for `kubectl apply -f -`."""
+    import base64
+    import json
+
+    docs = []
+    for name, files in secret_files(out).items():
+        data = {key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()}
+        secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "fedpi"}},
+                  "data": data}
+        docs.append(json.dumps(secret, indent=2))  # JSON is YAML
+    return "\n---\n".join(docs) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedpi.certs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,9 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=3, help="how many per-worker certificates")
     p.add_argument("--san", action="append", default=[], help="extra DNS name or IP for worker certificates")
     p.add_argument("--namespace", default="fedpi", help="Kubernetes namespace the worker certificate is valid in")
+    p.add_argument("--print-secrets", action="store_true",
+                   help="then print them as Kubernetes Secrets of --namespace (YAML, for kubectl apply -f -)")
     args = p.parse_args(argv)
     make_all(Path(args.out), args.workers, args.san, args.namespace)
-    print(f"certificates and token in {args.out}/ (keep ca.key and token secret)")
+    if args.print_secrets:
+        sys.stdout.write(secrets_yaml(Path(args.out), args.namespace))
+    else:
+        print(f"certificates and token in {args.out}/ (keep ca.key and token secret)")
     return 0
 
 

@@ -1,7 +1,8 @@
 """The k3s manifests cannot drift from the CLI: run exactly their commands, arguments and environment on 127.0.0.1.
 
-Only what names the network or the disk is replaced (each worker gets its own loopback address, the volumes become
-temporary directories, the DNS name becomes the three addresses), and the run is cut to one round.
+Only what names the network or the disk is replaced (each worker gets its own loopback address, every volume becomes
+a temporary directory, Secrets filled as `make secrets` fills them, the DNS name becomes the three addresses), and
+the run is cut to one round. The pods run with token, mutual TLS and the plaintext health port, as deployed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from coordinator_service.local import wait_serving
+from fedpi import certs
 from fedpi.data import load_dataset
 from tests.conftest import ROOT
 from tests.k3s.conftest import find, render
@@ -56,34 +58,69 @@ def mnist_dir(tmp_path_factory):
     return root
 
 
+def _materialise(doc: dict, root, secrets: dict[str, dict], data_dir) -> dict[str, str]:
+    """Each volume mount of the pod becomes a directory under `root`: Secrets get their files, the dataset volume
+    gets the digits. Returns {mountPath: local directory}."""
+    pod = doc["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mapping = {}
+    for mount in pod["containers"][0].get("volumeMounts", []):
+        local = root / mount["mountPath"].lstrip("/")
+        local.mkdir(parents=True, exist_ok=True)
+        secret = volumes.get(mount["name"], {}).get("secret")
+        for key, path in (secrets[secret["secretName"]].items() if secret else ()):
+            (local / key).write_bytes(path.read_bytes())
+        mapping[mount["mountPath"]] = str(local)
+    for f in data_dir.iterdir():  # the dataset cache volume, already filled
+        (root / "data" / f.name).write_bytes(f.read_bytes())
+    return mapping
+
+
+def _localise(env: dict[str, str], mapping: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for key, value in env.items():
+        for mount, local in mapping.items():
+            if value == mount or value.startswith(mount + "/"):
+                value = local + value[len(mount):]
+                break
+        out[key] = value
+    return out
+
+
 def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
-    # Prepare: read the pods out of the rendered manifests.
+    # Prepare: the pods as rendered, their Secrets as `make secrets` would create them.
     docs = render("local", "fedpi", "fedpi", "test", str(WORKERS))
     statefulset, job = find(docs, "StatefulSet"), find(docs, "Job")
     worker_container = statefulset["spec"]["template"]["spec"]["containers"][0]
     coordinator_container = job["spec"]["template"]["spec"]["containers"][0]
     assert statefulset["spec"]["replicas"] == WORKERS
+    certs.make_all(tmp_path / "certs", workers=WORKERS)
+    secrets = certs.secret_files(tmp_path / "certs")
     port = worker_container["ports"][0]["containerPort"]
     addresses = [f"127.0.0.{i + 1}:{port}" for i in range(WORKERS)]
     procs = []
     try:
         for i in range(WORKERS):
             env = _container_env(statefulset, docs, f"fedpi-worker-{i}", i)
-            assert {"FEDPI_DATA_DIR", "FEDPI_DATASET", "FEDPI_PARTITION_COUNT"} <= env.keys()
-            env.update(FEDPI_HOST=f"127.0.0.{i + 1}", FEDPI_DATA_DIR=str(mnist_dir))
+            assert {"FEDPI_DATA_DIR", "FEDPI_DATASET", "FEDPI_PARTITION_COUNT", "FEDPI_TOKEN_FILE"} <= env.keys()
+            mapping = _materialise(statefulset, tmp_path / f"worker{i}", secrets, mnist_dir)
+            env = {**_localise(env, mapping), "FEDPI_HOST": f"127.0.0.{i + 1}"}
             log = (tmp_path / f"worker{i}.log").open("w")
             procs.append(subprocess.Popen(worker_container["command"] + worker_container.get("args", []),
-                                          env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-        asyncio.run(_all_serving(addresses, procs, tmp_path))
+                                          env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, stdout=log,
+                                          stderr=subprocess.STDOUT))
+        health_port = env["FEDPI_HEALTH_PORT"]
+        asyncio.run(_all_serving([a.replace(f":{port}", f":{health_port}") for a in addresses], procs, tmp_path))
 
         env = _container_env(job, docs, "fedpi-train-x", 0)
         assert {"FEDPI_WORKERS_DNS", "FEDPI_OUTPUT_DIR", "FEDPI_ROUNDS", "FEDPI_EXPECT_WORKERS"} <= env.keys()
         del env["FEDPI_WORKERS_DNS"]
-        env.update(FEDPI_WORKERS=",".join(addresses), FEDPI_DATA_DIR=str(mnist_dir),
-                   FEDPI_OUTPUT_DIR=str(tmp_path / "results"), FEDPI_ROUNDS="1")
+        env = _localise(env, _materialise(job, tmp_path / "coordinator", secrets, mnist_dir))
+        env.update(FEDPI_WORKERS=",".join(addresses), FEDPI_ROUNDS="1")
         # Execute
         proc = subprocess.run(coordinator_container["command"] + coordinator_container.get("args", []),
-                              env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
     finally:
         for p in procs:
             p.terminate()
@@ -91,10 +128,14 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
             p.wait(30)
     # Assert
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    [metrics] = [json.loads(line) for line in (tmp_path / "results" / "metrics.jsonl").read_text().splitlines()]
+    results = tmp_path / "coordinator" / env["FEDPI_OUTPUT_DIR"].split("/coordinator/", 1)[1]
+    [metrics] = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
     assert sorted(metrics["workers"]) == [f"fedpi-worker-{i}" for i in range(WORKERS)]
     assert metrics["test_accuracy"] > 0.5
-    assert (tmp_path / "results" / "model.pt").is_file()
+    assert (results / "model.pt").is_file()
+    started = [json.loads(line) for line in (tmp_path / "worker0.log").read_text().splitlines()
+               if '"worker_started"' in line]
+    assert started[0]["mutual_tls"] and started[0]["token"]
 
 
 async def _all_serving(addresses, procs, log_dir):

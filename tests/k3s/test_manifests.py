@@ -43,8 +43,9 @@ def test_pods_are_locked_down_and_probed_natively(overlay):
         assert sc["allowPrivilegeEscalation"] is False
         assert container["resources"]["requests"]["memory"]
     worker = find(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    config = find(docs, "ConfigMap", "fedpi-config")["data"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert worker[probe]["grpc"]["port"] == 50051
+        assert worker[probe]["grpc"]["port"] == int(config["FEDPI_HEALTH_PORT"])
 
 
 def test_settings_are_applied_in_one_place():
@@ -84,3 +85,32 @@ def test_only_the_coordinator_reaches_the_workers():
     [source] = rule["from"]
     assert source["podSelector"]["matchLabels"].items() <= coordinator_labels.items()
     assert not source["podSelector"]["matchLabels"].items() <= worker_labels.items()
+
+
+def test_credentials_come_from_secrets_mounted_where_the_config_points():
+    docs = render("pi")
+    config = find(docs, "ConfigMap", "fedpi-config")["data"]
+    for kind, secret in (("StatefulSet", "fedpi-worker-tls"), ("Job", "fedpi-coordinator-tls")):
+        pod = find(docs, kind)["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+        assert volumes[mounts["/etc/fedpi/tls"]]["secret"]["secretName"] == secret
+        assert volumes[mounts["/etc/fedpi/token"]]["secret"]["secretName"] == "fedpi-token"
+    for key in ("FEDPI_TOKEN_FILE", "FEDPI_TLS_CERT", "FEDPI_TLS_KEY", "FEDPI_TLS_CA", "FEDPI_TLS_CLIENT_CA"):
+        assert config[key].startswith(("/etc/fedpi/tls/", "/etc/fedpi/token/"))
+    assert config["FEDPI_CLIENT_IDENTITY"] == "fedpi-coordinator"
+
+
+def test_secrets_from_make_certs_validate_and_match_the_mounts(tmp_path):
+    import yaml
+
+    from fedpi import certs
+
+    certs.make_all(tmp_path, workers=1)
+    secrets = list(yaml.safe_load_all(certs.secrets_yaml(tmp_path, "lab")))
+    for secret in secrets:
+        kubernetes_validate.validate(secret, KUBERNETES_VERSION, strict=True)
+    docs = render("pi")
+    mounted = {v["secret"]["secretName"] for kind in ("StatefulSet", "Job")
+               for v in find(docs, kind)["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    assert mounted == {s["metadata"]["name"] for s in secrets}
