@@ -1,0 +1,184 @@
+"""Faults during training, with real processes on 127.0.0.1: workers killed, frozen, restarted; streams cut and
+corrupted on the wire; the coordinator killed and resumed. Each test is bounded and stops what it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from coordinator_service.local import LocalWorker
+from tests.integration.conftest import DIGITS, start_cluster
+from tests.integration.faults import CoordinatorRun, FaultyProxy
+
+NAMES = ["alice", "bob", "charlie"]
+# Slowed a little so that a round lasts long enough to hit it in the middle of Train.
+WORKER_ARGS = [*DIGITS, "--train-delay", "0.1"]
+TRAIN = ["--dataset", "digits-5k", "--local-batches", "20", "--lr", "0.05", "--momentum", "0.5",
+         "--min-workers", "2", "--handshake-timeout", "3", "--rpc-timeout", "10"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("fault-workers")
+    workers = [LocalWorker(n, [*WORKER_ARGS, "--partition", f"{i}/3"], logs) for i, n in enumerate(NAMES)]
+    cluster = start_cluster(workers)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def workers(cluster):
+    """All three workers running (restarting any a previous test killed), by name."""
+    import asyncio
+
+    for w in cluster.workers:
+        if w.process.poll() is not None:
+            w.start()
+        else:
+            os.kill(w.process.pid, signal.SIGCONT)
+    asyncio.run(cluster.wait_serving(120))
+    return {w.name: w for w in cluster.workers}
+
+
+def _spec(workers: dict, **addresses: str) -> str:
+    return ",".join(f"{n}={addresses.get(n, w.address)}" for n, w in workers.items())
+
+
+def _workers_of(run: CoordinatorRun, round_: int) -> list[str]:
+    [event] = [e for e in run.rounds() if e["round"] == round_]
+    return sorted(event["workers"])
+
+
+def _failures_of(run: CoordinatorRun, round_: int) -> dict[str, dict]:
+    [event] = [e for e in run.rounds() if e["round"] == round_]
+    return {f["worker"]: f for f in event["failures"]}
+
+
+def test_worker_killed_mid_train_is_dropped_then_rejoins_after_restart(workers, tmp_path):
+    # Prepare
+    run = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "5", *TRAIN, "--output-dir", str(tmp_path))
+    try:
+        # Execute: kill -9 bob while round 2 trains; restart him once round 3 has begun.
+        run.wait_for("round_started", round=2)
+        run.wait_for("worker_train_finished", round=2)  # someone is done, so bob is mid-Train
+        workers["bob"].process.kill()
+        run.wait_for("round_started", round=3)
+        workers["bob"].start()
+        assert run.finish() == 0, "".join(run.lines[-40:])
+    finally:
+        run.proc.kill()
+    # Assert
+    assert _workers_of(run, 1) == ["alice", "bob", "charlie"]
+    assert _workers_of(run, 2) == ["alice", "charlie"]
+    assert _failures_of(run, 2)["bob"]["phase"] in ("train", "get_weights")
+    assert _workers_of(run, 5) == ["alice", "bob", "charlie"]
+    assert [e["round"] for e in run.rounds()] == [1, 2, 3, 4, 5]
+
+
+def test_worker_killed_mid_get_weights_leaves_the_average_clean(workers, tmp_path):
+    # Bob's replies go through a proxy at 1 MB/s, so his 1.7 MB update takes ~2 s to stream: long enough to kill
+    # him half-way, after part of it was folded into the running sum.
+    with FaultyProxy(workers["bob"].port, rate=1_000_000) as proxy:
+        run = CoordinatorRun("train", "--workers", _spec(workers, bob=f"127.0.0.1:{proxy.port}"), "--rounds", "2",
+                             *TRAIN, "--output-dir", str(tmp_path))
+        try:
+            run.wait_for("worker_train_finished", round=1, worker="bob")
+            workers["bob"].process.kill()
+            assert run.finish() == 0, "".join(run.lines[-40:])
+        finally:
+            run.proc.kill()
+    assert _failures_of(run, 1)["bob"]["phase"] == "get_weights"
+    assert _workers_of(run, 1) == ["alice", "charlie"]
+    assert any(e.get("event") == "aggregation_restarted" for e in run.events)
+    assert run.rounds()[-1]["test_accuracy"] > 0.8
+
+
+def test_frozen_worker_is_dropped_at_the_round_timeout_and_rejoins_when_thawed(workers, tmp_path):
+    run = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "4", *TRAIN, "--round-timeout", "8",
+                         "--output-dir", str(tmp_path))
+    try:
+        run.wait_for("round_started", round=2)
+        os.kill(workers["charlie"].process.pid, signal.SIGSTOP)
+        run.wait_for("round_finished", round=2, timeout=60)
+        os.kill(workers["charlie"].process.pid, signal.SIGCONT)
+        assert run.finish() == 0, "".join(run.lines[-40:])
+    finally:
+        os.kill(workers["charlie"].process.pid, signal.SIGCONT)
+        run.proc.kill()
+    failure = _failures_of(run, 2)["charlie"]
+    assert "round timeout of 8 s" in failure["reason"]
+    assert "charlie" in _workers_of(run, 4)
+
+
+def test_stream_cut_on_the_wire_drops_the_worker_for_that_round_only(workers, tmp_path):
+    # 900 kB into bob's replies is inside his first GetWeights stream (the earlier replies are a few kB).
+    with FaultyProxy(workers["bob"].port, cut_after=900_000) as proxy:
+        run = CoordinatorRun("train", "--workers", _spec(workers, bob=f"127.0.0.1:{proxy.port}"), "--rounds", "3",
+                             *TRAIN, "--output-dir", str(tmp_path))
+        try:
+            assert run.finish() == 0, "".join(run.lines[-40:])
+        finally:
+            run.proc.kill()
+        assert proxy.fired == ["cut"]
+    assert _failures_of(run, 1)["bob"]["phase"] == "get_weights"
+    assert _workers_of(run, 1) == ["alice", "charlie"]
+    assert _workers_of(run, 3) == ["alice", "bob", "charlie"]
+
+
+def test_flipped_byte_on_the_wire_never_reaches_the_global_model(workers, tmp_path):
+    with FaultyProxy(workers["bob"].port, flip_at=1_200_000) as proxy:
+        run = CoordinatorRun("train", "--workers", _spec(workers, bob=f"127.0.0.1:{proxy.port}"), "--rounds", "2",
+                             *TRAIN, "--output-dir", str(tmp_path))
+        try:
+            assert run.finish() == 0, "".join(run.lines[-40:])
+        finally:
+            run.proc.kill()
+        assert proxy.fired == ["flip"]
+    failure = _failures_of(run, 1)["bob"]
+    # Most flips land in tensor bytes (digest mismatch); one in a frame header breaks the connection instead.
+    assert failure["phase"] == "get_weights"
+    assert "DATA_LOSS" in failure["reason"] or "digest" in failure["reason"] or "UNAVAILABLE" in failure["reason"] \
+        or "INTERNAL" in failure["reason"], failure
+    assert _workers_of(run, 1) == ["alice", "charlie"]
+    assert run.rounds()[-1]["test_accuracy"] > 0.8
+
+
+def test_killed_coordinator_resumes_from_the_last_completed_round(workers, tmp_path):
+    run = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "4", *TRAIN, "--output-dir", str(tmp_path))
+    try:
+        run.wait_for("round_finished", round=2)
+        run.wait_for("round_started", round=3)
+        run.kill()  # SIGKILL in the middle of round 3
+    finally:
+        run.proc.kill()
+    before = [json.loads(line)["round"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert before == [1, 2]
+
+    resumed = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "4", *TRAIN, "--resume",
+                             "--output-dir", str(tmp_path))
+    try:
+        assert resumed.finish() == 0, "".join(resumed.lines[-40:])
+    finally:
+        resumed.proc.kill()
+    assert resumed.wait_for("training_resumed")["from_round"] == 2
+    assert [e["round"] for e in resumed.rounds()] == [3, 4]
+    after = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in after] == [1, 2, 3, 4]
+    assert after[-1]["test_accuracy"] > after[0]["test_accuracy"]
+
+
+def test_train_longer_than_the_keepalive_interval_completes(workers, tmp_path):
+    # Keepalive pings every second against a Train that runs for ~6 s: the worker must accept the pings rather than
+    # answer GOAWAY (too many pings), and the quiet stream must not be mistaken for a dead one.
+    run = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "1", *TRAIN, "--local-batches", "60",
+                         "--keepalive", "1", "--output-dir", str(tmp_path))
+    try:
+        assert run.finish() == 0, "".join(run.lines[-40:])
+    finally:
+        run.proc.kill()
+    [event] = run.rounds()
+    assert event["failures"] == []
+    assert min(w["train_seconds"] for w in event["workers"].values()) > 5
