@@ -28,9 +28,10 @@ from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 
 log = structlog.get_logger()
 
-# Transient UNAVAILABLE (a worker restarting, Wi-Fi hiccup) is retried by gRPC itself, with backoff.
+# Transient UNAVAILABLE (a worker restarting, Wi-Fi hiccup) is retried by gRPC itself, with backoff, for the calls
+# that are safe to repeat. Never Train: a repeated Train would train twice, and a lost one is the round's business.
 _SERVICE_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{"service": SERVICE_NAME}],
+    "name": [{"service": SERVICE_NAME, "method": m} for m in ("GetInfo", "SetWeights", "GetWeights")],
     "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.5s", "maxBackoff": "5s", "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"]},
 }]})

@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-chunk-mb", type=int, default=4, help="largest chunk accepted")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to finish calls on SIGTERM")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+    p.add_argument("--progress-interval", type=float, default=2.0,
+                   help="seconds between Train progress messages (they show the coordinator this worker is alive)")
     p.add_argument("--train-delay", type=float, default=0.0,
                    help="extra seconds per training batch, to imitate a slower device (fault tests, demos)")
     p.add_argument("--health-port", type=int, default=0,
@@ -78,7 +80,7 @@ def build_servicer(args: argparse.Namespace) -> WorkerServicer:
     return WorkerServicer(
         worker_id=args.id, model_name=args.model, model=build_model(args.model), data=shard, partition=partition,
         limits=Limits(max_chunk_bytes=args.max_chunk_mb * MIB, max_payload_bytes=args.max_payload_mb * MIB),
-        train_delay=args.train_delay,
+        train_delay=args.train_delay, progress_every=args.progress_interval,
     )
 
 
