@@ -150,3 +150,29 @@ def test_get_weights_with_bad_chunk_size_is_invalid_argument(worker):
     code, details = _code(lambda: list(stub.GetWeights(pb.GetWeightsRequest(chunk_size=1 << 30), metadata=METADATA,
                                                        timeout=10)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "chunk_size" in details
+
+
+def test_second_concurrent_upload_is_aborted_and_the_first_lands_whole(worker):
+    """Two coordinators pushing weights at once are never interleaved: the second gets ABORTED."""
+    # Prepare: a first upload that pauses half-way.
+    _, stub = worker
+    first = _payload(round_=5, seed=21)
+    chunks = list(first.chunks(64 * 1024))
+    half_sent, release = threading.Event(), threading.Event()
+
+    def slow_stream():
+        for i, chunk in enumerate(chunks):
+            if i == len(chunks) // 2:
+                half_sent.set()
+                release.wait(30)
+            yield chunk
+
+    future = stub.SetWeights.future(slow_stream(), metadata=METADATA, timeout=60)
+    assert half_sent.wait(30)
+    # Execute
+    code, details = _code(lambda: stub.SetWeights(_payload(round_=6, seed=22).chunks(), metadata=METADATA, timeout=30))
+    release.set()
+    # Assert
+    assert code == grpc.StatusCode.ABORTED and "another SetWeights" in details
+    assert future.result(60).bytes_received == first.total_bytes
+    assert _digest(stub) == (first.digest, 5)
