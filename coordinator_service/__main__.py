@@ -57,6 +57,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="seconds an absent worker gets to answer before each round (dropped workers rejoin this way)")
     g.add_argument("--round-retries", type=int, default=2,
                    help="times a round that misses its quorum is tried again (with backoff) before giving up")
+    g.add_argument("--retry-backoff", type=float, default=5.0,
+                   help="seconds before the first retry of a round; doubles with each further retry")
     g.add_argument("--keepalive", type=float, default=30.0, help="seconds between keepalive pings on quiet connections")
     g.add_argument("--resume", action="store_true",
                    help="continue from checkpoint.pt in --output-dir after the last completed round")
@@ -125,7 +127,8 @@ def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], datase
         min_workers=_min_workers(args, len(workers)), workers_dns=workers_dns, dataset=dataset,
         init_seed=args.seed, rpc_timeout=args.rpc_timeout, idle_timeout=args.idle_timeout,
         round_timeout=args.round_timeout, handshake_timeout=args.handshake_timeout,
-        round_retries=args.round_retries, keepalive_seconds=args.keepalive, resume=args.resume,
+        round_retries=args.round_retries, retry_backoff=args.retry_backoff, keepalive_seconds=args.keepalive,
+        resume=args.resume,
         transfer=TransferSettings(chunk_size=args.chunk_size, encoding=ENCODINGS[args.encoding]),
         security=_security(args),
     )

@@ -4,6 +4,8 @@
 2. memory: the coordinator's peak RSS with 3 and with 8 workers on large-mlp (must not grow by a model per worker).
 3. reference: 3 workers, 20 rounds, the reference CNN and hyper-parameters on 8,000 real MNIST digits (needs
    ../shared/data/mnist; skipped without it).
+4. faults: 10 rounds on 3 workers, one killed (kill -9) in round 3 and restarted in round 5, against a fault-free
+   run with the same seed (the real MNIST digits when ../shared is there, else the 5,000 shipped digits).
 """
 
 from __future__ import annotations
@@ -91,7 +93,44 @@ def bench_reference(tmp: Path) -> None:
           f"(rounds 2-20)")
 
 
-BENCHES = {"transport": bench_transport, "memory": bench_memory, "reference": bench_reference}
+def bench_faults(tmp: Path) -> None:
+    from tests.integration.faults import CoordinatorRun
+
+    if (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        data = ["--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST)]
+    else:
+        data = ["--dataset", "digits-5k"]
+    worker_args = [*data, "--no-download", "--threads", "1"]
+    results = {}
+    for scenario in ("fault-free", "killed"):
+        with _start(demo_cluster(3, worker_args, tmp / scenario)) as cluster:
+            run = CoordinatorRun("train", "--workers", cluster.spec, "--rounds", "10", *data, "--seed", "7",
+                                 "--min-workers", "2", "--handshake-timeout", "3",
+                                 "--output-dir", str(tmp / scenario / "out"))
+            try:
+                if scenario == "killed":
+                    victim = cluster.workers[2]
+                    run.wait_for("round_started", round=3, timeout=600)
+                    run.wait_for("worker_train_finished", round=3, timeout=600)
+                    victim.process.kill()
+                    run.wait_for("round_started", round=5, timeout=600)
+                    victim.start()
+                if run.finish(1800):
+                    sys.exit(f"faults benchmark failed:\n{''.join(run.lines[-40:])}")
+            finally:
+                run.proc.kill()
+            results[scenario] = run.rounds()
+    killed = results["killed"]
+    for r in killed:
+        print(f"faults     round {r['round']:>2}  workers {','.join(sorted(r['workers'])):<20}  "
+              f"failures {','.join(f['worker'] + ':' + f['phase'] for f in r['failures']) or '-':<16}  "
+              f"accuracy {r['test_accuracy']:.2%}  (fault-free {results['fault-free'][r['round'] - 1]['test_accuracy']:.2%})")
+    a, b = results["fault-free"][-1]["test_accuracy"], killed[-1]["test_accuracy"]
+    print(f"faults     {data[1]}  10 rounds: fault-free {a:.2%}, worker killed in round 3 and restarted in round 5 "
+          f"{b:.2%}: difference {abs(a - b) * 100:.2f} points")
+
+
+BENCHES = {"transport": bench_transport, "memory": bench_memory, "reference": bench_reference, "faults": bench_faults}
 
 
 def main() -> None:

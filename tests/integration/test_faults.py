@@ -186,3 +186,33 @@ def test_train_longer_than_the_keepalive_interval_completes(tmp_path):
         cluster.stop()
     [event] = run.rounds()
     assert event["failures"] == [] and event["workers"]["quiet"]["train_seconds"] > 5
+
+
+def test_round_below_quorum_is_retried_with_the_worker_that_came_back(workers, tmp_path):
+    run = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "2", *TRAIN, "--min-workers", "3",
+                         "--round-retries", "2", "--retry-backoff", "2", "--output-dir", str(tmp_path))
+    try:
+        run.wait_for("worker_train_finished", round=1)
+        workers["charlie"].process.kill()
+        run.wait_for("round_retrying", round=1)
+        workers["charlie"].start()
+        assert run.finish() == 0, "".join(run.lines[-40:])
+    finally:
+        run.proc.kill()
+    assert [e["round"] for e in run.rounds()] == [1, 2]
+    assert _workers_of(run, 1) == ["alice", "bob", "charlie"]
+
+
+def test_round_below_quorum_stops_with_the_reasons_and_keeps_the_model(workers, tmp_path):
+    run = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "2", *TRAIN, "--min-workers", "3",
+                         "--round-retries", "1", "--retry-backoff", "1", "--output-dir", str(tmp_path))
+    try:
+        run.wait_for("worker_train_finished", round=1)
+        workers["charlie"].process.kill()
+        assert run.finish() == 1
+    finally:
+        run.proc.kill()
+    failed = run.wait_for("training_failed", timeout=1)
+    assert "below the quorum" in failed["reason"] and "the global model is unchanged" in failed["reason"]
+    assert run.rounds() == []
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "model.pt").exists()
