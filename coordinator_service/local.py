@@ -64,6 +64,8 @@ class LocalWorker:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"worker {self.name} is already running (pid {self.process.pid})")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)

@@ -133,6 +133,7 @@ class RoundRunner:
         payload = serde.WeightsPayload(self.model.state_dict(), round=server_round, architecture=self.architecture)
         total = WeightedSum(payload.manifest)
         agg_seconds = [0.0]
+        folding: set[str] = set()  # workers whose update has started to enter the sum
 
         async def one(index: int, client: WorkerClient) -> tuple[WorkerRound, pb.TrainResult]:
             stats = WorkerRound(client.name)
@@ -150,6 +151,7 @@ class RoundRunner:
             stats.train_loss, stats.train_accuracy = result.mean_loss, result.accuracy
             log.info("worker_train_finished", worker=client.name, samples=result.samples,
                      seconds=round(result.train_seconds, 3), loss=round(result.mean_loss, 4))
+            folding.add(client.name)
             try:
                 await self._fold(client, payload, total, self.strategy.weight(result), stats, agg_seconds)
             except (WorkerError, serde.WeightsError) as exc:
@@ -161,11 +163,11 @@ class RoundRunner:
             return_exceptions=True,
         )
         done: list[tuple[WorkerClient, WorkerRound, pb.TrainResult]] = []
-        tainted = False  # a stream that failed part-way may have left part of itself in the sum
+        tainted = False  # a stream that failed part-way (error or timeout) may have left part of itself in the sum
         for client, outcome in zip(clients, outcomes):
             if isinstance(outcome, BaseException):
                 failure = _failure(client.name, outcome, self.round_timeout)
-                tainted |= failure.phase == "get_weights"
+                tainted |= client.name in folding
                 report.failures.append(failure)
                 log.warning("worker_dropped", worker=client.name, phase=failure.phase, reason=failure.reason)
             else:

@@ -30,14 +30,14 @@ from tests.conftest import SHARED_MNIST
 from tests.integration.conftest import DIGITS, METADATA, events, run_coordinator
 
 
-def _start(cluster: LocalCluster) -> LocalCluster:
-    cluster.__enter__()
+def _serving(cluster: LocalCluster) -> LocalCluster:
     asyncio.run(cluster.wait_serving(timeout=300))
     return cluster
 
 
 def bench_transport(tmp: Path) -> None:
-    with _start(LocalCluster([LocalWorker("big", [*DIGITS, "--model", "large-mlp"], tmp)])) as cluster:
+    with LocalCluster([LocalWorker("big", [*DIGITS, "--model", "large-mlp"], tmp)]) as cluster:
+        _serving(cluster)
         stub = pb_grpc.WorkerStub(grpc.insecure_channel(cluster.workers[0].address))
         payload = serde.WeightsPayload(build_model("large-mlp", seed=3).state_dict(), round=1,
                                        architecture="large-mlp")
@@ -59,7 +59,8 @@ def bench_transport(tmp: Path) -> None:
 def bench_memory(tmp: Path) -> None:
     for n in (3, 8):
         args = [*DIGITS, "--model", "large-mlp"]
-        with _start(demo_cluster(n, args, tmp / f"w{n}")) as cluster:
+        with demo_cluster(n, args, tmp / f"w{n}") as cluster:
+            _serving(cluster)
             proc = run_coordinator("train", "--workers", cluster.spec, "--model", "large-mlp", "--rounds", "2",
                                    "--local-batches", "1", "--dataset", "digits-5k", "--min-workers", str(n),
                                    "--output-dir", str(tmp / f"out{n}"), timeout=1200)
@@ -103,7 +104,8 @@ def bench_faults(tmp: Path) -> None:
     worker_args = [*data, "--no-download", "--threads", "1"]
     results = {}
     for scenario in ("fault-free", "killed"):
-        with _start(demo_cluster(3, worker_args, tmp / scenario)) as cluster:
+        with demo_cluster(3, worker_args, tmp / scenario) as cluster:
+            _serving(cluster)
             run = CoordinatorRun("train", "--workers", cluster.spec, "--rounds", "10", *data, "--seed", "7",
                                  "--min-workers", "2", "--handshake-timeout", "3",
                                  "--output-dir", str(tmp / scenario / "out"))
