@@ -64,6 +64,9 @@ class Trainer:
         self.model = model
         self.data = data
         self.batch_delay = batch_delay  # seconds of extra wall time per batch: imitates a slower device
+        # The first optimizer ever created imports torch's compiler stack (about 2 s): pay that at start-up,
+        # before the worker reports SERVING, not inside round 1.
+        torch.optim.SGD(model.parameters(), lr=0.01)
 
     def _batch_order(self, cfg: TrainConfig) -> list[torch.Tensor]:
         """The index batches of this round: a seeded shuffle, cycled when more batches are asked than one epoch."""
