@@ -86,10 +86,14 @@ undeploy:  ## remove fedpi but keep its volumes (dataset caches, results); `kube
 	  networkpolicy/fedpi-worker-ingress
 	$(K) delete --ignore-not-found configmap -l app.kubernetes.io/name=fedpi
 
-probe:  ## grpcurl GetInfo and health of worker POD through kubectl port-forward
-	@$(K) port-forward pod/fedpi-worker-$(POD) 50051:50051 >/dev/null & pf=$$!; sleep 3; \
-	grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check; \
-	grpcurl -plaintext localhost:50051 fedpi.v1.Worker/GetInfo; status=$$?; kill $$pf; exit $$status
+# grpcurl as the coordinator: mutual TLS and the token from $(CERTS)/ (what `make secrets` deployed).
+GRPCURL_AUTH = -cacert $(CERTS)/ca.crt -cert $(CERTS)/coordinator.crt -key $(CERTS)/coordinator.key \
+	-servername fedpi-worker -H "authorization: Bearer $$(cat $(CERTS)/token)"
+
+probe:  ## grpcurl health and GetInfo of worker POD through kubectl port-forward
+	@$(K) port-forward pod/fedpi-worker-$(POD) 50051:50051 50052:50052 >/dev/null & pf=$$!; sleep 3; \
+	grpcurl -plaintext localhost:50052 grpc.health.v1.Health/Check; \
+	grpcurl $(GRPCURL_AUTH) localhost:50051 fedpi.v1.Worker/GetInfo; status=$$?; kill $$pf; exit $$status
 
 clean:  ## remove the virtualenv and run outputs
 	rm -rf $(VENV) runs .pytest_cache

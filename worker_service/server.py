@@ -51,6 +51,8 @@ async def create_server(servicer: WorkerServicer, address: str, security: Server
     if health_address:
         health_server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        # Reflection too, so `grpcurl -plaintext HOST:HEALTH_PORT grpc.health.v1.Health/Check` works as is.
+        reflection.enable_server_reflection((health.SERVICE_NAME, reflection.SERVICE_NAME), health_server)
         _listen(health_server, health_address, ServerSecurity())
         servers.append(health_server)
     return servers, port, health_servicer

@@ -47,3 +47,37 @@ def test_health_check(address):
     assert json.loads(grpcurl(address, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
     reply = json.loads(grpcurl("-d", '{"service": "fedpi.v1.Worker"}', address, "grpc.health.v1.Health/Check"))
     assert reply == {"status": "SERVING"}
+
+
+def test_secured_worker_with_the_readme_flags(tmp_path):
+    """The README's grpcurl line for a deployed worker: mutual TLS, -servername, the token header."""
+    from coordinator_service.local import LocalWorker
+    from fedpi import certs
+    from tests.integration.conftest import DIGITS, start_cluster
+
+    certs.make_all(tmp_path, workers=1)
+    token = (tmp_path / "token").read_text().strip()
+    worker = LocalWorker("secured", [*DIGITS, "--token-file", str(tmp_path / "token"),
+                                     "--tls-cert", str(tmp_path / "worker.crt"), "--tls-key", str(tmp_path / "worker.key"),
+                                     "--tls-client-ca", str(tmp_path / "ca.crt"), "--client-identity", "fedpi-coordinator"],
+                         tmp_path / "logs", health_port=True)
+    cluster = start_cluster([worker])
+    try:
+        auth = ["-cacert", str(tmp_path / "ca.crt"), "-cert", str(tmp_path / "coordinator.crt"),
+                "-key", str(tmp_path / "coordinator.key"), "-servername", "fedpi-worker"]
+        info = json.loads(secure_grpcurl(*auth, "-H", f"authorization: Bearer {token}", worker.address,
+                                         "fedpi.v1.Worker/GetInfo"))
+        assert info["worker_id"] == "secured"
+        assert "fedpi.v1.Worker" in secure_grpcurl(*auth, "-H", f"authorization: Bearer {token}", worker.address, "list")
+        refused = secure_grpcurl(*auth, worker.address, "fedpi.v1.Worker/GetInfo", ok=False)
+        assert "Unauthenticated" in refused
+        assert json.loads(grpcurl(worker.health_address, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
+    finally:
+        cluster.stop()
+
+
+def secure_grpcurl(*args: str, ok: bool = True) -> str:
+    binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+    proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode == 0) == ok, proc.stderr
+    return proc.stdout + proc.stderr
