@@ -206,6 +206,10 @@ class RoundRunner:
         fold = total.stream(weight)
         async for chunk in client.get_weights(self.transfer.chunk_size, self.transfer.encoding, payload.total_bytes):
             raw = reader.accept(chunk)
+            if raw is None and reader.header.round != payload.round:
+                # E.g. a worker restarted after Train: its weights are not this round's update.
+                raise serde.MalformedStream(f"worker sent weights of round {reader.header.round}, "
+                                            f"expected round {payload.round}")
             if raw is not None:
                 f = time.perf_counter()
                 fold.add(raw)

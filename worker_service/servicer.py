@@ -20,7 +20,7 @@ from fedpi.models import parameter_count
 from fedpi.protocol import PROTOCOL_VERSION, VERSION_METADATA_KEY, ProtocolMismatch, check_compatible
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
-from worker_service.trainer import TrainConfig, Trainer, TrainOutcome
+from worker_service.trainer import TrainConfig, Trainer, TrainingCancelled, TrainOutcome
 
 log = structlog.get_logger()
 
@@ -78,7 +78,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         elif isinstance(exc, ValueError):
             code = grpc.StatusCode.INVALID_ARGUMENT
         else:
-            raise exc
+            code = grpc.StatusCode.INTERNAL
+            log.exception("request_failed", method=method)
         log.warning("request_rejected", method=method, code=code.name, reason=str(exc), peer=context.peer())
         await context.abort(code, str(exc))
 
@@ -160,13 +161,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self.training_round = request.round
             structlog.contextvars.bind_contextvars(round=request.round)
             try:
-                async for update in self._train_updates(cfg):
+                async for update in self._train_updates(cfg, context):
                     yield update
             finally:
                 self.training_round = None
                 structlog.contextvars.unbind_contextvars("round")
 
-    async def _train_updates(self, cfg: TrainConfig) -> AsyncIterator[pb.TrainUpdate]:
+    async def _train_updates(self, cfg: TrainConfig,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TrainUpdate]:
         """Run the trainer in a thread; relay its progress; stop it if the caller goes away."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[pb.TrainProgress] = asyncio.Queue()
@@ -192,7 +194,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if not job.done():
                     # A heartbeat inside a long batch: the caller's idle timeout measures liveness, not batch length.
                     yield pb.TrainUpdate(progress=last)
-            outcome: TrainOutcome = job.result()
+            try:
+                outcome: TrainOutcome = job.result()
+            except TrainingCancelled:
+                raise
+            except Exception as exc:  # a bug or a broken model: report it, keep serving
+                await self._abort(context, exc, "Train")
             finished = True
         finally:
             if not finished:

@@ -91,3 +91,11 @@ def test_mnist_10k_from_the_real_test_digits(shared_mnist_dir):
     ds = data.load_dataset("mnist-10k", shared_mnist_dir, download=False)
     assert (len(ds.train), len(ds.test)) == (8000, 2000)
     assert ds.train.images.dtype.is_floating_point is False
+
+
+def test_fashion_mnist_from_debians_package(tmp_path):
+    if not (data.DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    ds = data.load_dataset("fashion-mnist", tmp_path, download=False)
+    assert (len(ds.train), len(ds.test)) == (60_000, 10_000)
+    assert sorted(ds.test.labels.unique().tolist()) == list(range(10))

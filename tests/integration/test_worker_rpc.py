@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 
 import grpc
 import pytest
 import torch
 
+from coordinator_service.local import LocalWorker
 from fedpi import serde
 from fedpi.models import build_model
 from generated.fedpi.v1 import worker_pb2 as pb
-from tests.integration.conftest import METADATA
+from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
+from tests.integration.conftest import DIGITS, METADATA, start_cluster
 
 ARCH = "reference-cnn"
 
@@ -176,3 +179,23 @@ def test_second_concurrent_upload_is_aborted_and_the_first_lands_whole(worker):
     assert code == grpc.StatusCode.ABORTED and "another SetWeights" in details
     assert future.result(60).bytes_received == first.total_bytes
     assert _digest(stub) == (first.digest, 5)
+
+
+def test_sigterm_lets_a_running_train_finish_then_stops(tmp_path):
+    """Graceful shutdown: a replaced pod does not cut a round in half, and exits by itself within its grace."""
+    worker = LocalWorker("leaving", [*DIGITS, "--train-delay", "0.2", "--grace", "20"], tmp_path)
+    cluster = start_cluster([worker])
+    try:
+        with grpc.insecure_channel(worker.address) as channel:
+            stub = pb_grpc.WorkerStub(channel)
+            updates = stub.Train(pb.TrainRequest(round=0, local_batches=10, batch_size=32, learning_rate=0.01),
+                                 metadata=METADATA, timeout=60)
+            first = next(updates)  # training is under way
+            worker.process.send_signal(signal.SIGTERM)
+            rest = list(updates)
+        assert first.HasField("progress") or first.HasField("result")
+        assert rest and rest[-1].HasField("result") and rest[-1].result.batches == 10
+        assert worker.process.wait(30) == 0
+        assert '"worker_stopped"' in worker.log_path.read_text()
+    finally:
+        cluster.stop()
