@@ -137,8 +137,11 @@ BENCHES = {"transport": bench_transport, "memory": bench_memory, "reference": be
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="*", choices=[*BENCHES, []], default=list(BENCHES))
+    p.add_argument("names", nargs="*", help=f"which to run: {', '.join(BENCHES)} (default: all)")
     args = p.parse_args()
+    unknown = set(args.names) - set(BENCHES)
+    if unknown:
+        p.error(f"unknown benchmark {', '.join(sorted(unknown))}; choose from {', '.join(BENCHES)}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.names or BENCHES:
             BENCHES[name](Path(tmp) / name)
