@@ -1,0 +1,36 @@
+"""The deployment targets cannot reach a cluster here; check that they expand to the intended commands."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _dry_run(target: str, *variables: str) -> str:
+    proc = subprocess.run(["make", "-n", target, "KUBECTL=kubectl", *variables], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("deploy", ["fedpi.certs", "--print-secrets", "apply -l 'app.kubernetes.io/component!=coordinator'",
+                "rollout status statefulset/fedpi-worker"]),
+    ("train", ["delete job fedpi-train", "apply -l app.kubernetes.io/component=coordinator", "logs -f job/fedpi-train"]),
+    ("status", ["get statefulset,pods,job,pvc"]),
+    ("undeploy", ["delete --ignore-not-found job/fedpi-train statefulset/fedpi-worker"]),
+    ("probe", ["port-forward pod/fedpi-worker-0", "grpc.health.v1.Health/Check", "-servername fedpi-worker"]),
+    ("image", ["docker buildx build --platform linux/arm64,linux/amd64"]),
+])
+def test_targets_expand_to_kubectl_commands(target, expected):
+    out = _dry_run(target)
+    for fragment in expected:
+        assert fragment in out, out
+
+
+def test_settings_reach_the_renderer():
+    out = _dry_run("deploy", "OVERLAY=local", "NAMESPACE=lab", "IMAGE=reg/fedpi", "TAG=9", "WORKERS=5")
+    assert "k3s/render local lab reg/fedpi 9 5" in out and "-n lab" in out
