@@ -141,12 +141,12 @@ class RoundRunner:
             try:
                 await client.set_weights(payload, self.transfer.chunk_size, self.transfer.encoding)
             except WorkerError as exc:
-                raise _PhaseError("set_weights", exc)
+                raise _PhaseError("set_weights", exc) from exc
             stats.bytes_sent, stats.send_seconds = payload.total_bytes, elapsed(t)
             try:
                 result = await client.train(self.strategy.configure_train(server_round, index))
             except WorkerError as exc:
-                raise _PhaseError("train", exc)
+                raise _PhaseError("train", exc) from exc
             stats.samples, stats.train_seconds = result.samples, result.train_seconds
             stats.train_loss, stats.train_accuracy = result.mean_loss, result.accuracy
             log.info("worker_train_finished", worker=client.name, samples=result.samples,
@@ -155,7 +155,7 @@ class RoundRunner:
             try:
                 await self._fold(client, payload, total, self.strategy.weight(result), stats, agg_seconds)
             except (WorkerError, serde.WeightsError) as exc:
-                raise _PhaseError("get_weights", exc)
+                raise _PhaseError("get_weights", exc) from exc
             return stats, result
 
         outcomes = await asyncio.gather(

@@ -20,7 +20,8 @@ def _major(version: str) -> int:
     try:
         return int(version.split(".", 1)[0])
     except ValueError:
-        raise ProtocolMismatch(f"unreadable protocol version {version!r}; expected MAJOR.MINOR, e.g. {PROTOCOL_VERSION}")
+        raise ProtocolMismatch(
+            f"unreadable protocol version {version!r}; expected MAJOR.MINOR, e.g. {PROTOCOL_VERSION}") from None
 
 
 def check_compatible(*, coordinator: str, worker: str) -> None:

@@ -281,7 +281,7 @@ class StreamReader:
             # Bounded: a small compressed chunk must not inflate past the chunk limit.
             raw = inflater.decompress(data, self.max_chunk_bytes)
         except zlib.error as exc:
-            raise MalformedStream(f"zlib chunk at offset {self.received} cannot be decompressed: {exc}")
+            raise MalformedStream(f"zlib chunk at offset {self.received} cannot be decompressed: {exc}") from None
         if not inflater.eof:
             # Either more output is waiting (too large) or the compressed data stops short (truncated).
             if inflater.unconsumed_tail or inflater.decompress(b"", 1):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
-from pathlib import Path
 
 import grpc
 import pytest
@@ -20,6 +20,7 @@ METADATA = ((VERSION_METADATA_KEY, PROTOCOL_VERSION),)
 
 
 def start_cluster(workers: list[LocalWorker]) -> LocalCluster:
+    """Start the workers and wait until all serve; the caller stops the cluster."""
     cluster = LocalCluster(workers).__enter__()
     try:
         asyncio.run(cluster.wait_serving(timeout=120))
@@ -56,8 +57,7 @@ def run_coordinator(*args: str, timeout: float = 300) -> subprocess.CompletedPro
 
 
 def events(stdout: str) -> list[dict]:
-    import json
-
+    """The JSON log events in a process's output."""
     out = []
     for line in stdout.splitlines():
         try:
@@ -66,5 +66,3 @@ def events(stdout: str) -> list[dict]:
             pass
     return out
 
-
-__all__ = ["METADATA", "Path", "run_coordinator", "events"]
