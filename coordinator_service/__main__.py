@@ -16,7 +16,8 @@ import structlog
 import torch
 
 from coordinator_service.local import demo_cluster
-from coordinator_service.rounds import RoundFailed, TransferSettings
+from coordinator_service.robust import Aggregation, parse_aggregation
+from coordinator_service.rounds import DEFAULT_MAX_UPDATE_RATIO, RoundFailed, TransferSettings
 from coordinator_service.strategy import FedAvg
 from coordinator_service.training import HandshakeFailed, RunConfig, run
 from coordinator_service.checkpoint import CheckpointMismatch
@@ -46,6 +47,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0, help="seeds the initial model and every worker's batch order")
     g.add_argument("--unweighted", action="store_true", help="plain mean instead of weighting by samples")
+    g.add_argument("--aggregation", type=parse_aggregation, default=Aggregation(),
+                   help="fedavg | median | trimmed-mean[:k] | clipped[:norm] (README: Robust aggregation)")
+    g.add_argument("--max-update-ratio", type=float, default=DEFAULT_MAX_UPDATE_RATIO,
+                   help="refuse an update further from the global model than this many times the model's L2 norm")
     g = p.add_argument_group("rounds and transport")
     g.add_argument("--min-workers", type=int, default=0,
                    help="quorum: a round counts if this many workers finish it (default: a majority)")
@@ -128,7 +133,7 @@ def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], datase
         init_seed=args.seed, rpc_timeout=args.rpc_timeout, idle_timeout=args.idle_timeout,
         round_timeout=args.round_timeout, handshake_timeout=args.handshake_timeout,
         round_retries=args.round_retries, retry_backoff=args.retry_backoff, keepalive_seconds=args.keepalive,
-        resume=args.resume,
+        resume=args.resume, aggregation=args.aggregation, max_update_ratio=args.max_update_ratio,
         transfer=TransferSettings(chunk_size=args.chunk_size, encoding=ENCODINGS[args.encoding]),
         security=_security(args),
     )

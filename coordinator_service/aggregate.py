@@ -1,21 +1,32 @@
 """Streaming FedAvg: each arriving chunk is folded into one running weighted sum.
 
 The coordinator therefore holds the global model, one accumulator and a few chunks in flight, whatever the number
-of workers: never every worker's full model at once. Pure torch; no I/O, no gRPC.
+of workers: never every worker's full model at once. Every piece of an update is also measured against the global
+model it was trained from, and an update that strays too far is refused before the piece enters the sum, so a
+worker sending finite but huge values cannot overflow it. Pure torch; no I/O, no gRPC.
 
 FedAvg: McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data", AISTATS 2017.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from fedpi.serde import MalformedStream, NonFiniteWeights, TensorMeta, all_finite
+from fedpi.serde import MalformedStream, NonFiniteWeights, TensorMeta, WeightsError, all_finite
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+class UpdateOutOfRange(WeightsError):
+    """An update lies further from the global model it was trained from than the configured bound allows."""
+
+
+class NonFiniteAggregate(Exception):
+    """The aggregate of a round holds NaN or Inf; the global model was left as it was."""
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype in (torch.float16, torch.bfloat16) or str(dtype).startswith("torch.float8"):
         return torch.float32
     if dtype.is_floating_point or dtype.is_complex:
@@ -23,20 +34,105 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64  # integers and bools: averaged, then rounded back
 
 
+def is_float(meta: TensorMeta) -> bool:
+    return meta.torch_dtype.is_floating_point or meta.torch_dtype.is_complex
+
+
+def flat_reference(state: Mapping[str, torch.Tensor], manifest: Sequence[TensorMeta]) -> list[torch.Tensor]:
+    """The global model's tensors as flat views (no copy), in manifest order."""
+    return [state[m.name].detach().reshape(-1) for m in manifest]
+
+
+def model_norm(reference: Sequence[torch.Tensor], manifest: Sequence[TensorMeta]) -> float:
+    """L2 norm over the floating-point tensors (integer buffers such as BatchNorm counters are not weights)."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t, m in zip(reference, manifest) if is_float(m)))
+
+
+class Segmenter:
+    """Cuts a payload, given as raw byte pieces in order, into runs of whole elements of one tensor each.
+
+    Pieces may split tensors and even single elements: a partial element waits for the rest of its bytes. Payloads
+    cut into the same pieces (same chunk size) give the same runs, which is what lets robust rules walk several
+    workers' streams in step."""
+
+    def __init__(self, manifest: Sequence[TensorMeta]):
+        self.manifest = list(manifest)
+        self._tensor = 0  # index into the manifest
+        self._in_tensor = 0  # bytes of the current tensor already cut
+        self._carry = bytearray()
+
+    def add(self, raw: bytes) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Yield (tensor index, first element, elements) for every whole run `raw` completes."""
+        data = self._carry + raw  # a fresh bytearray: the runs yielded are views of it
+        used = 0
+        while self._tensor < len(self.manifest):
+            meta = self.manifest[self._tensor]
+            if self._in_tensor == meta.nbytes:
+                self._tensor, self._in_tensor = self._tensor + 1, 0
+                continue
+            take = min(meta.nbytes - self._in_tensor, len(data) - used)
+            take -= take % meta.itemsize
+            if take == 0:
+                break
+            x = torch.frombuffer(data, dtype=meta.torch_dtype, count=take // meta.itemsize, offset=used)
+            yield self._tensor, self._in_tensor // meta.itemsize, x
+            used += take
+            self._in_tensor += take
+        self._carry = bytearray(data[used:])
+        if self._tensor == len(self.manifest) and self._carry:
+            raise MalformedStream("payload longer than its manifest")
+
+    def finish(self) -> None:
+        # Skip trailing empty tensors, then the payload must be exactly complete.
+        while self._tensor < len(self.manifest) and self._in_tensor == self.manifest[self._tensor].nbytes:
+            self._tensor, self._in_tensor = self._tensor + 1, 0
+        if self._tensor != len(self.manifest) or self._carry:
+            raise MalformedStream("payload ended before its manifest was complete")
+
+
+class UpdateCheck:
+    """Checks the runs of one update as they arrive: finite, and within `max_distance` (L2, floating-point
+    tensors) of the global model it was trained from. Raises before an offending run is used."""
+
+    def __init__(self, manifest: Sequence[TensorMeta], reference: Sequence[torch.Tensor] | None = None,
+                 max_distance: float = math.inf):
+        self.manifest = manifest
+        self.reference = reference
+        self.max_distance = max_distance
+        self.squared = 0.0  # squared distance of the runs seen so far
+
+    @property
+    def distance(self) -> float:
+        return math.sqrt(self.squared)
+
+    def check(self, index: int, start: int, x: torch.Tensor) -> None:
+        meta = self.manifest[index]
+        if not all_finite(x):
+            raise NonFiniteWeights(f"{meta.name} holds NaN or Inf values; the update was rejected")
+        if self.reference is None or not is_float(meta):
+            return
+        ref = self.reference[index][start : start + len(x)]
+        self.squared += float((x.double() - ref.double()).pow(2).sum())
+        if self.squared > self.max_distance ** 2:
+            raise UpdateOutOfRange(
+                f"the update lies more than {self.max_distance:.4g} (L2) from the global model it was trained from "
+                f"(reached in {meta.name}); refused before it entered the aggregate (see --max-update-ratio)")
+
+
 class WeightedSum:
     """Running sum of weight * tensor over any number of state_dicts sharing one manifest."""
 
     def __init__(self, manifest: Sequence[TensorMeta]):
         self.manifest = list(manifest)
-        self._acc = [torch.zeros(m.numel, dtype=_accumulator_dtype(m.torch_dtype)) for m in self.manifest]
+        self._acc = [torch.zeros(m.numel, dtype=accumulator_dtype(m.torch_dtype)) for m in self.manifest]
         self.total_weight = 0.0
         self.contributors = 0
 
-    def stream(self, weight: float) -> StreamFold:
+    def stream(self, weight: float, check: UpdateCheck | None = None) -> StreamFold:
         """Start folding one worker's payload, given in raw byte pieces in order."""
         if not weight > 0:
             raise ValueError(f"FedAvg weight must be positive, got {weight}")
-        return StreamFold(self, weight)
+        return StreamFold(self, weight, check or UpdateCheck(self.manifest))
 
     def add_state_dict(self, state: Mapping[str, torch.Tensor], weight: float) -> None:
         """Fold a whole state_dict (same manifest) at once."""
@@ -46,64 +142,74 @@ class WeightedSum:
             fold.add(t.view(torch.uint8).numpy().tobytes() if m.nbytes else b"")
         fold.finish()
 
+    def add_run(self, index: int, start: int, x: torch.Tensor, weight: float) -> None:
+        acc = self._acc[index]
+        acc[start : start + len(x)].add_(x.to(acc.dtype), alpha=weight)
+
     def mean_into(self, state: Mapping[str, torch.Tensor]) -> None:
         """Write the weighted mean into `state`'s tensors in place (e.g. the global model's state_dict).
 
         Divides the accumulator in place, so no second model-sized buffer appears; the sum is spent afterwards.
+        The mean is checked whole before the first tensor of `state` changes: a non-finite aggregate raises
+        NonFiniteAggregate and leaves `state` as it was.
         """
         if self.contributors == 0:
             raise ValueError("no contributions to average")
         for m, acc in zip(self.manifest, self._acc):
-            target = state[m.name]
-            mean = acc.div_(self.total_weight)
-            if m.torch_dtype == torch.bool:
-                mean = mean >= 0.5
-            elif not (m.torch_dtype.is_floating_point or m.torch_dtype.is_complex):
-                mean = mean.round()
-            with torch.no_grad():
-                target.copy_(mean.reshape(m.shape).to(m.torch_dtype))
+            acc.div_(self.total_weight)
+            if not all_finite(acc):
+                raise NonFiniteAggregate(f"the aggregate of {m.name} holds NaN or Inf; the global model is unchanged")
+        install(self.manifest, self._acc, state)
+
+
+def install(manifest: Sequence[TensorMeta], flat: Sequence[torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+    """Copy flat accumulator-dtype tensors into `state`, rounding integer and bool tensors back."""
+    for m, values in zip(manifest, flat):
+        if m.torch_dtype == torch.bool:
+            values = values >= 0.5
+        elif not is_float(m):
+            values = values.round()
+        with torch.no_grad():
+            state[m.name].copy_(values.reshape(m.shape).to(m.torch_dtype))
 
 
 class StreamFold:
-    """Folds one payload into a WeightedSum piece by piece; pieces may split tensors and even single elements."""
+    """Folds one payload into a WeightedSum piece by piece, checking every run before it enters the sum."""
 
-    def __init__(self, total: WeightedSum, weight: float):
+    def __init__(self, total: WeightedSum, weight: float, check: UpdateCheck):
         self._total = total
         self._weight = weight
-        self._tensor = 0  # index into the manifest
-        self._in_tensor = 0  # bytes of the current tensor already folded
-        self._carry = bytearray()  # a partial element waiting for the rest of its bytes
+        self._segmenter = Segmenter(total.manifest)
+        self.check = check
 
     def add(self, raw: bytes) -> None:
-        data = self._carry + raw
-        manifest, used = self._total.manifest, 0
-        while self._tensor < len(manifest):
-            meta = manifest[self._tensor]
-            if self._in_tensor == meta.nbytes:
-                self._tensor, self._in_tensor = self._tensor + 1, 0
-                continue
-            take = min(meta.nbytes - self._in_tensor, len(data) - used)
-            take -= take % meta.itemsize
-            if take == 0:
-                break
-            x = torch.frombuffer(data, dtype=meta.torch_dtype, count=take // meta.itemsize, offset=used)
-            if not all_finite(x):
-                raise NonFiniteWeights(f"{meta.name} holds NaN or Inf values; the update was rejected")
-            start = self._in_tensor // meta.itemsize
-            acc = self._total._acc[self._tensor]
-            acc[start : start + len(x)].add_(x.to(acc.dtype), alpha=self._weight)
-            used += take
-            self._in_tensor += take
-        self._carry = data[used:]
-        if self._tensor == len(manifest) and self._carry:
-            raise MalformedStream("payload longer than its manifest")
+        for index, start, x in self._segmenter.add(raw):
+            self.check.check(index, start, x)
+            self._total.add_run(index, start, x, self._weight)
 
     def finish(self) -> None:
-        # Skip trailing empty tensors, then the payload must be exactly complete.
-        manifest = self._total.manifest
-        while self._tensor < len(manifest) and self._in_tensor == manifest[self._tensor].nbytes:
-            self._tensor, self._in_tensor = self._tensor + 1, 0
-        if self._tensor != len(manifest) or self._carry:
-            raise MalformedStream("payload ended before its manifest was complete")
+        self._segmenter.finish()
         self._total.total_weight += self._weight
         self._total.contributors += 1
+
+
+class DeltaFold:
+    """Adds weight * (update - global model) of one payload's floating-point tensors to a WeightedSum, without
+    counting a contributor: the correction that turns a folded update into its clipped version."""
+
+    def __init__(self, total: WeightedSum, weight: float, check: UpdateCheck, reference: Sequence[torch.Tensor]):
+        self._total = total
+        self._weight = weight
+        self._reference = reference
+        self._segmenter = Segmenter(total.manifest)
+        self.check = check
+
+    def add(self, raw: bytes) -> None:
+        for index, start, x in self._segmenter.add(raw):
+            self.check.check(index, start, x)
+            if is_float(self._total.manifest[index]):
+                ref = self._reference[index][start : start + len(x)]
+                self._total.add_run(index, start, x.double() - ref.double(), self._weight)
+
+    def finish(self) -> None:
+        self._segmenter.finish()

@@ -1,19 +1,35 @@
 """The round loop: every worker concurrently receives the global model, trains, and streams its update back into
-one running FedAvg sum. Failures are collected per worker and handed to the strategy; they never hang a round."""
+the aggregate. Failures are collected per worker and handed to the strategy; they never hang a round.
+
+A round has four steps, each a method below: train (send the model, train, check the result), fold (stream an update
+into the FedAvg sum as soon as its worker is done, or, for coordinate-wise rules, walk every update in step once all
+are done), settle (who failed, and does anything of theirs sit in the sum), install (the aggregate replaces the
+global model only if it is finite)."""
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import structlog
 import torch
 
-from coordinator_service.aggregate import WeightedSum
+from coordinator_service.aggregate import (
+    DeltaFold,
+    NonFiniteAggregate,
+    UpdateCheck,
+    WeightedSum,
+    flat_reference,
+    install,
+    model_norm,
+)
+from coordinator_service.robust import Aggregation, CoordinateReducer, StepFailed
 from coordinator_service.strategy import Failure, Strategy
-from coordinator_service.worker_client import WorkerClient, WorkerError, elapsed
+from coordinator_service.worker_client import WorkerClient, WorkerError, WorkerRejected, elapsed
 from fedpi import serde
 from fedpi.data import Split
 from fedpi.models import evaluate
@@ -23,6 +39,10 @@ log = structlog.get_logger()
 
 # After a failed update stream the sum is rebuilt from the good workers; this bounds how often.
 MAX_AGGREGATION_ATTEMPTS = 3
+# An update further than this many times the global model's norm (L2, at least 1) from the global model it was
+# trained from is refused. Honest local training moves a model by a small fraction of its norm per round (README:
+# Robust aggregation); a factor of 10 leaves room for high learning rates and catches overflow-sized values.
+DEFAULT_MAX_UPDATE_RATIO = 10.0
 
 
 class RoundFailed(Exception):
@@ -103,17 +123,49 @@ class _PhaseError(Exception):
         self.cause = cause
 
 
+@dataclass
+class Contribution:
+    """A worker that finished training this round, and what is known of its update."""
+
+    client: WorkerClient
+    stats: WorkerRound
+    result: pb.TrainResult
+    weight: float
+    check: UpdateCheck | None = None  # the last measurement of its update (distance from the global model)
+    digest: str = ""  # of its update, as first fetched: a second fetch must bring the same bytes
+
+
+@dataclass
+class _Round:
+    """What every step of one round needs."""
+
+    number: int
+    round_id: str
+    payload: serde.WeightsPayload
+    reference: list[torch.Tensor]  # the global model, flat, as sent
+    max_distance: float
+    report: RoundReport
+    folding: set[str] = field(default_factory=set)  # workers whose update has started to enter the sum
+    aggregation_seconds: float = 0.0
+
+
 class RoundRunner:
     """Runs rounds against one global model, each with the workers present at its start."""
 
     def __init__(self, *, model: torch.nn.Module, architecture: str, strategy: Strategy, test_split: Split | None,
-                 transfer: TransferSettings = TransferSettings(), round_timeout: float = 3600.0):
+                 transfer: TransferSettings = TransferSettings(), round_timeout: float = 3600.0,
+                 aggregation: Aggregation = Aggregation(), max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO,
+                 run_id: str | None = None):
         self.model = model
         self.architecture = architecture
         self.strategy = strategy
         self.test_split = test_split
         self.transfer = transfer
         self.round_timeout = round_timeout
+        self.aggregation = aggregation
+        self.max_update_ratio = max_update_ratio
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self._attempts = 0  # every call gets its own round id, so a retried round never mixes with its first try
 
     async def run_round(self, server_round: int, clients: Sequence[WorkerClient],
                         index_of: Callable[[WorkerClient], int] | None = None) -> RoundReport:
@@ -125,113 +177,258 @@ class RoundRunner:
         finally:
             structlog.contextvars.unbind_contextvars("round")
 
-    async def _run_round(self, server_round: int, clients: list[WorkerClient],
+    def _prepare(self, number: int) -> _Round:
+        self._attempts += 1
+        round_id = f"{self.run_id}/{number}.{self._attempts}"
+        state = self.model.state_dict()
+        payload = serde.WeightsPayload(state, round=number, architecture=self.architecture, round_id=round_id)
+        reference = flat_reference(state, payload.manifest)
+        max_distance = self.max_update_ratio * max(model_norm(reference, payload.manifest), 1.0)
+        return _Round(number, round_id, payload, reference, max_distance, RoundReport(number))
+
+    async def _run_round(self, number: int, clients: list[WorkerClient],
                          index_of: Callable[[WorkerClient], int]) -> RoundReport:
         start = time.perf_counter()
         log.info("round_started", workers=[c.name for c in clients])
-        report = RoundReport(server_round)
-        payload = serde.WeightsPayload(self.model.state_dict(), round=server_round, architecture=self.architecture)
-        total = WeightedSum(payload.manifest)
-        agg_seconds = [0.0]
-        folding: set[str] = set()  # workers whose update has started to enter the sum
-
-        async def one(index: int, client: WorkerClient) -> tuple[WorkerRound, pb.TrainResult]:
-            stats = WorkerRound(client.name)
+        rnd = self._prepare(number)
+        if self.aggregation.coordinate_wise:
+            total = None
+            steps = [self._train(rnd, c, index_of(c)) for c in clients]
+        else:
+            total = WeightedSum(rnd.payload.manifest)
+            steps = [self._train_and_fold(rnd, c, index_of(c), total) for c in clients]
+        outcomes = await asyncio.gather(*(asyncio.wait_for(s, self.round_timeout) for s in steps),
+                                        return_exceptions=True)
+        done, tainted = self._settle(rnd, clients, outcomes)
+        if self.aggregation.coordinate_wise:
+            self._require_quorum(rnd, done, clients)
+            flat = await self._coordinate_wise(rnd, done)
+            self._require_quorum(rnd, done, clients)
+            self._install(rnd, flat)
+        else:
+            if tainted:
+                total = await self._refold(rnd, done)
+            self._require_quorum(rnd, done, clients)
+            if self.aggregation.rule == "clipped":
+                await self._clip(rnd, done, total)
             t = time.perf_counter()
             try:
-                await client.set_weights(payload, self.transfer.chunk_size, self.transfer.encoding)
-            except WorkerError as exc:
-                raise _PhaseError("set_weights", exc) from exc
-            stats.bytes_sent, stats.send_seconds = payload.total_bytes, elapsed(t)
-            try:
-                result = await client.train(self.strategy.configure_train(server_round, index))
-            except WorkerError as exc:
-                raise _PhaseError("train", exc) from exc
-            stats.samples, stats.train_seconds = result.samples, result.train_seconds
-            stats.train_loss, stats.train_accuracy = result.mean_loss, result.accuracy
-            log.info("worker_train_finished", worker=client.name, samples=result.samples,
-                     seconds=round(result.train_seconds, 3), loss=round(result.mean_loss, 4))
-            folding.add(client.name)
-            try:
-                await self._fold(client, payload, total, self.strategy.weight(result), stats, agg_seconds)
-            except (WorkerError, serde.WeightsError) as exc:
-                raise _PhaseError("get_weights", exc) from exc
-            return stats, result
-
-        outcomes = await asyncio.gather(
-            *(asyncio.wait_for(one(index_of(c), c), self.round_timeout) for c in clients),
-            return_exceptions=True,
-        )
-        done: list[tuple[WorkerClient, WorkerRound, pb.TrainResult]] = []
-        tainted = False  # a stream that failed part-way (error or timeout) may have left part of itself in the sum
-        for client, outcome in zip(clients, outcomes):
-            if isinstance(outcome, BaseException):
-                failure = _failure(client.name, outcome, self.round_timeout)
-                tainted |= client.name in folding
-                report.failures.append(failure)
-                log.warning("worker_dropped", worker=client.name, phase=failure.phase, reason=failure.reason)
-            else:
-                done.append((client, *outcome))
-
-        for attempt in range(MAX_AGGREGATION_ATTEMPTS):
-            if not tainted:
-                break
-            log.warning("aggregation_restarted", attempt=attempt + 1, workers=[c.name for c, _, _ in done])
-            total, tainted = await self._refold(payload, done, report, agg_seconds)
-        if tainted:
-            raise RoundFailed(f"round {server_round}: worker updates kept failing to arrive intact", report.failures)
-
-        results = [r for _, _, r in done]
-        if not self.strategy.accept(results, report.failures):
-            reasons = "; ".join(f"{f.worker}: {f.reason}" for f in report.failures) or "no workers available"
-            raise RoundFailed(
-                f"round {server_round}: {len(results)} of {len(clients)} workers finished, below the quorum "
-                f"(--min-workers) ({reasons}); the global model is unchanged", report.failures)
-        report.workers = [s for _, s, _ in done]
-        t = time.perf_counter()
-        total.mean_into(self.model.state_dict())
-        report.aggregation_seconds = agg_seconds[0] + elapsed(t)
-        log.debug("weights_aggregated", contributors=total.contributors, total_weight=total.total_weight)
+                total.mean_into(self.model.state_dict())
+            except NonFiniteAggregate as exc:
+                raise RoundFailed(f"round {number}: {exc}", rnd.report.failures) from None
+            rnd.aggregation_seconds += elapsed(t)
+        report = rnd.report
+        report.workers = [c.stats for c in done]
+        report.aggregation_seconds = rnd.aggregation_seconds
+        log.debug("weights_aggregated", contributors=len(done), rule=str(self.aggregation))
         if self.test_split is not None:
             report.test_loss, report.test_accuracy = await asyncio.to_thread(evaluate, self.model, self.test_split)
         report.wall_seconds = elapsed(start)
         return report
 
-    async def _fold(self, client: WorkerClient, payload: serde.WeightsPayload, total: WeightedSum, weight: float,
-                    stats: WorkerRound, agg_seconds: list[float]) -> None:
-        """Stream one worker's update straight into the running sum, chunk by chunk."""
+    # -- step 1: train -----------------------------------------------------------------------------------------
+
+    async def _train(self, rnd: _Round, client: WorkerClient, index: int) -> Contribution:
+        """Send the global model, train, and check the result before anything of the update is used."""
+        stats = WorkerRound(client.name)
         t = time.perf_counter()
+        try:
+            await client.set_weights(rnd.payload, self.transfer.chunk_size, self.transfer.encoding)
+        except WorkerError as exc:
+            raise _PhaseError("set_weights", exc) from exc
+        stats.bytes_sent, stats.send_seconds = rnd.payload.total_bytes, elapsed(t)
+        request = self.strategy.configure_train(rnd.number, index)
+        request.round_id = rnd.round_id
+        try:
+            result = await client.train(request)
+            self._check_result(rnd, client, request, result)
+        except WorkerError as exc:
+            raise _PhaseError("train", exc) from exc
+        stats.samples, stats.train_seconds = result.samples, result.train_seconds
+        stats.train_loss, stats.train_accuracy = result.mean_loss, result.accuracy
+        log.info("worker_train_finished", worker=client.name, samples=result.samples,
+                 seconds=round(result.train_seconds, 3), loss=round(result.mean_loss, 4))
+        return Contribution(client, stats, result, self.strategy.weight(result))
+
+    def _check_result(self, rnd: _Round, client: WorkerClient, request: pb.TrainRequest,
+                      result: pb.TrainResult) -> None:
+        if result.round_id != rnd.round_id:
+            raise WorkerRejected(client.name, f"Train answered for round id {result.round_id!r}, expected "
+                                              f"{rnd.round_id!r}; its update was refused")
+        shard = client.info.train_samples if client.info is not None else 0
+        bound = self.strategy.max_samples(request, shard)
+        if not 0 < result.samples <= bound:
+            raise WorkerRejected(
+                client.name, f"reported {result.samples} training samples, outside 1..{bound} (what the round asked "
+                             f"for: {request.local_batches or request.local_epochs} "
+                             f"{'batches' if request.local_batches else 'epochs'} on a shard of {shard}); "
+                             f"its update was refused")
+
+    # -- step 2: fold ------------------------------------------------------------------------------------------
+
+    async def _train_and_fold(self, rnd: _Round, client: WorkerClient, index: int,
+                              total: WeightedSum) -> Contribution:
+        contribution = await self._train(rnd, client, index)
+        rnd.folding.add(client.name)
+        try:
+            await self._fold(rnd, contribution, total)
+        except (WorkerError, serde.WeightsError) as exc:
+            raise _PhaseError("get_weights", exc) from exc
+        return contribution
+
+    async def _update_pieces(self, rnd: _Round, c: Contribution) -> AsyncIterator[bytes]:
+        """One worker's update as validated raw pieces of exactly the chunk size asked for (the last one shorter);
+        its length and digest are checked when it ends. It must be the trained update of this round's id."""
+        t = time.perf_counter()
+        payload, chunk_size = rnd.payload, self.transfer.chunk_size
         reader = serde.StreamReader(architecture=self.architecture, expected=payload.manifest,
                                     max_payload_bytes=max(payload.total_bytes, 1))
-        fold = total.stream(weight)
-        async for chunk in client.get_weights(self.transfer.chunk_size, self.transfer.encoding, payload.total_bytes):
+        async for chunk in c.client.get_weights(chunk_size, self.transfer.encoding, payload.total_bytes):
+            offset = reader.received
             raw = reader.accept(chunk)
-            if raw is None and reader.header.round != payload.round:
-                # E.g. a worker restarted after Train: its weights are not this round's update.
-                raise serde.MalformedStream(f"worker sent weights of round {reader.header.round}, "
-                                            f"expected round {payload.round}")
-            if raw is not None:
-                f = time.perf_counter()
-                fold.add(raw)
-                agg_seconds[0] += elapsed(f)
+            if raw is None:
+                _check_update_header(reader.header, rnd)
+                continue
+            if len(raw) != min(chunk_size, payload.total_bytes - offset):
+                raise serde.MalformedStream(f"chunk at offset {offset} holds {len(raw)} bytes, asked for "
+                                            f"{chunk_size}-byte chunks")
+            yield raw
         reader.finish()
-        fold.finish()
-        stats.bytes_received, stats.receive_seconds = reader.received, elapsed(t)
+        if c.digest and reader.header.digest != c.digest:
+            raise serde.MalformedStream("the update changed between two fetches of the same round")
+        c.digest = reader.header.digest
+        c.stats.bytes_received, c.stats.receive_seconds = reader.received, elapsed(t)
 
-    async def _refold(self, payload, done, report, agg_seconds) -> tuple[WeightedSum, bool]:
+    def _check(self, rnd: _Round) -> UpdateCheck:
+        return UpdateCheck(rnd.payload.manifest, rnd.reference, rnd.max_distance)
+
+    async def _fold(self, rnd: _Round, c: Contribution, total: WeightedSum) -> None:
+        """Stream one worker's update straight into the running sum, chunk by chunk."""
+        fold = total.stream(c.weight, self._check(rnd))
+        async for raw in self._update_pieces(rnd, c):
+            t = time.perf_counter()
+            fold.add(raw)
+            rnd.aggregation_seconds += elapsed(t)
+        fold.finish()
+        c.check = fold.check
+
+    async def _refold(self, rnd: _Round, done: list[Contribution]) -> WeightedSum:
         """Rebuild the sum from the workers whose updates are still good; drop any that fail again."""
-        total = WeightedSum(payload.manifest)
-        outcomes = await asyncio.gather(
-            *(self._fold(c, payload, total, self.strategy.weight(r), s, agg_seconds) for c, s, r in done),
-            return_exceptions=True,
-        )
-        tainted = False
-        for (client, _, _), outcome in zip(list(done), outcomes):
+        for attempt in range(MAX_AGGREGATION_ATTEMPTS):
+            log.warning("aggregation_restarted", attempt=attempt + 1, workers=[c.client.name for c in done])
+            total = WeightedSum(rnd.payload.manifest)
+            outcomes = await asyncio.gather(*(self._fold(rnd, c, total) for c in done), return_exceptions=True)
+            failed = [(c, o) for c, o in zip(done, outcomes) if isinstance(o, BaseException)]
+            for c, outcome in failed:
+                self._drop(rnd, done, c, "get_weights", outcome)
+            if not failed:
+                return total
+        raise RoundFailed(f"round {rnd.number}: worker updates kept failing to arrive intact", rnd.report.failures)
+
+    async def _clip(self, rnd: _Round, done: list[Contribution], total: WeightedSum) -> None:
+        """Scale every update further than the clipping norm back onto it: a second fetch of those updates only,
+        whose difference from the global model is folded in again with weight x (norm / distance - 1)."""
+        distances = [c.check.distance for c in done]
+        norm = self.aggregation.clip_norm or statistics.median(distances)
+        for c in [c for c in done if c.check.distance > norm]:
+            scale = norm / c.check.distance
+            log.info("update_clipped", worker=c.client.name, distance=round(c.check.distance, 4),
+                     clip_norm=round(norm, 4))
+            fold = DeltaFold(total, c.weight * (scale - 1), self._check(rnd), rnd.reference)
+            try:
+                async for raw in self._update_pieces(rnd, c):
+                    fold.add(raw)
+                fold.finish()
+            except (WorkerError, serde.WeightsError) as exc:
+                # Part of the correction is in the sum: what is there now is no longer any worker's update.
+                raise RoundFailed(f"round {rnd.number}: {c.client.name}'s update could not be fetched again to clip "
+                                  f"it ({exc})", rnd.report.failures) from exc
+
+    async def _coordinate_wise(self, rnd: _Round, done: list[Contribution]) -> list[torch.Tensor]:
+        """Median or trimmed mean of every update, walked in step; a worker that breaks the walk is dropped and the
+        walk starts again without it."""
+        for attempt in range(MAX_AGGREGATION_ATTEMPTS + 1):
+            trim = self.aggregation.trim_for(len(done)) if self.aggregation.rule == "trimmed-mean" else None
+            try:
+                return await self._reduce(rnd, done, trim)
+            except StepFailed as exc:
+                self._drop(rnd, done, done[exc.position], "get_weights", exc.cause)
+            except ValueError as exc:  # too few updates left for the rule
+                raise RoundFailed(f"round {rnd.number}: {exc}", rnd.report.failures) from None
+            log.warning("aggregation_restarted", attempt=attempt + 1, workers=[c.client.name for c in done])
+        raise RoundFailed(f"round {rnd.number}: worker updates kept failing to arrive intact", rnd.report.failures)
+
+    async def _reduce(self, rnd: _Round, done: list[Contribution], trim: int | None) -> list[torch.Tensor]:
+        checks = [self._check(rnd) for _ in done]
+        reducer = CoordinateReducer(rnd.payload.manifest, checks, trim)
+        streams = [self._update_pieces(rnd, c) for c in done]
+        try:
+            while True:
+                pieces = await asyncio.gather(*(anext(s, None) for s in streams), return_exceptions=True)
+                for position, piece in enumerate(pieces):
+                    if isinstance(piece, BaseException):
+                        raise StepFailed(position, piece)
+                if all(p is None for p in pieces):
+                    break
+                if any(p is None for p in pieces):
+                    raise StepFailed(pieces.index(None), serde.MalformedStream("update ended before the others"))
+                t = time.perf_counter()
+                reducer.add_step(pieces)
+                rnd.aggregation_seconds += elapsed(t)
+            reducer.finish()
+        finally:
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+        for c, check in zip(done, checks):
+            c.check = check
+        return reducer.result
+
+    # -- step 3: settle ----------------------------------------------------------------------------------------
+
+    def _settle(self, rnd: _Round, clients: list[WorkerClient],
+                outcomes: list[Contribution | BaseException]) -> tuple[list[Contribution], bool]:
+        """The workers that finished, and whether a failed one left part of its update in the sum."""
+        done, tainted = [], False
+        for client, outcome in zip(clients, outcomes):
             if isinstance(outcome, BaseException):
-                tainted = True
-                done[:] = [d for d in done if d[0] is not client]
-                report.failures.append(_failure(client.name, _PhaseError("get_weights", outcome), 0))
-        return total, tainted
+                tainted |= client.name in rnd.folding
+                self._record_failure(rnd, _failure(client.name, outcome, self.round_timeout))
+            else:
+                done.append(outcome)
+        return done, tainted
+
+    def _drop(self, rnd: _Round, done: list[Contribution], c: Contribution, phase: str, cause: BaseException) -> None:
+        done.remove(c)
+        self._record_failure(rnd, _failure(c.client.name, _PhaseError(phase, cause), 0))
+
+    @staticmethod
+    def _record_failure(rnd: _Round, failure: Failure) -> None:
+        rnd.report.failures.append(failure)
+        log.warning("worker_dropped", worker=failure.worker, phase=failure.phase, reason=failure.reason)
+
+    def _require_quorum(self, rnd: _Round, done: list[Contribution], clients: list[WorkerClient]) -> None:
+        failures = rnd.report.failures
+        if not self.strategy.accept([c.result for c in done], failures):
+            reasons = "; ".join(f"{f.worker}: {f.reason}" for f in failures) or "no workers available"
+            raise RoundFailed(
+                f"round {rnd.number}: {len(done)} of {len(clients)} workers finished, below the quorum "
+                f"(--min-workers) ({reasons}); the global model is unchanged", failures)
+
+    # -- step 4: install ---------------------------------------------------------------------------------------
+
+    def _install(self, rnd: _Round, flat: list[torch.Tensor]) -> None:
+        for meta, values in zip(rnd.payload.manifest, flat):
+            if not serde.all_finite(values):
+                raise RoundFailed(f"round {rnd.number}: the aggregate of {meta.name} holds NaN or Inf; the global "
+                                  f"model is unchanged", rnd.report.failures)
+        install(rnd.payload.manifest, flat, self.model.state_dict())
+
+
+def _check_update_header(header: pb.WeightsHeader, rnd: _Round) -> None:
+    if header.round_id != rnd.round_id or not header.trained:
+        # E.g. a worker restarted after Train, or another coordinator's weights: not this round's update.
+        what = "trained update" if header.trained else "untrained weights"
+        raise serde.MalformedStream(f"worker sent the {what} of round {header.round} (id {header.round_id!r}), "
+                                    f"expected the trained update of round {rnd.number} (id {rnd.round_id!r})")
 
 
 def _failure(worker: str, exc: BaseException, round_timeout: float) -> Failure:

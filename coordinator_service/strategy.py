@@ -27,6 +27,14 @@ class Strategy(ABC):
     def weight(self, result: pb.TrainResult) -> float:
         """How much this worker's update counts in the average."""
 
+    def max_samples(self, request: pb.TrainRequest, shard_size: int) -> int:
+        """The most samples a worker can honestly report for `request` on a shard of `shard_size` (from its
+        handshake): batches x batch size, or epochs x shard. A report above it is refused, so that no worker can
+        make itself the whole average by claiming samples it never trained on."""
+        if request.local_batches:
+            return request.local_batches * request.batch_size
+        return request.local_epochs * shard_size
+
     @abstractmethod
     def accept(self, results: Sequence[pb.TrainResult], failures: Sequence[Failure]) -> bool:
         """Whether enough workers succeeded for the round's average to replace the global model."""

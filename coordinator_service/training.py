@@ -15,7 +15,14 @@ import torch
 
 from coordinator_service import checkpoint
 from coordinator_service.roster import HandshakeFailed, Roster
-from coordinator_service.rounds import RoundFailed, RoundReport, RoundRunner, TransferSettings
+from coordinator_service.robust import Aggregation
+from coordinator_service.rounds import (
+    DEFAULT_MAX_UPDATE_RATIO,
+    RoundFailed,
+    RoundReport,
+    RoundRunner,
+    TransferSettings,
+)
 from coordinator_service.strategy import Strategy
 from coordinator_service.worker_client import ClientSecurity, WorkerClient
 from fedpi.data import Split
@@ -45,6 +52,8 @@ class RunConfig:
     retry_backoff: float = 5.0
     keepalive_seconds: float = 30.0
     resume: bool = False
+    aggregation: Aggregation = Aggregation()
+    max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO
     transfer: TransferSettings = TransferSettings()
     security: ClientSecurity = ClientSecurity()
 
@@ -79,7 +88,8 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> l
     roster = Roster(make_client, model=cfg.model, dataset=cfg.dataset, workers=cfg.workers, dns=cfg.workers_dns,
                     handshake_timeout=cfg.handshake_timeout)
     runner = RoundRunner(model=model, architecture=cfg.model, strategy=strategy, test_split=test_split,
-                         transfer=cfg.transfer, round_timeout=cfg.round_timeout)
+                         transfer=cfg.transfer, round_timeout=cfg.round_timeout, aggregation=cfg.aggregation,
+                         max_update_ratio=cfg.max_update_ratio)
     reports: list[RoundReport] = []
     try:
         await roster.admit()

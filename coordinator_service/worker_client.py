@@ -22,6 +22,7 @@ from fedpi.protocol import (
     VERSION_METADATA_KEY,
     ProtocolMismatch,
     check_compatible,
+    check_minimum,
 )
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
@@ -35,6 +36,8 @@ _SERVICE_CONFIG = json.dumps({"methodConfig": [{
     "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.5s", "maxBackoff": "5s", "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"]},
 }]})
+# Workers must echo round ids and mark heartbeats (protocol 1.1) for their updates to be trusted.
+MINIMUM_WORKER_PROTOCOL = "1.1"
 # Weight transfers get a deadline that grows with their size: a Pi on Wi-Fi moves at least this many bytes a second.
 MIN_TRANSFER_BYTES_PER_SECOND = 256 * 1024
 
@@ -141,6 +144,7 @@ class WorkerClient:
         self._metadata = security.metadata
         self._channel = security.channel(address, channel_options(keepalive_seconds))
         self._stub = pb_grpc.WorkerStub(self._channel)
+        self.info: pb.WorkerInfo | None = None  # from the last handshake
 
     async def close(self) -> None:
         await self._channel.close()
@@ -159,6 +163,7 @@ class WorkerClient:
         info = await self.get_info()
         try:
             check_compatible(coordinator=PROTOCOL_VERSION, worker=info.protocol_version)
+            check_minimum(info.protocol_version, MINIMUM_WORKER_PROTOCOL, "round ids and training progress")
         except ProtocolMismatch as exc:
             raise WorkerIncompatible(self.name, str(exc)) from None
         if info.model_architecture != model_architecture:
@@ -167,6 +172,7 @@ class WorkerClient:
                            f"restart one of them with the same --model")
         if info.train_samples == 0:
             raise WorkerIncompatible(self.name, "worker has no training samples in its shard")
+        self.info = info
         return info
 
     async def set_weights(self, payload: serde.WeightsPayload, chunk_size: int, encoding: int) -> pb.SetWeightsResponse:
@@ -180,20 +186,28 @@ class WorkerClient:
 
     async def train(self, request: pb.TrainRequest,
                     on_progress: Callable[[pb.TrainProgress], None] | None = None) -> pb.TrainResult:
-        """Train one round. There is no overall deadline (a slow Pi is not a dead one): the worker must report
-        progress at least every `idle_timeout` seconds instead."""
+        """Train one round. There is no overall deadline (a slow Pi is not a dead one): a batch must finish at least
+        every `idle_timeout` seconds instead. Heartbeats show the worker is alive but do not count as progress, so a
+        training thread that hangs is caught here, not by the round timeout."""
         call = self._stub.Train(request, metadata=self._metadata)
+        loop = asyncio.get_running_loop()
+        batches_done, last_advance = -1, loop.time()
         try:
             while True:
+                left = last_advance + self.idle_timeout - loop.time()
                 try:
-                    update = await asyncio.wait_for(call.read(), self.idle_timeout)
+                    update = await asyncio.wait_for(call.read(), max(left, 0.0))
                 except asyncio.TimeoutError:
                     call.cancel()
-                    raise WorkerTimeout(self.name, f"Train reported no progress for {self.idle_timeout:.0f} s") from None
+                    what = "no batch finished" if batches_done >= 0 else "no progress arrived"
+                    raise WorkerTimeout(self.name, f"Train: {what} for {self.idle_timeout:.0f} s "
+                                                   f"(--idle-timeout)") from None
                 if update is grpc.aio.EOF:
                     raise WorkerRejected(self.name, "Train ended without a result")
                 if update.HasField("result"):
                     return update.result
+                if update.progress.batches_done > batches_done:
+                    batches_done, last_advance = update.progress.batches_done, loop.time()
                 if on_progress is not None:
                     on_progress(update.progress)
         except grpc.aio.AioRpcError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fedpi
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 # Call metadata key in which a coordinator states the protocol it speaks.
 VERSION_METADATA_KEY = "fedpi-protocol-version"
 SERVICE_NAME = "fedpi.v1.Worker"
@@ -34,3 +34,18 @@ def check_compatible(*, coordinator: str, worker: str) -> None:
         f"(this side is fedpi {fedpi.__version__}); upgrade the {older} to a fedpi release that speaks "
         f"protocol {max(coordinator, worker, key=_major)}, or run a {newer} that speaks {min(coordinator, worker, key=_major)}"
     )
+
+
+def _minor(version: str) -> int:
+    try:
+        return int(version.split(".", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def check_minimum(version: str, minimum: str, needed_for: str) -> None:
+    """Raise ProtocolMismatch if `version` (same major) is older than `minimum`, which `needed_for` requires."""
+    if (_major(version), _minor(version)) < (_major(minimum), _minor(minimum)):
+        raise ProtocolMismatch(
+            f"the worker speaks fedpi protocol {version}, older than {minimum}, which this coordinator needs for "
+            f"{needed_for}; upgrade the worker to a fedpi release that speaks protocol {PROTOCOL_VERSION}")

@@ -70,6 +70,12 @@ class NonFiniteWeights(WeightsError):
     """A floating-point tensor holds NaN or Inf."""
 
 
+class UploadTimedOut(WeightsError):
+    """A weight upload did not arrive within the time its size allows."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
 class UnsupportedDtype(WeightsError):
     """A tensor dtype that has no portable byte layout here."""
 
@@ -147,8 +153,11 @@ class WeightsPayload:
     The same payload can be streamed to any number of receivers; each call to `chunks` copies one chunk at a time.
     """
 
-    def __init__(self, state_dict: Mapping[str, torch.Tensor], *, round: int, architecture: str):
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], *, round: int, architecture: str,
+                 round_id: str = "", trained: bool = False):
         self.round = round
+        self.round_id = round_id
+        self.trained = trained
         self.architecture = architecture
         self.manifest = manifest_of(state_dict)
         self._views = [_byte_view(t) for t in state_dict.values()]
@@ -163,6 +172,8 @@ class WeightsPayload:
             total_bytes=self.total_bytes,
             digest=self.digest,
             encoding=encoding,
+            round_id=self.round_id,
+            trained=self.trained,
         )
 
     def chunks(

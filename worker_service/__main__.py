@@ -20,6 +20,7 @@ from fedpi.logs import LOG_FORMATS, configure_logging
 from fedpi.models import DEFAULT_MODEL, MODELS, build_model
 from worker_service.auth import ServerSecurity
 from worker_service.servicer import Limits, WorkerServicer
+from worker_service.trainer import DEFAULT_MAX_LOCAL_BATCHES
 from worker_service.server import serve
 
 log = structlog.get_logger()
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-payload-mb", type=int, default=1024,
                    help="largest weight upload accepted")
     p.add_argument("--max-chunk-mb", type=int, default=4, help="largest chunk accepted")
+    p.add_argument("--max-local-batches", type=int, default=DEFAULT_MAX_LOCAL_BATCHES,
+                   help="most batches one Train may ask for (announced in GetInfo)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to finish calls on SIGTERM")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
     p.add_argument("--progress-interval", type=float, default=2.0,
@@ -79,7 +82,8 @@ def build_servicer(args: argparse.Namespace) -> WorkerServicer:
     partition = f"{index}/{count} {args.partition_scheme} seed={args.partition_seed}"
     return WorkerServicer(
         worker_id=args.id, model_name=args.model, model=build_model(args.model), data=shard, partition=partition,
-        limits=Limits(max_chunk_bytes=args.max_chunk_mb * MIB, max_payload_bytes=args.max_payload_mb * MIB),
+        limits=Limits(max_chunk_bytes=args.max_chunk_mb * MIB, max_payload_bytes=args.max_payload_mb * MIB,
+                      max_local_batches=args.max_local_batches),
         train_delay=args.train_delay, progress_every=args.progress_interval,
     )
 

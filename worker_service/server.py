@@ -19,14 +19,17 @@ from worker_service.servicer import WorkerServicer
 log = structlog.get_logger()
 
 # Coordinators ping quiet connections (as often as every second, --keepalive) so that a long Train on a slow Pi
-# survives NATs and idle timeouts. Accept that, and never answer pings with GOAWAY ("too many pings").
+# survives NATs and idle timeouts. Accept that; a client that pings more than twice as often gets a few strikes, then
+# GOAWAY, so pings cannot be used to keep a Pi busy.
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
-    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 3),
 ]
+# A worker serves one coordinator; beyond this many calls at once, further calls get RESOURCE_EXHAUSTED.
+MAX_CONCURRENT_RPCS = 32
 
 
 def _listen(server: grpc.aio.Server, address: str, security: ServerSecurity) -> int:
@@ -40,7 +43,8 @@ async def create_server(servicer: WorkerServicer, address: str, security: Server
                         health_address: str | None = None) -> tuple[list[grpc.aio.Server], int, health.aio.HealthServicer]:
     """The worker's server (plus, if asked, a plaintext server with only the health service, for kubelet probes,
     which cannot speak TLS). Returns the servers, the main port and the health servicer."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(security)])
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(security)],
+                             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import platform
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from fedpi.models import parameter_count
 from fedpi.protocol import PROTOCOL_VERSION, VERSION_METADATA_KEY, ProtocolMismatch, check_compatible
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
-from worker_service.trainer import TrainConfig, Trainer, TrainingCancelled, TrainOutcome
+from worker_service.trainer import DEFAULT_MAX_LOCAL_BATCHES, TrainConfig, Trainer, TrainOutcome
+from worker_service.training_job import TrainingJob
 
 log = structlog.get_logger()
 
@@ -32,10 +32,22 @@ class Limits:
     max_chunk_bytes: int = serde.DEFAULT_MAX_CHUNK_BYTES
     max_payload_bytes: int = serde.DEFAULT_MAX_PAYLOAD_BYTES
     default_chunk_bytes: int = serde.DEFAULT_CHUNK_BYTES
+    max_local_batches: int = DEFAULT_MAX_LOCAL_BATCHES
+    # An upload must show its header within upload_grace seconds and then arrive at upload_bytes_per_second or
+    # faster (the coordinator's own transfer deadline uses the same rate), so an idle client cannot hold the one
+    # upload slot for ever.
+    upload_grace: float = 30.0
+    upload_bytes_per_second: int = 256 * 1024
+    # Concurrent GetWeights streams share one snapshot of the weights; more than this are refused.
+    max_concurrent_downloads: int = 4
 
 
 class Busy(Exception):
     """Another call holds the model (training, or another upload): the caller should retry later."""
+
+
+class TooManyDownloads(Exception):
+    """More GetWeights streams at once than the worker serves."""
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
@@ -48,12 +60,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.partition = partition
         self.limits = limits
         self.progress_every = progress_every
-        self.trainer = Trainer(model, data, batch_delay=train_delay)
+        self.trainer = Trainer(model, data, batch_delay=train_delay, max_batches=limits.max_local_batches)
         self.manifest = serde.manifest_of(model.state_dict())
         self.weights_round = 0  # the deterministic initial weights
+        self.weights_round_id = ""  # the coordinator's id of the round whose weights are installed
+        self.weights_trained = False  # Train has changed the installed weights since SetWeights
         self.training_round: int | None = None
         self._model_lock = asyncio.Lock()  # held while training or installing: the model is never seen half-done
         self._upload_active = False  # one upload at a time bounds the memory held by partial uploads
+        self._snapshot: serde.WeightsPayload | None = None  # shared by GetWeights streams until the weights change
+        self._downloads = 0
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -75,6 +91,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             code = grpc.StatusCode.FAILED_PRECONDITION
         elif isinstance(exc, Busy):
             code = grpc.StatusCode.ABORTED
+        elif isinstance(exc, TooManyDownloads):
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
         elif isinstance(exc, ValueError):
             code = grpc.StatusCode.INVALID_ARGUMENT
         else:
@@ -107,6 +125,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             weights_round=self.weights_round,
             max_payload_bytes=self.limits.max_payload_bytes,
             max_chunk_bytes=self.limits.max_chunk_bytes,
+            weights_round_id=self.weights_round_id,
+            weights_trained=self.weights_trained,
+            max_local_batches=self.limits.max_local_batches,
         )
 
     async def SetWeights(self, request_iterator: AsyncIterator[pb.WeightsChunk],
@@ -114,32 +135,71 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         start = time.perf_counter()
         try:
             self._check_protocol(context)
+            # Refused before a byte is read: nothing can be installed while the model is in use.
+            if self._model_lock.locked():
+                raise Busy(self._busy_reason() + "; weights were not installed, retry after it finishes")
             if self._upload_active:
                 raise Busy(f"worker {self.worker_id} is receiving another SetWeights stream; retry when it is done")
             self._upload_active = True
             try:
-                reader = serde.StreamReader(
-                    architecture=self.model_name, expected=self.manifest,
-                    max_chunk_bytes=self.limits.max_chunk_bytes, max_payload_bytes=self.limits.max_payload_bytes,
-                )
-                assembler = serde.Assembler(reader)
-                async for chunk in request_iterator:
-                    assembler.add(chunk)
-                state = assembler.finish()
+                reader, state = await self._receive(request_iterator)
             finally:
                 self._upload_active = False
             if self._model_lock.locked():
                 raise Busy(self._busy_reason() + "; weights were not installed, retry after it finishes")
             async with self._model_lock:
                 self.model.load_state_dict(state)
-                self.weights_round = reader.header.round
+                self._set_weights_identity(reader.header.round, reader.header.round_id)
         except (serde.WeightsError, ProtocolMismatch, Busy) as exc:
             await self._abort(context, exc, "SetWeights")
         seconds = time.perf_counter() - start
-        log.info("weights_installed", round=self.weights_round, bytes=reader.received, seconds=round(seconds, 3))
+        log.info("weights_installed", round=self.weights_round, round_id=self.weights_round_id, bytes=reader.received,
+                 seconds=round(seconds, 3))
         return pb.SetWeightsResponse(round=self.weights_round, bytes_received=reader.received, seconds=seconds)
 
-    async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TrainUpdate]:
+    async def _receive(self, request_iterator: AsyncIterator[pb.WeightsChunk]) -> tuple[serde.StreamReader, dict]:
+        """Read and check a whole upload within its deadline: upload_grace for the header, then time for its size."""
+        limits = self.limits
+        reader = serde.StreamReader(architecture=self.model_name, expected=self.manifest,
+                                    max_chunk_bytes=limits.max_chunk_bytes, max_payload_bytes=limits.max_payload_bytes)
+        assembler = serde.Assembler(reader)
+        loop = asyncio.get_running_loop()
+        allowed = limits.upload_grace
+        try:
+            async with asyncio.timeout(allowed) as deadline:
+                async for chunk in request_iterator:
+                    assembler.add(chunk)
+                    if chunk.HasField("header"):
+                        allowed = limits.upload_grace + reader.header.total_bytes / limits.upload_bytes_per_second
+                        deadline.reschedule(loop.time() + allowed)
+        except TimeoutError:
+            raise serde.UploadTimedOut(
+                f"SetWeights stream took longer than the {allowed:.0f} s its size allows "
+                f"({reader.received} of {reader.header.total_bytes if reader.header else '?'} bytes arrived); "
+                f"nothing was installed") from None
+        return reader, assembler.finish()
+
+    def _set_weights_identity(self, round_: int, round_id: str, trained: bool = False) -> None:
+        self.weights_round, self.weights_round_id, self.weights_trained = round_, round_id, trained
+        self._snapshot = None
+
+    def _check_trainable(self, request: pb.TrainRequest) -> None:
+        if request.round != self.weights_round:
+            raise ProtocolMismatch(
+                f"worker {self.worker_id} holds the weights of round {self.weights_round}, asked to train "
+                f"round {request.round}: call SetWeights for round {request.round} first")
+        if request.round_id and request.round_id != self.weights_round_id:
+            raise ProtocolMismatch(
+                f"worker {self.worker_id} holds the weights of round id {self.weights_round_id!r}, asked to train "
+                f"round id {request.round_id!r}: call SetWeights for that round first")
+        if request.round_id and self.weights_trained:
+            raise ProtocolMismatch(
+                f"worker {self.worker_id} already trained the weights of round id {request.round_id!r}; an update "
+                f"is one Train on freshly set weights: call SetWeights again")
+
+    async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> None:
+        # Written with context.write rather than as a generator: a cancelled call then raises inside this coroutine,
+        # and the `finally` below stops the training thread before the model lock is given up.
         cfg = TrainConfig(
             local_batches=request.local_batches, local_epochs=request.local_epochs, batch_size=request.batch_size,
             learning_rate=request.learning_rate, momentum=request.momentum, seed=request.seed,
@@ -147,77 +207,49 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         )
         try:
             self._check_protocol(context)
-            cfg.validate(len(self.data.train))
+            cfg.validate(len(self.data.train), self.limits.max_local_batches)
             if self._model_lock.locked():
                 raise Busy(self._busy_reason() + "; one Train at a time")
-            if request.round != self.weights_round:
-                raise ProtocolMismatch(
-                    f"worker {self.worker_id} holds the weights of round {self.weights_round}, asked to train "
-                    f"round {request.round}: call SetWeights for round {request.round} first"
-                )
+            self._check_trainable(request)
         except (ValueError, ProtocolMismatch, Busy) as exc:
             await self._abort(context, exc, "Train")
+        outcome: TrainOutcome | None = None
+        failure: Exception | None = None
         async with self._model_lock:
             self.training_round = request.round
+            self._snapshot = None
             structlog.contextvars.bind_contextvars(round=request.round)
+            job = TrainingJob(self.trainer, cfg, self.progress_every)
             try:
-                async for update in self._train_updates(cfg, context):
-                    yield update
+                while (progress := await job.next_progress(self.progress_every)) is not None:
+                    await context.write(pb.TrainUpdate(progress=progress))
+                try:
+                    outcome = job.future.result()
+                except Exception as exc:  # a bug or a broken model: report it, keep serving
+                    failure = exc
             finally:
+                await job.stop()
                 self.training_round = None
                 structlog.contextvars.unbind_contextvars("round")
-
-    async def _train_updates(self, cfg: TrainConfig,
-                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TrainUpdate]:
-        """Run the trainer in a thread; relay its progress; stop it if the caller goes away."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[pb.TrainProgress] = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def progress(done: int, total: int, loss: float, seconds: float) -> None:
-            msg = pb.TrainProgress(batches_done=done, batches_total=total, mean_loss=loss, seconds=seconds)
-            loop.call_soon_threadsafe(queue.put_nowait, msg)
-
-        round_ = self.training_round
-        job = loop.run_in_executor(None, self.trainer.train, cfg, progress, cancelled, self.progress_every)
-        last = pb.TrainProgress()
-        finished = False
-        try:
-            while not job.done() or not queue.empty():
-                getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({getter, job}, timeout=self.progress_every, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    last = getter.result()
-                    yield pb.TrainUpdate(progress=last)
-                    continue
-                getter.cancel()
-                if not job.done():
-                    # A heartbeat inside a long batch: the caller's idle timeout measures liveness, not batch length.
-                    yield pb.TrainUpdate(progress=last)
-            try:
-                outcome: TrainOutcome = job.result()
-            except TrainingCancelled:
-                raise
-            except Exception as exc:  # a bug or a broken model: report it, keep serving
-                await self._abort(context, exc, "Train")
-            finished = True
-        finally:
-            if not finished:
-                # The caller left or training failed: stop the thread before giving up the model lock.
-                cancelled.set()
-                await asyncio.wait({job})
-                self.weights_round = NOT_TRAINABLE
-                log.warning("training_abandoned", weights_round=self.weights_round)
-        log.info("training_finished", samples=outcome.samples, loss=round(outcome.mean_loss, 4),
+                if outcome is None:
+                    # Partly trained weights are nobody's: the next SetWeights makes the model whole again.
+                    self._set_weights_identity(NOT_TRAINABLE, "")
+                    log.warning("training_abandoned", weights_round=self.weights_round)
+                else:
+                    self.weights_trained = True
+        if failure is not None:
+            await self._abort(context, failure, "Train")
+        log.info("training_finished", round=request.round, samples=outcome.samples, loss=round(outcome.mean_loss, 4),
                  accuracy=round(outcome.accuracy, 4), seconds=round(outcome.train_seconds, 3))
-        yield pb.TrainUpdate(result=pb.TrainResult(
-            round=round_, samples=outcome.samples, batches=outcome.batches, mean_loss=outcome.mean_loss,
-            accuracy=outcome.accuracy, train_seconds=outcome.train_seconds, test_loss=outcome.test_loss,
-            test_accuracy=outcome.test_accuracy, test_samples=outcome.test_samples,
-        ))
+        await context.write(pb.TrainUpdate(result=pb.TrainResult(
+            round=request.round, round_id=request.round_id, samples=outcome.samples, batches=outcome.batches,
+            mean_loss=outcome.mean_loss, accuracy=outcome.accuracy, train_seconds=outcome.train_seconds,
+            test_loss=outcome.test_loss, test_accuracy=outcome.test_accuracy, test_samples=outcome.test_samples,
+        )))
 
     async def GetWeights(self, request: pb.GetWeightsRequest,
-                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.WeightsChunk]:
+                         context: grpc.aio.ServicerContext) -> None:
+        # context.write, not a generator: a cancelled stream gives its download slot back at once.
         chunk_size = request.chunk_size or self.limits.default_chunk_bytes
         encoding = request.encoding or pb.CHUNK_ENCODING_RAW
         try:
@@ -229,12 +261,26 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 raise ValueError(f"unsupported chunk encoding {request.encoding}")
             if self._model_lock.locked():
                 raise Busy(self._busy_reason() + "; call GetWeights after Train has finished")
-        except (ValueError, ProtocolMismatch, Busy) as exc:
+            if self._downloads >= self.limits.max_concurrent_downloads:
+                raise TooManyDownloads(f"worker {self.worker_id} already serves {self._downloads} GetWeights streams, "
+                                       f"its limit; retry when one has finished")
+        except (ValueError, ProtocolMismatch, Busy, TooManyDownloads) as exc:
             await self._abort(context, exc, "GetWeights")
+        self._downloads += 1
+        try:
+            payload = await self._current_snapshot()
+            for chunk in payload.chunks(chunk_size, encoding):
+                await context.write(chunk)
+        finally:
+            self._downloads -= 1
+
+    async def _current_snapshot(self) -> serde.WeightsPayload:
+        """One copy of the weights per version, shared by every reader: a slow reader never holds the model, and
+        twenty readers cost one copy, not twenty."""
         async with self._model_lock:
-            # A snapshot, so that a slow reader never holds the model.
-            snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            round_ = self.weights_round
-        payload = serde.WeightsPayload(snapshot, round=round_, architecture=self.model_name)
-        for chunk in payload.chunks(chunk_size, encoding):
-            yield chunk
+            if self._snapshot is None:
+                state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                self._snapshot = serde.WeightsPayload(
+                    state, round=self.weights_round, architecture=self.model_name,
+                    round_id=self.weights_round_id, trained=self.weights_trained)
+            return self._snapshot

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +13,11 @@ from torch.nn import functional as F
 
 from fedpi.data import Dataset
 from fedpi.models import evaluate
+
+
+# Most batches one Train may ask for unless the worker is started with another --max-local-batches: about a day of
+# training on a Pi 4 with the reference CNN, and a bound on what a request can make a worker do.
+DEFAULT_MAX_LOCAL_BATCHES = 100_000
 
 
 class TrainingCancelled(Exception):
@@ -29,7 +34,11 @@ class TrainConfig:
     seed: int = 0
     evaluate: bool = False
 
-    def validate(self, train_samples: int) -> None:
+    def total_batches(self, train_samples: int) -> int:
+        """How many batches this request trains on a shard of `train_samples`."""
+        return self.local_batches or self.local_epochs * -(-train_samples // self.batch_size)
+
+    def validate(self, train_samples: int, max_batches: int = DEFAULT_MAX_LOCAL_BATCHES) -> None:
         if (self.local_batches > 0) == (self.local_epochs > 0):
             raise ValueError("set exactly one of local_batches and local_epochs to a positive number")
         if self.local_batches < 0 or self.local_epochs < 0:
@@ -42,6 +51,10 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if train_samples == 0:
             raise ValueError("this worker's shard holds no training samples")
+        if self.total_batches(train_samples) > max_batches:
+            raise ValueError(
+                f"the request asks for {self.total_batches(train_samples)} batches, more than this worker's limit of "
+                f"{max_batches} (GetInfo max_local_batches; the worker's --max-local-batches)")
 
 
 @dataclass(frozen=True)
@@ -60,35 +73,37 @@ Progress = Callable[[int, int, float, float], None]  # batches_done, batches_tot
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, data: Dataset, batch_delay: float = 0.0):
+    def __init__(self, model: nn.Module, data: Dataset, batch_delay: float = 0.0,
+                 max_batches: int = DEFAULT_MAX_LOCAL_BATCHES):
         self.model = model
         self.data = data
         self.batch_delay = batch_delay  # seconds of extra wall time per batch: imitates a slower device
+        self.max_batches = max_batches
         # The first optimizer ever created imports torch's compiler stack (about 2 s): pay that at start-up,
         # before the worker reports SERVING, not inside round 1.
         torch.optim.SGD(model.parameters(), lr=0.01)
 
-    def _batch_order(self, cfg: TrainConfig) -> list[torch.Tensor]:
-        """The index batches of this round: a seeded shuffle, cycled when more batches are asked than one epoch."""
+    def batch_order(self, cfg: TrainConfig) -> Iterator[torch.Tensor]:
+        """The index batches of this round, made one epoch at a time: a seeded shuffle, cycled when more batches
+        are asked than one epoch holds. Never more than one epoch's indices exist at once."""
         n = len(self.data.train)
         gen = torch.Generator().manual_seed(cfg.seed)
-        per_epoch = -(-n // cfg.batch_size)
-        total = cfg.local_batches or cfg.local_epochs * per_epoch
-        batches: list[torch.Tensor] = []
-        while len(batches) < total:
-            batches.extend(torch.randperm(n, generator=gen).split(cfg.batch_size))
-        return batches[:total]
+        left = cfg.total_batches(n)
+        while left > 0:
+            for index in torch.randperm(n, generator=gen).split(cfg.batch_size)[:left]:
+                left -= 1
+                yield index
 
     def train(self, cfg: TrainConfig, progress: Progress, cancelled: threading.Event,
               progress_every: float = 2.0) -> TrainOutcome:
-        cfg.validate(len(self.data.train))
-        batches = self._batch_order(cfg)
+        cfg.validate(len(self.data.train), self.max_batches)
+        total = cfg.total_batches(len(self.data.train))
         # A fresh optimizer each round, as the reference does: no stale momentum across rounds.
         optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
         self.model.train()
         loss_sum, correct, samples = 0.0, 0, 0
         start = last_report = time.perf_counter()
-        for i, index in enumerate(batches, 1):
+        for i, index in enumerate(self.batch_order(cfg), 1):
             if cancelled.is_set():
                 raise TrainingCancelled("training cancelled by the caller")
             x, y = self.data.train.batch(index)
@@ -103,11 +118,11 @@ class Trainer:
             correct += int((out.argmax(1) == y).sum())
             samples += len(y)
             now = time.perf_counter()
-            if now - last_report >= progress_every or i == len(batches):
-                progress(i, len(batches), loss_sum / samples, now - start)
+            if now - last_report >= progress_every or i == total:
+                progress(i, total, loss_sum / samples, now - start)
                 last_report = now
         seconds = time.perf_counter() - start
-        outcome = TrainOutcome(samples, len(batches), loss_sum / samples, correct / samples, seconds)
+        outcome = TrainOutcome(samples, total, loss_sum / samples, correct / samples, seconds)
         if cfg.evaluate and len(self.data.test):
             loss, acc = evaluate(self.model, self.data.test)
             outcome = TrainOutcome(**{**outcome.__dict__, "test_loss": loss, "test_accuracy": acc,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fedpi.protocol import PROTOCOL_VERSION
+
 
 def grpcurl(*args: str) -> str:
     binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
@@ -39,7 +41,7 @@ def test_describe_shows_the_rpcs_without_proto_files(address):
 
 def test_get_info(address):
     info = json.loads(grpcurl(address, "fedpi.v1.Worker/GetInfo"))
-    assert info["worker_id"] == "solo" and info["protocol_version"] == "1.0"
+    assert info["worker_id"] == "solo" and info["protocol_version"] == PROTOCOL_VERSION
     assert info["model_architecture"] == "reference-cnn" and info["parameter_count"] == "431080"
 
 

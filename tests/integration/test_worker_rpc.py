@@ -12,6 +12,7 @@ import torch
 from coordinator_service.local import LocalWorker
 from fedpi import serde
 from fedpi.models import build_model
+from fedpi.protocol import PROTOCOL_VERSION
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from tests.integration.conftest import DIGITS, METADATA, start_cluster
@@ -39,7 +40,7 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
 def test_get_info_describes_the_worker(worker):
     _, stub = worker
     info = stub.GetInfo(pb.GetInfoRequest(), metadata=METADATA, timeout=10)
-    assert (info.worker_id, info.protocol_version, info.model_architecture) == ("solo", "1.0", ARCH)
+    assert (info.worker_id, info.protocol_version, info.model_architecture) == ("solo", PROTOCOL_VERSION, ARCH)
     assert info.parameter_count == 431_080 and info.train_samples == 4000 and info.test_samples == 1000
     assert info.dataset == "digits-5k" and info.state == pb.WORKER_STATE_IDLE
     assert pb.CHUNK_ENCODING_RAW in info.chunk_encodings and info.cpu_architecture
@@ -50,7 +51,7 @@ def test_protocol_version_mismatch_is_failed_precondition(worker):
     code, details = _code(lambda: stub.GetInfo(pb.GetInfoRequest(), metadata=(("fedpi-protocol-version", "2.0"),),
                                                 timeout=10))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
-    assert "2.0" in details and "1.0" in details and "upgrade" in details
+    assert "2.0" in details and PROTOCOL_VERSION in details and "upgrade" in details
 
 
 def test_weights_round_trip_through_the_worker(worker):

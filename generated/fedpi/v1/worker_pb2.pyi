@@ -30,7 +30,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "protocol_version", "software_version", "model_architecture", "parameter_count", "train_samples", "test_samples", "dataset", "partition", "chunk_encodings", "state", "torch_version", "cpu_architecture", "weights_round", "max_payload_bytes", "max_chunk_bytes")
+    __slots__ = ("worker_id", "protocol_version", "software_version", "model_architecture", "parameter_count", "train_samples", "test_samples", "dataset", "partition", "chunk_encodings", "state", "torch_version", "cpu_architecture", "weights_round", "max_payload_bytes", "max_chunk_bytes", "weights_round_id", "weights_trained", "max_local_batches")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,9 @@ class WorkerInfo(_message.Message):
     WEIGHTS_ROUND_FIELD_NUMBER: _ClassVar[int]
     MAX_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOCAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     protocol_version: str
     software_version: str
@@ -63,7 +66,10 @@ class WorkerInfo(_message.Message):
     weights_round: int
     max_payload_bytes: int
     max_chunk_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., model_architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., chunk_encodings: _Optional[_Iterable[_Union[ChunkEncoding, str]]] = ..., state: _Optional[_Union[WorkerState, str]] = ..., torch_version: _Optional[str] = ..., cpu_architecture: _Optional[str] = ..., weights_round: _Optional[int] = ..., max_payload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    weights_round_id: str
+    weights_trained: bool
+    max_local_batches: int
+    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., model_architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., chunk_encodings: _Optional[_Iterable[_Union[ChunkEncoding, str]]] = ..., state: _Optional[_Union[WorkerState, str]] = ..., torch_version: _Optional[str] = ..., cpu_architecture: _Optional[str] = ..., weights_round: _Optional[int] = ..., max_payload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., weights_round_id: _Optional[str] = ..., weights_trained: _Optional[bool] = ..., max_local_batches: _Optional[int] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "byte_length")
@@ -78,20 +84,24 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ...) -> None: ...
 
 class WeightsHeader(_message.Message):
-    __slots__ = ("round", "model_architecture", "tensors", "total_bytes", "digest", "encoding")
+    __slots__ = ("round", "model_architecture", "tensors", "total_bytes", "digest", "encoding", "round_id", "trained")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_FIELD_NUMBER: _ClassVar[int]
     round: int
     model_architecture: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     total_bytes: int
     digest: str
     encoding: ChunkEncoding
-    def __init__(self, round: _Optional[int] = ..., model_architecture: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., digest: _Optional[str] = ..., encoding: _Optional[_Union[ChunkEncoding, str]] = ...) -> None: ...
+    round_id: str
+    trained: bool
+    def __init__(self, round: _Optional[int] = ..., model_architecture: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., digest: _Optional[str] = ..., encoding: _Optional[_Union[ChunkEncoding, str]] = ..., round_id: _Optional[str] = ..., trained: _Optional[bool] = ...) -> None: ...
 
 class WeightsData(_message.Message):
     __slots__ = ("offset", "data")
@@ -120,7 +130,7 @@ class SetWeightsResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate")
+    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +139,7 @@ class TrainRequest(_message.Message):
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     round: int
     local_batches: int
     local_epochs: int
@@ -137,22 +148,25 @@ class TrainRequest(_message.Message):
     momentum: float
     seed: int
     evaluate: bool
-    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ...) -> None: ...
+    round_id: str
+    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
-    __slots__ = ("batches_done", "batches_total", "mean_loss", "seconds")
+    __slots__ = ("batches_done", "batches_total", "mean_loss", "seconds", "heartbeat")
     BATCHES_DONE_FIELD_NUMBER: _ClassVar[int]
     BATCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     batches_done: int
     batches_total: int
     mean_loss: float
     seconds: float
-    def __init__(self, batches_done: _Optional[int] = ..., batches_total: _Optional[int] = ..., mean_loss: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+    heartbeat: bool
+    def __init__(self, batches_done: _Optional[int] = ..., batches_total: _Optional[int] = ..., mean_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., heartbeat: _Optional[bool] = ...) -> None: ...
 
 class TrainResult(_message.Message):
-    __slots__ = ("round", "samples", "batches", "mean_loss", "accuracy", "train_seconds", "test_loss", "test_accuracy", "test_samples")
+    __slots__ = ("round", "samples", "batches", "mean_loss", "accuracy", "train_seconds", "test_loss", "test_accuracy", "test_samples", "round_id")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +176,7 @@ class TrainResult(_message.Message):
     TEST_LOSS_FIELD_NUMBER: _ClassVar[int]
     TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     round: int
     samples: int
     batches: int
@@ -171,7 +186,8 @@ class TrainResult(_message.Message):
     test_loss: float
     test_accuracy: float
     test_samples: int
-    def __init__(self, round: _Optional[int] = ..., samples: _Optional[int] = ..., batches: _Optional[int] = ..., mean_loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., train_seconds: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_samples: _Optional[int] = ...) -> None: ...
+    round_id: str
+    def __init__(self, round: _Optional[int] = ..., samples: _Optional[int] = ..., batches: _Optional[int] = ..., mean_loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., train_seconds: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_samples: _Optional[int] = ..., round_id: _Optional[str] = ...) -> None: ...
 
 class TrainUpdate(_message.Message):
     __slots__ = ("progress", "result")

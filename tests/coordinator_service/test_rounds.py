@@ -1,0 +1,316 @@
+"""The round loop against fake workers, honest and malicious: the global model after a round is compared with the
+aggregate of the good workers' updates computed whole, to float tolerance."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from coordinator_service.robust import Aggregation, parse_aggregation, reduce_coordinates
+from coordinator_service.rounds import RoundFailed, RoundRunner, TransferSettings
+from coordinator_service.strategy import FedAvg
+from coordinator_service.worker_client import WorkerUnavailable
+from fedpi import serde
+from generated.fedpi.v1 import worker_pb2 as pb
+
+ARCH = "tiny"
+SHARD = 1000
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+
+
+class FakeWorker:
+    """Speaks the WorkerClient interface the round loop uses. Honest by default: its update is the global model
+    plus a fixed, worker-specific step. Subclasses misbehave."""
+
+    def __init__(self, name: str, seed: int, samples: int = 128):
+        self.name = self.address = name
+        self.info = pb.WorkerInfo(worker_id=name, train_samples=SHARD)
+        self.samples = samples
+        self.seed = seed
+        self.state: dict[str, torch.Tensor] = {}
+        self.round_id = ""
+        self.round = 0
+        self.trained = False
+
+    async def set_weights(self, payload: serde.WeightsPayload, chunk_size: int, encoding: int):
+        reader = serde.StreamReader(architecture=ARCH, expected=payload.manifest)
+        self.state = {k: v.clone() for k, v in serde.read_state_dict(reader, payload.chunks(chunk_size)).items()}
+        self.round_id, self.round, self.trained = payload.round_id, payload.round, False
+        return pb.SetWeightsResponse(round=payload.round)
+
+    def step(self) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed)
+        return {k: (torch.randn(v.shape, generator=gen) * 0.01 if v.is_floating_point() else torch.ones_like(v))
+                for k, v in self.state.items()}
+
+    def update(self) -> dict[str, torch.Tensor]:
+        return {k: v + self.step()[k] for k, v in self.state.items()}
+
+    async def train(self, request: pb.TrainRequest, on_progress=None) -> pb.TrainResult:
+        self.trained = True
+        return pb.TrainResult(round=request.round, round_id=request.round_id, samples=self.samples, batches=2)
+
+    def payload(self) -> serde.WeightsPayload:
+        return serde.WeightsPayload(self.update(), round=self.round, architecture=ARCH, round_id=self.round_id,
+                                    trained=self.trained)
+
+    async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int):
+        for chunk in self.payload().chunks(chunk_size, encoding):
+            await asyncio.sleep(0)
+            yield chunk
+
+
+class Huge(FakeWorker):
+    """Finite values that would overflow a float32 sum."""
+
+    def update(self):
+        return {k: torch.full_like(v, 1e36) if v.is_floating_point() else v for k, v in self.state.items()}
+
+
+class InflatedSamples(FakeWorker):
+    async def train(self, request, on_progress=None):
+        result = await super().train(request)
+        result.samples = 9_200_000_000_000_000_000
+        return result
+
+
+class Scaled(FakeWorker):
+    """A boosted update (model replacement): the honest step times `factor`; a negative factor flips its sign."""
+
+    def __init__(self, name, seed, factor: float = 40.0, **kw):
+        super().__init__(name, seed, **kw)
+        self.factor = factor
+
+    def update(self):
+        return {k: v + self.factor * self.step()[k] if v.is_floating_point() else v for k, v in self.state.items()}
+
+
+class Untrained(FakeWorker):
+    """Sends back the weights it was given, as if Train had never run (e.g. restarted in between)."""
+
+    def payload(self):
+        return serde.WeightsPayload(self.state, round=self.round, architecture=ARCH, round_id=self.round_id)
+
+
+class OtherRun(FakeWorker):
+    """A trained update for the same round number of another coordinator's run."""
+
+    def payload(self):
+        return serde.WeightsPayload(self.update(), round=self.round, architecture=ARCH, round_id="other/1.1",
+                                    trained=True)
+
+
+class DiesMidStream(FakeWorker):
+    """Its first GetWeights stream breaks after two chunks; later ones fail at once (the process is gone)."""
+
+    async def get_weights(self, chunk_size, encoding, expected_bytes):
+        for i, chunk in enumerate(self.payload().chunks(chunk_size, encoding)):
+            if i == 3:
+                raise WorkerUnavailable(self.name, "GetWeights failed with UNAVAILABLE: connection reset")
+            yield chunk
+
+
+def _runner(model, rule: str = "fedavg", chunk_size: int = 7, min_workers: int = 1, **kw) -> RoundRunner:
+    return RoundRunner(model=model, architecture=ARCH, test_split=None,
+                       strategy=FedAvg(local_batches=2, batch_size=64, min_workers=min_workers),
+                       transfer=TransferSettings(chunk_size=chunk_size), aggregation=parse_aggregation(rule), **kw)
+
+
+def _run(runner, workers):
+    return asyncio.run(runner.run_round(1, workers))
+
+
+def _expected(global_state, workers, combine) -> dict[str, torch.Tensor]:
+    """The aggregate computed whole, from each good worker's update recomputed on the global model."""
+    for w in workers:
+        w.state = {k: v.clone() for k, v in global_state.items()}
+    updates = [w.update() for w in workers]
+    return {k: combine(torch.stack([u[k].double() for u in updates]), workers).to(v.dtype)
+            for k, v in global_state.items()}
+
+
+def _weighted_mean(stack, workers):
+    w = torch.tensor([float(x.samples) for x in workers], dtype=torch.float64).reshape(-1, *[1] * (stack.dim() - 1))
+    return (stack * w).sum(0) / w.sum()
+
+
+def _assert_state(model, expected):
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)
+        else:
+            assert v.item() == round(expected[k].double().item()), k
+
+
+def _global(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_fedavg_equals_the_weighted_mean_of_the_updates():
+    # Prepare
+    model = tiny_model()
+    g = _global(model)
+    workers = [FakeWorker("a", 1, 16), FakeWorker("b", 2, 120), FakeWorker("c", 3, 64)]
+    # Execute
+    report = _run(_runner(model), workers)
+    # Assert
+    assert not report.failures
+    _assert_state(model, _expected(g, workers, _weighted_mean))
+
+
+@pytest.mark.parametrize("bad, phase, reason", [
+    (Huge, "get_weights", "lies more than"),
+    (InflatedSamples, "train", "training samples"),
+    (Untrained, "get_weights", "untrained weights"),
+    (OtherRun, "get_weights", "other/1.1"),
+    (DiesMidStream, "get_weights", "UNAVAILABLE"),
+])
+def test_a_bad_update_is_refused_and_the_average_is_of_the_good_ones(bad, phase, reason):
+    # Prepare
+    model = tiny_model()
+    g = _global(model)
+    good = [FakeWorker("a", 1, 64), FakeWorker("b", 2, 120)]
+    workers = [good[0], bad("mallory", 9), good[1]]
+    # Execute
+    report = _run(_runner(model), workers)
+    # Assert
+    [failure] = report.failures
+    assert (failure.worker, failure.phase) == ("mallory", phase) and reason in failure.reason
+    assert sorted(w.worker for w in report.workers) == ["a", "b"]
+    _assert_state(model, _expected(g, good, _weighted_mean))
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_update_bound_is_relative_to_the_global_model():
+    """A step of 40x the honest one is within a 10x-norm bound, and outside a tight one."""
+    for ratio, refused in ((10.0, []), (0.2, ["m"])):
+        report = _run(_runner(tiny_model(), max_update_ratio=ratio), [FakeWorker("a", 1), Scaled("m", 2)])
+        assert [f.worker for f in report.failures] == refused
+
+
+def test_below_quorum_the_round_fails_and_the_model_is_unchanged():
+    model = tiny_model()
+    g = _global(model)
+    with pytest.raises(RoundFailed, match="below the quorum"):
+        _run(_runner(model, min_workers=2), [FakeWorker("a", 1), Huge("m", 2)])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, g[k])
+
+
+def test_a_non_finite_aggregate_is_never_installed():
+    """Two updates each within a (deliberately absurd) bound whose sum overflows float32."""
+    model = tiny_model()
+    g = _global(model)
+
+    class Big(FakeWorker):
+        def update(self):
+            return {k: torch.full_like(v, 3e38) if v.is_floating_point() else v for k, v in self.state.items()}
+
+    with pytest.raises(RoundFailed, match="NaN or Inf"):
+        _run(_runner(model, max_update_ratio=math.inf), [Big("a", 1), Big("b", 2)])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, g[k])
+
+
+def _median(stack, workers):
+    return reduce_coordinates(stack, None)
+
+
+def _trimmed(k):
+    return lambda stack, workers: reduce_coordinates(stack, k)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1 << 20])
+@pytest.mark.parametrize("rule, combine", [
+    ("median", _median), ("trimmed-mean", _trimmed(1)), ("trimmed-mean:2", _trimmed(2))])
+def test_coordinate_wise_rules_equal_the_whole_model_computation(rule, combine, chunk_size):
+    # Prepare
+    model = tiny_model()
+    g = _global(model)
+    workers = [FakeWorker(n, i) for i, n in enumerate("abcde")]
+    # Execute
+    _run(_runner(model, rule, chunk_size=chunk_size), workers)
+    # Assert
+    _assert_state(model, _expected(g, workers, combine))
+
+
+def test_whole_model_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    stack = torch.tensor([[1.0], [5.0], [2.0], [4.0]])
+    assert reduce_coordinates(stack, None).item() == 3.0
+    assert reduce_coordinates(stack, 1).item() == 3.0
+
+
+def test_median_walk_restarts_without_a_worker_that_dies_mid_stream():
+    model = tiny_model()
+    g = _global(model)
+    good = [FakeWorker(n, i) for i, n in enumerate("abcd")]
+    report = _run(_runner(model, "median"), [*good[:2], DiesMidStream("m", 7), *good[2:]])
+    assert [(f.worker, f.phase) for f in report.failures] == [("m", "get_weights")]
+    _assert_state(model, _expected(g, good, _median))
+
+
+def test_clipped_fedavg_scales_far_updates_onto_the_clip_norm():
+    # Prepare: honest steps have norm ~0.01 * sqrt(n); the boosted one is 40 times that.
+    model = tiny_model()
+    g = _global(model)
+    workers = [FakeWorker("a", 1, 64), FakeWorker("b", 2, 64), Scaled("m", 3, samples=64)]
+    ref = torch.cat([v.double().reshape(-1) for v in g.values() if v.is_floating_point()])
+
+    def clipped(stack, ws):
+        deltas = [torch.cat([w.update()[k].double().reshape(-1) - g[k].double().reshape(-1)
+                             for k in g if g[k].is_floating_point()]) for w in ws]
+        norm = sorted(float(d.norm()) for d in deltas)[1]  # the median distance
+        return norm, deltas
+
+    for w in workers:
+        w.state = {k: v.clone() for k, v in g.items()}
+    norm, deltas = clipped(None, workers)
+    scaled = [d * min(1.0, norm / float(d.norm())) for d in deltas]
+    expected_flat = ref + sum(scaled) / 3
+    # Execute
+    _run(_runner(model, "clipped"), workers)
+    # Assert
+    got = torch.cat([v.double().reshape(-1) for v in model.state_dict().values() if v.is_floating_point()])
+    torch.testing.assert_close(got, expected_flat, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attacker", [
+    lambda: Scaled("m", 9, factor=40.0), lambda: Scaled("m", 9, factor=-40.0), lambda: Huge("m", 9)])
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean", "clipped"])
+def test_robust_rules_stay_near_the_honest_aggregate_with_one_poisoner_of_five(rule, attacker):
+    # Prepare
+    honest = [FakeWorker(n, i) for i, n in enumerate("abcd")]
+    clean = tiny_model()
+    _run(_runner(clean, "fedavg"), honest)
+    poisoned_avg, robust = tiny_model(), tiny_model()
+    # Execute
+    _run(_runner(poisoned_avg, "fedavg", max_update_ratio=math.inf), [*honest, attacker()])
+    # Median and trimmed mean need no update bound; clipping scales a far update back, which in a float32 sum is
+    # exact only for updates the bound lets in (a 1e36 update is refused by it).
+    ratio = 10.0 if rule == "clipped" else math.inf
+    _run(_runner(robust, rule, max_update_ratio=ratio), [*honest, attacker()])
+    # Assert: distance from the clean aggregate, relative to an honest step (~0.01 per coordinate).
+
+    def gap(m):
+        return max(float((a - b).abs().max()) for (k, a), b in zip(m.state_dict().items(), clean.state_dict().values())
+                   if a.is_floating_point())
+
+    assert gap(robust) < 0.03
+    assert gap(poisoned_avg) > 0.05 or not all(torch.isfinite(v).all() for v in poisoned_avg.state_dict().values())
+
+
+def test_aggregation_specs_parse_and_bad_ones_say_what_is_accepted():
+    assert parse_aggregation("trimmed-mean:2") == Aggregation("trimmed-mean", trim=2)
+    assert parse_aggregation("clipped:0.5") == Aggregation("clipped", clip_norm=0.5)
+    assert str(parse_aggregation("median")) == "median"
+    for bad in ("krum", "median:3", "trimmed-mean:x", "clipped:-1"):
+        with pytest.raises(ValueError, match="fedavg|trimmed-mean|takes no parameter"):
+            parse_aggregation(bad)
