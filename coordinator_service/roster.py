@@ -37,23 +37,39 @@ class Roster:
         self.handshake_timeout = handshake_timeout
         self.clients: dict[str, WorkerClient] = {}  # by address, in the order first seen
         self._active: set[str] = set()
+        self._from_dns: set[str] = set()  # addresses found by DNS: named by the worker id they report
+        self._numbers: dict[str, int] = {}  # worker name -> stable number (seeds its batch order)
         for name, address in workers:
             self.clients[address] = make_client(name, address)
+            self._numbers[name] = len(self._numbers)
 
     @property
     def active(self) -> list[WorkerClient]:
         return [c for a, c in self.clients.items() if a in self._active]
 
     def index(self, client: WorkerClient) -> int:
-        """A stable number per worker (seeds its batch order), whoever else is present."""
-        return list(self.clients).index(client.address)
+        """A stable number per worker name (seeds its batch order), whoever else is present or has left."""
+        return self._numbers.setdefault(client.name, len(self._numbers))
 
     async def refresh(self) -> None:
+        """Reconcile the roster with what DNS says now: new addresses get a client; addresses DNS no longer gives
+        and that take no part now are forgotten, so a pod that moved costs no handshake timeout every round."""
         if self.dns is None:
             return
-        for name, address in await resolve(self.dns):
+        found = [address for _, address in await resolve(self.dns)]
+        for address in found:
             if address not in self.clients:
-                self.clients[address] = self._make_client(name, address)
+                self.clients[address] = self._make_client(address, address)
+                self._from_dns.add(address)
+        for address in [a for a in self._from_dns if a not in found and a not in self._active]:
+            await self._forget(address, "no longer in DNS")
+
+    async def _forget(self, address: str, reason: str) -> None:
+        client = self.clients.pop(address)
+        self._from_dns.discard(address)
+        self._active.discard(address)
+        log.info("worker_forgotten", worker=client.name, address=address, reason=reason)
+        await client.close()
 
     async def admit(self) -> list[WorkerClient]:
         """Handshake every absent worker (bounded by handshake_timeout); return those that joined."""
@@ -75,8 +91,8 @@ class Roster:
                 continue
             if isinstance(info, BaseException):
                 raise info
-            if info.worker_id and client.name == client.address:
-                client.name = info.worker_id  # found by address (DNS): use the name the worker gives itself
+            if client.address in self._from_dns and info.worker_id:
+                await self._claim_name(client, info.worker_id)
             log.info("worker_ready", worker=client.name, address=client.address, protocol=info.protocol_version,
                      software=info.software_version, dataset=info.dataset, partition=info.partition,
                      train_samples=info.train_samples, arch=info.cpu_architecture, torch=info.torch_version,
@@ -87,6 +103,16 @@ class Roster:
             self._active.add(client.address)
             joined.append(client)
         return joined
+
+    async def _claim_name(self, client: WorkerClient, worker_id: str) -> None:
+        """A DNS-found worker is named by the id it reports, now: an address reused by another pod takes the new
+        pod's name, and another address still holding that name is a pod's old address, forgotten."""
+        if client.name != worker_id:
+            log.info("worker_identified", address=client.address, worker=worker_id, previously=client.name)
+            client.name = worker_id
+        for address, other in list(self.clients.items()):
+            if other is not client and other.name == worker_id and address in self._from_dns:
+                await self._forget(address, f"{worker_id} answers at {client.address} now")
 
     def drop(self, name: str) -> None:
         self._active -= {c.address for c in self.clients.values() if c.name == name}
