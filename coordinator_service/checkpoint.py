@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedpi import serde
+
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
 class CheckpointMismatch(Exception):
-    """The checkpoint belongs to another kind of run (another model)."""
+    """The checkpoint belongs to another kind of run (another model), or cannot be read as a checkpoint."""
 
 
 @dataclass
@@ -27,16 +30,24 @@ class Checkpoint:
 
     @staticmethod
     def capture_rng() -> dict:
-        return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+        # Plain types and tensors only, so that the file loads with torch.load(weights_only=True).
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
 
     def restore_rng(self) -> None:
         torch.set_rng_state(self.rng["torch"])
-        random.setstate(self.rng["python"])
-        np.random.set_state(self.rng["numpy"])
+        version, state, gauss = self.rng["python"]
+        random.setstate((version, tuple(state), gauss))
+        kind, keys, pos, has_gauss, cached = self.rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def save(directory: Path, ckpt: Checkpoint) -> Path:
     """Write to a temporary file, fsync, then rename over the old one: a reader sees the old or the new, never half."""
+    for name, t in ckpt.state_dict.items():
+        if not serde.all_finite(t):
+            raise ValueError(f"refusing to checkpoint a model whose {name} holds NaN or Inf")
     path = directory / CHECKPOINT_NAME
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
@@ -51,8 +62,12 @@ def load(directory: Path, model: str) -> Checkpoint | None:
     path = directory / CHECKPOINT_NAME
     if not path.is_file():
         return None
-    # weights_only=False: the file also holds RNG state; it is our own file, in our own output directory.
-    ckpt = Checkpoint(**torch.load(path, weights_only=False))
+    # weights_only: tensors and plain types, never arbitrary objects, even from a file someone else put there.
+    try:
+        ckpt = Checkpoint(**torch.load(path, weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, TypeError) as exc:
+        raise CheckpointMismatch(f"{path} is not a fedpi checkpoint that loads as weights only ({exc}); "
+                                 f"move it away or use another --output-dir") from None
     if ckpt.model != model:
         raise CheckpointMismatch(f"{path} is a {ckpt.model!r} run, this run trains {model!r}: "
                                  f"use another --output-dir or the same --model")

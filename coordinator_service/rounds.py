@@ -189,8 +189,9 @@ class RoundRunner:
     async def _run_round(self, number: int, clients: list[WorkerClient],
                          index_of: Callable[[WorkerClient], int]) -> RoundReport:
         start = time.perf_counter()
-        log.info("round_started", workers=[c.name for c in clients])
         rnd = self._prepare(number)
+        log.info("round_started", workers=[c.name for c in clients], round_id=rnd.round_id,
+                 model_digest=rnd.payload.digest)
         if self.aggregation.coordinate_wise:
             total = None
             steps = [self._train(rnd, c, index_of(c)) for c in clients]

@@ -8,7 +8,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -59,11 +59,22 @@ def channel_options(keepalive_seconds: float = 30.0) -> list[tuple[str, object]]
 class ClientSecurity:
     """How the coordinator proves itself to workers and checks them: a bearer token, TLS, or mutual TLS."""
 
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     ca_file: Path | None = None  # verify workers' certificates against this CA (turns TLS on)
     cert_file: Path | None = None  # with key_file: our client certificate (mutual TLS)
     key_file: Path | None = None
     server_name: str | None = None  # the name worker certificates carry when they are dialled by IP address
+    # With TLS: each worker's certificate must name the worker id it reports in GetInfo, so that one worker's
+    # certificate cannot stand in for another's.
+    verify_worker_id: bool = True
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+    def for_name(self, name: str) -> ClientSecurity:
+        """The same settings, expecting `name` on the worker's certificate."""
+        return replace(self, server_name=name)
 
     def channel(self, address: str, options: list) -> grpc.aio.Channel:
         if self.ca_file is None:
@@ -142,8 +153,11 @@ class WorkerClient:
         self.rpc_timeout = rpc_timeout
         self.idle_timeout = idle_timeout
         self._metadata = security.metadata
+        self._security = security
+        self._keepalive_seconds = keepalive_seconds
         self._channel = security.channel(address, channel_options(keepalive_seconds))
         self._stub = pb_grpc.WorkerStub(self._channel)
+        self._verified_id: str | None = None  # the worker id this channel's certificate check is bound to
         self.info: pb.WorkerInfo | None = None  # from the last handshake
 
     async def close(self) -> None:
@@ -172,8 +186,25 @@ class WorkerClient:
                            f"restart one of them with the same --model")
         if info.train_samples == 0:
             raise WorkerIncompatible(self.name, "worker has no training samples in its shard")
+        if self._security.tls and self._security.verify_worker_id and self._verified_id != info.worker_id:
+            await self._bind_identity(info.worker_id)
         self.info = info
         return info
+
+    async def _bind_identity(self, worker_id: str) -> None:
+        """Reconnect expecting `worker_id` on the certificate; every later call goes over that channel."""
+        channel = self._security.for_name(worker_id).channel(self.address, channel_options(self._keepalive_seconds))
+        stub = pb_grpc.WorkerStub(channel)
+        try:
+            await stub.GetInfo(pb.GetInfoRequest(), timeout=self.rpc_timeout, metadata=self._metadata,
+                               wait_for_ready=False)
+        except grpc.aio.AioRpcError as exc:
+            await channel.close()
+            raise WorkerRefusedUs(self.name, f"worker says it is {worker_id!r}, but its TLS certificate does not name "
+                                             f"{worker_id!r} ({exc.details()}); issue it a certificate of its own "
+                                             f"(make certs)") from None
+        await self._channel.close()
+        self._channel, self._stub, self._verified_id = channel, stub, worker_id
 
     async def set_weights(self, payload: serde.WeightsPayload, chunk_size: int, encoding: int) -> pb.SetWeightsResponse:
         try:

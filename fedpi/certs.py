@@ -1,11 +1,14 @@
-"""python -m fedpi.certs --out certs --workers 3 [--san 192.168.1.21 ...]
+"""python -m fedpi.certs --out certs --workers 3 [--names alice,bob,charlie] [--san 192.168.1.21 ...]
 
 Creates what a secured fedpi deployment needs, in --out:
   ca.crt, ca.key                 a private certificate authority (keep ca.key offline)
   coordinator.crt, .key          client certificate, CN fedpi-coordinator (what workers allow with --client-identity)
-  worker.crt, .key               one server certificate for every worker pod in Kubernetes (SAN fedpi-worker, ...)
-  worker-0.crt, .key, ...        one per worker, for workers run outside Kubernetes
+  fedpi-worker-0.crt, .key, ...  one server certificate per worker, naming only that worker's id (the k3s pod name,
+                                 or each of --names), its pod DNS names and fedpi-worker: the coordinator checks that a worker's
+                                 certificate names the id it reports, so one Pi's key cannot stand in for another's
   token                          a random bearer token
+Certificates are valid from two days in the past: a Raspberry Pi has no real-time clock, and until NTP has synced
+its clock can lag behind the machine that made them.
 With --print-secrets it then prints them as the Kubernetes Secrets the k3s manifests mount.
 Existing files are kept, so running it again only adds what is missing.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -27,6 +31,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 COORDINATOR_IDENTITY = "fedpi-coordinator"
 WORKER_SERVICE = "fedpi-worker"
 VALID_DAYS = 825
+# A Pi boots with the time it saved at shutdown (fake-hwclock) until NTP answers.
+CLOCK_SKEW = datetime.timedelta(days=2)
 
 
 def _name(cn: str) -> x509.Name:
@@ -44,9 +50,10 @@ def _san(names: list[str]) -> x509.SubjectAlternativeName:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+    """Private files are created 0600: never readable by others, not even for a moment."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -63,7 +70,7 @@ def make_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert = (
         x509.CertificateBuilder().subject_name(_name("fedpi CA")).issuer_name(_name("fedpi CA"))
         .public_key(private.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=3650))
+        .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
                                      data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
@@ -88,7 +95,7 @@ def issue(out: Path, stem: str, cn: str, names: list[str], ca: tuple[x509.Certif
     cert = (
         x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
         .public_key(private.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(_san([cn, *names]), critical=False)
@@ -99,37 +106,47 @@ def issue(out: Path, stem: str, cn: str, names: list[str], ca: tuple[x509.Certif
     return crt
 
 
-def make_all(out: Path, workers: int, extra_sans: list[str] = (), namespace: str = "fedpi") -> None:
+def worker_names(workers: int, names: list[str] | None = None) -> list[str]:
+    """The worker ids certificates are issued for: --names, or the k3s pod names fedpi-worker-0, -1, ..."""
+    return list(names) if names else [f"{WORKER_SERVICE}-{i}" for i in range(workers)]
+
+
+def make_all(out: Path, workers: int, extra_sans: list[str] = (), namespace: str = "fedpi",
+             names: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ca = make_ca(out)
     local = ["localhost", "127.0.0.1", *extra_sans]
     issue(out, "coordinator", COORDINATOR_IDENTITY, [], ca, server=False, client=True)
-    pods = [f"*.{WORKER_SERVICE}", f"*.{WORKER_SERVICE}.{namespace}.svc", f"*.{WORKER_SERVICE}.{namespace}.svc.cluster.local"]
-    issue(out, "worker", WORKER_SERVICE, [*pods, *local], ca, server=True, client=False)
-    for i in range(workers):
-        issue(out, f"worker-{i}", f"worker-{i}", [WORKER_SERVICE, *local], ca, server=True, client=False)
+    for name in worker_names(workers, names):
+        pod = [f"{name}.{WORKER_SERVICE}", f"{name}.{WORKER_SERVICE}.{namespace}.svc",
+               f"{name}.{WORKER_SERVICE}.{namespace}.svc.cluster.local"]
+        # WORKER_SERVICE too: the coordinator dials workers by IP before it knows who answers, expecting that name
+        # (--tls-server-name); it then reconnects expecting the worker id the worker reports, which only this
+        # certificate names.
+        issue(out, name, name, [*pod, WORKER_SERVICE, *local], ca, server=True, client=False)
     token = out / "token"
     if not token.exists():
         _write(token, (secrets.token_urlsafe(32) + "\n").encode(), private=True)
 
 
-def secret_files(out: Path) -> dict[str, dict[str, Path]]:
-    """The Kubernetes Secrets the manifests mount, key by key (k3s/base: /etc/fedpi/tls, /etc/fedpi/token)."""
-    return {
-        "fedpi-token": {"token": out / "token"},
-        "fedpi-worker-tls": {"ca.crt": out / "ca.crt", "tls.crt": out / "worker.crt", "tls.key": out / "worker.key"},
-        "fedpi-coordinator-tls": {"ca.crt": out / "ca.crt", "tls.crt": out / "coordinator.crt",
-                                  "tls.key": out / "coordinator.key"},
-    }
+def secret_files(out: Path, workers: int) -> dict[str, dict[str, Path]]:
+    """The Kubernetes Secrets the manifests mount, key by key (k3s/base: /etc/fedpi/tls, /etc/fedpi/token): one
+    TLS Secret per worker pod, so that each Pi holds only its own key."""
+    secrets_ = {"fedpi-token": {"token": out / "token"}}
+    for name in worker_names(workers):
+        secrets_[f"{name}-tls"] = {"ca.crt": out / "ca.crt", "tls.crt": out / f"{name}.crt", "tls.key": out / f"{name}.key"}
+    secrets_["fedpi-coordinator-tls"] = {"ca.crt": out / "ca.crt", "tls.crt": out / "coordinator.crt",
+                                         "tls.key": out / "coordinator.key"}
+    return secrets_
 
 
-def secrets_yaml(out: Path, namespace: str) -> str:
+def secrets_yaml(out: Path, namespace: str, workers: int) -> str:
     """The Secrets as a YAML stream for `kubectl apply -f -`."""
     import base64
     import json
 
     docs = []
-    for name, files in secret_files(out).items():
+    for name, files in secret_files(out, workers).items():
         data = {key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()}
         secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
                   "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "fedpi"}},
@@ -142,15 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedpi.certs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="certs", help="directory to write into")
-    p.add_argument("--workers", type=int, default=3, help="how many per-worker certificates")
+    p.add_argument("--workers", type=int, default=3, help="how many worker certificates (fedpi-worker-0, ...)")
+    p.add_argument("--names", help="comma-separated worker ids to issue certificates for instead (workers run "
+                                   "outside Kubernetes with --id NAME)")
     p.add_argument("--san", action="append", default=[], help="extra DNS name or IP for worker certificates")
     p.add_argument("--namespace", default="fedpi", help="Kubernetes namespace the worker certificate is valid in")
     p.add_argument("--print-secrets", action="store_true",
                    help="then print them as Kubernetes Secrets of --namespace (YAML, for kubectl apply -f -)")
     args = p.parse_args(argv)
-    make_all(Path(args.out), args.workers, args.san, args.namespace)
+    names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
+    make_all(Path(args.out), args.workers, args.san, args.namespace, names)
     if args.print_secrets:
-        sys.stdout.write(secrets_yaml(Path(args.out), args.namespace))
+        sys.stdout.write(secrets_yaml(Path(args.out), args.namespace, args.workers))
     else:
         print(f"certificates and token in {args.out}/ (keep ca.key and token secret)")
     return 0

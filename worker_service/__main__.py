@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-payload-mb", type=int, default=1024,
                    help="largest weight upload accepted")
     p.add_argument("--max-chunk-mb", type=int, default=4, help="largest chunk accepted")
+    p.add_argument("--upload-grace", type=float, default=30.0,
+                   help="seconds a SetWeights stream gets for its header, and on top of its size at 256 KiB/s")
     p.add_argument("--max-local-batches", type=int, default=DEFAULT_MAX_LOCAL_BATCHES,
                    help="most batches one Train may ask for (announced in GetInfo)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to finish calls on SIGTERM")
@@ -83,7 +85,7 @@ def build_servicer(args: argparse.Namespace) -> WorkerServicer:
     return WorkerServicer(
         worker_id=args.id, model_name=args.model, model=build_model(args.model), data=shard, partition=partition,
         limits=Limits(max_chunk_bytes=args.max_chunk_mb * MIB, max_payload_bytes=args.max_payload_mb * MIB,
-                      max_local_batches=args.max_local_batches),
+                      max_local_batches=args.max_local_batches, upload_grace=args.upload_grace),
         train_delay=args.train_delay, progress_every=args.progress_interval,
     )
 

@@ -7,7 +7,7 @@ SERVING / NOT_SERVING. Tokens are compared in constant time and never logged.
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,7 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 @dataclass(frozen=True)
 class ServerSecurity:
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     cert_file: Path | None = None  # with key_file: serve TLS
     key_file: Path | None = None
     client_ca_file: Path | None = None  # require client certificates signed by this CA (mutual TLS)

@@ -60,7 +60,8 @@ def test_secured_worker_with_the_readme_flags(tmp_path):
     certs.make_all(tmp_path, workers=1)
     token = (tmp_path / "token").read_text().strip()
     worker = LocalWorker("secured", [*DIGITS, "--token-file", str(tmp_path / "token"),
-                                     "--tls-cert", str(tmp_path / "worker.crt"), "--tls-key", str(tmp_path / "worker.key"),
+                                     "--tls-cert", str(tmp_path / "fedpi-worker-0.crt"),
+                                     "--tls-key", str(tmp_path / "fedpi-worker-0.key"),
                                      "--tls-client-ca", str(tmp_path / "ca.crt"), "--client-identity", "fedpi-coordinator"],
                          tmp_path / "logs", health_port=True)
     cluster = start_cluster([worker])

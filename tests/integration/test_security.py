@@ -13,7 +13,7 @@ from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator_service.local import LocalWorker
-from tests.integration.conftest import DIGITS, run_coordinator, start_cluster
+from tests.integration.conftest import DIGITS, events, run_coordinator, start_cluster
 
 VERSION = (VERSION_METADATA_KEY, PROTOCOL_VERSION)
 
@@ -21,7 +21,7 @@ VERSION = (VERSION_METADATA_KEY, PROTOCOL_VERSION)
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     out = tmp_path_factory.mktemp("certs")
-    certs.make_all(out, workers=2)
+    certs.make_all(out, workers=2, names=["w0", "w1"])
     ca = certs.make_ca(out)
     # Signed by the same CA and good for client auth, but not the coordinator: must be refused.
     certs.issue(out, "intruder", "pi-3", [], ca, server=False, client=True)
@@ -79,13 +79,15 @@ def test_health_check_needs_no_token(token_worker):
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _tls_workers(pki, logs, mutual: bool):
-    args = [*DIGITS, "--token-file", str(pki / "token"), "--tls-cert", str(pki / "worker.crt"),
-            "--tls-key", str(pki / "worker.key")]
+def _tls_workers(pki, logs, mutual: bool, certificates=("w0", "w1")):
+    """Two workers w0 and w1, each serving the certificate named in `certificates`."""
+    args = [*DIGITS, "--token-file", str(pki / "token")]
     if mutual:
         args += ["--tls-client-ca", str(pki / "ca.crt"), "--client-identity", certs.COORDINATOR_IDENTITY]
-    return start_cluster([LocalWorker(f"w{i}", [*args, "--partition", f"{i}/2"], logs, health_port=True)
-                          for i in range(2)])
+    return start_cluster([
+        LocalWorker(f"w{i}", [*args, "--partition", f"{i}/2", "--tls-cert", str(pki / f"{cert}.crt"),
+                              "--tls-key", str(pki / f"{cert}.key")], logs, health_port=True)
+        for i, cert in enumerate(certificates)])
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
@@ -125,5 +127,20 @@ def test_plaintext_client_cannot_talk_to_a_tls_worker(pki, tmp_path):
             code, _ = _code(lambda: pb_grpc.WorkerStub(channel).GetInfo(pb.GetInfoRequest(), metadata=(VERSION,),
                                                                         timeout=5))
         assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        cluster.stop()
+
+
+def test_a_worker_presenting_another_workers_certificate_is_refused(pki, tmp_path):
+    """w1 serves w0's certificate (a key copied off another Pi): valid, same CA, but it does not name w1."""
+    cluster = _tls_workers(pki, tmp_path / "logs", mutual=False, certificates=("w0", "w0"))
+    try:
+        proc = run_coordinator("train", "--workers", cluster.spec, "--rounds", "1", "--dataset", "digits-5k",
+                               "--local-batches", "2", "--token-file", str(pki / "token"),
+                               "--tls-ca", str(pki / "ca.crt"), "--min-workers", "2", "--round-retries", "0",
+                               "--handshake-timeout", "5", "--output-dir", str(tmp_path / "out"))
+        assert proc.returncode == 1
+        [refusal] = [e for e in events(proc.stdout) if e.get("event") == "worker_handshake_failed"]
+        assert refusal["worker"] == "w1" and "certificate does not name 'w1'" in refusal["reason"]
     finally:
         cluster.stop()
