@@ -1,0 +1,86 @@
+"""The servicer without a network: GetWeights readers are bounded in number and share one snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import torch
+
+from fedpi.data import Dataset, Split
+from fedpi.models import build_model
+from generated.fedpi.v1 import worker_pb2 as pb
+from worker_service.servicer import Limits, WorkerServicer
+
+
+class Aborted(Exception):
+    def __init__(self, code, details):
+        super().__init__(details)
+        self.code = code
+
+
+class FakeContext:
+    """A reader that takes the first chunk, then stalls until `release` is set."""
+
+    def __init__(self, release: asyncio.Event):
+        self.release = release
+        self.chunks: list[pb.WeightsChunk] = []
+
+    def invocation_metadata(self):
+        return ()
+
+    def peer(self):
+        return "test"
+
+    async def write(self, chunk):
+        self.chunks.append(chunk)
+        await self.release.wait()
+
+    async def abort(self, code, details):
+        raise Aborted(code, details)
+
+
+def _servicer() -> WorkerServicer:
+    split = Split(torch.zeros(8, 28, 28, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64), 0.0, 1.0)
+    return WorkerServicer(worker_id="w", model_name="reference-cnn", model=build_model("reference-cnn"),
+                          data=Dataset("tiny", split, split), partition="0/1",
+                          limits=Limits(max_concurrent_downloads=3))
+
+
+def test_concurrent_readers_are_bounded_and_share_one_snapshot():
+    async def scenario():
+        servicer, release = _servicer(), asyncio.Event()
+        contexts = [FakeContext(release) for _ in range(3)]
+        readers = [asyncio.ensure_future(servicer.GetWeights(pb.GetWeightsRequest(), c)) for c in contexts]
+        await asyncio.sleep(0.2)
+        snapshots = {id(servicer._snapshot)}
+        with pytest.raises(Aborted) as refused:
+            await servicer.GetWeights(pb.GetWeightsRequest(), FakeContext(release))
+        release.set()
+        await asyncio.gather(*readers)
+        # a cancelled reader gives its slot back at once
+        stalled = asyncio.ensure_future(servicer.GetWeights(pb.GetWeightsRequest(), FakeContext(asyncio.Event())))
+        await asyncio.sleep(0.1)
+        stalled.cancel()
+        await asyncio.gather(stalled, return_exceptions=True)
+        return servicer, contexts, snapshots, refused.value
+
+    servicer, contexts, snapshots, refused = asyncio.run(scenario())
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "3 GetWeights streams" in str(refused)
+    assert len(snapshots) == 1 and servicer._downloads == 0
+    digests = {c.chunks[0].header.digest for c in contexts}
+    assert len(digests) == 1 and all(len(c.chunks) > 1 for c in contexts)
+
+
+def test_the_snapshot_follows_new_weights():
+    async def scenario():
+        servicer = _servicer()
+        first = await servicer._current_snapshot()
+        assert await servicer._current_snapshot() is first
+        servicer._set_weights_identity(3, "run/3.1")
+        second = await servicer._current_snapshot()
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first is not second and (second.round, second.round_id, second.trained) == (3, "run/3.1", False)
