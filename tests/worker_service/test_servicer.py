@@ -56,7 +56,7 @@ def test_concurrent_readers_are_bounded_and_share_one_snapshot():
         await asyncio.sleep(0.2)
         snapshots = {id(servicer._snapshot)}
         with pytest.raises(Aborted) as refused:
-            await servicer.GetWeights(pb.GetWeightsRequest(), FakeContext(release))
+            await asyncio.wait_for(servicer.GetWeights(pb.GetWeightsRequest(), FakeContext(release)), 5)
         release.set()
         await asyncio.gather(*readers)
         # a cancelled reader gives its slot back at once
