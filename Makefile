@@ -67,7 +67,7 @@ secrets: $(STAMP)  ## store the token and certificates as the Kubernetes Secrets
 
 deploy: secrets  ## put a worker on every Pi and wait until all are Ready
 	$(RENDER) | $(KUBECTL) apply -l 'app.kubernetes.io/component!=coordinator' -f -
-	$(K) rollout status statefulset/fedpi-worker --timeout=20m
+	for i in $$(seq 0 $$(($(WORKERS) - 1))); do $(K) rollout status statefulset/fedpi-worker-$$i --timeout=20m || exit 1; done
 
 train:  ## start the coordinator Job, follow its logs, say where the model landed
 	$(K) delete job fedpi-train --ignore-not-found --wait
@@ -82,16 +82,17 @@ status:  ## workers, coordinator and volumes
 	$(K) get statefulset,pods,job,pvc -o wide
 
 undeploy:  ## remove fedpi but keep its volumes (dataset caches, results); `kubectl delete namespace` drops those too
-	$(K) delete --ignore-not-found job/fedpi-train statefulset/fedpi-worker service/fedpi-worker \
-	  networkpolicy/fedpi-worker-ingress
+	$(K) delete --ignore-not-found job/fedpi-train service/fedpi-worker networkpolicy/fedpi-worker-ingress
+	$(K) delete --ignore-not-found statefulset -l app.kubernetes.io/component=worker
 	$(K) delete --ignore-not-found configmap -l app.kubernetes.io/name=fedpi
 
-# grpcurl as the coordinator: mutual TLS and the token from $(CERTS)/ (what `make secrets` deployed).
+# grpcurl as the coordinator: mutual TLS and the token from $(CERTS)/ (what `make secrets` deployed); the worker's
+# certificate must name the worker.
 GRPCURL_AUTH = -cacert $(CERTS)/ca.crt -cert $(CERTS)/coordinator.crt -key $(CERTS)/coordinator.key \
-	-servername fedpi-worker -H "authorization: Bearer $$(cat $(CERTS)/token)"
+	-servername fedpi-worker-$(POD) -H "authorization: Bearer $$(cat $(CERTS)/token)"
 
 probe:  ## grpcurl health and GetInfo of worker POD through kubectl port-forward
-	@$(K) port-forward pod/fedpi-worker-$(POD) 50051:50051 50052:50052 >/dev/null & pf=$$!; sleep 3; \
+	@$(K) port-forward pod/fedpi-worker-$(POD)-0 50051:50051 50052:50052 >/dev/null & pf=$$!; sleep 3; \
 	grpcurl -plaintext localhost:50052 grpc.health.v1.Health/Check; \
 	grpcurl $(GRPCURL_AUTH) localhost:50051 fedpi.v1.Worker/GetInfo; status=$$?; kill $$pf; exit $$status
 

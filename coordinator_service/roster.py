@@ -91,8 +91,8 @@ class Roster:
                 continue
             if isinstance(info, BaseException):
                 raise info
-            if client.address in self._from_dns and info.worker_id:
-                await self._claim_name(client, info.worker_id)
+            if info.worker_id and (client.address in self._from_dns or client.name == client.address):
+                await self._claim_name(client, info.worker_id)  # found by address: use the id it gives itself
             log.info("worker_ready", worker=client.name, address=client.address, protocol=info.protocol_version,
                      software=info.software_version, dataset=info.dataset, partition=info.partition,
                      train_samples=info.train_samples, arch=info.cpu_architecture, torch=info.torch_version,

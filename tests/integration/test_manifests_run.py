@@ -19,19 +19,19 @@ from coordinator_service.local import wait_serving
 from fedpi import certs
 from fedpi.data import load_dataset, write_idx
 from tests.conftest import ROOT
-from tests.k3s.conftest import find, render
+from tests.k3s.conftest import find, find_all, render
 
 WORKERS = 3
 # As in the image, `python` is the interpreter fedpi is installed in.
 PATH = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
 
 
-def _container_env(doc: dict, docs: list[dict], pod_name: str, pod_index: int) -> dict[str, str]:
+def _container_env(doc: dict, docs: list[dict], pod_name: str) -> dict[str, str]:
     container = doc["spec"]["template"]["spec"]["containers"][0]
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         env.update(find(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
-    fields = {"metadata.name": pod_name, "metadata.labels['apps.kubernetes.io/pod-index']": str(pod_index)}
+    fields = {"metadata.name": pod_name}
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = item["value"]
@@ -83,18 +83,18 @@ def _localise(env: dict[str, str], mapping: dict[str, str]) -> dict[str, str]:
 def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
     # Prepare: the pods as rendered, their Secrets as `make secrets` would create them.
     docs = render("local", "fedpi", "fedpi", "test", str(WORKERS))
-    statefulset, job = find(docs, "StatefulSet"), find(docs, "Job")
-    worker_container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    statefulsets, job = find_all(docs, "StatefulSet"), find(docs, "Job")
     coordinator_container = job["spec"]["template"]["spec"]["containers"][0]
-    assert statefulset["spec"]["replicas"] == WORKERS
+    assert len(statefulsets) == WORKERS
     certs.make_all(tmp_path / "certs", workers=WORKERS)
-    secrets = certs.secret_files(tmp_path / "certs")
-    port = worker_container["ports"][0]["containerPort"]
+    secrets = certs.secret_files(tmp_path / "certs", WORKERS)
+    port = statefulsets[0]["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
     addresses = [f"127.0.0.{i + 1}:{port}" for i in range(WORKERS)]
     procs = []
     try:
-        for i in range(WORKERS):
-            env = _container_env(statefulset, docs, f"fedpi-worker-{i}", i)
+        for i, statefulset in enumerate(statefulsets):
+            worker_container = statefulset["spec"]["template"]["spec"]["containers"][0]
+            env = _container_env(statefulset, docs, f"fedpi-worker-{i}-0")
             assert {"FEDPI_DATA_DIR", "FEDPI_DATASET", "FEDPI_PARTITION_COUNT", "FEDPI_TOKEN_FILE"} <= env.keys()
             mapping = _materialise(statefulset, tmp_path / f"worker{i}", secrets, mnist_dir)
             env = {**_localise(env, mapping), "FEDPI_HOST": f"127.0.0.{i + 1}"}
@@ -105,7 +105,7 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
         health_port = env["FEDPI_HEALTH_PORT"]
         asyncio.run(_all_serving([a.replace(f":{port}", f":{health_port}") for a in addresses], procs, tmp_path))
 
-        env = _container_env(job, docs, "fedpi-train-x", 0)
+        env = _container_env(job, docs, "fedpi-train-x")
         assert {"FEDPI_WORKERS_DNS", "FEDPI_OUTPUT_DIR", "FEDPI_ROUNDS", "FEDPI_EXPECT_WORKERS"} <= env.keys()
         del env["FEDPI_WORKERS_DNS"]
         env = _localise(env, _materialise(job, tmp_path / "coordinator", secrets, mnist_dir))

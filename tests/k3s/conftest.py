@@ -31,3 +31,7 @@ def find(docs: list[dict], kind: str, name_prefix: str = "") -> dict:
     matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)]
     assert len(matches) == 1, f"expected one {kind} {name_prefix!r}, found {len(matches)}"
     return matches[0]
+
+
+def find_all(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]

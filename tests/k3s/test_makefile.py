@@ -18,11 +18,11 @@ def _dry_run(target: str, *variables: str) -> str:
 
 @pytest.mark.parametrize("target, expected", [
     ("deploy", ["fedpi.certs", "--print-secrets", "apply -l 'app.kubernetes.io/component!=coordinator'",
-                "rollout status statefulset/fedpi-worker"]),
+                "rollout status statefulset/fedpi-worker-$i"]),
     ("train", ["delete job fedpi-train", "apply -l app.kubernetes.io/component=coordinator", "logs -f job/fedpi-train"]),
     ("status", ["get statefulset,pods,job,pvc"]),
-    ("undeploy", ["delete --ignore-not-found job/fedpi-train statefulset/fedpi-worker"]),
-    ("probe", ["port-forward pod/fedpi-worker-0", "grpc.health.v1.Health/Check", "-servername fedpi-worker"]),
+    ("undeploy", ["delete --ignore-not-found job/fedpi-train", "statefulset -l app.kubernetes.io/component=worker"]),
+    ("probe", ["port-forward pod/fedpi-worker-0-0", "grpc.health.v1.Health/Check", "-servername fedpi-worker-0"]),
     ("image", ["docker buildx build --platform linux/arm64,linux/amd64"]),
 ])
 def test_targets_expand_to_kubectl_commands(target, expected):

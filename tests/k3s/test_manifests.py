@@ -5,7 +5,7 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 
-from tests.k3s.conftest import OVERLAYS, find, render
+from tests.k3s.conftest import OVERLAYS, find, find_all, render
 
 KUBERNETES_VERSION = "1.31.0"
 
@@ -34,15 +34,15 @@ def test_a_typo_fails_strict_validation():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_are_locked_down_and_probed_natively(overlay):
     docs = render(overlay)
-    for kind in ("StatefulSet", "Job"):
-        pod = find(docs, kind)["spec"]["template"]["spec"]
+    for doc in [d for d in docs if d["kind"] in ("StatefulSet", "Job")]:
+        pod = doc["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         container = pod["containers"][0]
         sc = container["securityContext"]
         assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"]
         assert sc["allowPrivilegeEscalation"] is False
         assert container["resources"]["requests"]["memory"]
-    worker = find(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    worker = find_all(docs, "StatefulSet")[0]["spec"]["template"]["spec"]["containers"][0]
     config = find(docs, "ConfigMap", "fedpi-config")["data"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert worker[probe]["grpc"]["port"] == int(config["FEDPI_HEALTH_PORT"])
@@ -50,34 +50,40 @@ def test_pods_are_locked_down_and_probed_natively(overlay):
 
 def test_settings_are_applied_in_one_place():
     docs = render("pi", "lab", "registry.example/fedpi", "1.2.3", "5")
-    workers = find(docs, "StatefulSet")
+    workers = find_all(docs, "StatefulSet")
     config = find(docs, "ConfigMap", "fedpi-config")
-    assert workers["spec"]["replicas"] == 5
+    assert [w["metadata"]["name"] for w in workers] == [f"fedpi-worker-{i}" for i in range(5)]
+    assert all(w["spec"]["replicas"] == 1 for w in workers)
     assert config["data"]["FEDPI_PARTITION_COUNT"] == config["data"]["FEDPI_EXPECT_WORKERS"] == "5"
     assert {d["metadata"].get("namespace", d["metadata"]["name"]) for d in docs} == {"lab"}
-    images = {c["image"] for kind in ("StatefulSet", "Job") for c in find(docs, kind)["spec"]["template"]["spec"]["containers"]}
+    images = {c["image"] for d in docs if d["kind"] in ("StatefulSet", "Job")
+              for c in d["spec"]["template"]["spec"]["containers"]}
     assert images == {"registry.example/fedpi:1.2.3"}
 
 
 def test_pi_overlay_puts_one_worker_on_each_arm64_pi():
-    pod = find(render("pi"), "StatefulSet")["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == {"kubernetes.io/arch": "arm64", "fedpi.io/worker": "true"}
-    rule = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
-    assert rule["topologyKey"] == "kubernetes.io/hostname"
+    for workers in find_all(render("pi"), "StatefulSet"):
+        pod = workers["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"kubernetes.io/arch": "arm64", "fedpi.io/worker": "true"}
+        rule = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+        assert rule["topologyKey"] == "kubernetes.io/hostname"
+        # against every worker, not only this StatefulSet's own pod
+        assert rule["labelSelector"]["matchLabels"] == {"app.kubernetes.io/component": "worker"}
 
 
-def test_pod_index_is_the_partition_index_and_the_service_is_headless():
+def test_each_worker_has_its_own_id_partition_and_selector_and_the_service_is_headless():
     docs = render("pi")
-    env = {e["name"]: e for e in find(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["FEDPI_PARTITION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
-        "metadata.labels['apps.kubernetes.io/pod-index']"
+    for i, workers in enumerate(find_all(docs, "StatefulSet")):
+        env = {e["name"]: e["value"] for e in workers["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env == {"FEDPI_ID": f"fedpi-worker-{i}", "FEDPI_PARTITION_INDEX": str(i)}
+        assert workers["spec"]["selector"]["matchLabels"]["fedpi.io/worker-index"] == str(i)
     assert find(docs, "Service")["spec"]["clusterIP"] == "None"
 
 
 def test_only_the_coordinator_reaches_the_workers():
     docs = render("pi")
     policy = find(docs, "NetworkPolicy")["spec"]
-    worker_labels = find(docs, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    worker_labels = find_all(docs, "StatefulSet")[0]["spec"]["template"]["metadata"]["labels"]
     coordinator_labels = find(docs, "Job")["spec"]["template"]["metadata"]["labels"]
     assert policy["policyTypes"] == ["Ingress"]
     assert policy["podSelector"]["matchLabels"].items() <= worker_labels.items()
@@ -90,8 +96,9 @@ def test_only_the_coordinator_reaches_the_workers():
 def test_credentials_come_from_secrets_mounted_where_the_config_points():
     docs = render("pi")
     config = find(docs, "ConfigMap", "fedpi-config")["data"]
-    for kind, secret in (("StatefulSet", "fedpi-worker-tls"), ("Job", "fedpi-coordinator-tls")):
-        pod = find(docs, kind)["spec"]["template"]["spec"]
+    pods = [(d, f"{d['metadata']['name']}-tls") for d in find_all(docs, "StatefulSet")]
+    for doc, secret in [*pods, (find(docs, "Job"), "fedpi-coordinator-tls")]:
+        pod = doc["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
         assert volumes[mounts["/etc/fedpi/tls"]]["secret"]["secretName"] == secret
@@ -106,11 +113,17 @@ def test_secrets_from_make_certs_validate_and_match_the_mounts(tmp_path):
 
     from fedpi import certs
 
-    certs.make_all(tmp_path, workers=1)
-    secrets = list(yaml.safe_load_all(certs.secrets_yaml(tmp_path, "lab")))
+    certs.make_all(tmp_path, workers=3)
+    secrets = list(yaml.safe_load_all(certs.secrets_yaml(tmp_path, "lab", workers=3)))
     for secret in secrets:
         kubernetes_validate.validate(secret, KUBERNETES_VERSION, strict=True)
     docs = render("pi")
-    mounted = {v["secret"]["secretName"] for kind in ("StatefulSet", "Job")
-               for v in find(docs, kind)["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    mounted = {v["secret"]["secretName"] for d in docs if d["kind"] in ("StatefulSet", "Job")
+               for v in d["spec"]["template"]["spec"]["volumes"] if "secret" in v}
     assert mounted == {s["metadata"]["name"] for s in secrets}
+
+
+def test_no_worker_mounts_another_workers_key():
+    for workers in find_all(render("pi"), "StatefulSet"):
+        secrets = {v["secret"]["secretName"] for v in workers["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+        assert secrets == {f"{workers['metadata']['name']}-tls", "fedpi-token"}
