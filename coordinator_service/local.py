@@ -49,14 +49,15 @@ class LocalWorker:
     """One `python -m worker_service` process on 127.0.0.1, its output in a log file."""
 
     def __init__(self, name: str, args: Sequence[str], log_dir: Path, port: int | None = None,
-                 env: dict[str, str] | None = None, health_port: bool = False):
-        """`health_port`: serve health on a second, plaintext port and wait on that (for TLS workers)."""
+                 env: dict[str, str] | None = None, health_port: bool = False, module: str = "worker_service"):
+        """`health_port`: serve health on a second, plaintext port and wait on that (for TLS workers). `module` runs
+        another entry point with the worker's flags (tests use one that misbehaves)."""
         self.name = name
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.health_address = f"127.0.0.1:{free_port()}" if health_port else self.address
         self.log_path = log_dir / f"{name}.log"
-        self.argv = [sys.executable, "-m", "worker_service", "--id", name, "--host", "127.0.0.1",
+        self.argv = [sys.executable, "-m", module, "--id", name, "--host", "127.0.0.1",
                      "--port", str(self.port), "--log-format", "json", *args]
         if health_port:
             self.argv += ["--health-port", self.health_address.rsplit(":", 1)[1]]

@@ -64,6 +64,7 @@ class WorkerRound:
     bytes_received: int = 0
     send_seconds: float = 0.0
     receive_seconds: float = 0.0
+    update_distance: float = 0.0  # L2 distance of its update from the global model it was trained from
 
     @property
     def receive_mb_per_s(self) -> float:
@@ -83,6 +84,8 @@ class RoundReport:
     test_accuracy: float = 0.0
     aggregation_seconds: float = 0.0
     wall_seconds: float = 0.0
+    max_update_distance: float = 0.0  # the bound this round's updates were held to
+    aggregation: str = "fedavg"
 
     @property
     def overhead_seconds(self) -> float:
@@ -97,6 +100,8 @@ class RoundReport:
             "wall_seconds": round(self.wall_seconds, 3),
             "overhead_seconds": round(self.overhead_seconds, 3),
             "aggregation_seconds": round(self.aggregation_seconds, 3),
+            "aggregation": self.aggregation,
+            "max_update_distance": round(self.max_update_distance, 4),
             "samples": sum(w.samples for w in self.workers),
             "workers": {
                 w.worker: {
@@ -219,7 +224,10 @@ class RoundRunner:
                 raise RoundFailed(f"round {number}: {exc}", rnd.report.failures) from None
             rnd.aggregation_seconds += elapsed(t)
         report = rnd.report
+        for c in done:
+            c.stats.update_distance = c.check.distance if c.check is not None else 0.0
         report.workers = [c.stats for c in done]
+        report.max_update_distance, report.aggregation = rnd.max_distance, str(self.aggregation)
         report.aggregation_seconds = rnd.aggregation_seconds
         log.debug("weights_aggregated", contributors=len(done), rule=str(self.aggregation))
         if self.test_split is not None:
