@@ -6,6 +6,10 @@
    ../shared/data/mnist; skipped without it).
 4. faults: 10 rounds on 3 workers, one killed (kill -9) in round 3 and restarted in round 5, against a fault-free
    run with the same seed (the real MNIST digits when ../shared is there, else the 5,000 shipped digits).
+5. poison: 5 workers, one of them malicious (tests.poison_worker: huge values, an inflated sample count, a boosted,
+   a sign-flipped and a random update), 5 rounds under every aggregation rule, against a clean run.
+6. robust-memory: the coordinator's peak RSS with median and with FedAvg at 5 and 10 workers on large-mlp (median
+   must not grow by a model per worker either).
 """
 
 from __future__ import annotations
@@ -132,7 +136,60 @@ def bench_faults(tmp: Path) -> None:
           f"{b:.2%}: difference {abs(a - b) * 100:.2f} points")
 
 
-BENCHES = {"transport": bench_transport, "memory": bench_memory, "reference": bench_reference, "faults": bench_faults}
+POISON_ATTACKS = ("huge", "inflate", "scaled:40", "sign-flip:20", "random:40")
+RULES = ("fedavg", "median", "trimmed-mean", "clipped")
+
+
+def bench_poison(tmp: Path) -> None:
+    honest = ["alice", "bob", "charlie", "dave"]
+    workers = [LocalWorker(n, [*DIGITS, "--partition", f"{i}/5"], tmp) for i, n in enumerate(honest)]
+    workers.append(LocalWorker("mallory", [*DIGITS, "--partition", "4/5"], tmp))
+    for attack in POISON_ATTACKS:
+        workers.append(LocalWorker(f"mallory-{attack}", [*DIGITS, "--partition", "4/5", "--attack", attack], tmp,
+                                   module="tests.poison_worker"))
+    train = ["--rounds", "5", "--dataset", "digits-5k", "--local-batches", "20", "--lr", "0.05", "--momentum", "0.5",
+             "--min-workers", "3", "--seed", "3"]
+
+    def run(fifth: str, rule: str) -> str:
+        spec = ",".join(f"{n}={w.address}" for n, w in zip(honest, workers)) + f",mallory={by_name[fifth].address}"
+        proc = run_coordinator("train", "--workers", spec, *train, "--aggregation", rule,
+                               "--output-dir", str(tmp / f"{fifth}-{rule}"), timeout=1200)
+        rounds = [e for e in events(proc.stdout) if e.get("event") == "round_finished"]
+        refused = sum(1 for r in rounds for f in r["failures"] if f["worker"] == "mallory")
+        if proc.returncode:
+            return f"run failed after {len(rounds)} rounds (updates refused, quorum lost)"
+        return f"accuracy {rounds[-1]['test_accuracy']:.2%}  mallory refused in {refused}/{len(rounds)} rounds"
+
+    by_name = {w.name: w for w in workers}
+    with LocalCluster(workers) as cluster:
+        _serving(cluster)
+        print(f"poison     5 workers, digits-5k, 5 rounds  clean fedavg: {run('mallory', 'fedavg')}")
+        for attack in POISON_ATTACKS:
+            for rule in RULES:
+                print(f"poison     {attack:<12} {rule:<13} {run('mallory-' + attack, rule)}")
+
+
+def bench_robust_memory(tmp: Path) -> None:
+    for n in (5, 10):
+        args = [*DIGITS, "--model", "large-mlp"]
+        with demo_cluster(n, args, tmp / f"w{n}") as cluster:
+            _serving(cluster)
+            for rule in ("fedavg", "median"):
+                proc = run_coordinator("train", "--workers", cluster.spec, "--model", "large-mlp", "--rounds", "1",
+                                       "--local-batches", "1", "--dataset", "digits-5k", "--min-workers", str(n),
+                                       "--aggregation", rule, "--output-dir", str(tmp / f"out{n}{rule}"),
+                                       timeout=1800)
+                finished = [e for e in events(proc.stdout) if e.get("event") == "training_finished"]
+                if proc.returncode or not finished:
+                    sys.exit(f"robust-memory benchmark failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+                [r] = [e for e in events(proc.stdout) if e.get("event") == "round_finished"]
+                print(f"robust-memory  large-mlp 105 MB  {n:>2} workers  {rule:<7} coordinator peak RSS "
+                      f"{finished[0]['peak_rss_mb']:.0f} MB  round wall {r['wall_seconds']:.1f} s  "
+                      f"aggregation {r['aggregation_seconds']:.2f} s")
+
+
+BENCHES = {"transport": bench_transport, "memory": bench_memory, "reference": bench_reference, "faults": bench_faults,
+           "poison": bench_poison, "robust-memory": bench_robust_memory}
 
 
 def main() -> None:
