@@ -22,7 +22,7 @@ K = $(KUBECTL) -n $(NAMESPACE)
 
 CERTS ?= certs
 
-.PHONY: help venv proto run test bench clean image image-tar render certs secrets deploy train status undeploy probe
+.PHONY: help venv proto run test bench clean lock image image-tar render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +47,13 @@ test: $(STAMP)  ## the whole test suite
 
 bench: $(STAMP)  ## benchmarks: transport, aggregation memory, reference workload
 	$(PY) -m tests.bench
+
+LOCK = $(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --generate-hashes --quiet
+
+lock: $(STAMP)  ## pin the image's dependencies with hashes: requirements/image-arm64.txt, image-amd64.txt
+	$(LOCK) --python-platform aarch64-manylinux_2_28 --override requirements/torch-arm64.txt -o requirements/image-arm64.txt
+	$(LOCK) --python-platform x86_64-manylinux_2_28 --override requirements/torch-amd64.txt \
+		--no-emit-package torch --no-emit-package torchvision -o requirements/image-amd64.txt
 
 image:  ## build the multi-arch image and push it: make image IMAGE=registry.example/fedpi TAG=0.1.0
 	docker buildx build --platform $(PLATFORMS) -t $(IMAGE):$(TAG) --push .

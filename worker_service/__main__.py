@@ -5,6 +5,11 @@ Every flag can also be set from an environment variable FEDPI_<FLAG> (e.g. FEDPI
 
 from __future__ import annotations
 
+# Before torch is imported: on a CPU this torch cannot run, say so in one line instead of dying with SIGILL.
+from fedpi import preflight
+
+preflight.run_if_asked()
+
 import argparse
 import asyncio
 import os
