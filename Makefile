@@ -22,7 +22,7 @@ K = $(KUBECTL) -n $(NAMESPACE)
 
 CERTS ?= certs
 
-.PHONY: help venv proto run test bench clean lock image image-tar render certs secrets deploy train status undeploy probe
+.PHONY: help venv proto run test bench clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -61,29 +61,48 @@ image:  ## build the multi-arch image and push it: make image IMAGE=registry.exa
 image-tar:  ## build the arm64 image into fedpi-TAG-arm64.tar, for `k3s ctr images import` without a registry
 	docker buildx build --platform linux/arm64 -t $(IMAGE):$(TAG) -o type=docker,dest=fedpi-$(TAG)-arm64.tar .
 
+IMAGE_TEST_PLATFORM ?= linux/amd64
+TORCH_WHEEL ?=
+
+image-test: $(STAMP)  ## build the image and train one round in containers: [IMAGE_TEST_PLATFORM=linux/arm64] [TORCH_WHEEL=file]
+	$(PY) -m tests.image_check --platform $(IMAGE_TEST_PLATFORM) $(if $(TORCH_WHEEL),--torch-wheel $(TORCH_WHEEL))
+
 render:  ## print the manifests `make deploy` would apply
 	@$(RENDER)
 
-certs: $(STAMP)  ## create a CA, coordinator and worker certificates and a token in certs/
-	$(PY) -m fedpi.certs --out $(CERTS) --workers $(WORKERS) --namespace $(NAMESPACE)
+# Certificates need only `cryptography`, in a small venv of their own: not torch and the rest of the dev tools.
+CERTS_VENV ?= .venv-certs
+CERTS_PY = PYTHONPATH=. $(CERTS_VENV)/bin/python -m fedpi.certs --out $(CERTS) --workers $(WORKERS) --namespace $(NAMESPACE)
 
-secrets: $(STAMP)  ## store the token and certificates as the Kubernetes Secrets the pods mount
+$(CERTS_VENV)/.stamp:
+	$(PYTHON) -m venv $(CERTS_VENV)
+	$(CERTS_VENV)/bin/pip install --quiet 'cryptography>=42'
+	touch $@
+
+certs: $(CERTS_VENV)/.stamp  ## create a CA, coordinator and per-worker certificates and a token in certs/
+	$(CERTS_PY)
+
+secrets: $(CERTS_VENV)/.stamp  ## store the token and certificates as the Kubernetes Secrets the pods mount
 	$(KUBECTL) create namespace $(NAMESPACE) --dry-run=client -o yaml | $(KUBECTL) apply -f -
-	$(PY) -m fedpi.certs --out $(CERTS) --workers $(WORKERS) --namespace $(NAMESPACE) --print-secrets \
-	  | $(KUBECTL) apply -f -
+	$(CERTS_PY) --print-secrets | $(KUBECTL) apply -f -
 
 deploy: secrets  ## put a worker on every Pi and wait until all are Ready
 	$(RENDER) | $(KUBECTL) apply -l 'app.kubernetes.io/component!=coordinator' -f -
 	for i in $$(seq 0 $$(($(WORKERS) - 1))); do $(K) rollout status statefulset/fedpi-worker-$$i --timeout=20m || exit 1; done
 
-train:  ## start the coordinator Job, follow its logs, say where the model landed
+# Each `make train` is a run of its own under results/runs/RUN (results/latest points to the newest);
+# `make train RESUME=RUN` continues that run from its checkpoint.
+RUN ?= $(if $(RESUME),$(RESUME),$(shell date -u +%Y%m%d-%H%M%S))
+RESUME ?=
+
+train:  ## start the coordinator Job (a new run, or RESUME=RUN), follow its log from the first line
 	$(K) delete job fedpi-train --ignore-not-found --wait
-	$(RENDER) | $(KUBECTL) apply -l app.kubernetes.io/component=coordinator -f -
-	$(K) wait --for=condition=Ready pod -l job-name=fedpi-train --timeout=10m
-	$(K) logs -f job/fedpi-train
-	$(K) wait --for=condition=Complete job/fedpi-train --timeout=1m
-	@echo "model.pt and metrics.jsonl: volume $$($(K) get pvc fedpi-results -o jsonpath='{.spec.volumeName}')" \
-	  "(results/latest/) on node $$($(K) get pod -l job-name=fedpi-train -o jsonpath='{.items[0].spec.nodeName}')"
+	RUN=$(RUN) RESUME=$(if $(RESUME),1,0) $(RENDER) \
+	  | $(KUBECTL) apply -l 'app.kubernetes.io/component in (coordinator,config)' -f -
+	KUBECTL=$(KUBECTL) k3s/follow-job $(NAMESPACE) fedpi-train 900
+	@echo "run $(RUN): model.pt and metrics.jsonl in results/runs/$(RUN)/ on volume" \
+	  "$$($(K) get pvc fedpi-results -o jsonpath='{.spec.volumeName}')" \
+	  "(node $$($(K) get pod -l job-name=fedpi-train -o jsonpath='{.items[0].spec.nodeName}'))"
 
 status:  ## workers, coordinator and volumes
 	$(K) get statefulset,pods,job,pvc -o wide
@@ -98,10 +117,13 @@ undeploy:  ## remove fedpi but keep its volumes (dataset caches, results); `kube
 GRPCURL_AUTH = -cacert $(CERTS)/ca.crt -cert $(CERTS)/coordinator.crt -key $(CERTS)/coordinator.key \
 	-servername fedpi-worker-$(POD) -H "authorization: Bearer $$(cat $(CERTS)/token)"
 
+# make venv installs grpcurl into the venv; a grpcurl on PATH does as well.
+GRPCURL = $(or $(wildcard $(VENV)/bin/grpcurl),grpcurl)
+
 probe:  ## grpcurl health and GetInfo of worker POD through kubectl port-forward
 	@$(K) port-forward pod/fedpi-worker-$(POD)-0 50051:50051 50052:50052 >/dev/null & pf=$$!; sleep 3; \
-	grpcurl -plaintext localhost:50052 grpc.health.v1.Health/Check; \
-	grpcurl $(GRPCURL_AUTH) localhost:50051 fedpi.v1.Worker/GetInfo; status=$$?; kill $$pf; exit $$status
+	$(GRPCURL) -plaintext localhost:50052 grpc.health.v1.Health/Check; \
+	$(GRPCURL) $(GRPCURL_AUTH) localhost:50051 fedpi.v1.Worker/GetInfo; status=$$?; kill $$pf; exit $$status
 
 clean:  ## remove the virtualenv and run outputs
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(CERTS_VENV) runs .pytest_cache

@@ -76,6 +76,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--encoding", choices=list(ENCODINGS), default="raw")
     p.add_argument("--output-dir", default="runs/latest",
                    help="model.pt, metrics.jsonl and checkpoint.pt (after every round) go here")
+    p.add_argument("--latest-link", help="also point this symlink at --output-dir (e.g. results/latest)")
     g = p.add_argument_group("security (see README: Threat model)")
     g.add_argument("--token-file", help="file holding the bearer token workers require")
     g.add_argument("--tls-ca", help="CA certificate to verify workers with; turns TLS on")
@@ -138,7 +139,7 @@ def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], datase
         init_seed=args.seed, rpc_timeout=args.rpc_timeout, idle_timeout=args.idle_timeout,
         round_timeout=args.round_timeout, handshake_timeout=args.handshake_timeout,
         round_retries=args.round_retries, retry_backoff=args.retry_backoff, keepalive_seconds=args.keepalive,
-        resume=args.resume, aggregation=args.aggregation, max_update_ratio=args.max_update_ratio,
+        resume=args.resume, latest_link=Path(args.latest_link) if args.latest_link else None, aggregation=args.aggregation, max_update_ratio=args.max_update_ratio,
         transfer=TransferSettings(chunk_size=args.chunk_size, encoding=ENCODINGS[args.encoding]),
         security=_security(args),
     )

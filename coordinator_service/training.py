@@ -52,6 +52,7 @@ class RunConfig:
     retry_backoff: float = 5.0
     keepalive_seconds: float = 30.0
     resume: bool = False
+    latest_link: Path | None = None  # a symlink pointed at output_dir when the run starts
     aggregation: Aggregation = Aggregation()
     max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO
     transfer: TransferSettings = TransferSettings()
@@ -64,12 +65,22 @@ def _write_atomically(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _point(link: Path, target: Path) -> None:
+    """Atomically make `link` a symlink to `target` (relative when they share a directory tree)."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target.resolve(), link.parent.resolve()), tmp)
+    os.replace(tmp, link)
+
+
 def _write_metrics(path: Path, events: list[dict]) -> None:
     _write_atomically(path, lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in events)))
 
 
 async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> list[RoundReport]:
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.latest_link is not None:
+        _point(cfg.latest_link, cfg.output_dir)
     model = build_model(cfg.model, seed=cfg.init_seed)
     metrics: list[dict] = []
     first_round = 1

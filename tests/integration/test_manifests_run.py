@@ -126,6 +126,8 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
     assert sorted(metrics["workers"]) == [f"fedpi-worker-{i}" for i in range(WORKERS)]
     assert metrics["test_accuracy"] > 0.5
     assert (results / "model.pt").is_file()
+    latest = tmp_path / "coordinator" / env["FEDPI_LATEST_LINK"].split("/coordinator/", 1)[1]
+    assert latest.is_symlink() and latest.resolve() == results.resolve()
     started = [json.loads(line) for line in (tmp_path / "worker0.log").read_text().splitlines()
                if '"worker_started"' in line]
     assert started[0]["mutual_tls"] and started[0]["token"]

@@ -19,7 +19,8 @@ def _dry_run(target: str, *variables: str) -> str:
 @pytest.mark.parametrize("target, expected", [
     ("deploy", ["fedpi.certs", "--print-secrets", "apply -l 'app.kubernetes.io/component!=coordinator'",
                 "rollout status statefulset/fedpi-worker-$i"]),
-    ("train", ["delete job fedpi-train", "apply -l app.kubernetes.io/component=coordinator", "logs -f job/fedpi-train"]),
+    ("train", ["delete job fedpi-train", "RUN=", "apply -l 'app.kubernetes.io/component in (coordinator,config)'",
+               "k3s/follow-job fedpi fedpi-train"]),
     ("status", ["get statefulset,pods,job,pvc"]),
     ("undeploy", ["delete --ignore-not-found job/fedpi-train", "statefulset -l app.kubernetes.io/component=worker"]),
     ("probe", ["port-forward pod/fedpi-worker-0-0", "grpc.health.v1.Health/Check", "-servername fedpi-worker-0"]),
@@ -34,3 +35,15 @@ def test_targets_expand_to_kubectl_commands(target, expected):
 def test_settings_reach_the_renderer():
     out = _dry_run("deploy", "OVERLAY=local", "NAMESPACE=lab", "IMAGE=reg/fedpi", "TAG=9", "WORKERS=5")
     assert "k3s/render local lab reg/fedpi 9 5" in out and "-n lab" in out
+
+
+def test_train_resumes_a_named_run_and_probe_finds_the_venvs_grpcurl():
+    out = _dry_run("train", "RESUME=20261126-0400")
+    assert "RUN=20261126-0400 RESUME=1" in out
+    assert "RESUME=0" in _dry_run("train")
+    assert ".venv/bin/grpcurl" in _dry_run("probe")
+
+
+def test_certs_need_only_cryptography():
+    out = _dry_run("certs", "CERTS_VENV=build/no-such-venv")
+    assert "build/no-such-venv/bin/pip install" in out and "'cryptography" in out and ".[dev]" not in out

@@ -127,3 +127,33 @@ def test_no_worker_mounts_another_workers_key():
     for workers in find_all(render("pi"), "StatefulSet"):
         secrets = {v["secret"]["secretName"] for v in workers["spec"]["template"]["spec"]["volumes"] if "secret" in v}
         assert secrets == {f"{workers['metadata']['name']}-tls", "fedpi-token"}
+
+
+def test_the_coordinator_is_placed_off_the_worker_pis():
+    affinity = find(render("pi"), "Job")["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    [term] = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [{"key": "fedpi.io/worker", "operator": "NotIn", "values": ["true"]}]
+
+
+def test_a_run_gets_its_own_directory_and_can_be_resumed_without_touching_the_config():
+    import os
+    import subprocess
+
+    from tests.k3s.conftest import kubectl
+    from tests.conftest import ROOT
+
+    def job_env(**extra):
+        out = subprocess.run([str(ROOT / "k3s" / "render"), "pi"], capture_output=True, text=True, check=True,
+                             env={**os.environ, "KUBECTL": kubectl(), **extra}).stdout
+        import yaml
+        docs = [d for d in yaml.safe_load_all(out) if d]
+        config = find(docs, "ConfigMap", "fedpi-config")["metadata"]["name"]
+        env = {e["name"]: e["value"] for e in find(docs, "Job")["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+        return config, env
+
+    plain_config, plain = job_env()
+    resumed_config, resumed = job_env(RUN="20261126-0400", RESUME="1")
+    assert plain == {}
+    assert resumed == {"FEDPI_OUTPUT_DIR": "/results/runs/20261126-0400", "FEDPI_LATEST_LINK": "/results/latest",
+                       "FEDPI_RESUME": "1"}
+    assert resumed_config == plain_config  # the same ConfigMap: nothing to deploy again

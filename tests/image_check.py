@@ -1,0 +1,171 @@
+"""make image-test: build the image, check its size, run a worker and a coordinator container as the manifests do
+(non-root, read-only root filesystem), train one round, probe the worker with grpcurl, and stop everything.
+
+  python -m tests.image_check [--platform linux/amd64|linux/arm64] [--torch-wheel PATH] [--budget-mb N]
+
+Then a coordinator on this machine (this venv's torch) trains one more round against the container's worker (the
+image's torch): the wire format does not depend on the torch version. Needs podman (or docker) and the base image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coordinator_service.local import free_port, wait_serving
+from fedpi.data import write_idx
+from tests.conftest import ROOT
+from tests.integration.conftest import events, run_coordinator
+
+BUDGET_MB = {"linux/arm64": 1200, "linux/amd64": 1300}
+USER = "10001:10001"
+
+
+def engine(platform: str) -> list[str]:
+    for name in ("podman", "docker"):
+        if shutil.which(name):
+            # podman-here keeps arm64 images in a store of their own, so both can carry the same base tag.
+            arm64 = name == "podman" and platform == "linux/arm64"
+            return [name, *shlex.split(os.environ.get("PODMAN_ARM64_STORE", "") if arm64 else "")]
+    sys.exit("image-test: neither podman nor docker is installed")
+
+
+def sh(*args: str, check: bool = True, capture: bool = True) -> str:
+    proc = subprocess.run(args, capture_output=capture, text=True)
+    if check and proc.returncode:
+        sys.exit(f"image-test: {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return proc.stdout if capture else ""
+
+
+def build(eng: list[str], platform: str, tag: str, torch_wheel: str | None) -> float:
+    args = [*eng, "build", *shlex.split(os.environ.get("PODMAN_BUILD_FLAGS", "")), "--platform", platform, "-t", tag]
+    copied = None
+    if torch_wheel:
+        copied = ROOT / "wheels" / Path(torch_wheel).name
+        if not copied.exists():
+            shutil.copy(torch_wheel, copied)
+        version = Path(torch_wheel).name.split("-")[1]
+        args += ["--build-arg", "TORCH_WHEELS=1", "--build-arg", f"TORCH_SPEC=torch=={version}"]
+    started = time.monotonic()
+    sh(*args, str(ROOT), capture=False)
+    print(f"image-test  built {tag} for {platform} in {time.monotonic() - started:.0f} s")
+    size = int(sh(*eng, "image", "inspect", "--format", "{{.Size}}", tag).strip()) / 1e6
+    return size
+
+
+def synthetic_mnist(root: Path) -> None:
+    """Random 28x28 digits in MNIST's IDX files (the image test checks plumbing, not accuracy)."""
+    gen = np.random.default_rng(0)
+    for prefix, n in (("train", 600), ("t10k", 200)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", gen.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", gen.integers(0, 10, n, dtype=np.uint8))
+
+
+RUN_ARGS: list[str] = []  # --run-args: e.g. an emulated CPU's /proc/cpuinfo for arm64 under qemu
+
+
+def run_container(eng: list[str], tag: str, name: str, data: Path, command: list[str],
+                  detach: bool, results: Path | None = None) -> subprocess.CompletedProcess:
+    mounts = ["-v", f"{data}:/data:ro"] + (["-v", f"{results}:/results"] if results else [])
+    return subprocess.run([*eng, "run", *RUN_ARGS, *(["-d"] if detach else []), "--rm", "--name", name,
+                           "--network", "host",
+                           "--read-only", "--tmpfs", "/tmp", "--user", USER, "--cap-drop", "ALL",
+                           "--security-opt", "no-new-privileges", *mounts, "--entrypoint", "python", tag, "-m",
+                           *command], capture_output=True, text=True, timeout=1800)
+
+
+def rss_mb(eng: list[str], name: str) -> float:
+    pid = sh(*eng, "inspect", "--format", "{{.State.Pid}}", name).strip()
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def grpcurl(*args: str) -> str:
+    binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+    return subprocess.run([binary, "-plaintext", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--platform", default="linux/amd64")
+    p.add_argument("--torch-wheel", help="a CPU torch wheel to build with instead of the PyTorch CPU index (amd64)")
+    p.add_argument("--budget-mb", type=float, help="largest image size accepted (default by platform)")
+    p.add_argument("--no-build", action="store_true", help="use an image built before")
+    p.add_argument("--run-args", default="", help="extra arguments for every container run")
+    args = p.parse_args()
+    RUN_ARGS.extend(shlex.split(args.run_args))
+    eng = engine(args.platform)
+    tag = f"localhost/fedpi:image-test-{args.platform.split('/')[1]}"
+    if args.no_build:
+        size = int(sh(*eng, "image", "inspect", "--format", "{{.Size}}", tag).strip()) / 1e6
+    else:
+        size = build(eng, args.platform, tag, args.torch_wheel)
+    budget = args.budget_mb or BUDGET_MB[args.platform]
+    print(f"image-test  image size {size:.0f} MB (budget {budget:.0f} MB)")
+    if size > budget:
+        sys.exit(f"image-test: the image is {size:.0f} MB, over its budget of {budget:.0f} MB")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data, results = tmp / "data", tmp / "results"
+        data.mkdir()
+        results.mkdir(mode=0o777)
+        os.chmod(results, 0o777)  # written by the image's user 10001
+        synthetic_mnist(data)
+        port, health = free_port(), free_port()
+        worker = f"fedpi-image-test-worker-{port}"
+        started = time.monotonic()
+        proc = run_container(eng, tag, worker, data, [
+            "worker_service", "--id", "pi-1", "--host", "127.0.0.1", "--port", str(port), "--health-port", str(health),
+            "--dataset", "mnist", "--no-download", "--partition", "0/1"], detach=True)
+        if proc.returncode:
+            sys.exit(f"image-test: the worker container did not start:\n{proc.stderr}")
+        try:
+            asyncio.run(wait_serving(f"127.0.0.1:{health}", None, timeout=900))
+            print(f"image-test  worker container SERVING {time.monotonic() - started:.1f} s after start, "
+                  f"RSS {rss_mb(eng, worker):.0f} MB")
+            services = grpcurl(f"127.0.0.1:{port}", "list")
+            assert "fedpi.v1.Worker" in services and "grpc.health.v1.Health" in services, services
+            assert json.loads(grpcurl(f"127.0.0.1:{health}", "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
+            info = json.loads(grpcurl(f"127.0.0.1:{port}", "fedpi.v1.Worker/GetInfo"))
+            print(f"image-test  grpcurl list: {', '.join(services.split())}; health SERVING; worker torch "
+                  f"{info['torchVersion']} on {info['cpuArchitecture']}")
+            coordinator = run_container(eng, tag, f"fedpi-image-test-coordinator-{port}", data, [
+                "coordinator_service", "train", "--workers", f"pi-1=127.0.0.1:{port}", "--rounds", "1",
+                "--dataset", "mnist", "--no-download", "--local-batches", "5", "--output-dir", "/results/run",
+                "--log-format", "json"], detach=False, results=results)
+            finished = [e for e in events(coordinator.stdout) if e.get("event") == "round_finished"]
+            if coordinator.returncode or not finished:
+                sys.exit(f"image-test: the coordinator container failed:\n{coordinator.stdout[-3000:]}"
+                         f"{coordinator.stderr[-2000:]}")
+            print(f"image-test  coordinator container finished round 1: wall {finished[0]['wall_seconds']:.2f} s, "
+                  f"samples {finished[0]['samples']}; {results}/run/model.pt written: "
+                  f"{(results / 'run' / 'model.pt').is_file()}")
+            host = run_coordinator("train", "--workers", f"pi-1=127.0.0.1:{port}", "--rounds", "1", "--dataset",
+                                   "mnist", "--data-dir", str(data), "--no-download", "--local-batches", "5",
+                                   "--output-dir", str(tmp / "host"), timeout=1800)
+            if host.returncode:
+                sys.exit(f"image-test: this machine's coordinator failed:\n{host.stdout[-3000:]}")
+            print(f"image-test  coordinator with torch {torch.__version__} (this machine) and worker with torch "
+                  f"{info['torchVersion']} (the image) finished a round")
+        finally:
+            sh(*eng, "stop", "-t", "15", worker, check=False)
+    print("image-test  passed")
+
+
+if __name__ == "__main__":
+    main()
