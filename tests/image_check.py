@@ -143,7 +143,7 @@ def main() -> None:
             assert json.loads(grpcurl(f"127.0.0.1:{health}", "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
             info = json.loads(grpcurl(f"127.0.0.1:{port}", "fedpi.v1.Worker/GetInfo"))
             print(f"image-test  grpcurl list: {', '.join(services.split())}; health SERVING; worker torch "
-                  f"{info['torchVersion']} on {info['cpuArchitecture']}")
+                  f"{info['torch_version']} on {info['cpu_architecture']}")
             coordinator = run_container(eng, tag, f"fedpi-image-test-coordinator-{port}", data, [
                 "coordinator_service", "train", "--workers", f"pi-1=127.0.0.1:{port}", "--rounds", "1",
                 "--dataset", "mnist", "--no-download", "--local-batches", "5", "--output-dir", "/results/run",
@@ -161,7 +161,7 @@ def main() -> None:
             if host.returncode:
                 sys.exit(f"image-test: this machine's coordinator failed:\n{host.stdout[-3000:]}")
             print(f"image-test  coordinator with torch {torch.__version__} (this machine) and worker with torch "
-                  f"{info['torchVersion']} (the image) finished a round")
+                  f"{info['torch_version']} (the image) finished a round")
         finally:
             sh(*eng, "stop", "-t", "15", worker, check=False)
     print("image-test  passed")
