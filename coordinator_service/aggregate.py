@@ -112,7 +112,10 @@ class UpdateCheck:
         if self.reference is None or not is_float(meta):
             return
         ref = self.reference[index][start : start + len(x)]
-        self.squared += float((x.double() - ref.double()).pow(2).sum())
+        # In the update's own precision (float32 at least): a distance that overflows is inf, and refused all the same.
+        work = x.dtype if x.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128) else torch.float32
+        d = x.to(work) - ref.to(work)
+        self.squared += float((d.abs() if d.is_complex() else d).pow(2).sum())
         if self.squared > self.max_distance ** 2:
             raise UpdateOutOfRange(
                 f"the update lies more than {self.max_distance:.4g} (L2) from the global model it was trained from "
