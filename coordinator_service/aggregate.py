@@ -45,7 +45,8 @@ def flat_reference(state: Mapping[str, torch.Tensor], manifest: Sequence[TensorM
 
 def model_norm(reference: Sequence[torch.Tensor], manifest: Sequence[TensorMeta]) -> float:
     """L2 norm over the floating-point tensors (integer buffers such as BatchNorm counters are not weights)."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t, m in zip(reference, manifest) if is_float(m)))
+    # vector_norm reduces without a squared copy of the tensor: the largest tensor may be most of the model.
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t, m in zip(reference, manifest) if is_float(m)))
 
 
 class Segmenter:
