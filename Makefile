@@ -45,7 +45,7 @@ run: $(STAMP)  ## three local workers + a coordinator on 127.0.0.1: a real train
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## benchmarks: transport, aggregation memory, reference workload
+bench: $(STAMP)  ## benchmarks: transport, memory, reference workload, faults, poison, robust-memory
 	$(PY) -m tests.bench
 
 LOCK = $(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --generate-hashes --quiet
