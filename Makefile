@@ -63,9 +63,11 @@ image-tar:  ## build the arm64 image into fedpi-TAG-arm64.tar, for `k3s ctr imag
 
 IMAGE_TEST_PLATFORM ?= linux/amd64
 TORCH_WHEEL ?=
+IMAGE_TEST_RUN_ARGS ?=
 
 image-test: $(STAMP)  ## build the image and train one round in containers: [IMAGE_TEST_PLATFORM=linux/arm64] [TORCH_WHEEL=file]
-	$(PY) -m tests.image_check --platform $(IMAGE_TEST_PLATFORM) $(if $(TORCH_WHEEL),--torch-wheel $(TORCH_WHEEL))
+	$(PY) -m tests.image_check --platform $(IMAGE_TEST_PLATFORM) $(if $(TORCH_WHEEL),--torch-wheel $(TORCH_WHEEL)) \
+		$(if $(IMAGE_TEST_RUN_ARGS),--run-args "$(IMAGE_TEST_RUN_ARGS)")
 
 render:  ## print the manifests `make deploy` would apply
 	@$(RENDER)
