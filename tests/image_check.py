@@ -87,11 +87,26 @@ def run_container(eng: list[str], tag: str, name: str, data: Path, command: list
 
 
 def rss_mb(eng: list[str], name: str) -> float:
-    pid = sh(*eng, "inspect", "--format", "{{.State.Pid}}", name).strip()
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Resident memory of the container's processes (its main process and, behind an --init, its children)."""
+    root = int(sh(*eng, "inspect", "--format", "{{.State.Pid}}", name).strip())
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    members = {root}
+    for _ in range(5):  # a few levels of children are plenty
+        members |= {pid for pid, ppid in parents.items() if ppid in members}
+    total = 0
+    for pid in members:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total / 1024
 
 
 def grpcurl(*args: str) -> str:
