@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--local-workers", type=int, default=3, help="how many local workers to start")
     demo.add_argument("--worker-threads", type=int, default=1, help="torch threads per local worker")
     demo.add_argument("--partition-scheme", choices=datasets.PARTITION_SCHEMES, default="iid")
+    demo.add_argument("--partition-alpha", type=float, default=datasets.DEFAULT_DIRICHLET_ALPHA,
+                      help="with --partition-scheme dirichlet: the concentration (0.1: few classes per worker)")
     _common(demo)
     apply_env_defaults(p)
     return p.parse_args(argv)
@@ -162,7 +164,8 @@ async def _demo(args: argparse.Namespace) -> None:
     # Resolve the dataset once, here, so the workers need not each try (and race) to download it.
     data = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
     worker_args = ["--model", args.model, "--dataset", data.name, "--data-dir", args.data_dir, "--no-download",
-                   "--partition-scheme", args.partition_scheme, "--threads", str(args.worker_threads)]
+                   "--partition-scheme", args.partition_scheme, "--partition-alpha", str(args.partition_alpha),
+                   "--threads", str(args.worker_threads)]
     log_dir = Path(args.output_dir) / "workers"
     with demo_cluster(args.local_workers, worker_args, log_dir) as cluster:
         log.info("local_workers_starting", workers=[w.address for w in cluster.workers], logs=str(log_dir))

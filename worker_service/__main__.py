@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="overrides INDEX of --partition (Kubernetes: the StatefulSet pod index)")
     p.add_argument("--partition-count", type=int, default=None, help="overrides COUNT of --partition")
     p.add_argument("--partition-scheme", choices=datasets.PARTITION_SCHEMES, default="iid")
+    p.add_argument("--partition-alpha", type=float, default=datasets.DEFAULT_DIRICHLET_ALPHA,
+                   help="with --partition-scheme dirichlet: the concentration (0.1: few classes per worker)")
     p.add_argument("--partition-seed", type=int, default=0,
                    help="seed of the iid shuffle; must be the same on every worker")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -85,8 +87,9 @@ def build_servicer(args: argparse.Namespace) -> WorkerServicer:
         count = args.partition_count
     index, count = datasets.parse_partition(f"{index}/{count}")
     full = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-    shard = datasets.shard(full, index, count, args.partition_scheme, args.partition_seed)
-    partition = f"{index}/{count} {args.partition_scheme} seed={args.partition_seed}"
+    shard = datasets.shard(full, index, count, args.partition_scheme, args.partition_seed, args.partition_alpha)
+    scheme = args.partition_scheme + (f" alpha={args.partition_alpha:g}" if args.partition_scheme == "dirichlet" else "")
+    partition = f"{index}/{count} {scheme} seed={args.partition_seed}"
     return WorkerServicer(
         worker_id=args.id, model_name=args.model, model=build_model(args.model), data=shard, partition=partition,
         limits=Limits(max_chunk_bytes=args.max_chunk_mb * MIB, max_payload_bytes=args.max_payload_mb * MIB,

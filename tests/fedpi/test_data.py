@@ -35,6 +35,29 @@ def test_label_scheme_is_the_reference_non_iid_split():
     assert groups == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
 
+def _class_shares(labels, count, alpha, seed=0):
+    """shares[k][c]: the fraction of class c that shard k holds."""
+    shards = [labels[data.partition_indices(labels, k, count, "dirichlet", seed, alpha)] for k in range(count)]
+    return np.array([[np.mean(s == c) * len(s) / np.sum(labels == c) for c in range(10)] for s in shards])
+
+
+def test_dirichlet_skews_labels_by_alpha():
+    labels = np.random.default_rng(1).integers(0, 10, size=10_000)
+    skewed, even = _class_shares(labels, 3, 0.1), _class_shares(labels, 3, 1000.0)
+    # alpha 0.1: most of each class sits with one worker; alpha 1000: every worker holds about a third of each class
+    assert np.mean(skewed.max(axis=0)) > 0.8
+    assert np.abs(even - 1 / 3).max() < 0.05
+
+
+def test_dirichlet_gives_train_and_test_splits_the_same_proportions_and_follows_the_seed():
+    train = np.random.default_rng(2).integers(0, 10, size=8_000)
+    test = np.random.default_rng(3).integers(0, 10, size=2_000)
+    assert np.abs(_class_shares(train, 3, 0.3) - _class_shares(test, 3, 0.3)).max() < 0.01
+    assert not np.allclose(_class_shares(train, 3, 0.3, seed=0), _class_shares(train, 3, 0.3, seed=1))
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        data.partition_indices(train, 0, 3, "dirichlet", 0, alpha=0)
+
+
 @pytest.mark.parametrize("spec, expected", [("0/3", (0, 3)), ("2/3", (2, 3))])
 def test_parse_partition(spec, expected):
     assert data.parse_partition(spec) == expected
