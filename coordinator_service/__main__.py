@@ -23,6 +23,7 @@ import torch
 from coordinator_service.local import demo_cluster
 from coordinator_service.robust import Aggregation, parse_aggregation
 from coordinator_service.rounds import DEFAULT_MAX_UPDATE_RATIO, RoundFailed, TransferSettings
+from coordinator_service.server_opt import SERVER_OPTIMIZERS, ServerOptimizerConfig
 from coordinator_service.strategy import FedAvg
 from coordinator_service.training import HandshakeFailed, RunConfig, run
 from coordinator_service.checkpoint import CheckpointMismatch
@@ -54,6 +55,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unweighted", action="store_true", help="plain mean instead of weighting by samples")
     g.add_argument("--aggregation", type=parse_aggregation, default=Aggregation(),
                    help="fedavg | median | trimmed-mean[:k] | clipped[:norm] (README: Robust aggregation)")
+    g.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="fedavg",
+                   help="how the aggregate becomes the next global model (README: Server optimizers)")
+    g.add_argument("--server-lr", type=float, default=None,
+                   help="server learning rate (default: 1.0 for fedavgm, 0.01 for the adaptive ones)")
+    g.add_argument("--server-momentum", type=float, default=0.9, help="server beta1 (fedavgm's momentum)")
+    g.add_argument("--server-beta2", type=float, default=0.99, help="second-moment decay of fedadam / fedyogi")
+    g.add_argument("--server-tau", type=float, default=1e-3, help="adaptivity of fedadam / fedyogi / fedadagrad")
+    g.add_argument("--lr-decay", type=float, default=1.0,
+                   help="the local learning rate of round r is --lr x this^(r-1)")
     g.add_argument("--max-update-ratio", type=float, default=DEFAULT_MAX_UPDATE_RATIO,
                    help="refuse an update further from the global model than this many times the model's L2 norm")
     g = p.add_argument_group("rounds and transport")
@@ -113,7 +123,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _strategy(args: argparse.Namespace, n_workers: int) -> FedAvg:
     return FedAvg(local_batches=0 if args.local_epochs else args.local_batches, local_epochs=args.local_epochs,
                   batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum, seed=args.seed,
-                  min_workers=_min_workers(args, n_workers), weighted=not args.unweighted)
+                  min_workers=_min_workers(args, n_workers), weighted=not args.unweighted, lr_decay=args.lr_decay)
+
+
+def _server_optimizer(args: argparse.Namespace) -> ServerOptimizerConfig:
+    default_lr = 1.0 if args.server_optimizer in ("fedavg", "fedavgm") else 0.01
+    return ServerOptimizerConfig(name=args.server_optimizer, lr=args.server_lr or default_lr,
+                                 beta1=args.server_momentum, beta2=args.server_beta2, tau=args.server_tau)
 
 
 def _min_workers(args: argparse.Namespace, n_workers: int) -> int:
@@ -141,6 +157,7 @@ def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], datase
         init_seed=args.seed, rpc_timeout=args.rpc_timeout, idle_timeout=args.idle_timeout,
         round_timeout=args.round_timeout, handshake_timeout=args.handshake_timeout,
         round_retries=args.round_retries, retry_backoff=args.retry_backoff, keepalive_seconds=args.keepalive,
+        server_optimizer=_server_optimizer(args),
         resume=args.resume, latest_link=Path(args.latest_link) if args.latest_link else None, aggregation=args.aggregation, max_update_ratio=args.max_update_ratio,
         transfer=TransferSettings(chunk_size=args.chunk_size, encoding=ENCODINGS[args.encoding]),
         security=_security(args),

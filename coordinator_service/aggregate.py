@@ -150,20 +150,21 @@ class WeightedSum:
         acc = self._acc[index]
         acc[start : start + len(x)].add_(x.to(acc.dtype), alpha=weight)
 
-    def mean_into(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Write the weighted mean into `state`'s tensors in place (e.g. the global model's state_dict).
-
-        Divides the accumulator in place, so no second model-sized buffer appears; the sum is spent afterwards.
-        The mean is checked whole before the first tensor of `state` changes: a non-finite aggregate raises
-        NonFiniteAggregate and leaves `state` as it was.
-        """
+    def mean(self) -> list[torch.Tensor]:
+        """The weighted mean, flat, in the accumulator's dtype. Divides the accumulator in place, so no second
+        model-sized buffer appears; the sum is spent afterwards. Raises NonFiniteAggregate if any of it is NaN/Inf."""
         if self.contributors == 0:
             raise ValueError("no contributions to average")
         for m, acc in zip(self.manifest, self._acc):
             acc.div_(self.total_weight)
             if not all_finite(acc):
                 raise NonFiniteAggregate(f"the aggregate of {m.name} holds NaN or Inf; the global model is unchanged")
-        install(self.manifest, self._acc, state)
+        return self._acc
+
+    def mean_into(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Write the weighted mean into `state`'s tensors in place; `state` is left as it was if the mean is not
+        finite (NonFiniteAggregate)."""
+        install(self.manifest, self.mean(), state)
 
 
 def install(manifest: Sequence[TensorMeta], flat: Sequence[torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     metrics: list[dict]
     rng: dict
+    server_optimizer: dict = field(default_factory=dict)  # its state (momentum, second moments), if it keeps one
 
     @staticmethod
     def capture_rng() -> dict:

@@ -28,6 +28,7 @@ from coordinator_service.aggregate import (
     model_norm,
 )
 from coordinator_service.robust import Aggregation, CoordinateReducer, StepFailed
+from coordinator_service.server_opt import ServerOptimizer
 from coordinator_service.strategy import Failure, Strategy
 from coordinator_service.worker_client import WorkerClient, WorkerError, WorkerRejected, elapsed
 from fedpi import serde
@@ -160,7 +161,7 @@ class RoundRunner:
     def __init__(self, *, model: torch.nn.Module, architecture: str, strategy: Strategy, test_split: Split | None,
                  transfer: TransferSettings = TransferSettings(), round_timeout: float = 3600.0,
                  aggregation: Aggregation = Aggregation(), max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO,
-                 run_id: str | None = None):
+                 run_id: str | None = None, server_optimizer: ServerOptimizer | None = None):
         self.model = model
         self.architecture = architecture
         self.strategy = strategy
@@ -170,6 +171,7 @@ class RoundRunner:
         self.aggregation = aggregation
         self.max_update_ratio = max_update_ratio
         self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.server_optimizer = server_optimizer or ServerOptimizer()
         self._attempts = 0  # every call gets its own round id, so a retried round never mixes with its first try
 
     async def run_round(self, server_round: int, clients: Sequence[WorkerClient],
@@ -219,9 +221,10 @@ class RoundRunner:
                 await self._clip(rnd, done, total)
             t = time.perf_counter()
             try:
-                total.mean_into(self.model.state_dict())
+                flat = total.mean()
             except NonFiniteAggregate as exc:
                 raise RoundFailed(f"round {number}: {exc}", rnd.report.failures) from None
+            self._install(rnd, flat)
             rnd.aggregation_seconds += elapsed(t)
         report = rnd.report
         for c in done:
@@ -425,6 +428,8 @@ class RoundRunner:
     # -- step 4: install ---------------------------------------------------------------------------------------
 
     def _install(self, rnd: _Round, flat: list[torch.Tensor]) -> None:
+        """The aggregate, through the server optimizer, becomes the global model if it is finite."""
+        self.server_optimizer.step(rnd.reference, flat)
         for meta, values in zip(rnd.payload.manifest, flat):
             if not serde.all_finite(values):
                 raise RoundFailed(f"round {rnd.number}: the aggregate of {meta.name} holds NaN or Inf; the global "

@@ -48,7 +48,7 @@ class FedAvg(Strategy):
 
     def __init__(self, *, local_batches: int = 50, local_epochs: int = 0, batch_size: int = 64,
                  learning_rate: float = 0.01, momentum: float = 0.0, seed: int = 0, min_workers: int = 1,
-                 weighted: bool = True, evaluate_locally: bool = False):
+                 weighted: bool = True, evaluate_locally: bool = False, lr_decay: float = 1.0):
         self.local_batches = local_batches
         self.local_epochs = local_epochs
         self.batch_size = batch_size
@@ -58,11 +58,13 @@ class FedAvg(Strategy):
         self.min_workers = min_workers
         self.weighted = weighted
         self.evaluate_locally = evaluate_locally
+        self.lr_decay = lr_decay  # the local learning rate of round r is learning_rate x lr_decay^(r-1)
 
     def configure_train(self, server_round: int, worker_index: int) -> pb.TrainRequest:
         return pb.TrainRequest(
             round=server_round, local_batches=self.local_batches, local_epochs=self.local_epochs,
-            batch_size=self.batch_size, learning_rate=self.learning_rate, momentum=self.momentum,
+            batch_size=self.batch_size, learning_rate=self.learning_rate * self.lr_decay ** (server_round - 1),
+            momentum=self.momentum,
             # Distinct per round and worker, reproducible from --seed.
             seed=self.seed * 1_000_003 + server_round * 1_009 + worker_index,
             evaluate=self.evaluate_locally,

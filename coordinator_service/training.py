@@ -16,6 +16,7 @@ import torch
 from coordinator_service import checkpoint
 from coordinator_service.roster import HandshakeFailed, Roster
 from coordinator_service.robust import Aggregation
+from coordinator_service.server_opt import ServerOptimizer, ServerOptimizerConfig
 from coordinator_service.rounds import (
     DEFAULT_MAX_UPDATE_RATIO,
     RoundFailed,
@@ -54,6 +55,7 @@ class RunConfig:
     resume: bool = False
     latest_link: Path | None = None  # a symlink pointed at output_dir when the run starts
     aggregation: Aggregation = Aggregation()
+    server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO
     transfer: TransferSettings = TransferSettings()
     security: ClientSecurity = ClientSecurity()
@@ -82,10 +84,13 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> l
     if cfg.latest_link is not None:
         _point(cfg.latest_link, cfg.output_dir)
     model = build_model(cfg.model, seed=cfg.init_seed)
+    server_optimizer = ServerOptimizer(cfg.server_optimizer)
     metrics: list[dict] = []
     first_round = 1
     if cfg.resume and (ckpt := checkpoint.load(cfg.output_dir, cfg.model)) is not None:
         model.load_state_dict(ckpt.state_dict)
+        if ckpt.server_optimizer:
+            server_optimizer.load_state_dict(ckpt.server_optimizer)
         ckpt.restore_rng()
         metrics, first_round = ckpt.metrics, ckpt.round + 1
         log.info("training_resumed", from_round=ckpt.round, checkpoint=str(cfg.output_dir / checkpoint.CHECKPOINT_NAME))
@@ -100,7 +105,7 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> l
                     handshake_timeout=cfg.handshake_timeout)
     runner = RoundRunner(model=model, architecture=cfg.model, strategy=strategy, test_split=test_split,
                          transfer=cfg.transfer, round_timeout=cfg.round_timeout, aggregation=cfg.aggregation,
-                         max_update_ratio=cfg.max_update_ratio)
+                         max_update_ratio=cfg.max_update_ratio, server_optimizer=server_optimizer)
     reports: list[RoundReport] = []
     try:
         await roster.admit()
@@ -117,7 +122,7 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> l
             metrics.append(event)
             checkpoint.save(cfg.output_dir, checkpoint.Checkpoint(
                 round=server_round, model=cfg.model, state_dict=model.state_dict(), metrics=metrics,
-                rng=checkpoint.Checkpoint.capture_rng()))
+                rng=checkpoint.Checkpoint.capture_rng(), server_optimizer=server_optimizer.state_dict()))
             with metrics_path.open("a") as f:
                 f.write(json.dumps(event) + "\n")
             # On a terminal the per-worker table would drown the line; metrics.jsonl always has it.

@@ -314,3 +314,8 @@ def test_aggregation_specs_parse_and_bad_ones_say_what_is_accepted():
     for bad in ("krum", "median:3", "trimmed-mean:x", "clipped:-1"):
         with pytest.raises(ValueError, match="fedavg|trimmed-mean|takes no parameter"):
             parse_aggregation(bad)
+
+
+def test_the_local_learning_rate_decays_per_round():
+    strategy = FedAvg(learning_rate=0.1, lr_decay=0.5)
+    assert [strategy.configure_train(r, 0).learning_rate for r in (1, 2, 3)] == [0.1, 0.05, 0.025]

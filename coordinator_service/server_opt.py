@@ -1,0 +1,82 @@
+"""Server-side optimisers: the round's aggregate becomes a pseudo-gradient for the global model.
+
+With x the global model and a the aggregate of the updates (FedAvg's mean, or a robust rule's result), the round's
+pseudo-gradient is d = a - x. Plain FedAvg takes x <- a. The others (Reddi et al., "Adaptive Federated
+Optimization", ICLR 2021; FedAvgM: Hsu et al., "Measuring the Effects of Non-Identical Data Distribution for
+Federated Visual Classification", 2019):
+
+    FedAvgM     m <- beta1 m + d                         x <- x + lr m
+    FedAdagrad  m <- beta1 m + (1 - beta1) d,  v <- v + d^2                               x <- x + lr m / (sqrt(v) + tau)
+    FedYogi     m as Adagrad,  v <- v - (1 - beta2) d^2 sign(v - d^2)                     (same step)
+    FedAdam     m as Adagrad,  v <- beta2 v + (1 - beta2) d^2                             (same step)
+
+Only floating-point tensors are optimised; integer buffers (BatchNorm's counters) take the aggregate. The state (m, v)
+is one or two model-sized buffers, saved in every checkpoint so that --resume continues the same trajectory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+@dataclass(frozen=True)
+class ServerOptimizerConfig:
+    name: str = "fedavg"
+    lr: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+class ServerOptimizer:
+    """Turns the aggregate into the next global model, in place; keeps its state across rounds."""
+
+    def __init__(self, config: ServerOptimizerConfig = ServerOptimizerConfig()):
+        if config.name not in SERVER_OPTIMIZERS:
+            raise ValueError(f"unknown server optimizer {config.name!r}; choose from {', '.join(SERVER_OPTIMIZERS)}")
+        if not config.lr > 0:
+            raise ValueError(f"--server-lr must be positive, got {config.lr}")
+        self.config = config
+        self.m: list[torch.Tensor] | None = None
+        self.v: list[torch.Tensor] | None = None
+
+    def step(self, global_model: Sequence[torch.Tensor], aggregate: Sequence[torch.Tensor]) -> None:
+        """Replace each floating-point tensor of `aggregate` (flat, accumulator dtype) by the next global model."""
+        c = self.config
+        if c.name == "fedavg":
+            return
+        pairs = [(g, a) for g, a in zip(global_model, aggregate) if a.is_floating_point()]
+        if self.m is None:
+            self.m = [torch.zeros_like(a) for _, a in pairs]
+            self.v = [torch.full_like(a, c.tau ** 2) for _, a in pairs] if c.name != "fedavgm" else []
+        for i, (g, a) in enumerate(pairs):
+            d = a - g.to(a.dtype)
+            m = self.m[i]
+            if c.name == "fedavgm":
+                m.mul_(c.beta1).add_(d)
+                a.copy_(g.to(a.dtype) + c.lr * m)
+                continue
+            m.mul_(c.beta1).add_(d, alpha=1 - c.beta1)
+            v, d2 = self.v[i], d * d
+            if c.name == "fedadagrad":
+                v.add_(d2)
+            elif c.name == "fedyogi":
+                v.sub_((1 - c.beta2) * d2 * torch.sign(v - d2))
+            else:
+                v.mul_(c.beta2).add_(d2, alpha=1 - c.beta2)
+            a.copy_(g.to(a.dtype) + c.lr * m / (v.sqrt() + c.tau))
+
+    def state_dict(self) -> dict:
+        return {"name": self.config.name, "m": self.m or [], "v": self.v or []}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("name") != self.config.name:
+            raise ValueError(f"the checkpoint's server optimizer is {state.get('name')!r}, this run's is "
+                             f"{self.config.name!r}: resume with --server-optimizer {state.get('name')}")
+        self.m = list(state["m"]) or None
+        self.v = list(state["v"]) if self.m is not None else None
