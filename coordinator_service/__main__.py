@@ -62,6 +62,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server-momentum", type=float, default=0.9, help="server beta1 (fedavgm's momentum)")
     g.add_argument("--server-beta2", type=float, default=0.99, help="second-moment decay of fedadam / fedyogi")
     g.add_argument("--server-tau", type=float, default=1e-3, help="adaptivity of fedadam / fedyogi / fedadagrad")
+    g.add_argument("--proximal-mu", type=float, default=0.0,
+                   help="FedProx: workers add mu/2 * ||w - w_global||^2 to their loss (0: plain FedAvg)")
     g.add_argument("--lr-decay", type=float, default=1.0,
                    help="the local learning rate of round r is --lr x this^(r-1)")
     g.add_argument("--max-update-ratio", type=float, default=DEFAULT_MAX_UPDATE_RATIO,
@@ -123,7 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _strategy(args: argparse.Namespace, n_workers: int) -> FedAvg:
     return FedAvg(local_batches=0 if args.local_epochs else args.local_batches, local_epochs=args.local_epochs,
                   batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum, seed=args.seed,
-                  min_workers=_min_workers(args, n_workers), weighted=not args.unweighted, lr_decay=args.lr_decay)
+                  min_workers=_min_workers(args, n_workers), weighted=not args.unweighted, lr_decay=args.lr_decay,
+                  proximal_mu=args.proximal_mu)
 
 
 def _server_optimizer(args: argparse.Namespace) -> ServerOptimizerConfig:

@@ -30,10 +30,11 @@ from coordinator_service.aggregate import (
 from coordinator_service.robust import Aggregation, CoordinateReducer, StepFailed
 from coordinator_service.server_opt import ServerOptimizer
 from coordinator_service.strategy import Failure, Strategy
-from coordinator_service.worker_client import WorkerClient, WorkerError, WorkerRejected, elapsed
+from coordinator_service.worker_client import WorkerClient, WorkerError, WorkerIncompatible, WorkerRejected, elapsed
 from fedpi import serde
 from fedpi.data import Split
 from fedpi.models import evaluate
+from fedpi.protocol import ProtocolMismatch, check_minimum
 from generated.fedpi.v1 import worker_pb2 as pb
 
 log = structlog.get_logger()
@@ -252,6 +253,7 @@ class RoundRunner:
         request = self.strategy.configure_train(rnd.number, index)
         request.round_id = rnd.round_id
         try:
+            _check_worker_supports(client, request)
             result = await client.train(request)
             self._check_result(rnd, client, request, result)
         except WorkerError as exc:
@@ -435,6 +437,15 @@ class RoundRunner:
                 raise RoundFailed(f"round {rnd.number}: the aggregate of {meta.name} holds NaN or Inf; the global "
                                   f"model is unchanged", rnd.report.failures)
         install(rnd.payload.manifest, flat, self.model.state_dict())
+
+
+def _check_worker_supports(client: WorkerClient, request: pb.TrainRequest) -> None:
+    """A field an older worker does not know would be ignored silently: refuse instead."""
+    if request.proximal_mu and client.info is not None:
+        try:
+            check_minimum(client.info.protocol_version, "1.2", "FedProx (--proximal-mu)")
+        except ProtocolMismatch as exc:
+            raise WorkerIncompatible(client.name, str(exc)) from None
 
 
 def _check_update_header(header: pb.WeightsHeader, rnd: _Round) -> None:

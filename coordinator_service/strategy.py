@@ -43,12 +43,14 @@ class Strategy(ABC):
 class FedAvg(Strategy):
     """Federated averaging, weighted by the samples each worker trained on (McMahan et al., 2017).
 
-    With `weighted=False` every worker counts the same, as the old PySyft example did.
+    With `weighted=False` every worker counts the same, as the old PySyft example did. With `proximal_mu` > 0 the
+    workers train with FedProx's proximal term (Li et al., "Federated Optimization in Heterogeneous Networks", 2020).
     """
 
     def __init__(self, *, local_batches: int = 50, local_epochs: int = 0, batch_size: int = 64,
                  learning_rate: float = 0.01, momentum: float = 0.0, seed: int = 0, min_workers: int = 1,
-                 weighted: bool = True, evaluate_locally: bool = False, lr_decay: float = 1.0):
+                 weighted: bool = True, evaluate_locally: bool = False, lr_decay: float = 1.0,
+                 proximal_mu: float = 0.0):
         self.local_batches = local_batches
         self.local_epochs = local_epochs
         self.batch_size = batch_size
@@ -59,6 +61,7 @@ class FedAvg(Strategy):
         self.weighted = weighted
         self.evaluate_locally = evaluate_locally
         self.lr_decay = lr_decay  # the local learning rate of round r is learning_rate x lr_decay^(r-1)
+        self.proximal_mu = proximal_mu  # FedProx (Li et al., 2020) when positive
 
     def configure_train(self, server_round: int, worker_index: int) -> pb.TrainRequest:
         return pb.TrainRequest(
@@ -67,7 +70,7 @@ class FedAvg(Strategy):
             momentum=self.momentum,
             # Distinct per round and worker, reproducible from --seed.
             seed=self.seed * 1_000_003 + server_round * 1_009 + worker_index,
-            evaluate=self.evaluate_locally,
+            evaluate=self.evaluate_locally, proximal_mu=self.proximal_mu,
         )
 
     def weight(self, result: pb.TrainResult) -> float:

@@ -203,7 +203,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         cfg = TrainConfig(
             local_batches=request.local_batches, local_epochs=request.local_epochs, batch_size=request.batch_size,
             learning_rate=request.learning_rate, momentum=request.momentum, seed=request.seed,
-            evaluate=request.evaluate,
+            evaluate=request.evaluate, proximal_mu=request.proximal_mu,
         )
         try:
             self._check_protocol(context)

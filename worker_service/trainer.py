@@ -33,6 +33,7 @@ class TrainConfig:
     momentum: float = 0.0
     seed: int = 0
     evaluate: bool = False
+    proximal_mu: float = 0.0  # FedProx: the loss gains mu/2 * ||w - w_start||^2
 
     def total_batches(self, train_samples: int) -> int:
         """How many batches this request trains on a shard of `train_samples`."""
@@ -49,6 +50,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive (and sane), got {self.learning_rate}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.proximal_mu < 1e6:
+            raise ValueError(f"proximal_mu must be in [0, 1e6), got {self.proximal_mu}")
         if train_samples == 0:
             raise ValueError("this worker's shard holds no training samples")
         if self.total_batches(train_samples) > max_batches:
@@ -70,6 +73,11 @@ class TrainOutcome:
 
 
 Progress = Callable[[int, int, float, float], None]  # batches_done, batches_total, mean_loss, seconds
+
+
+def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's term mu/2 * ||w - w_start||^2 (Li et al., "Federated Optimization in Heterogeneous Networks", 2020)."""
+    return mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
 
 
 class Trainer:
@@ -100,6 +108,8 @@ class Trainer:
         total = cfg.total_batches(len(self.data.train))
         # A fresh optimizer each round, as the reference does: no stale momentum across rounds.
         optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+        # FedProx keeps the weights it started from (the global model); plain FedAvg needs no copy.
+        anchor = [p.detach().clone() for p in self.model.parameters()] if cfg.proximal_mu else None
         self.model.train()
         loss_sum, correct, samples = 0.0, 0, 0
         start = last_report = time.perf_counter()
@@ -110,7 +120,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             out = self.model(x)
             loss = F.nll_loss(out, y)
-            loss.backward()
+            objective = loss + _proximal(self.model, anchor, cfg.proximal_mu) if anchor else loss
+            objective.backward()
             optimizer.step()
             if self.batch_delay and cancelled.wait(self.batch_delay):
                 raise TrainingCancelled("training cancelled by the caller")

@@ -319,3 +319,16 @@ def test_aggregation_specs_parse_and_bad_ones_say_what_is_accepted():
 def test_the_local_learning_rate_decays_per_round():
     strategy = FedAvg(learning_rate=0.1, lr_decay=0.5)
     assert [strategy.configure_train(r, 0).learning_rate for r in (1, 2, 3)] == [0.1, 0.05, 0.025]
+
+
+def test_fedprox_is_sent_only_to_workers_that_understand_it():
+    """A 1.1 worker would ignore proximal_mu silently; it is refused instead, with the upgrade named."""
+    old, new = FakeWorker("old", 1), FakeWorker("new", 2)
+    old.info.protocol_version, new.info.protocol_version = "1.1", "1.2"
+    runner = RoundRunner(model=tiny_model(), architecture=ARCH, test_split=None,
+                         strategy=FedAvg(local_batches=2, batch_size=64, proximal_mu=0.01),
+                         transfer=TransferSettings(chunk_size=7))
+    report = asyncio.run(runner.run_round(1, [old, new]))
+    [failure] = report.failures
+    assert failure.worker == "old" and failure.phase == "train" and "FedProx" in failure.reason
+    assert [w.worker for w in report.workers] == ["new"]

@@ -63,3 +63,23 @@ def test_cancel_stops_training(data):
 def test_bad_config_is_refused_with_a_reason(cfg, message):
     with pytest.raises(ValueError, match=message):
         cfg.validate(100)
+
+
+def _distance_moved(data, mu: float) -> float:
+    model = build_model("reference-cnn")
+    start = [p.detach().clone() for p in model.parameters()]
+    Trainer(model, data).train(TrainConfig(local_batches=10, learning_rate=0.1, proximal_mu=mu), lambda *p: None,
+                               threading.Event())
+    return sum(float((p.detach() - s).pow(2).sum()) for p, s in zip(model.parameters(), start)) ** 0.5
+
+
+def test_fedprox_keeps_the_weights_nearer_where_they_started(data):
+    free, held = _distance_moved(data, 0.0), _distance_moved(data, 5.0)
+    assert held < 0.7 * free, (held, free)
+
+
+def test_fedprox_mu_must_be_sane():
+    with pytest.raises(ValueError, match="proximal_mu"):
+        TrainConfig(proximal_mu=-1).validate(100)
+    with pytest.raises(ValueError, match="proximal_mu"):
+        TrainConfig(proximal_mu=float("nan")).validate(100)

@@ -130,7 +130,7 @@ class SetWeightsResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id")
+    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id", "proximal_mu")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class TrainRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     round: int
     local_batches: int
     local_epochs: int
@@ -149,7 +150,8 @@ class TrainRequest(_message.Message):
     seed: int
     evaluate: bool
     round_id: str
-    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ...) -> None: ...
+    proximal_mu: float
+    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
     __slots__ = ("batches_done", "batches_total", "mean_loss", "seconds", "heartbeat")
