@@ -190,7 +190,10 @@ class StreamFold:
     def add(self, raw: bytes) -> None:
         for index, start, x in self._segmenter.add(raw):
             self.check.check(index, start, x)
-            self._total.add_run(index, start, x, self._weight)
+            self._fold_run(index, start, x)
+
+    def _fold_run(self, index: int, start: int, x: torch.Tensor) -> None:
+        self._total.add_run(index, start, x, self._weight)
 
     def finish(self) -> None:
         self._segmenter.finish()
@@ -198,23 +201,18 @@ class StreamFold:
         self._total.contributors += 1
 
 
-class DeltaFold:
+class DeltaFold(StreamFold):
     """Adds weight * (update - global model) of one payload's floating-point tensors to a WeightedSum, without
     counting a contributor: the correction that turns a folded update into its clipped version."""
 
     def __init__(self, total: WeightedSum, weight: float, check: UpdateCheck, reference: Sequence[torch.Tensor]):
-        self._total = total
-        self._weight = weight
+        super().__init__(total, weight, check)
         self._reference = reference
-        self._segmenter = Segmenter(total.manifest)
-        self.check = check
 
-    def add(self, raw: bytes) -> None:
-        for index, start, x in self._segmenter.add(raw):
-            self.check.check(index, start, x)
-            if is_float(self._total.manifest[index]):
-                ref = self._reference[index][start : start + len(x)]
-                self._total.add_run(index, start, x.double() - ref.double(), self._weight)
+    def _fold_run(self, index: int, start: int, x: torch.Tensor) -> None:
+        if is_float(self._total.manifest[index]):
+            ref = self._reference[index][start : start + len(x)]
+            self._total.add_run(index, start, x.double() - ref.double(), self._weight)
 
     def finish(self) -> None:
         self._segmenter.finish()

@@ -17,6 +17,7 @@ import structlog
 from fedpi import serde
 from fedpi.protocol import (
     AUTH_METADATA_KEY,
+    MIN_TRANSFER_BYTES_PER_SECOND,
     PROTOCOL_VERSION,
     SERVICE_NAME,
     VERSION_METADATA_KEY,
@@ -38,8 +39,6 @@ _SERVICE_CONFIG = json.dumps({"methodConfig": [{
 }]})
 # Workers must echo round ids and mark heartbeats (protocol 1.1) for their updates to be trusted.
 MINIMUM_WORKER_PROTOCOL = "1.1"
-# Weight transfers get a deadline that grows with their size: a Pi on Wi-Fi moves at least this many bytes a second.
-MIN_TRANSFER_BYTES_PER_SECOND = 256 * 1024
 
 
 def channel_options(keepalive_seconds: float = 30.0) -> list[tuple[str, object]]:

@@ -8,6 +8,9 @@ PROTOCOL_VERSION = "1.2"
 # Call metadata key in which a coordinator states the protocol it speaks.
 VERSION_METADATA_KEY = "fedpi-protocol-version"
 SERVICE_NAME = "fedpi.v1.Worker"
+# Weight transfers get a deadline that grows with their size, on both ends: a Pi on Wi-Fi moves at least this many
+# bytes a second.
+MIN_TRANSFER_BYTES_PER_SECOND = 256 * 1024
 # Call metadata key of the coordinator's bearer token: "Bearer <token>".
 AUTH_METADATA_KEY = "authorization"
 

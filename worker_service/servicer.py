@@ -16,7 +16,13 @@ import fedpi
 from fedpi import serde
 from fedpi.data import Dataset
 from fedpi.models import parameter_count
-from fedpi.protocol import PROTOCOL_VERSION, VERSION_METADATA_KEY, ProtocolMismatch, check_compatible
+from fedpi.protocol import (
+    MIN_TRANSFER_BYTES_PER_SECOND,
+    PROTOCOL_VERSION,
+    VERSION_METADATA_KEY,
+    ProtocolMismatch,
+    check_compatible,
+)
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from worker_service.trainer import DEFAULT_MAX_LOCAL_BATCHES, TrainConfig, Trainer, TrainOutcome
@@ -37,7 +43,7 @@ class Limits:
     # faster (the coordinator's own transfer deadline uses the same rate), so an idle client cannot hold the one
     # upload slot for ever.
     upload_grace: float = 30.0
-    upload_bytes_per_second: int = 256 * 1024
+    upload_bytes_per_second: int = MIN_TRANSFER_BYTES_PER_SECOND
     # Concurrent GetWeights streams share one snapshot of the weights; more than this are refused.
     max_concurrent_downloads: int = 4
 
