@@ -14,6 +14,7 @@ preflight.run_if_asked()
 import argparse
 import asyncio
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -24,12 +25,12 @@ from coordinator_service.local import demo_cluster
 from coordinator_service.robust import Aggregation, parse_aggregation
 from coordinator_service.rounds import DEFAULT_MAX_UPDATE_RATIO, RoundFailed, TransferSettings
 from coordinator_service.server_opt import SERVER_OPTIMIZERS, ServerOptimizerConfig
-from coordinator_service.strategy import FedAvg
+from coordinator_service.strategy import STRATEGIES, FedAvg
 from coordinator_service.training import HandshakeFailed, RunConfig, run
 from coordinator_service.checkpoint import CheckpointMismatch
 from coordinator_service.worker_client import ClientSecurity, DiscoveryFailed, discover, parse_workers
 from fedpi import data as datasets
-from fedpi.cli import apply_env_defaults, read_secret
+from fedpi.cli import apply_env_defaults, env_name, read_secret
 from fedpi.logs import LOG_FORMATS, configure_logging
 from fedpi.models import DEFAULT_MODEL, MODELS
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -37,8 +38,18 @@ from generated.fedpi.v1 import worker_pb2 as pb
 log = structlog.get_logger()
 ENCODINGS = {"raw": pb.CHUNK_ENCODING_RAW, "zlib": pb.CHUNK_ENCODING_ZLIB}
 
+# Starting configurations. `default` holds the flags' own defaults, chosen from `make bench-learning` (README:
+# Learning); `seed` is fedpi's first configuration (the reference's plain SGD), kept so its figures can be reproduced.
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "seed": {"lr": 0.01, "momentum": 0.0, "local_batches": 50, "batch_size": 64, "server_optimizer": "fedavg"},
+}
+
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=list(PRESETS), default="default",
+                   help="a starting configuration that flags and FEDPI_* variables override: default (measured, "
+                        "README: Learning) or seed (fedpi's first configuration: plain SGD, lr 0.01)")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL)
     p.add_argument("--dataset", choices=datasets.DATASETS, default="auto",
@@ -48,11 +59,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("local training (sent to every worker each round)")
     g.add_argument("--local-batches", type=int, default=50, help="batches per worker per round")
     g.add_argument("--local-epochs", type=int, default=0, help="epochs per round instead of --local-batches")
+    g.add_argument("--local-seconds", type=float, default=0.0,
+                   help="instead of --local-batches: every worker trains for this many seconds (mixed clusters; "
+                        "aggregated with FedNova unless --strategy says otherwise)")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
-    g.add_argument("--momentum", type=float, default=0.0)
+    g.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the workers")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the workers (fresh each round)")
     g.add_argument("--seed", type=int, default=0, help="seeds the initial model and every worker's batch order")
     g.add_argument("--unweighted", action="store_true", help="plain mean instead of weighting by samples")
+    g.add_argument("--strategy", choices=("auto", *STRATEGIES), default="auto",
+                   help="fedavg, or fednova (normalises updates by their local steps); auto: fednova with "
+                        "--local-seconds, else fedavg")
+    g.add_argument("--fraction", type=float, default=1.0,
+                   help="share of the present workers that train each round (a seeded choice per round)")
+    g.add_argument("--workers-per-round", type=int, default=0,
+                   help="instead of --fraction: how many workers train each round")
+    g.add_argument("--federated-evaluation", action="store_true",
+                   help="after every round, each worker also evaluates the new model on its local test split")
     g.add_argument("--aggregation", type=parse_aggregation, default=Aggregation(),
                    help="fedavg | median | trimmed-mean[:k] | clipped[:norm] (README: Robust aggregation)")
     g.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="fedavg",
@@ -99,6 +122,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
 
 
+def _preset_named(argv: list[str]) -> str:
+    """The --preset of a command line (or FEDPI_PRESET), read before parsing so that it can set defaults."""
+    name = os.environ.get(env_name("--preset"), "default")
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--preset="):
+            name = arg.split("=", 1)[1]
+    return name
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m coordinator_service", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,15 +152,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--partition-alpha", type=float, default=datasets.DEFAULT_DIRICHLET_ALPHA,
                       help="with --partition-scheme dirichlet: the concentration (0.1: few classes per worker)")
     _common(demo)
+    argv = sys.argv[1:] if argv is None else argv
+    preset = PRESETS.get(_preset_named(argv))  # an unknown name is reported by the parser itself
+    if preset is not None:
+        train.set_defaults(**preset)
+        demo.set_defaults(**preset)
     apply_env_defaults(p)
     return p.parse_args(argv)
 
 
+def _strategy_name(args: argparse.Namespace) -> str:
+    if args.strategy == "auto":
+        return "fednova" if args.local_seconds else "fedavg"
+    return args.strategy
+
+
 def _strategy(args: argparse.Namespace, n_workers: int) -> FedAvg:
-    return FedAvg(local_batches=0 if args.local_epochs else args.local_batches, local_epochs=args.local_epochs,
-                  batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum, seed=args.seed,
-                  min_workers=_min_workers(args, n_workers), weighted=not args.unweighted, lr_decay=args.lr_decay,
-                  proximal_mu=args.proximal_mu)
+    name = _strategy_name(args)
+    if name == "fednova" and args.aggregation.coordinate_wise:
+        raise ValueError(f"--strategy fednova weighs every update by its local steps; --aggregation "
+                         f"{args.aggregation} ignores weights: use fedavg or clipped")
+    return STRATEGIES[name](
+        local_batches=args.local_batches, local_epochs=args.local_epochs, local_seconds=args.local_seconds,
+        batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum, seed=args.seed,
+        min_workers=_min_workers(args, n_workers), weighted=not args.unweighted, lr_decay=args.lr_decay,
+        proximal_mu=args.proximal_mu, fraction=args.fraction, workers_per_round=args.workers_per_round)
 
 
 def _server_optimizer(args: argparse.Namespace) -> ServerOptimizerConfig:
@@ -136,7 +186,12 @@ def _server_optimizer(args: argparse.Namespace) -> ServerOptimizerConfig:
 
 
 def _min_workers(args: argparse.Namespace, n_workers: int) -> int:
-    return args.min_workers or math.ceil((n_workers + 1) / 2)
+    """The quorum: --min-workers, or a majority of the workers that train in a round."""
+    per_round = FedAvg(fraction=args.fraction, workers_per_round=args.workers_per_round).sample_size(n_workers)
+    if args.min_workers > per_round:
+        raise ValueError(f"--min-workers {args.min_workers} can never be met: only {per_round} of {n_workers} "
+                         f"workers train in a round (--fraction / --workers-per-round)")
+    return args.min_workers or math.ceil((per_round + 1) / 2)
 
 
 def _security(args: argparse.Namespace) -> ClientSecurity:
@@ -160,7 +215,7 @@ def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], datase
         init_seed=args.seed, rpc_timeout=args.rpc_timeout, idle_timeout=args.idle_timeout,
         round_timeout=args.round_timeout, handshake_timeout=args.handshake_timeout,
         round_retries=args.round_retries, retry_backoff=args.retry_backoff, keepalive_seconds=args.keepalive,
-        server_optimizer=_server_optimizer(args),
+        server_optimizer=_server_optimizer(args), federated_evaluation=args.federated_evaluation,
         resume=args.resume, latest_link=Path(args.latest_link) if args.latest_link else None, aggregation=args.aggregation, max_update_ratio=args.max_update_ratio,
         transfer=TransferSettings(chunk_size=args.chunk_size, encoding=ENCODINGS[args.encoding]),
         security=_security(args),

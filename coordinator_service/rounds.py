@@ -67,6 +67,10 @@ class WorkerRound:
     send_seconds: float = 0.0
     receive_seconds: float = 0.0
     update_distance: float = 0.0  # L2 distance of its update from the global model it was trained from
+    batches: int = 0
+    eval_loss: float = 0.0  # federated evaluation: the new global model on this worker's local test split
+    eval_accuracy: float = 0.0
+    eval_samples: int = 0
 
     @property
     def receive_mb_per_s(self) -> float:
@@ -88,6 +92,10 @@ class RoundReport:
     wall_seconds: float = 0.0
     max_update_distance: float = 0.0  # the bound this round's updates were held to
     aggregation: str = "fedavg"
+    aggregate_scale: float = 1.0  # how far the model moved towards the aggregate (FedNova: > 1)
+    federated_loss: float | None = None  # the weighted mean of the workers' evaluations, when asked for
+    federated_accuracy: float | None = None
+    federated_samples: int = 0
 
     @property
     def overhead_seconds(self) -> float:
@@ -104,6 +112,10 @@ class RoundReport:
             "aggregation_seconds": round(self.aggregation_seconds, 3),
             "aggregation": self.aggregation,
             "max_update_distance": round(self.max_update_distance, 4),
+            "aggregate_scale": round(self.aggregate_scale, 4),
+            **({"federated_accuracy": round(self.federated_accuracy, 4),
+                "federated_loss": round(self.federated_loss, 4),
+                "federated_samples": self.federated_samples} if self.federated_accuracy is not None else {}),
             "samples": sum(w.samples for w in self.workers),
             "workers": {
                 w.worker: {
@@ -162,7 +174,8 @@ class RoundRunner:
     def __init__(self, *, model: torch.nn.Module, architecture: str, strategy: Strategy, test_split: Split | None,
                  transfer: TransferSettings = TransferSettings(), round_timeout: float = 3600.0,
                  aggregation: Aggregation = Aggregation(), max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO,
-                 run_id: str | None = None, server_optimizer: ServerOptimizer | None = None):
+                 run_id: str | None = None, server_optimizer: ServerOptimizer | None = None,
+                 federated_evaluation: bool = False):
         self.model = model
         self.architecture = architecture
         self.strategy = strategy
@@ -173,15 +186,18 @@ class RoundRunner:
         self.max_update_ratio = max_update_ratio
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.server_optimizer = server_optimizer or ServerOptimizer()
+        self.federated_evaluation = federated_evaluation
         self._attempts = 0  # every call gets its own round id, so a retried round never mixes with its first try
 
     async def run_round(self, server_round: int, clients: Sequence[WorkerClient],
                         index_of: Callable[[WorkerClient], int] | None = None) -> RoundReport:
         """One round. `index_of` gives each worker a stable number for its seed (default: its position)."""
         clients = list(clients)
+        index_of = index_of or clients.index
         structlog.contextvars.bind_contextvars(round=server_round)
         try:
-            return await self._run_round(server_round, clients, index_of or clients.index)
+            return await self._run_round(server_round, self.strategy.sample(server_round, clients, index_of),
+                                         index_of, present=len(clients))
         finally:
             structlog.contextvars.unbind_contextvars("round")
 
@@ -195,10 +211,10 @@ class RoundRunner:
         return _Round(number, round_id, payload, reference, max_distance, RoundReport(number))
 
     async def _run_round(self, number: int, clients: list[WorkerClient],
-                         index_of: Callable[[WorkerClient], int]) -> RoundReport:
+                         index_of: Callable[[WorkerClient], int], present: int) -> RoundReport:
         start = time.perf_counter()
         rnd = self._prepare(number)
-        log.info("round_started", workers=[c.name for c in clients], round_id=rnd.round_id,
+        log.info("round_started", workers=[c.name for c in clients], present=present, round_id=rnd.round_id,
                  model_digest=rnd.payload.digest)
         if self.aggregation.coordinate_wise:
             total = None
@@ -225,7 +241,8 @@ class RoundRunner:
                 flat = total.mean()
             except NonFiniteAggregate as exc:
                 raise RoundFailed(f"round {number}: {exc}", rnd.report.failures) from None
-            self._install(rnd, flat)
+            rnd.report.aggregate_scale = self.strategy.aggregate_scale([c.result for c in done])
+            self._install(rnd, flat, rnd.report.aggregate_scale)
             rnd.aggregation_seconds += elapsed(t)
         report = rnd.report
         for c in done:
@@ -234,6 +251,8 @@ class RoundRunner:
         report.max_update_distance, report.aggregation = rnd.max_distance, str(self.aggregation)
         report.aggregation_seconds = rnd.aggregation_seconds
         log.debug("weights_aggregated", contributors=len(done), rule=str(self.aggregation))
+        if self.federated_evaluation:
+            await self._evaluate_federated(rnd, done)
         if self.test_split is not None:
             report.test_loss, report.test_accuracy = await asyncio.to_thread(evaluate, self.model, self.test_split)
         report.wall_seconds = elapsed(start)
@@ -258,7 +277,7 @@ class RoundRunner:
             self._check_result(rnd, client, request, result)
         except WorkerError as exc:
             raise _PhaseError("train", exc) from exc
-        stats.samples, stats.train_seconds = result.samples, result.train_seconds
+        stats.samples, stats.train_seconds, stats.batches = result.samples, result.train_seconds, result.batches
         stats.train_loss, stats.train_accuracy = result.mean_loss, result.accuracy
         log.info("worker_train_finished", worker=client.name, samples=result.samples,
                  seconds=round(result.train_seconds, 3), loss=round(result.mean_loss, 4))
@@ -270,13 +289,12 @@ class RoundRunner:
             raise WorkerRejected(client.name, f"Train answered for round id {result.round_id!r}, expected "
                                               f"{rnd.round_id!r}; its update was refused")
         shard = client.info.train_samples if client.info is not None else 0
-        bound = self.strategy.max_samples(request, shard)
+        max_batches = client.info.max_local_batches if client.info is not None else 0
+        bound = self.strategy.max_samples(request, shard, max_batches)
         if not 0 < result.samples <= bound:
             raise WorkerRejected(
                 client.name, f"reported {result.samples} training samples, outside 1..{bound} (what the round asked "
-                             f"for: {request.local_batches or request.local_epochs} "
-                             f"{'batches' if request.local_batches else 'epochs'} on a shard of {shard}); "
-                             f"its update was refused")
+                             f"for: {_work_asked(request)} on a shard of {shard}); its update was refused")
 
     # -- step 2: fold ------------------------------------------------------------------------------------------
 
@@ -429,8 +447,13 @@ class RoundRunner:
 
     # -- step 4: install ---------------------------------------------------------------------------------------
 
-    def _install(self, rnd: _Round, flat: list[torch.Tensor]) -> None:
-        """The aggregate, through the server optimizer, becomes the global model if it is finite."""
+    def _install(self, rnd: _Round, flat: list[torch.Tensor], scale: float = 1.0) -> None:
+        """The aggregate, moved `scale` times from the global model (the strategy's say, e.g. FedNova's) and through
+        the server optimizer, becomes the global model if it is finite."""
+        if scale != 1.0:
+            for g, a in zip(rnd.reference, flat):
+                if a.is_floating_point():
+                    a.sub_(g).mul_(scale).add_(g)
         self.server_optimizer.step(rnd.reference, flat)
         for meta, values in zip(rnd.payload.manifest, flat):
             if not serde.all_finite(values):
@@ -438,14 +461,53 @@ class RoundRunner:
                                   f"model is unchanged", rnd.report.failures)
         install(rnd.payload.manifest, flat, self.model.state_dict())
 
+    # -- after install: federated evaluation ------------------------------------------------------------------
+
+    async def _evaluate_federated(self, rnd: _Round, done: list[Contribution]) -> None:
+        """Send the new global model to the round's workers and have each evaluate it on its local test split; the
+        round reports the mean weighted by test samples. A worker that fails here keeps its update in the round."""
+        payload = serde.WeightsPayload(self.model.state_dict(), round=rnd.number, architecture=self.architecture,
+                                       round_id=f"{rnd.round_id}/eval")
+        outcomes = await asyncio.gather(*(self._evaluate_on(payload, c) for c in done), return_exceptions=True)
+        for c, outcome in zip(done, outcomes):
+            if isinstance(outcome, BaseException):
+                log.warning("worker_evaluation_failed", worker=c.client.name, reason=str(outcome))
+        evaluated = [c.stats for c in done if c.stats.eval_samples]
+        total = sum(w.eval_samples for w in evaluated)
+        if total:
+            report = rnd.report
+            report.federated_samples = total
+            report.federated_loss = sum(w.eval_loss * w.eval_samples for w in evaluated) / total
+            report.federated_accuracy = sum(w.eval_accuracy * w.eval_samples for w in evaluated) / total
+
+    async def _evaluate_on(self, payload: serde.WeightsPayload, c: Contribution) -> None:
+        if c.client.info is not None:
+            check_minimum(c.client.info.protocol_version, "1.3", "federated evaluation (--federated-evaluation)")
+        await c.client.set_weights(payload, self.transfer.chunk_size, self.transfer.encoding)
+        result = await c.client.evaluate(payload.round_id)
+        if result.round_id != payload.round_id:
+            raise WorkerRejected(c.client.name, f"Evaluate answered for round id {result.round_id!r}")
+        c.stats.eval_loss, c.stats.eval_accuracy, c.stats.eval_samples = result.loss, result.accuracy, result.samples
+
+
+def _work_asked(request: pb.TrainRequest) -> str:
+    if request.local_batches:
+        return f"{request.local_batches} batches"
+    if request.local_seconds:
+        return f"{request.local_seconds:g} seconds of batches of {request.batch_size}"
+    return f"{request.local_epochs} epochs"
+
 
 def _check_worker_supports(client: WorkerClient, request: pb.TrainRequest) -> None:
     """A field an older worker does not know would be ignored silently: refuse instead."""
-    if request.proximal_mu and client.info is not None:
-        try:
-            check_minimum(client.info.protocol_version, "1.2", "FedProx (--proximal-mu)")
-        except ProtocolMismatch as exc:
-            raise WorkerIncompatible(client.name, str(exc)) from None
+    needs = [("1.2", "FedProx (--proximal-mu)", request.proximal_mu),
+             ("1.3", "a time budget (--local-seconds)", request.local_seconds)]
+    for minimum, feature, used in needs:
+        if used and client.info is not None:
+            try:
+                check_minimum(client.info.protocol_version, minimum, feature)
+            except ProtocolMismatch as exc:
+                raise WorkerIncompatible(client.name, str(exc)) from None
 
 
 def _check_update_header(header: pb.WeightsHeader, rnd: _Round) -> None:

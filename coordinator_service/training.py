@@ -57,6 +57,7 @@ class RunConfig:
     aggregation: Aggregation = Aggregation()
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO
+    federated_evaluation: bool = False  # each round's workers also evaluate the new model on their test splits
     transfer: TransferSettings = TransferSettings()
     security: ClientSecurity = ClientSecurity()
 
@@ -105,7 +106,8 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> l
                     handshake_timeout=cfg.handshake_timeout)
     runner = RoundRunner(model=model, architecture=cfg.model, strategy=strategy, test_split=test_split,
                          transfer=cfg.transfer, round_timeout=cfg.round_timeout, aggregation=cfg.aggregation,
-                         max_update_ratio=cfg.max_update_ratio, server_optimizer=server_optimizer)
+                         max_update_ratio=cfg.max_update_ratio, server_optimizer=server_optimizer,
+                         federated_evaluation=cfg.federated_evaluation)
     reports: list[RoundReport] = []
     try:
         await roster.admit()

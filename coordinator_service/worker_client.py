@@ -245,6 +245,15 @@ class WorkerClient:
         finally:
             call.cancel()  # no-op once finished; stops the worker's training if we leave early
 
+    async def evaluate(self, round_id: str) -> pb.EvaluateResult:
+        """Evaluate the installed weights (of `round_id`) on the worker's local test split. Evaluation makes no
+        progress reports, so it gets the idle timeout as its deadline on top of the usual one."""
+        try:
+            return await self._stub.Evaluate(pb.EvaluateRequest(round_id=round_id), metadata=self._metadata,
+                                             timeout=self.rpc_timeout + self.idle_timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(self.name, "Evaluate", exc) from None
+
     async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int) -> AsyncIterator[pb.WeightsChunk]:
         call = self._stub.GetWeights(
             pb.GetWeightsRequest(chunk_size=chunk_size, encoding=encoding),

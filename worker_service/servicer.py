@@ -72,6 +72,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.weights_round_id = ""  # the coordinator's id of the round whose weights are installed
         self.weights_trained = False  # Train has changed the installed weights since SetWeights
         self.training_round: int | None = None
+        self.evaluating = False
         self._model_lock = asyncio.Lock()  # held while training or installing: the model is never seen half-done
         self._upload_active = False  # one upload at a time bounds the memory held by partial uploads
         self._snapshot: serde.WeightsPayload | None = None  # shared by GetWeights streams until the weights change
@@ -87,6 +88,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def _busy_reason(self) -> str:
         if self.training_round is not None:
             return f"worker {self.worker_id} is training round {self.training_round}"
+        if self.evaluating:
+            return f"worker {self.worker_id} is evaluating its weights"
         return f"worker {self.worker_id} is installing weights"
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
@@ -209,7 +212,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         cfg = TrainConfig(
             local_batches=request.local_batches, local_epochs=request.local_epochs, batch_size=request.batch_size,
             learning_rate=request.learning_rate, momentum=request.momentum, seed=request.seed,
-            evaluate=request.evaluate, proximal_mu=request.proximal_mu,
+            evaluate=request.evaluate, proximal_mu=request.proximal_mu, local_seconds=request.local_seconds,
         )
         try:
             self._check_protocol(context)
@@ -252,6 +255,30 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             mean_loss=outcome.mean_loss, accuracy=outcome.accuracy, train_seconds=outcome.train_seconds,
             test_loss=outcome.test_loss, test_accuracy=outcome.test_accuracy, test_samples=outcome.test_samples,
         )))
+
+    async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResult:
+        try:
+            self._check_protocol(context)
+            if self._model_lock.locked():
+                raise Busy(self._busy_reason() + "; call Evaluate after it has finished")
+            if request.round_id and request.round_id != self.weights_round_id:
+                raise ProtocolMismatch(
+                    f"worker {self.worker_id} holds the weights of round id {self.weights_round_id!r}, asked to "
+                    f"evaluate round id {request.round_id!r}: call SetWeights for that round first")
+        except (ProtocolMismatch, Busy) as exc:
+            await self._abort(context, exc, "Evaluate")
+        start = time.perf_counter()
+        async with self._model_lock:  # no SetWeights or Train may change the model while it is measured
+            self.evaluating = True
+            try:
+                loss, accuracy, samples = await asyncio.to_thread(self.trainer.evaluate)
+            finally:
+                self.evaluating = False
+        seconds = time.perf_counter() - start
+        log.info("weights_evaluated", round=self.weights_round, round_id=self.weights_round_id, samples=samples,
+                 accuracy=round(accuracy, 4), seconds=round(seconds, 3))
+        return pb.EvaluateResult(round=self.weights_round, round_id=self.weights_round_id, loss=loss,
+                                 accuracy=accuracy, samples=samples, seconds=seconds)
 
     async def GetWeights(self, request: pb.GetWeightsRequest,
                          context: grpc.aio.ServicerContext) -> None:

@@ -18,6 +18,7 @@ from fedpi.models import evaluate
 # Most batches one Train may ask for unless the worker is started with another --max-local-batches: about a day of
 # training on a Pi 4 with the reference CNN, and a bound on what a request can make a worker do.
 DEFAULT_MAX_LOCAL_BATCHES = 100_000
+MAX_LOCAL_SECONDS = 86_400.0
 
 
 class TrainingCancelled(Exception):
@@ -34,16 +35,21 @@ class TrainConfig:
     seed: int = 0
     evaluate: bool = False
     proximal_mu: float = 0.0  # FedProx: the loss gains mu/2 * ||w - w_start||^2
+    local_seconds: float = 0.0  # a time budget instead of a number of batches
 
-    def total_batches(self, train_samples: int) -> int:
-        """How many batches this request trains on a shard of `train_samples`."""
+    def total_batches(self, train_samples: int, max_batches: int = DEFAULT_MAX_LOCAL_BATCHES) -> int:
+        """How many batches this request trains on a shard of `train_samples` (with a time budget: at most)."""
+        if self.local_seconds:
+            return max_batches
         return self.local_batches or self.local_epochs * -(-train_samples // self.batch_size)
 
     def validate(self, train_samples: int, max_batches: int = DEFAULT_MAX_LOCAL_BATCHES) -> None:
-        if (self.local_batches > 0) == (self.local_epochs > 0):
-            raise ValueError("set exactly one of local_batches and local_epochs to a positive number")
-        if self.local_batches < 0 or self.local_epochs < 0:
-            raise ValueError("local_batches and local_epochs must not be negative")
+        if sum(x > 0 for x in (self.local_batches, self.local_epochs, self.local_seconds)) != 1:
+            raise ValueError("set exactly one of local_batches, local_epochs and local_seconds to a positive number")
+        if self.local_batches < 0 or self.local_epochs < 0 or self.local_seconds < 0:
+            raise ValueError("local_batches, local_epochs and local_seconds must not be negative")
+        if self.local_seconds > MAX_LOCAL_SECONDS:
+            raise ValueError(f"local_seconds must be at most {MAX_LOCAL_SECONDS:.0f} (a day), got {self.local_seconds}")
         if not 1 <= self.batch_size <= 65536:
             raise ValueError(f"batch_size must be between 1 and 65536, got {self.batch_size}")
         if not 0 < self.learning_rate < 100:
@@ -54,7 +60,7 @@ class TrainConfig:
             raise ValueError(f"proximal_mu must be in [0, 1e6), got {self.proximal_mu}")
         if train_samples == 0:
             raise ValueError("this worker's shard holds no training samples")
-        if self.total_batches(train_samples) > max_batches:
+        if not self.local_seconds and self.total_batches(train_samples) > max_batches:
             raise ValueError(
                 f"the request asks for {self.total_batches(train_samples)} batches, more than this worker's limit of "
                 f"{max_batches} (GetInfo max_local_batches; the worker's --max-local-batches)")
@@ -96,7 +102,7 @@ class Trainer:
         are asked than one epoch holds. Never more than one epoch's indices exist at once."""
         n = len(self.data.train)
         gen = torch.Generator().manual_seed(cfg.seed)
-        left = cfg.total_batches(n)
+        left = cfg.total_batches(n, self.max_batches)
         while left > 0:
             for index in torch.randperm(n, generator=gen).split(cfg.batch_size)[:left]:
                 left -= 1
@@ -105,15 +111,17 @@ class Trainer:
     def train(self, cfg: TrainConfig, progress: Progress, cancelled: threading.Event,
               progress_every: float = 2.0) -> TrainOutcome:
         cfg.validate(len(self.data.train), self.max_batches)
-        total = cfg.total_batches(len(self.data.train))
+        total = cfg.total_batches(len(self.data.train), self.max_batches)
+        # With a time budget the number of batches is not known in advance: progress reports 0 as the total.
+        shown_total = 0 if cfg.local_seconds else total
         # A fresh optimizer each round, as the reference does: no stale momentum across rounds.
         optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
         # FedProx keeps the weights it started from (the global model); plain FedAvg needs no copy.
         anchor = [p.detach().clone() for p in self.model.parameters()] if cfg.proximal_mu else None
         self.model.train()
-        loss_sum, correct, samples = 0.0, 0, 0
+        loss_sum, correct, samples, batches = 0.0, 0, 0, 0
         start = last_report = time.perf_counter()
-        for i, index in enumerate(self.batch_order(cfg), 1):
+        for batches, index in enumerate(self.batch_order(cfg), 1):
             if cancelled.is_set():
                 raise TrainingCancelled("training cancelled by the caller")
             x, y = self.data.train.batch(index)
@@ -129,13 +137,23 @@ class Trainer:
             correct += int((out.argmax(1) == y).sum())
             samples += len(y)
             now = time.perf_counter()
-            if now - last_report >= progress_every or i == total:
-                progress(i, total, loss_sum / samples, now - start)
+            out_of_time = bool(cfg.local_seconds) and now - start >= cfg.local_seconds
+            if now - last_report >= progress_every or batches == total or out_of_time:
+                progress(batches, shown_total, loss_sum / samples, now - start)
                 last_report = now
+            if out_of_time:
+                break
         seconds = time.perf_counter() - start
-        outcome = TrainOutcome(samples, total, loss_sum / samples, correct / samples, seconds)
+        outcome = TrainOutcome(samples, batches, loss_sum / samples, correct / samples, seconds)
         if cfg.evaluate and len(self.data.test):
             loss, acc = evaluate(self.model, self.data.test)
             outcome = TrainOutcome(**{**outcome.__dict__, "test_loss": loss, "test_accuracy": acc,
                                       "test_samples": len(self.data.test)})
         return outcome
+
+    def evaluate(self) -> tuple[float, float, int]:
+        """Loss and accuracy of the current weights on the local test split, and its size."""
+        if not len(self.data.test):
+            return 0.0, 0.0, 0
+        loss, accuracy = evaluate(self.model, self.data.test)
+        return loss, accuracy, len(self.data.test)

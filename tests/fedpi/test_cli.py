@@ -25,3 +25,15 @@ def test_coordinator_subcommand_flags_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("FEDPI_LR", "0.1")
     args = coordinator_args(["train"])
     assert (args.rounds, args.workers_dns, args.lr) == (3, "fedpi-worker:50051", 0.1)
+
+
+def test_presets_set_defaults_that_flags_and_the_environment_override(monkeypatch):
+    default = coordinator_args(["demo"])
+    seed = coordinator_args(["demo", "--preset", "seed"])
+    assert (seed.lr, seed.momentum, seed.local_batches, seed.batch_size) == (0.01, 0.0, 50, 64)
+    assert (default.lr, default.momentum) != (seed.lr, seed.momentum)
+    assert coordinator_args(["train", "--preset=seed", "--lr", "0.2"]).lr == 0.2
+    monkeypatch.setenv("FEDPI_MOMENTUM", "0.3")
+    assert coordinator_args(["demo", "--preset", "seed"]).momentum == 0.3
+    monkeypatch.setenv("FEDPI_PRESET", "seed")
+    assert coordinator_args(["demo"]).lr == 0.01

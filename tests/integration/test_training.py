@@ -6,7 +6,9 @@ import json
 
 import torch
 
-from fedpi.models import build_model
+from coordinator_service.strategy import FedAvg
+from fedpi.data import load_dataset, shard
+from fedpi.models import build_model, evaluate
 from tests.integration.conftest import events, run_coordinator
 
 
@@ -45,3 +47,30 @@ def test_unreachable_workers_fail_fast_with_a_clear_error(tmp_path):
     assert proc.returncode == 1
     reasons = [e["reason"] for e in events(proc.stdout) if e.get("event") == "worker_unavailable"]
     assert reasons and ("UNAVAILABLE" in reasons[0] or "DEADLINE_EXCEEDED" in reasons[0])
+
+
+def test_sampled_time_budgeted_rounds_with_fednova_and_federated_evaluation(digits_cluster, tmp_path):
+    """Two of three workers per round (the seeded choice), each training for a second, FedNova's normalised average,
+    and every round's model evaluated on the sampled workers' own test splits: the reported mean is recomputed here
+    from model.pt and the workers' shards."""
+    proc = run_coordinator("train", "--workers", digits_cluster.spec, "--rounds", "2", "--dataset", "digits-5k",
+                           "--workers-per-round", "2", "--local-seconds", "1", "--federated-evaluation",
+                           "--output-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    names = [w.name for w in digits_cluster.workers]
+    for m in metrics:
+        assert sorted(m["workers"]) == sorted(FedAvg(workers_per_round=2).sample(m["round"], names, names.index))
+        assert all(w["batches"] >= 1 and w["train_seconds"] >= 1.0 for w in m["workers"].values())
+        assert m["aggregate_scale"] >= 1.0
+    model = build_model("reference-cnn")
+    model.load_state_dict(torch.load(tmp_path / "model.pt"))
+    digits = load_dataset("digits-5k", "unused", download=False)
+    last = metrics[-1]
+    per_worker = {n: evaluate(model, shard(digits, names.index(n), 3, "iid", 0).test) for n in last["workers"]}
+    sizes = {n: len(shard(digits, names.index(n), 3, "iid", 0).test) for n in last["workers"]}
+    expected = sum(per_worker[n][1] * sizes[n] for n in per_worker) / sum(sizes.values())
+    assert last["federated_samples"] == sum(sizes.values())
+    assert abs(last["federated_accuracy"] - expected) < 1e-4
+    for n, (loss, accuracy) in per_worker.items():
+        assert abs(last["workers"][n]["eval_accuracy"] - accuracy) < 1e-4

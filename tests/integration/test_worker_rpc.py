@@ -11,7 +11,8 @@ import torch
 
 from coordinator_service.local import LocalWorker
 from fedpi import serde
-from fedpi.models import build_model
+from fedpi.data import load_dataset
+from fedpi.models import build_model, evaluate
 from fedpi.protocol import PROTOCOL_VERSION
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
@@ -200,3 +201,27 @@ def test_sigterm_lets_a_running_train_finish_then_stops(tmp_path):
         assert '"worker_stopped"' in worker.log_path.read_text()
     finally:
         cluster.stop()
+
+
+def test_train_with_a_time_budget_reports_the_batches_it_trained(worker):
+    _, stub = worker
+    _, current_round = _digest(stub)
+    request = pb.TrainRequest(round=current_round, local_seconds=1.0, batch_size=16, learning_rate=0.01)
+    result = list(stub.Train(request, metadata=METADATA, timeout=60))[-1].result
+    assert result.batches >= 1 and result.samples == 16 * result.batches and result.train_seconds >= 1.0
+
+
+def test_evaluate_reports_the_installed_weights_and_checks_the_round_id(worker):
+    _, stub = worker
+    payload = serde.WeightsPayload(build_model(ARCH, seed=5).state_dict(), round=3, architecture=ARCH,
+                                   round_id="run/3.1/eval")
+    stub.SetWeights(payload.chunks(1 << 20), metadata=METADATA, timeout=30)
+    result = stub.Evaluate(pb.EvaluateRequest(round_id="run/3.1/eval"), metadata=METADATA, timeout=60)
+    assert result.round == 3 and result.round_id == "run/3.1/eval" and result.samples == 1000
+    # The solo worker holds the whole digits-5k test split: the same figures computed here.
+    loss, accuracy = evaluate(build_model(ARCH, seed=5), load_dataset("digits-5k", "unused", download=False).test)
+    assert result.accuracy == pytest.approx(accuracy) and result.loss == pytest.approx(loss, rel=1e-5)
+    assert _digest(stub)[0] == payload.digest  # evaluating changed nothing
+    code, details = _code(lambda: stub.Evaluate(pb.EvaluateRequest(round_id="run/2.1"), metadata=METADATA,
+                                                timeout=10))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "call SetWeights" in details

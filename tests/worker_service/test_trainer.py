@@ -83,3 +83,36 @@ def test_fedprox_mu_must_be_sane():
         TrainConfig(proximal_mu=-1).validate(100)
     with pytest.raises(ValueError, match="proximal_mu"):
         TrainConfig(proximal_mu=float("nan")).validate(100)
+
+
+def test_a_time_budget_trains_until_it_is_spent(data):
+    progress = []
+    out = Trainer(build_model("reference-cnn"), data, batch_delay=0.05).train(
+        TrainConfig(local_batches=0, local_seconds=0.6, batch_size=16), lambda *p: progress.append(p),
+        threading.Event(), progress_every=0.0)
+    # 0.05 s of delay per batch plus the batch itself: fewer than 12 batches fit in 0.6 s, and more than one.
+    assert 2 <= out.batches < 12 and out.samples == out.batches * 16
+    assert 0.6 <= out.train_seconds < 1.5
+    assert progress[-1][:2] == (out.batches, 0)  # the total is not known in advance
+
+
+def test_a_time_budget_stops_at_the_batch_limit(data):
+    out = Trainer(build_model("reference-cnn"), data, max_batches=3).train(
+        TrainConfig(local_batches=0, local_seconds=60, batch_size=16), lambda *p: None, threading.Event())
+    assert out.batches == 3
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (TrainConfig(local_batches=5, local_seconds=1.0), "exactly one"),
+    (TrainConfig(local_batches=0, local_seconds=-1.0), "exactly one"),
+    (TrainConfig(local_batches=0, local_seconds=1e9), "a day"),
+])
+def test_bad_time_budgets_are_refused(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        cfg.validate(1000)
+
+
+def test_evaluate_measures_the_installed_weights_on_the_local_test_split(data):
+    model = build_model("reference-cnn", seed=4)
+    loss, accuracy, samples = Trainer(model, data).evaluate()
+    assert (loss, accuracy) == evaluate(model, data.test) and samples == len(data.test)

@@ -130,7 +130,7 @@ class SetWeightsResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id", "proximal_mu")
+    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id", "proximal_mu", "local_seconds")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class TrainRequest(_message.Message):
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     round: int
     local_batches: int
     local_epochs: int
@@ -151,7 +152,8 @@ class TrainRequest(_message.Message):
     evaluate: bool
     round_id: str
     proximal_mu: float
-    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
+    local_seconds: float
+    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., local_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
     __slots__ = ("batches_done", "batches_total", "mean_loss", "seconds", "heartbeat")
@@ -198,6 +200,28 @@ class TrainUpdate(_message.Message):
     progress: TrainProgress
     result: TrainResult
     def __init__(self, progress: _Optional[_Union[TrainProgress, _Mapping]] = ..., result: _Optional[_Union[TrainResult, _Mapping]] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("round_id",)
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    def __init__(self, round_id: _Optional[str] = ...) -> None: ...
+
+class EvaluateResult(_message.Message):
+    __slots__ = ("round", "round_id", "loss", "accuracy", "samples", "seconds")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    round_id: str
+    loss: float
+    accuracy: float
+    samples: int
+    seconds: float
+    def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., samples: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class GetWeightsRequest(_message.Message):
     __slots__ = ("chunk_size", "encoding")

@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.GetWeightsRequest.SerializeToString,
                 response_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.WeightsChunk.FromString,
                 _registered_method=True)
+        self.Evaluate = channel.unary_unary(
+                '/fedpi.v1.Worker/Evaluate',
+                request_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateResult.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -90,6 +95,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evaluate(self, request, context):
+        """Since 1.3. Evaluates the installed weights on this worker's local test split, without changing them: the
+        federated evaluation of a global model (each worker's figure is weighted by its test samples).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetWeights,
                     request_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.GetWeightsRequest.FromString,
                     response_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.WeightsChunk.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateRequest.FromString,
+                    response_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class Worker:
             '/fedpi.v1.Worker/GetWeights',
             generated_dot_fedpi_dot_v1_dot_worker__pb2.GetWeightsRequest.SerializeToString,
             generated_dot_fedpi_dot_v1_dot_worker__pb2.WeightsChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpi.v1.Worker/Evaluate',
+            generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateRequest.SerializeToString,
+            generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateResult.FromString,
             options,
             channel_credentials,
             insecure,
