@@ -22,7 +22,7 @@ K = $(KUBECTL) -n $(NAMESPACE)
 
 CERTS ?= certs
 
-.PHONY: help venv proto run test bench clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
+.PHONY: help venv proto run test bench bench-learning clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -47,6 +47,9 @@ test: $(STAMP)  ## the whole test suite
 
 bench: $(STAMP)  ## benchmarks: transport, memory, reference workload, faults, poison, robust-memory
 	$(PY) -m tests.bench
+
+bench-learning: $(STAMP)  ## strategies x partitions on real MNIST / Fashion-MNIST, and a mixed Pi LAN (about 2 hours)
+	$(PY) -m tests.bench_learning $(BENCH_LEARNING_ARGS)
 
 LOCK = $(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --generate-hashes --quiet
 

@@ -21,6 +21,17 @@ def grpcurl(*args: str) -> str:
     return proc.stdout
 
 
+def _objects(text: str) -> list[dict]:
+    """The JSON messages of a streaming call, as grpcurl prints them one after another."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while i < len(text.rstrip()):
+        obj, i = decoder.raw_decode(text, i)
+        out.append(obj)
+        while i < len(text) and text[i].isspace():
+            i += 1
+    return out
+
+
 @pytest.fixture(scope="module")
 def address(worker):
     return worker[0].address
@@ -43,6 +54,16 @@ def test_get_info(address):
     info = json.loads(grpcurl(address, "fedpi.v1.Worker/GetInfo"))
     assert info["worker_id"] == "solo" and info["protocol_version"] == PROTOCOL_VERSION
     assert info["model_architecture"] == "reference-cnn" and info["parameter_count"] == "431080"
+
+
+def test_readme_time_budget_and_evaluate(address):
+    info = json.loads(grpcurl(address, "fedpi.v1.Worker/GetInfo"))
+    request = json.dumps({"round": int(info.get("weights_round", 0)), "local_seconds": 1, "batch_size": 64,
+                          "learning_rate": 0.01})
+    updates = _objects(grpcurl("-d", request, address, "fedpi.v1.Worker/Train"))
+    assert int(updates[-1]["result"]["batches"]) >= 1
+    result = json.loads(grpcurl(address, "fedpi.v1.Worker/Evaluate"))
+    assert result["samples"] == "1000" and 0 <= result["accuracy"] <= 1
 
 
 def test_health_check(address):

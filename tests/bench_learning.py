@@ -1,0 +1,225 @@
+"""Learning benchmarks: `make bench-learning` prints the tables in the README's Learning section.
+
+1. table: 3 local workers train each strategy on each partition of a real dataset (IID for 20 rounds, the `labels`
+   split and Dirichlet alpha=0.1 for 40), the coordinator evaluating on the held-out test split every round. Prints
+   the final test accuracy and the first round that reached the target accuracy. Datasets: the 8,000 / 2,000 real
+   MNIST digits in ../shared/data/mnist (mnist-10k) and Debian's Fashion-MNIST (60,000 / 10,000), each skipped with
+   a message where it is not installed.
+2. mixed: a mixed cluster on an emulated Pi LAN (../shared/tools/pilan, 100 Mbit/s): two Pi 4s (15% of a core) and
+   a Pi 5 (30%). Ten minutes of wall clock with a fixed number of local batches, then ten with a time budget per
+   round (--local-seconds) and FedNova; test accuracy at 2, 5 and 10 minutes and the median round wall.
+
+    python -m tests.bench_learning [table] [mixed] [--datasets mnist-10k,fashion-mnist] [--minutes 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator_service.local import LocalCluster, LocalWorker, free_port
+from fedpi.data import DEBIAN_FASHION_MNIST
+from tests.conftest import ROOT, SHARED_MNIST
+
+PILAN = ROOT.parent / "shared" / "tools" / "pilan"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    args: tuple[str, ...]
+
+
+# Each strategy as its paper runs it, on top of the defaults unless it says otherwise (README: Learning).
+STRATEGIES = (
+    Setting("FedAvg (seed config)", ("--preset", "seed")),
+    Setting("FedAvg (defaults)", ()),
+    Setting("FedAvgM", ("--momentum", "0", "--server-optimizer", "fedavgm")),
+    Setting("FedAdam", ("--server-optimizer", "fedadam")),
+    Setting("FedProx", ("--proximal-mu", "0.01")),
+)
+PARTITIONS = (
+    Setting("iid, 20 rounds", ("--partition-scheme", "iid", "--rounds", "20")),
+    Setting("labels, 40 rounds", ("--partition-scheme", "labels", "--rounds", "40")),
+    Setting("dirichlet 0.1, 40 rounds", ("--partition-scheme", "dirichlet", "--partition-alpha", "0.1",
+                                         "--rounds", "40")),
+)
+
+
+@dataclass(frozen=True)
+class Data:
+    name: str
+    args: tuple[str, ...]
+    target: float  # the accuracy whose first round the table reports
+    available: bool
+    missing: str
+
+
+DATASETS = {
+    "mnist-10k": Data("MNIST, 8,000 / 2,000 real digits", ("--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST)),
+                      0.95, (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(), f"no MNIST digits at {SHARED_MNIST}"),
+    "fashion-mnist": Data("Fashion-MNIST, 60,000 / 10,000", ("--dataset", "fashion-mnist"), 0.85,
+                          (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file()
+                          or (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte").is_file(),
+                          "Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)"),
+}
+
+
+def _metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _demo(out: Path, *args: str, timeout: float = 3600) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-m", "coordinator_service", "demo", "--local-workers", "3",
+                           "--no-download", "--output-dir", str(out), "--log-format", "json", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        sys.exit(f"learning benchmark failed ({' '.join(args)}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return _metrics(out)
+
+
+def _first_round(metrics: list[dict], target: float) -> str:
+    return next((str(m["round"]) for m in metrics if m["test_accuracy"] >= target), "-")
+
+
+def bench_table(tmp: Path, datasets: list[str]) -> None:
+    for key in datasets:
+        data = DATASETS[key]
+        if not data.available:
+            print(f"learning  {key} skipped: {data.missing}")
+            continue
+        print(f"\n{data.name}, 3 workers, 50 local batches of 64 per round; final test accuracy "
+              f"(first round at >= {data.target:.0%})\n")
+        print("| strategy | " + " | ".join(p.name for p in PARTITIONS) + " |")
+        print("|---|" + "---|" * len(PARTITIONS))
+        for strategy in STRATEGIES:
+            cells = []
+            for partition in PARTITIONS:
+                out = tmp / key / f"{strategy.name}-{partition.name}".replace(" ", "_")
+                metrics = _demo(out, *data.args, *partition.args, *strategy.args)
+                cells.append(f"{metrics[-1]['test_accuracy']:.2%} ({_first_round(metrics, data.target)})")
+            print(f"| {strategy.name} | " + " | ".join(cells) + " |", flush=True)
+
+
+# -- mixed cluster on an emulated Pi LAN --------------------------------------------------------------------------
+
+BOARDS = (("pi4-a", 15), ("pi4-b", 15), ("pi5", 30))  # name, % of one core (pilan's calibration)
+
+
+def _pilan(*args: str) -> str:
+    return subprocess.run([str(PILAN), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _set_cpu_share(pi: int, pct: int) -> None:
+    """pilan gives every Pi the same quota; the Pi 5 gets its own, in pilan's cgroup, with pilan's period."""
+    cgroup = Path(os.environ.get("PILAN_CGROUP_ROOT", "/sys/fs/cgroup/cpu")) / f"fpi{pi}"
+    period = int((cgroup / "cpu.cfs_period_us").read_text())
+    (cgroup / "cpu.cfs_quota_us").write_text(str(period * pct // 100))
+
+
+def _pi_workers(tmp: Path) -> list[LocalWorker]:
+    workers = []
+    for i, (name, _) in enumerate(BOARDS, 1):
+        port = free_port()
+        w = LocalWorker(name, ["--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST), "--no-download",
+                               "--partition", f"{i - 1}/{len(BOARDS)}", "--threads", "1"], tmp, port=port)
+        w.argv = [str(PILAN), "exec", str(i), *w.argv]
+        w.argv[w.argv.index("--host") + 1] = "0.0.0.0"
+        w.address = w.health_address = f"{_pilan('addr', str(i))}:{port}"
+        workers.append(w)
+    return workers
+
+
+def _timed_run(tmp: Path, name: str, spec: str, minutes: float, *args: str) -> list[dict]:
+    """Train until `minutes` of wall clock have passed, then stop the coordinator (its metrics stay)."""
+    out = tmp / name
+    cmd = [sys.executable, "-m", "coordinator_service", "train", "--workers", spec, "--rounds", "10000",
+           "--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST), "--no-download", "--output-dir", str(out),
+           "--log-format", "json", *args]
+    with (tmp / f"{name}.log").open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(minutes * 60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(120)
+    return _metrics(out)
+
+
+def _accuracy_at(metrics: list[dict], seconds: float) -> str:
+    clock, accuracy = 0.0, None
+    for m in metrics:
+        clock += m["wall_seconds"]
+        if clock > seconds:
+            break
+        accuracy = m["test_accuracy"]
+    return f"{accuracy:.2%}" if accuracy is not None else "-"
+
+
+def bench_mixed(tmp: Path, minutes: float) -> None:
+    if not PILAN.is_file() or os.geteuid() != 0:
+        print(f"mixed  skipped: needs root and pilan at {PILAN}")
+        return
+    if not DATASETS["mnist-10k"].available:
+        print(f"mixed  skipped: {DATASETS['mnist-10k'].missing}")
+        return
+    _pilan("up", str(len(BOARDS)), "--rate", "100mbit", "--cpu-pct", str(BOARDS[0][1]))
+    try:
+        for i, (_, pct) in enumerate(BOARDS, 1):
+            _set_cpu_share(i, pct)
+        settings = (Setting("50 batches per round, FedAvg", ()),
+                    Setting("--local-seconds 5, FedNova", ("--local-seconds", "5")))
+        print(f"\nmixed cluster on pilan (100 Mbit/s): {', '.join(f'{n} {p}% CPU' for n, p in BOARDS)}; "
+              f"MNIST 8,000 / 2,000 iid; {minutes:g} minutes each\n")
+        print("| local work | rounds | median round wall | batches per round (pi4 / pi5) | accuracy at 2 / 5 / "
+              f"{minutes:g} min |")
+        print("|---|---|---|---|---|")
+        for setting in settings:
+            with LocalCluster(_pi_workers(tmp / "workers")) as cluster:
+                asyncio.run(cluster.wait_serving(timeout=300))
+                spec = ",".join(f"{w.name}={w.address}" for w in cluster.workers)
+                metrics = _timed_run(tmp, setting.name.split(",")[0].replace(" ", "_"), spec, minutes,
+                                     *setting.args)
+            walls = [m["wall_seconds"] for m in metrics]
+            batches = [statistics.median(m["workers"][n]["batches"] for m in metrics if n in m["workers"])
+                       for n in ("pi4-a", "pi5")]
+            print(f"| {setting.name} | {len(metrics)} | {statistics.median(walls):.1f} s | "
+                  f"{batches[0]:.0f} / {batches[1]:.0f} | {_accuracy_at(metrics, 120)} / "
+                  f"{_accuracy_at(metrics, 300)} / {_accuracy_at(metrics, minutes * 60)} |", flush=True)
+    finally:
+        _pilan("down")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", help="which to run: table, mixed (default: both)")
+    p.add_argument("--datasets", default="mnist-10k,fashion-mnist", help="for table: comma-separated")
+    p.add_argument("--minutes", type=float, default=10.0, help="for mixed: wall clock per configuration")
+    p.add_argument("--keep", help="keep every run's output in this directory")
+    args = p.parse_args()
+    if set(args.names) - {"table", "mixed"}:
+        p.error(f"unknown benchmark {', '.join(sorted(set(args.names) - {'table', 'mixed'}))}; choose table or mixed")
+    datasets = [d for d in args.datasets.split(",") if d]
+    unknown = set(datasets) - set(DATASETS)
+    if unknown:
+        p.error(f"unknown dataset {', '.join(sorted(unknown))}; choose from {', '.join(DATASETS)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.keep) if args.keep else Path(tmp)
+        if "table" in args.names or not args.names:
+            bench_table(out / "table", datasets)
+        if "mixed" in args.names or not args.names:
+            bench_mixed(out / "mixed", args.minutes)
+
+
+if __name__ == "__main__":
+    main()
