@@ -22,6 +22,8 @@ import structlog
 import torch
 
 from coordinator_service.local import demo_cluster
+from coordinator_service.observe import Observers, RunObserver
+from coordinator_service.progress import LiveProgress
 from coordinator_service.robust import Aggregation, parse_aggregation
 from coordinator_service.rounds import DEFAULT_MAX_UPDATE_RATIO, RoundFailed, TransferSettings
 from coordinator_service.server_opt import SERVER_OPTIMIZERS, ServerOptimizerConfig
@@ -31,7 +33,7 @@ from coordinator_service.checkpoint import CheckpointMismatch
 from coordinator_service.worker_client import ClientSecurity, DiscoveryFailed, discover, parse_workers
 from fedpi import data as datasets
 from fedpi.cli import apply_env_defaults, env_name, read_secret
-from fedpi.logs import LOG_FORMATS, configure_logging
+from fedpi.logs import LOG_FORMATS, configure_logging, wants_console
 from fedpi.models import DEFAULT_MODEL, MODELS
 from generated.fedpi.v1 import worker_pb2 as pb
 
@@ -222,7 +224,7 @@ def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], datase
     )
 
 
-async def _train(args: argparse.Namespace) -> None:
+async def _train(args: argparse.Namespace, observer: RunObserver) -> None:
     if bool(args.workers) == bool(args.workers_dns):
         raise ValueError("give either --workers NAME=HOST:PORT,... or --workers-dns HOST:PORT with --expect-workers")
     if args.workers:
@@ -232,10 +234,11 @@ async def _train(args: argparse.Namespace) -> None:
             raise ValueError("--workers-dns needs --expect-workers N (N >= 1)")
         workers = await discover(args.workers_dns, args.expect_workers, args.discovery_timeout)
     data = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-    await run(_run_config(args, workers, data.name, args.workers_dns), _strategy(args, len(workers)), data.test)
+    await run(_run_config(args, workers, data.name, args.workers_dns), _strategy(args, len(workers)), data.test,
+              observer)
 
 
-async def _demo(args: argparse.Namespace) -> None:
+async def _demo(args: argparse.Namespace, observer: RunObserver) -> None:
     # Resolve the dataset once, here, so the workers need not each try (and race) to download it.
     data = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
     worker_args = ["--model", args.model, "--dataset", data.name, "--data-dir", args.data_dir, "--no-download",
@@ -246,16 +249,28 @@ async def _demo(args: argparse.Namespace) -> None:
         log.info("local_workers_starting", workers=[w.address for w in cluster.workers], logs=str(log_dir))
         await cluster.wait_serving()
         workers = [(w.name, w.address) for w in cluster.workers]
-        await run(_run_config(args, workers, data.name), _strategy(args, len(workers)), data.test)
+        await run(_run_config(args, workers, data.name), _strategy(args, len(workers)), data.test, observer)
+
+
+def _observers(args: argparse.Namespace) -> Observers:
+    """The live view on a terminal (the other log lines print above it), Prometheus metrics when asked for."""
+    observers: list[RunObserver] = []
+    if wants_console(args.log_format) and sys.stdout.isatty():
+        progress = LiveProgress(args.batch_size)
+        configure_logging("console", file=progress.log_file(), drop=LiveProgress.SHOWN_EVENTS)
+        observers.append(progress)
+    else:
+        configure_logging(args.log_format)
+    return Observers(observers)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(args.log_format)
+    observer = _observers(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        asyncio.run(_train(args) if args.command == "train" else _demo(args))
+        asyncio.run(_train(args, observer) if args.command == "train" else _demo(args, observer))
     except (HandshakeFailed, RoundFailed, DiscoveryFailed, CheckpointMismatch, datasets.DatasetUnavailable,
             ValueError, OSError) as exc:
         log.error("training_failed", reason=str(exc))

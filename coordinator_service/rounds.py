@@ -12,6 +12,7 @@ import asyncio
 import statistics
 import time
 import uuid
+from functools import partial
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -27,6 +28,7 @@ from coordinator_service.aggregate import (
     install,
     model_norm,
 )
+from coordinator_service.observe import RunObserver
 from coordinator_service.robust import Aggregation, CoordinateReducer, StepFailed
 from coordinator_service.server_opt import ServerOptimizer
 from coordinator_service.strategy import Failure, Strategy
@@ -175,7 +177,7 @@ class RoundRunner:
                  transfer: TransferSettings = TransferSettings(), round_timeout: float = 3600.0,
                  aggregation: Aggregation = Aggregation(), max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO,
                  run_id: str | None = None, server_optimizer: ServerOptimizer | None = None,
-                 federated_evaluation: bool = False):
+                 federated_evaluation: bool = False, observer: RunObserver | None = None):
         self.model = model
         self.architecture = architecture
         self.strategy = strategy
@@ -187,6 +189,7 @@ class RoundRunner:
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.server_optimizer = server_optimizer or ServerOptimizer()
         self.federated_evaluation = federated_evaluation
+        self.observer = observer or RunObserver()
         self._attempts = 0  # every call gets its own round id, so a retried round never mixes with its first try
 
     async def run_round(self, server_round: int, clients: Sequence[WorkerClient],
@@ -216,6 +219,7 @@ class RoundRunner:
         rnd = self._prepare(number)
         log.info("round_started", workers=[c.name for c in clients], present=present, round_id=rnd.round_id,
                  model_digest=rnd.payload.digest)
+        self.observer.round_started(number, [c.name for c in clients])
         if self.aggregation.coordinate_wise:
             total = None
             steps = [self._train(rnd, c, index_of(c)) for c in clients]
@@ -229,6 +233,8 @@ class RoundRunner:
             self._require_quorum(rnd, done, clients)
             flat = await self._coordinate_wise(rnd, done)
             self._require_quorum(rnd, done, clients)
+            for c in done:
+                self.observer.worker_phase(c.client.name, "done")
             self._install(rnd, flat)
         else:
             if tainted:
@@ -264,6 +270,7 @@ class RoundRunner:
         """Send the global model, train, and check the result before anything of the update is used."""
         stats = WorkerRound(client.name)
         t = time.perf_counter()
+        self.observer.worker_phase(client.name, "sending")
         try:
             await client.set_weights(rnd.payload, self.transfer.chunk_size, self.transfer.encoding)
         except WorkerError as exc:
@@ -271,9 +278,10 @@ class RoundRunner:
         stats.bytes_sent, stats.send_seconds = rnd.payload.total_bytes, elapsed(t)
         request = self.strategy.configure_train(rnd.number, index)
         request.round_id = rnd.round_id
+        self.observer.worker_phase(client.name, "training")
         try:
             _check_worker_supports(client, request)
-            result = await client.train(request)
+            result = await client.train(request, partial(self.observer.worker_progress, client.name))
             self._check_result(rnd, client, request, result)
         except WorkerError as exc:
             raise _PhaseError("train", exc) from exc
@@ -302,10 +310,12 @@ class RoundRunner:
                               total: WeightedSum) -> Contribution:
         contribution = await self._train(rnd, client, index)
         rnd.folding.add(client.name)
+        self.observer.worker_phase(client.name, "receiving")
         try:
             await self._fold(rnd, contribution, total)
         except (WorkerError, serde.WeightsError) as exc:
             raise _PhaseError("get_weights", exc) from exc
+        self.observer.worker_phase(client.name, "done")
         return contribution
 
     async def _update_pieces(self, rnd: _Round, c: Contribution) -> AsyncIterator[bytes]:
@@ -432,10 +442,10 @@ class RoundRunner:
         done.remove(c)
         self._record_failure(rnd, _failure(c.client.name, _PhaseError(phase, cause), 0))
 
-    @staticmethod
-    def _record_failure(rnd: _Round, failure: Failure) -> None:
+    def _record_failure(self, rnd: _Round, failure: Failure) -> None:
         rnd.report.failures.append(failure)
         log.warning("worker_dropped", worker=failure.worker, phase=failure.phase, reason=failure.reason)
+        self.observer.worker_phase(failure.worker, "dropped", f"{failure.phase}: {failure.reason}")
 
     def _require_quorum(self, rnd: _Round, done: list[Contribution], clients: list[WorkerClient]) -> None:
         failures = rnd.report.failures

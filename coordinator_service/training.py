@@ -14,6 +14,7 @@ import structlog
 import torch
 
 from coordinator_service import checkpoint
+from coordinator_service.observe import RunObserver
 from coordinator_service.roster import HandshakeFailed, Roster
 from coordinator_service.robust import Aggregation
 from coordinator_service.server_opt import ServerOptimizer, ServerOptimizerConfig
@@ -80,7 +81,9 @@ def _write_metrics(path: Path, events: list[dict]) -> None:
     _write_atomically(path, lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in events)))
 
 
-async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> list[RoundReport]:
+async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
+              observer: RunObserver | None = None) -> list[RoundReport]:
+    observer = observer or RunObserver()
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.latest_link is not None:
         _point(cfg.latest_link, cfg.output_dir)
@@ -107,7 +110,7 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> l
     runner = RoundRunner(model=model, architecture=cfg.model, strategy=strategy, test_split=test_split,
                          transfer=cfg.transfer, round_timeout=cfg.round_timeout, aggregation=cfg.aggregation,
                          max_update_ratio=cfg.max_update_ratio, server_optimizer=server_optimizer,
-                         federated_evaluation=cfg.federated_evaluation)
+                         federated_evaluation=cfg.federated_evaluation, observer=observer)
     reports: list[RoundReport] = []
     try:
         await roster.admit()
@@ -117,8 +120,9 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> l
                 f"{cfg.min_workers} (--min-workers); the worker_handshake_failed and worker_unavailable events say why")
         log.info("training_started", model=cfg.model, parameters=parameter_count(model), rounds=cfg.rounds,
                  first_round=first_round, workers=[c.name for c in roster.active])
+        observer.run_started(cfg.rounds, first_round, [c.name for c in roster.active])
         for server_round in range(first_round, cfg.rounds + 1):
-            report = await _run_round_with_retries(cfg, roster, runner, server_round)
+            report = await _run_round_with_retries(cfg, roster, runner, server_round, observer)
             reports.append(report)
             event = report.as_event()
             metrics.append(event)
@@ -130,19 +134,23 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None) -> l
             # On a terminal the per-worker table would drown the line; metrics.jsonl always has it.
             shown = {k: v for k, v in event.items() if k != "workers"} if is_console() else event
             log.info("round_finished", **shown, total_rounds=cfg.rounds)
+            observer.round_finished(report)
         model_path = cfg.output_dir / "model.pt"
         _write_atomically(model_path, lambda p: torch.save(model.state_dict(), p))
         log.info("training_finished", rounds=cfg.rounds, model_path=str(model_path), metrics_path=str(metrics_path),
                  test_accuracy=metrics[-1]["test_accuracy"] if metrics else None,
                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     finally:
+        observer.run_finished()
         await roster.close()
     return reports
 
 
-async def _run_round_with_retries(cfg: RunConfig, roster: Roster, runner: RoundRunner, server_round: int) -> RoundReport:
+async def _run_round_with_retries(cfg: RunConfig, roster: Roster, runner: RoundRunner, server_round: int,
+                                  observer: RunObserver) -> RoundReport:
     for attempt in range(cfg.round_retries + 1):
         joined = await roster.admit()
+        observer.workers_present([c.name for c in roster.active])
         if joined and (server_round > 1 or attempt):
             log.info("workers_rejoined", round=server_round, workers=[c.name for c in joined])
         try:
@@ -150,6 +158,7 @@ async def _run_round_with_retries(cfg: RunConfig, roster: Roster, runner: RoundR
         except RoundFailed as exc:
             for failure in exc.failures:
                 roster.drop(failure.worker)
+            observer.round_failed(server_round, str(exc))
             if attempt == cfg.round_retries:
                 raise
             log.warning("round_retrying", round=server_round, attempt=attempt + 1, reason=str(exc),

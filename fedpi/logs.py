@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
@@ -18,13 +19,29 @@ def is_console() -> bool:
     return _console
 
 
-def configure_logging(fmt: str = "auto", level: str = "info") -> None:
+def wants_console(fmt: str = "auto") -> bool:
+    return fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+
+
+def _dropping(events: frozenset[str]):
+    def drop(logger, method, event_dict):
+        if event_dict.get("event") in events:
+            raise structlog.DropEvent
+        return event_dict
+    return drop
+
+
+def configure_logging(fmt: str = "auto", level: str = "info", file: TextIO | None = None,
+                      drop: frozenset[str] = frozenset()) -> None:
+    """`file`: where the lines go (default stdout), e.g. above a live progress view, which also shows the events
+    named in `drop` in its own way."""
     global _console
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    use_json = not wants_console(fmt)
     _console = not use_json
     renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
+            _dropping(drop),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -32,6 +49,6 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=file or sys.stdout),
         cache_logger_on_first_use=True,
     )

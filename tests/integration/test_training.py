@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import torch
 
 from coordinator_service.strategy import FedAvg
 from fedpi.data import load_dataset, shard
 from fedpi.models import build_model, evaluate
+from tests.conftest import ROOT
 from tests.integration.conftest import events, run_coordinator
 
 
@@ -74,3 +77,14 @@ def test_sampled_time_budgeted_rounds_with_fednova_and_federated_evaluation(digi
     assert abs(last["federated_accuracy"] - expected) < 1e-4
     for n, (loss, accuracy) in per_worker.items():
         assert abs(last["workers"][n]["eval_accuracy"] - accuracy) < 1e-4
+
+
+def test_without_a_terminal_stdout_holds_only_json_events(digits_cluster, tmp_path):
+    """No --log-format: stdout is a pipe here, so no live view and nothing but one JSON object per line."""
+    proc = subprocess.run([sys.executable, "-m", "coordinator_service", "train", "--workers", digits_cluster.spec,
+                           "--rounds", "1", "--local-batches", "5", "--dataset", "digits-5k",
+                           "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines and all(isinstance(json.loads(line), dict) for line in lines)
+    assert "round_finished" in {json.loads(line)["event"] for line in lines}
