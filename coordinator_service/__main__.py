@@ -22,6 +22,7 @@ import structlog
 import torch
 
 from coordinator_service.local import demo_cluster
+from coordinator_service.metrics import PrometheusObserver
 from coordinator_service.observe import Observers, RunObserver
 from coordinator_service.progress import LiveProgress
 from coordinator_service.robust import Aggregation, parse_aggregation
@@ -121,6 +122,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-key", help="private key of --tls-cert")
     g.add_argument("--tls-server-name", help="name on the workers' certificates when dialling them by IP address")
     p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: torch's default)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics at http://--metrics-host:PORT/metrics while training (0: off)")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics server listens on")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
 
 
@@ -196,7 +200,7 @@ def _min_workers(args: argparse.Namespace, n_workers: int) -> int:
     return args.min_workers or math.ceil((per_round + 1) / 2)
 
 
-def _security(args: argparse.Namespace) -> ClientSecurity:
+def client_security(args: argparse.Namespace) -> ClientSecurity:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if args.tls_cert and not args.tls_ca:
@@ -220,7 +224,7 @@ def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], datase
         server_optimizer=_server_optimizer(args), federated_evaluation=args.federated_evaluation,
         resume=args.resume, latest_link=Path(args.latest_link) if args.latest_link else None, aggregation=args.aggregation, max_update_ratio=args.max_update_ratio,
         transfer=TransferSettings(chunk_size=args.chunk_size, encoding=ENCODINGS[args.encoding]),
-        security=_security(args),
+        security=client_security(args),
     )
 
 
@@ -261,6 +265,11 @@ def _observers(args: argparse.Namespace) -> Observers:
         observers.append(progress)
     else:
         configure_logging(args.log_format)
+    if args.metrics_port:
+        metrics = PrometheusObserver()
+        metrics.serve(args.metrics_port, args.metrics_host)
+        log.info("metrics_serving", url=f"http://{args.metrics_host}:{args.metrics_port}/metrics")
+        observers.append(metrics)
     return Observers(observers)
 
 

@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 import resource
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
@@ -77,6 +77,20 @@ def _point(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
+def describe(cfg: RunConfig, strategy: Strategy) -> dict:
+    """The run's configuration as plain values, for config.json and the report (no secrets: only whether TLS and a
+    token are in use)."""
+    settings = {k: v for k, v in vars(strategy).items() if isinstance(v, (int, float, str, bool))}
+    return {
+        "model": cfg.model, "dataset": cfg.dataset, "rounds": cfg.rounds,
+        "workers": cfg.workers_dns or [name for name, _ in cfg.workers], "min_workers": cfg.min_workers,
+        "strategy": type(strategy).__name__, **settings, "aggregation": str(cfg.aggregation),
+        "server_optimizer": asdict(cfg.server_optimizer), "max_update_ratio": cfg.max_update_ratio,
+        "federated_evaluation": cfg.federated_evaluation, "chunk_size": cfg.transfer.chunk_size,
+        "tls": cfg.security.tls, "token": cfg.security.token is not None,
+    }
+
+
 def _write_metrics(path: Path, events: list[dict]) -> None:
     _write_atomically(path, lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in events)))
 
@@ -99,6 +113,8 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
         metrics, first_round = ckpt.metrics, ckpt.round + 1
         log.info("training_resumed", from_round=ckpt.round, checkpoint=str(cfg.output_dir / checkpoint.CHECKPOINT_NAME))
     metrics_path = cfg.output_dir / "metrics.jsonl"
+    _write_atomically(cfg.output_dir / "config.json",
+                      lambda p: p.write_text(json.dumps(describe(cfg, strategy), indent=2) + "\n"))
     _write_metrics(metrics_path, metrics)  # drops a round that was logged but never checkpointed
 
     def make_client(name: str, address: str) -> WorkerClient:

@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between Train progress messages (they show the coordinator this worker is alive)")
     p.add_argument("--train-delay", type=float, default=0.0,
                    help="extra seconds per training batch, to imitate a slower device (fault tests, demos)")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: off)")
     p.add_argument("--health-port", type=int, default=0,
                    help="also serve grpc.health.v1 alone, in plaintext, on this port (kubelet probes cannot do TLS)")
     g = p.add_argument_group("security (see README: Threat model)")
@@ -132,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     if security.token is None and security.client_ca_file is None:
         log.warning("worker_unauthenticated", hint="any client that reaches this port can use the worker; "
                                                     "see --token-file and --tls-client-ca")
+    if args.metrics_port:
+        servicer.metrics.serve(args.metrics_port, args.host)
+        log.info("metrics_serving", url=f"http://{args.host}:{args.metrics_port}/metrics")
     health_address = f"{args.host}:{args.health_port}" if args.health_port else None
     asyncio.run(serve(servicer, f"{args.host}:{args.port}", grace=args.grace, security=security,
                       health_address=health_address))

@@ -7,6 +7,7 @@ SERVING / NOT_SERVING. Tokens are compared in constant time and never logged.
 from __future__ import annotations
 
 import hmac
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import grpc
 import structlog
 
 from fedpi.protocol import AUTH_METADATA_KEY
+from worker_service.handlers import wrap_handler
 
 log = structlog.get_logger()
 
@@ -74,42 +76,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _guarded(handler: grpc.RpcMethodHandler, security: ServerSecurity, method: str) -> grpc.RpcMethodHandler:
-    async def check(context: grpc.aio.ServicerContext) -> None:
+    @asynccontextmanager
+    async def checked(context: grpc.aio.ServicerContext):
         refusal = _refusal(security, context)
         if refusal is not None:
             log.warning("request_refused", method=method, code=refusal[0].name, peer=context.peer())
             await context.abort(*refusal)
+        yield
 
-    kwargs = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
-    if handler.unary_unary:
-        async def unary_unary(request, context):
-            await check(context)
-            return await handler.unary_unary(request, context)
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
-    if handler.unary_stream:
-        async def unary_stream(request, context):
-            await check(context)
-            async for response in _responses(handler.unary_stream(request, context)):
-                yield response
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
-    if handler.stream_unary:
-        async def stream_unary(requests, context):
-            await check(context)
-            return await handler.stream_unary(requests, context)
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
-
-    async def stream_stream(requests, context):
-        await check(context)
-        async for response in _responses(handler.stream_stream(requests, context)):
-            yield response
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
-
-
-async def _responses(result):
-    """A streaming handler either yields its responses or writes them with context.write and returns."""
-    if hasattr(result, "__aiter__"):
-        async for response in result:
-            yield response
-    else:
-        await result
+    return wrap_handler(handler, checked)

@@ -14,6 +14,7 @@ from fedpi.protocol import SERVICE_NAME
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from worker_service.auth import AuthInterceptor, ServerSecurity
+from worker_service.metrics import MetricsInterceptor
 from worker_service.servicer import WorkerServicer
 
 log = structlog.get_logger()
@@ -43,7 +44,9 @@ async def create_server(servicer: WorkerServicer, address: str, security: Server
                         health_address: str | None = None) -> tuple[list[grpc.aio.Server], int, health.aio.HealthServicer]:
     """The worker's server (plus, if asked, a plaintext server with only the health service, for kubelet probes,
     which cannot speak TLS). Returns the servers, the main port and the health servicer."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(security)],
+    # Metrics outermost, so that calls refused by authentication are counted too.
+    server = grpc.aio.server(options=SERVER_OPTIONS,
+                             interceptors=[MetricsInterceptor(servicer.metrics), AuthInterceptor(security)],
                              maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -25,6 +25,7 @@ from fedpi.protocol import (
 )
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
+from worker_service.metrics import WorkerMetrics
 from worker_service.trainer import DEFAULT_MAX_LOCAL_BATCHES, TrainConfig, Trainer, TrainOutcome
 from worker_service.training_job import TrainingJob
 
@@ -58,12 +59,14 @@ class TooManyDownloads(Exception):
 
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, *, worker_id: str, model_name: str, model: torch.nn.Module, data: Dataset,
-                 partition: str, limits: Limits = Limits(), progress_every: float = 2.0, train_delay: float = 0.0):
+                 partition: str, limits: Limits = Limits(), progress_every: float = 2.0, train_delay: float = 0.0,
+                 metrics: WorkerMetrics | None = None):
         self.worker_id = worker_id
         self.model_name = model_name
         self.model = model
         self.data = data
         self.partition = partition
+        self.metrics = metrics or WorkerMetrics(worker_id)
         self.limits = limits
         self.progress_every = progress_every
         self.trainer = Trainer(model, data, batch_delay=train_delay, max_batches=limits.max_local_batches)
@@ -191,6 +194,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def _set_weights_identity(self, round_: int, round_id: str, trained: bool = False) -> None:
         self.weights_round, self.weights_round_id, self.weights_trained = round_, round_id, trained
         self._snapshot = None
+        self.metrics.weights_round.set(round_)
 
     def _check_trainable(self, request: pb.TrainRequest) -> None:
         if request.round != self.weights_round:
@@ -226,6 +230,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         failure: Exception | None = None
         async with self._model_lock:
             self.training_round = request.round
+            self.metrics.training.set(1)
             self._snapshot = None
             structlog.contextvars.bind_contextvars(round=request.round)
             job = TrainingJob(self.trainer, cfg, self.progress_every)
@@ -239,6 +244,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             finally:
                 await job.stop()
                 self.training_round = None
+                self.metrics.training.set(0)
                 structlog.contextvars.unbind_contextvars("round")
                 if outcome is None:
                     # Partly trained weights are nobody's: the next SetWeights makes the model whole again.
@@ -248,6 +254,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     self.weights_trained = True
         if failure is not None:
             await self._abort(context, failure, "Train")
+        self.metrics.trained(outcome.train_seconds, outcome.batches, outcome.samples)
         log.info("training_finished", round=request.round, samples=outcome.samples, loss=round(outcome.mean_loss, 4),
                  accuracy=round(outcome.accuracy, 4), seconds=round(outcome.train_seconds, 3))
         await context.write(pb.TrainUpdate(result=pb.TrainResult(

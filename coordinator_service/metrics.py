@@ -1,0 +1,62 @@
+"""The coordinator's Prometheus metrics (prometheus-client), served on --metrics-port at /metrics while it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from coordinator_service.observe import RunObserver
+from coordinator_service.rounds import RoundReport
+
+
+class PrometheusObserver(RunObserver):
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry or CollectorRegistry()
+        self.rounds_completed = Counter("fedpi_rounds_completed", "Rounds whose aggregate became the global model",
+                                        registry=r)
+        self.rounds_failed = Counter("fedpi_rounds_failed", "Round attempts that missed their quorum", registry=r)
+        self.rounds_planned = Gauge("fedpi_rounds_planned", "Rounds this run trains (--rounds)", registry=r)
+        self.current_round = Gauge("fedpi_round", "The round training now (or last finished)", registry=r)
+        self.test_accuracy = Gauge("fedpi_test_accuracy", "Test accuracy of the global model after the last round",
+                                   registry=r)
+        self.test_loss = Gauge("fedpi_test_loss", "Test loss of the global model after the last round", registry=r)
+        self.wall = Gauge("fedpi_round_wall_seconds", "Wall seconds of the last finished round", registry=r)
+        self.overhead = Gauge("fedpi_round_overhead_seconds",
+                              "Wall seconds of the last round beyond its slowest worker's training", registry=r)
+        self.bytes_sent = Counter("fedpi_bytes_sent", "Weight bytes sent to each worker", ["worker"], registry=r)
+        self.bytes_received = Counter("fedpi_bytes_received", "Weight bytes received from each worker", ["worker"],
+                                      registry=r)
+        self.failures = Counter("fedpi_worker_failures", "Workers dropped from a round, by phase",
+                                ["worker", "phase"], registry=r)
+        self.present = Gauge("fedpi_workers_present", "Workers that passed the handshake and take part", registry=r)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def run_started(self, rounds: int, first_round: int, workers: Sequence[str]) -> None:
+        self.rounds_planned.set(rounds)
+        self.present.set(len(workers))
+
+    def workers_present(self, workers: Sequence[str]) -> None:
+        self.present.set(len(workers))
+
+    def round_started(self, number: int, workers: Sequence[str]) -> None:
+        self.current_round.set(number)
+
+    def worker_phase(self, worker: str, phase: str, detail: str = "") -> None:
+        if phase == "dropped":
+            self.failures.labels(worker=worker, phase=detail.split(":", 1)[0]).inc()
+
+    def round_finished(self, report: RoundReport) -> None:
+        self.rounds_completed.inc()
+        self.test_accuracy.set(report.test_accuracy)
+        self.test_loss.set(report.test_loss)
+        self.wall.set(report.wall_seconds)
+        self.overhead.set(report.overhead_seconds)
+        for w in report.workers:
+            self.bytes_sent.labels(worker=w.worker).inc(w.bytes_sent)
+            self.bytes_received.labels(worker=w.worker).inc(w.bytes_received)
+
+    def round_failed(self, number: int, reason: str) -> None:
+        self.rounds_failed.inc()

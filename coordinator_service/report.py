@@ -1,0 +1,149 @@
+"""`fedpi report RUN_DIR`: a self-contained report.html (and the PNGs in it) from a run's metrics.jsonl and
+config.json. Plots are drawn with matplotlib (the `report` extra) and embedded as data URIs, so the page opens in a
+browser without network access."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+PHASE_COLOURS = {"trained": "#2e7d32", "dropped": "#c62828", "absent": "#bdbdbd"}
+
+
+class ReportUnavailable(Exception):
+    """The run directory holds no metrics, or matplotlib is not installed."""
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ReportUnavailable("the report draws its plots with matplotlib: pip install 'fedpi[report]'") from None
+    matplotlib.use("Agg")  # no display needed
+    from matplotlib import pyplot
+    return pyplot
+
+
+def load_run(run_dir: Path) -> tuple[list[dict], dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ReportUnavailable(f"{path} does not exist: give the --output-dir of a training run")
+    rounds = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rounds:
+        raise ReportUnavailable(f"{path} holds no finished round yet")
+    config_path = run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return rounds, config
+
+
+def _workers(rounds: list[dict]) -> list[str]:
+    names: dict[str, None] = {}
+    for r in rounds:
+        names.update(dict.fromkeys(r["workers"]))
+        names.update(dict.fromkeys(f["worker"] for f in r["failures"]))
+    return list(names)
+
+
+def _accuracy_figure(plt, rounds):
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = [r["round"] for r in rounds]
+    acc.plot(x, [r["test_accuracy"] for r in rounds], marker="o", label="test (coordinator)")
+    if any("federated_accuracy" in r for r in rounds):
+        acc.plot([r["round"] for r in rounds if "federated_accuracy" in r],
+                 [r["federated_accuracy"] for r in rounds if "federated_accuracy" in r], marker="s",
+                 label="federated (workers' test splits)")
+    acc.set(title="Test accuracy", xlabel="round", ylabel="accuracy")
+    acc.legend(loc="lower right")
+    loss.plot(x, [r["test_loss"] for r in rounds], marker="o", color="tab:red")
+    loss.set(title="Test loss", xlabel="round", ylabel="loss")
+    for ax in (acc, loss):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _workers_figure(plt, rounds, workers):
+    fig, (seconds, speed) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name in workers:
+        points = [(r["round"], r["workers"][name]) for r in rounds if name in r["workers"]]
+        xs = [x for x, _ in points]
+        seconds.plot(xs, [w["train_seconds"] for _, w in points], marker=".", label=name)
+        speed.plot(xs, [w["samples"] / w["train_seconds"] if w["train_seconds"] else 0 for _, w in points],
+                   marker=".", label=name)
+    seconds.set(title="Train seconds per round", xlabel="round", ylabel="seconds")
+    speed.set(title="Training throughput", xlabel="round", ylabel="samples / s")
+    for ax in (seconds, speed):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def _timeline_figure(plt, rounds, workers):
+    """One row per worker, one cell per round: trained, dropped (failure), or absent (not in the round)."""
+    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.45 * len(workers)))
+    for row, name in enumerate(workers):
+        for r in rounds:
+            failed = [f for f in r["failures"] if f["worker"] == name]
+            state = "trained" if name in r["workers"] else "dropped" if failed else "absent"
+            ax.barh(row, 1, left=r["round"] - 0.5, color=PHASE_COLOURS[state], edgecolor="white")
+            if failed:
+                ax.text(r["round"], row, failed[0]["phase"][:3], ha="center", va="center", fontsize=7, color="white")
+    ax.set_yticks(range(len(workers)), workers)
+    ax.set(title="Workers per round (green: trained, red: dropped, grey: absent)", xlabel="round")
+    ax.invert_yaxis()
+    return fig
+
+
+def _png(plt, fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows) + \
+        "</table>"
+
+
+def _summary(rounds: list[dict]) -> list[tuple[str, str]]:
+    last = rounds[-1]
+    failures = sum(len(r["failures"]) for r in rounds)
+    return [("rounds", str(len(rounds))), ("final test accuracy", f"{last['test_accuracy']:.2%}"),
+            ("best test accuracy", f"{max(r['test_accuracy'] for r in rounds):.2%}"),
+            ("total wall", f"{sum(r['wall_seconds'] for r in rounds):.1f} s"),
+            ("median overhead per round", f"{sorted(r['overhead_seconds'] for r in rounds)[len(rounds) // 2]:.3f} s"),
+            ("worker failures", str(failures))]
+
+
+def write_report(run_dir: Path) -> Path:
+    """report.html and accuracy.png, workers.png, timeline.png in `run_dir`; returns the HTML's path."""
+    rounds, config = load_run(run_dir)
+    plt = _pyplot()
+    workers = _workers(rounds)
+    figures = {"accuracy": ("Accuracy and loss", _accuracy_figure(plt, rounds)),
+               "workers": ("Workers", _workers_figure(plt, rounds, workers)),
+               "timeline": ("Failures and rejoins", _timeline_figure(plt, rounds, workers))}
+    sections = []
+    for name, (title, fig) in figures.items():
+        png = _png(plt, fig)
+        (run_dir / f"{name}.png").write_bytes(png)
+        data = base64.b64encode(png).decode()
+        sections.append(f'<h2>{title}</h2><img id="{name}" alt="{title}" src="data:image/png;base64,{data}">')
+    settings = [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in config.items()]
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fedpi run {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}img{{max-width:100%}}
+table{{border-collapse:collapse}}th,td{{text-align:left;padding:2px 12px;border-bottom:1px solid #ddd}}</style>
+</head><body>
+<h1>fedpi run {html.escape(str(run_dir))}</h1>
+<h2>Summary</h2>{_table(_summary(rounds))}
+{"".join(sections)}
+<h2>Configuration</h2>{_table(settings) if settings else "<p>no config.json in this run directory</p>"}
+</body></html>
+"""
+    out = run_dir / "report.html"
+    out.write_text(page)
+    return out

@@ -1,0 +1,84 @@
+"""`fedpi status`: every worker's GetInfo as one table (or JSON), for a person checking a cluster by hand."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from coordinator_service.worker_client import WorkerClient, WorkerError, discover, parse_workers
+from generated.fedpi.v1 import worker_pb2 as pb
+
+STATES = {pb.WORKER_STATE_IDLE: "idle", pb.WORKER_STATE_TRAINING: "training"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", help="NAME=HOST:PORT,... (a bare HOST:PORT is named after itself)")
+    p.add_argument("--workers-dns", help="instead of --workers: HOST:PORT resolving to every worker")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds each worker gets to answer")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    g = p.add_argument_group("security (as for training)")
+    for flag, text in (("--token-file", "bearer token file"), ("--tls-ca", "CA to verify workers with"),
+                       ("--tls-cert", "client certificate (mutual TLS)"), ("--tls-key", "its key"),
+                       ("--tls-server-name", "name on the workers' certificates when dialling by IP")):
+        g.add_argument(flag, help=text)
+
+
+async def gather_info(workers: list[tuple[str, str]], security, timeout: float) -> list[tuple[str, str, object]]:
+    """(name, address, WorkerInfo or the error) for every worker, asked at once."""
+    async def ask(name: str, address: str):
+        client = WorkerClient(name, address, rpc_timeout=timeout, security=security)
+        try:
+            return name, address, await client.get_info()
+        except WorkerError as exc:
+            return name, address, exc
+        finally:
+            await client.close()
+    return await asyncio.gather(*(ask(n, a) for n, a in workers))
+
+
+def table(rows: list[tuple[str, str, object]]) -> Table:
+    t = Table(title="fedpi workers")
+    for column in ("worker", "address", "id", "state", "round", "model", "shard", "protocol", "fedpi", "torch",
+                   "arch"):
+        t.add_column(column)
+    for name, address, info in rows:
+        if not isinstance(info, pb.WorkerInfo):
+            t.add_row(name, address, "", f"[red]unreachable[/red]: {info}", *[""] * 7)
+            continue
+        shard = f"{info.train_samples}/{info.test_samples} {info.dataset} {info.partition}"
+        t.add_row(name, address, info.worker_id, STATES.get(info.state, "?"), str(info.weights_round),
+                  info.model_architecture, shard, info.protocol_version, info.software_version, info.torch_version,
+                  info.cpu_architecture)
+    return t
+
+
+async def _main(args: argparse.Namespace, security) -> int:
+    if bool(args.workers) == bool(args.workers_dns):
+        raise ValueError("give either --workers NAME=HOST:PORT,... or --workers-dns HOST:PORT")
+    workers = parse_workers(args.workers) if args.workers else await discover(args.workers_dns, 1, args.timeout)
+    rows = await gather_info(workers, security, args.timeout)
+    if args.json:
+        print(json.dumps([{"worker": n, "address": a, **(MessageToDict(i) if isinstance(i, pb.WorkerInfo)
+                                                         else {"error": str(i)})} for n, a, i in rows], indent=2))
+    else:
+        Console().print(table(rows))
+    return 0 if all(isinstance(i, pb.WorkerInfo) for _, _, i in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from coordinator_service.__main__ import client_security  # the same flags and checks as training
+
+    p = argparse.ArgumentParser(prog="fedpi status", description=__doc__)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return asyncio.run(_main(args, client_security(args)))
+    except ValueError as exc:
+        print(f"fedpi status: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,5 @@
+import sys
+
+from fedpi_cli import main
+
+sys.exit(main())

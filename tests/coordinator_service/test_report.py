@@ -1,0 +1,70 @@
+"""`fedpi report`: a self-contained report.html, rendered by headless Chromium (Debian's `chromium`) and checked for
+its plots. Without Chromium only the HTML checks run."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from coordinator_service.report import ReportUnavailable, write_report
+from coordinator_service.rounds import RoundReport, WorkerRound
+from coordinator_service.strategy import Failure
+from fedpi_cli import main as fedpi
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _run_dir(tmp_path, rounds: int = 20):
+    """A 20-round run's metrics.jsonl: bob drops out in round 5 and rejoins in round 8."""
+    lines = []
+    for r in range(1, rounds + 1):
+        names = ["alice", "charlie"] + ([] if 5 <= r < 8 else ["bob"])
+        workers = [WorkerRound(n, samples=3200, train_seconds=2.0 + i / 10, bytes_sent=1_724_320,
+                               bytes_received=1_724_320) for i, n in enumerate(names)]
+        failures = [Failure("bob", "train", "UNAVAILABLE")] if r == 5 else []
+        report = RoundReport(r, workers=workers, failures=failures, test_accuracy=1 - 0.5 / r, test_loss=1 / r,
+                             wall_seconds=2.5)
+        lines.append(json.dumps(report.as_event()))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "config.json").write_text(json.dumps({"model": "reference-cnn", "rounds": rounds, "lr": 0.05}))
+    return tmp_path
+
+
+def test_the_report_is_one_self_contained_page(tmp_path):
+    out = write_report(_run_dir(tmp_path))
+    page = out.read_text()
+    assert len(re.findall(r'<img id="\w+" alt="[^"]+" src="data:image/png;base64,', page)) == 3
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing to fetch
+    assert "97.50%" in page and "reference-cnn" in page and "worker failures" in page
+    assert {p.name for p in tmp_path.glob("*.png")} == {"accuracy.png", "workers.png", "timeline.png"}
+
+
+def test_fedpi_report_explains_a_directory_without_metrics(tmp_path, capsys):
+    assert fedpi(["report", str(tmp_path)]) == 1
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+    with pytest.raises(ReportUnavailable):
+        write_report(tmp_path)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_headless_chromium_renders_the_plots_offline(tmp_path):
+    from PIL import Image
+
+    out = write_report(_run_dir(tmp_path))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"]  # no network, at all
+    dom = subprocess.run([*flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("data:image/png;base64,") == 3 and "Failures and rejoins" in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2400", out.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    image = Image.open(shot).convert("RGB")
+    # The plots are drawn: the page holds the plots' blue and red lines and the timeline's green and red cells.
+    colours = {c for _, c in image.getcolors(maxcolors=1 << 20)}
+    assert len(colours) > 500
+    near = lambda rgb: any(sum(abs(a - b) for a, b in zip(c, rgb)) < 40 for c in colours)  # noqa: E731
+    assert near((31, 119, 180)) and near((46, 125, 50)) and near((198, 40, 40))
