@@ -30,6 +30,7 @@ COPY fedpi fedpi
 COPY generated generated
 COPY worker_service worker_service
 COPY coordinator_service coordinator_service
+COPY fedpi_cli fedpi_cli
 RUN /opt/fedpi/bin/pip install --no-deps . \
     && find /opt/fedpi -name '__pycache__' -prune -exec rm -rf {} + \
     && rm -rf /opt/fedpi/lib/python*/site-packages/pip /opt/fedpi/lib/python*/site-packages/torch/include

@@ -49,7 +49,7 @@ def table(rows: list[tuple[str, str, object]]) -> Table:
         t.add_column(column)
     for name, address, info in rows:
         if not isinstance(info, pb.WorkerInfo):
-            t.add_row(name, address, "", f"[red]unreachable[/red]: {info}", *[""] * 7)
+            t.add_row(name, address, "", "[red]unreachable[/red]", *[""] * 7)
             continue
         shard = f"{info.train_samples}/{info.test_samples} {info.dataset} {info.partition}"
         t.add_row(name, address, info.worker_id, STATES.get(info.state, "?"), str(info.weights_round),
@@ -67,7 +67,12 @@ async def _main(args: argparse.Namespace, security) -> int:
         print(json.dumps([{"worker": n, "address": a, **(MessageToDict(i) if isinstance(i, pb.WorkerInfo)
                                                          else {"error": str(i)})} for n, a, i in rows], indent=2))
     else:
-        Console().print(table(rows))
+        # Piped (a file, `less`, a test): wide enough for every column, not 80 characters.
+        console = Console() if sys.stdout.isatty() else Console(width=220)
+        console.print(table(rows))
+        for name, _, info in rows:
+            if not isinstance(info, pb.WorkerInfo):
+                console.print(f"{name}: {info}", highlight=False)
     return 0 if all(isinstance(i, pb.WorkerInfo) for _, _, i in rows) else 1
 
 

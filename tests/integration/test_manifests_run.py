@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import subprocess
+import urllib.request
 import sys
 
 import pytest
@@ -109,11 +110,13 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
         assert {"FEDPI_WORKERS_DNS", "FEDPI_OUTPUT_DIR", "FEDPI_ROUNDS", "FEDPI_EXPECT_WORKERS"} <= env.keys()
         del env["FEDPI_WORKERS_DNS"]
         env = _localise(env, _materialise(job, tmp_path / "coordinator", secrets, mnist_dir))
-        env.update(FEDPI_WORKERS=",".join(addresses), FEDPI_ROUNDS="1")
+        # The workers hold 127.0.0.1.. 127.0.0.N, each with its metrics port; the coordinator's goes next to them.
+        env.update(FEDPI_WORKERS=",".join(addresses), FEDPI_ROUNDS="1", FEDPI_METRICS_HOST=f"127.0.0.{WORKERS + 1}")
         # Execute
         proc = subprocess.run(coordinator_container["command"] + coordinator_container.get("args", []),
                               env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, capture_output=True, text=True,
                               timeout=300)
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{env['FEDPI_METRICS_PORT']}/metrics", timeout=5).read()
     finally:
         for p in procs:
             p.terminate()
@@ -126,6 +129,7 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
     assert sorted(metrics["workers"]) == [f"fedpi-worker-{i}" for i in range(WORKERS)]
     assert metrics["test_accuracy"] > 0.5
     assert (results / "model.pt").is_file()
+    assert b'fedpi_worker_rpcs_total{code="OK",method="Train"} 1.0' in scraped
     latest = tmp_path / "coordinator" / env["FEDPI_LATEST_LINK"].split("/coordinator/", 1)[1]
     assert latest.is_symlink() and latest.resolve() == results.resolve()
     started = [json.loads(line) for line in (tmp_path / "worker0.log").read_text().splitlines()

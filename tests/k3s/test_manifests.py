@@ -80,17 +80,39 @@ def test_each_worker_has_its_own_id_partition_and_selector_and_the_service_is_he
     assert find(docs, "Service")["spec"]["clusterIP"] == "None"
 
 
-def test_only_the_coordinator_reaches_the_workers():
+def _policy(docs, name):
+    return next(d for d in find_all(docs, "NetworkPolicy") if d["metadata"]["name"] == name)["spec"]
+
+
+def test_only_the_coordinator_reaches_the_workers_and_scrapers_only_metrics():
     docs = render("pi")
-    policy = find(docs, "NetworkPolicy")["spec"]
+    policy = _policy(docs, "fedpi-worker-ingress")
     worker_labels = find_all(docs, "StatefulSet")[0]["spec"]["template"]["metadata"]["labels"]
     coordinator_labels = find(docs, "Job")["spec"]["template"]["metadata"]["labels"]
     assert policy["policyTypes"] == ["Ingress"]
     assert policy["podSelector"]["matchLabels"].items() <= worker_labels.items()
-    [rule] = policy["ingress"]
-    [source] = rule["from"]
+    grpc_rule, metrics_rule = policy["ingress"]
+    [source] = grpc_rule["from"]
+    assert [p["port"] for p in grpc_rule["ports"]] == ["grpc"]
     assert source["podSelector"]["matchLabels"].items() <= coordinator_labels.items()
     assert not source["podSelector"]["matchLabels"].items() <= worker_labels.items()
+    assert "from" not in metrics_rule and [p["port"] for p in metrics_rule["ports"]] == ["metrics"]
+    coordinator = _policy(docs, "fedpi-coordinator-ingress")
+    assert coordinator["podSelector"]["matchLabels"].items() <= coordinator_labels.items()
+    assert coordinator["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_exposes_prometheus_metrics_where_the_config_says(overlay):
+    docs = render(overlay)
+    port = int(find(docs, "ConfigMap")["data"]["FEDPI_METRICS_PORT"])
+    for doc in find_all(docs, "StatefulSet") + [find(docs, "Job")]:
+        template = doc["spec"]["template"]
+        annotations = template["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+        assert int(annotations["prometheus.io/port"]) == port
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert ports["metrics"] == port
 
 
 def test_credentials_come_from_secrets_mounted_where_the_config_points():
