@@ -91,6 +91,7 @@ def _timeline_figure(plt, rounds, workers):
             if failed:
                 ax.text(r["round"], row, failed[0]["phase"][:3], ha="center", va="center", fontsize=7, color="white")
     ax.set_yticks(range(len(workers)), workers)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set(title="Workers per round (green: trained, red: dropped, grey: absent)", xlabel="round")
     ax.invert_yaxis()
     return fig
