@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from coordinator_service.__main__ import parse_args as coordinator_args
 from worker_service.__main__ import parse_args as worker_args
 
@@ -37,3 +39,18 @@ def test_presets_set_defaults_that_flags_and_the_environment_override(monkeypatc
     assert coordinator_args(["demo", "--preset", "seed"]).momentum == 0.3
     monkeypatch.setenv("FEDPI_PRESET", "seed")
     assert coordinator_args(["demo"]).lr == 0.01
+
+
+def test_strategy_and_aggregation_compose_or_say_why_not():
+    from coordinator_service.__main__ import _min_workers, _strategy
+    from coordinator_service.strategy import FedAvg, FedNova
+
+    assert type(_strategy(coordinator_args(["demo", "--local-seconds", "5"]), 3)) is FedNova
+    assert type(_strategy(coordinator_args(["demo", "--local-seconds", "5", "--strategy", "fedavg"]), 3)) is FedAvg
+    assert type(_strategy(coordinator_args(["demo", "--strategy", "fednova", "--aggregation", "clipped"]), 3)) is FedNova
+    with pytest.raises(ValueError, match="ignores weights"):
+        _strategy(coordinator_args(["demo", "--strategy", "fednova", "--aggregation", "median"]), 3)
+    # Sampling: the quorum is a majority of the workers that train in a round, and an impossible one is refused.
+    assert _min_workers(coordinator_args(["demo", "--workers-per-round", "5"]), 20) == 3
+    with pytest.raises(ValueError, match="can never be met"):
+        _min_workers(coordinator_args(["demo", "--fraction", "0.1", "--min-workers", "3"]), 20)
