@@ -230,26 +230,9 @@ class RoundRunner:
                                         return_exceptions=True)
         done, tainted = self._settle(rnd, clients, outcomes)
         if self.aggregation.coordinate_wise:
-            self._require_quorum(rnd, done, clients)
-            flat = await self._coordinate_wise(rnd, done)
-            self._require_quorum(rnd, done, clients)
-            for c in done:
-                self.observer.worker_phase(c.client.name, "done")
-            self._install(rnd, flat)
+            await self._aggregate_coordinate_wise(rnd, done, clients)
         else:
-            if tainted:
-                total = await self._refold(rnd, done)
-            self._require_quorum(rnd, done, clients)
-            if self.aggregation.rule == "clipped":
-                await self._clip(rnd, done, total)
-            t = time.perf_counter()
-            try:
-                flat = total.mean()
-            except NonFiniteAggregate as exc:
-                raise RoundFailed(f"round {number}: {exc}", rnd.report.failures) from None
-            rnd.report.aggregate_scale = self.strategy.aggregate_scale([c.result for c in done])
-            self._install(rnd, flat, rnd.report.aggregate_scale)
-            rnd.aggregation_seconds += elapsed(t)
+            await self._aggregate_weighted(rnd, done, clients, total, tainted)
         report = rnd.report
         for c in done:
             c.stats.update_distance = c.check.distance if c.check is not None else 0.0
@@ -263,6 +246,32 @@ class RoundRunner:
             report.test_loss, report.test_accuracy = await asyncio.to_thread(evaluate, self.model, self.test_split)
         report.wall_seconds = elapsed(start)
         return report
+
+    async def _aggregate_coordinate_wise(self, rnd: _Round, done: list[Contribution],
+                                         clients: list[WorkerClient]) -> None:
+        self._require_quorum(rnd, done, clients)
+        flat = await self._coordinate_wise(rnd, done)
+        self._require_quorum(rnd, done, clients)
+        for c in done:
+            self.observer.worker_phase(c.client.name, "done")
+        self._install(rnd, flat)
+
+    async def _aggregate_weighted(self, rnd: _Round, done: list[Contribution], clients: list[WorkerClient],
+                                  total: WeightedSum, tainted: bool) -> None:
+        """FedAvg's sum (rebuilt if a failed worker left part of its update in it), clipped if asked, installed."""
+        if tainted:
+            total = await self._refold(rnd, done)
+        self._require_quorum(rnd, done, clients)
+        if self.aggregation.rule == "clipped":
+            await self._clip(rnd, done, total)
+        t = time.perf_counter()
+        try:
+            flat = total.mean()
+        except NonFiniteAggregate as exc:
+            raise RoundFailed(f"round {rnd.number}: {exc}", rnd.report.failures) from None
+        rnd.report.aggregate_scale = self.strategy.aggregate_scale([c.result for c in done])
+        self._install(rnd, flat, rnd.report.aggregate_scale)
+        rnd.aggregation_seconds += elapsed(t)
 
     # -- step 1: train -----------------------------------------------------------------------------------------
 
