@@ -44,12 +44,13 @@ class TrainConfig:
         return self.local_batches or self.local_epochs * -(-train_samples // self.batch_size)
 
     def validate(self, train_samples: int, max_batches: int = DEFAULT_MAX_LOCAL_BATCHES) -> None:
+        if not 0 <= self.local_seconds <= MAX_LOCAL_SECONDS:  # NaN too
+            raise ValueError(f"local_seconds must be between 0 and {MAX_LOCAL_SECONDS:.0f} (a day), "
+                             f"got {self.local_seconds}")
         if sum(x > 0 for x in (self.local_batches, self.local_epochs, self.local_seconds)) != 1:
             raise ValueError("set exactly one of local_batches, local_epochs and local_seconds to a positive number")
-        if self.local_batches < 0 or self.local_epochs < 0 or self.local_seconds < 0:
-            raise ValueError("local_batches, local_epochs and local_seconds must not be negative")
-        if self.local_seconds > MAX_LOCAL_SECONDS:
-            raise ValueError(f"local_seconds must be at most {MAX_LOCAL_SECONDS:.0f} (a day), got {self.local_seconds}")
+        if self.local_batches < 0 or self.local_epochs < 0:
+            raise ValueError("local_batches and local_epochs must not be negative")
         if not 1 <= self.batch_size <= 65536:
             raise ValueError(f"batch_size must be between 1 and 65536, got {self.batch_size}")
         if not 0 < self.learning_rate < 100:

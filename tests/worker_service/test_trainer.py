@@ -104,8 +104,9 @@ def test_a_time_budget_stops_at_the_batch_limit(data):
 
 @pytest.mark.parametrize("cfg, message", [
     (TrainConfig(local_batches=5, local_seconds=1.0), "exactly one"),
-    (TrainConfig(local_batches=0, local_seconds=-1.0), "exactly one"),
+    (TrainConfig(local_batches=0, local_seconds=-1.0), "between 0 and"),
     (TrainConfig(local_batches=0, local_seconds=1e9), "a day"),
+    (TrainConfig(local_batches=5, local_seconds=float("nan")), "between 0 and"),
 ])
 def test_bad_time_budgets_are_refused(cfg, message):
     with pytest.raises(ValueError, match=message):
