@@ -93,7 +93,9 @@ def test_nearly_valid_streams_are_refused_whole(stub, index, byte, mode):
 @given(request=st.builds(pb.TrainRequest, round=st.integers(-3, 3), local_batches=st.integers(-3, 3),
                          local_epochs=st.integers(-1, 1), batch_size=st.integers(-5, 100_000),
                          learning_rate=st.floats(allow_nan=True, allow_infinity=True),
-                         momentum=st.floats(allow_nan=True, allow_infinity=True), seed=st.integers(-10, 10)))
+                         momentum=st.floats(allow_nan=True, allow_infinity=True), seed=st.integers(-10, 10),
+                         local_seconds=st.one_of(st.just(0.0), st.floats(-1, 0.3),
+                                                 st.floats(allow_nan=True, allow_infinity=True))))
 def test_random_train_requests_get_a_clean_status_or_train(stub, request):
     try:
         updates = list(stub.Train(request, metadata=METADATA, timeout=60))
