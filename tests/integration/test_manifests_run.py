@@ -11,12 +11,12 @@ import asyncio
 import json
 import os
 import subprocess
-import urllib.request
 import sys
+import urllib.request
 
 import pytest
 
-from coordinator_service.local import wait_serving
+from coordinator_service.local import free_port, wait_serving
 from fedpi import certs
 from fedpi.data import load_dataset, write_idx
 from tests.conftest import ROOT
@@ -91,6 +91,7 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
     secrets = certs.secret_files(tmp_path / "certs", WORKERS)
     port = statefulsets[0]["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
     addresses = [f"127.0.0.{i + 1}:{port}" for i in range(WORKERS)]
+    metrics_port = str(free_port())
     procs = []
     try:
         for i, statefulset in enumerate(statefulsets):
@@ -98,7 +99,8 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
             env = _container_env(statefulset, docs, f"fedpi-worker-{i}-0")
             assert {"FEDPI_DATA_DIR", "FEDPI_DATASET", "FEDPI_PARTITION_COUNT", "FEDPI_TOKEN_FILE"} <= env.keys()
             mapping = _materialise(statefulset, tmp_path / f"worker{i}", secrets, mnist_dir)
-            env = {**_localise(env, mapping), "FEDPI_HOST": f"127.0.0.{i + 1}"}
+            # Each worker on an address of its own; the metrics port is a free one, not the manifests' fixed 9090.
+            env = {**_localise(env, mapping), "FEDPI_HOST": f"127.0.0.{i + 1}", "FEDPI_METRICS_PORT": metrics_port}
             log = (tmp_path / f"worker{i}.log").open("w")
             procs.append(subprocess.Popen(worker_container["command"] + worker_container.get("args", []),
                                           env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, stdout=log,
@@ -111,12 +113,13 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
         del env["FEDPI_WORKERS_DNS"]
         env = _localise(env, _materialise(job, tmp_path / "coordinator", secrets, mnist_dir))
         # The workers hold 127.0.0.1.. 127.0.0.N, each with its metrics port; the coordinator's goes next to them.
-        env.update(FEDPI_WORKERS=",".join(addresses), FEDPI_ROUNDS="1", FEDPI_METRICS_HOST=f"127.0.0.{WORKERS + 1}")
+        env.update(FEDPI_WORKERS=",".join(addresses), FEDPI_ROUNDS="1", FEDPI_METRICS_HOST=f"127.0.0.{WORKERS + 1}",
+                   FEDPI_METRICS_PORT=metrics_port)
         # Execute
         proc = subprocess.run(coordinator_container["command"] + coordinator_container.get("args", []),
                               env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, capture_output=True, text=True,
                               timeout=300)
-        scraped = urllib.request.urlopen(f"http://127.0.0.1:{env['FEDPI_METRICS_PORT']}/metrics", timeout=5).read()
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
     finally:
         for p in procs:
             p.terminate()
