@@ -46,7 +46,8 @@ def engine(platform: str) -> list[str]:
 def sh(*args: str, check: bool = True, capture: bool = True) -> str:
     proc = subprocess.run(args, capture_output=capture, text=True)
     if check and proc.returncode:
-        sys.exit(f"image-test: {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        output = proc.stdout[-3000:] + proc.stderr[-3000:] if capture else "(its output is above)"
+        sys.exit(f"image-test: {' '.join(args)} failed ({proc.returncode}):\n{output}")
     return proc.stdout if capture else ""
 
 

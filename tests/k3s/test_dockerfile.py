@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import tomllib
 
@@ -12,9 +13,15 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 def test_every_python_package_is_copied_into_the_image():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {d.name for d in ROOT.iterdir()
+                if (d / "__init__.py").is_file() and any(fnmatch.fnmatch(d.name, p) for p in patterns)}
+    assert {"fedpi", "fedpi_cli", "worker_service", "coordinator_service", "generated"} <= packages
     copied = set(re.findall(r"^COPY (\S+) \1$", DOCKERFILE, re.M))
     assert packages <= copied, f"not copied into the image: {packages - copied}"
+    # .dockerignore lets only what it names into the build context.
+    allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    assert packages <= allowed, f"left out of the build context by .dockerignore: {packages - allowed}"
 
 
 def test_final_stage_is_slim_and_runs_as_non_root():
