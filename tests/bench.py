@@ -81,7 +81,8 @@ def bench_reference(tmp: Path) -> None:
         print(f"reference  skipped: no MNIST digits at {SHARED_MNIST}")
         return
     out = tmp / "reference"
-    proc = run_coordinator("demo", "--local-workers", "3", "--rounds", "20", "--dataset", "mnist-10k",
+    proc = run_coordinator("demo", "--preset", "seed", "--local-workers", "3", "--rounds", "20",
+                           "--dataset", "mnist-10k",
                            "--data-dir", str(SHARED_MNIST), "--partition-scheme", "contiguous",
                            "--lr", "0.01", "--batch-size", "64", "--local-batches", "50",
                            "--output-dir", str(out), timeout=3600)
@@ -110,7 +111,8 @@ def bench_faults(tmp: Path) -> None:
     for scenario in ("fault-free", "killed"):
         with demo_cluster(3, worker_args, tmp / scenario) as cluster:
             _serving(cluster)
-            run = CoordinatorRun("train", "--workers", cluster.spec, "--rounds", "10", *data, "--seed", "7",
+            run = CoordinatorRun("train", "--preset", "seed", "--workers", cluster.spec, "--rounds", "10", *data,
+                                 "--seed", "7",
                                  "--min-workers", "2", "--handshake-timeout", "3",
                                  "--output-dir", str(tmp / scenario / "out"))
             try:
