@@ -139,8 +139,9 @@ def _preset_named(argv: list[str]) -> str:
     return name
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m coordinator_service", description=__doc__,
+def parse_args(argv: list[str] | None = None, prog: str = "python -m coordinator_service") -> argparse.Namespace:
+    """`prog`: how the user called this (the `fedpi` command passes its own name), for --help and errors."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train on running workers")
@@ -273,8 +274,8 @@ def _observers(args: argparse.Namespace) -> Observers:
     return Observers(observers)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m coordinator_service") -> int:
+    args = parse_args(argv, prog)
     observer = _observers(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "worker":
         from worker_service.__main__ import main as worker_main
-        return worker_main(rest)
+        return worker_main(rest, prog="fedpi worker")
     if command in ("train", "demo"):
         from coordinator_service.__main__ import main as coordinator_main
-        return coordinator_main([command, *rest])
+        return coordinator_main([command, *rest], prog="fedpi")
     if command == "status":
         from coordinator_service.status import main as status_main
         return status_main(rest)

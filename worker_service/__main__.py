@@ -32,8 +32,9 @@ log = structlog.get_logger()
 MIB = 1 << 20
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m worker_service", description=__doc__,
+def parse_args(argv: list[str] | None = None, prog: str = "python -m worker_service") -> argparse.Namespace:
+    """`prog`: how the user called this (the `fedpi` command passes its own name), for --help and errors."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--id", default=os.environ.get("HOSTNAME", "worker"), help="worker name")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
@@ -119,8 +120,8 @@ def build_security(args: argparse.Namespace) -> ServerSecurity:
     return security
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m worker_service") -> int:
+    args = parse_args(argv, prog)
     configure_logging(args.log_format)
     structlog.contextvars.bind_contextvars(worker=args.id)
     if args.threads:

@@ -54,3 +54,22 @@ def test_strategy_and_aggregation_compose_or_say_why_not():
     assert _min_workers(coordinator_args(["demo", "--workers-per-round", "5"]), 20) == 3
     with pytest.raises(ValueError, match="can never be met"):
         _min_workers(coordinator_args(["demo", "--fraction", "0.1", "--min-workers", "3"]), 20)
+
+
+@pytest.mark.parametrize("command, usage", [(["train", "--help"], "usage: fedpi train"),
+                                            (["demo", "--help"], "usage: fedpi demo"),
+                                            (["worker", "--help"], "usage: fedpi worker")])
+def test_the_fedpi_command_names_itself_in_help(command, usage, capsys):
+    from fedpi_cli import main as fedpi
+
+    with pytest.raises(SystemExit) as exit_:
+        fedpi(command)
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(usage)
+
+
+def test_the_fedpi_command_lists_its_subcommands(capsys):
+    from fedpi_cli import COMMANDS, main as fedpi
+
+    assert fedpi([]) == 2
+    out = capsys.readouterr().out
+    assert all(f"fedpi {c}" in out for c in COMMANDS)
