@@ -235,6 +235,7 @@ class WorkerClient:
                 if update is grpc.aio.EOF:
                     raise WorkerRejected(self.name, "Train ended without a result")
                 if update.HasField("result"):
+                    await self._end_of(call)
                     return update.result
                 if update.progress.batches_done > batches_done:
                     batches_done, last_advance = update.progress.batches_done, loop.time()
@@ -253,6 +254,14 @@ class WorkerClient:
                                              timeout=self.rpc_timeout + self.idle_timeout)
         except grpc.aio.AioRpcError as exc:
             raise translate(self.name, "Evaluate", exc) from None
+
+    async def _end_of(self, call) -> None:
+        """Wait for a call that has said everything to end by itself, rather than cancel it: the worker then
+        records it as OK, not CANCELLED. A worker that does not end it in time is cancelled after all."""
+        try:
+            await asyncio.wait_for(call.code(), self.rpc_timeout)
+        except asyncio.TimeoutError:
+            pass
 
     async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int) -> AsyncIterator[pb.WeightsChunk]:
         call = self._stub.GetWeights(
