@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -132,7 +133,9 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
     assert sorted(metrics["workers"]) == [f"fedpi-worker-{i}" for i in range(WORKERS)]
     assert metrics["test_accuracy"] > 0.5
     assert (results / "model.pt").is_file()
-    assert b'fedpi_worker_rpcs_total{code="OK",method="Train"} 1.0' in scraped
+    # The worker's metrics port from the manifests' environment serves what it trained (counted before the result
+    # is sent, so the figure is there whenever the coordinator has finished).
+    assert re.search(rb"^fedpi_worker_batches_total [1-9]", scraped, re.M), scraped[-2000:]
     latest = tmp_path / "coordinator" / env["FEDPI_LATEST_LINK"].split("/coordinator/", 1)[1]
     assert latest.is_symlink() and latest.resolve() == results.resolve()
     started = [json.loads(line) for line in (tmp_path / "worker0.log").read_text().splitlines()
