@@ -2,6 +2,8 @@
 
   python -m coordinator_service train --workers alice=10.0.0.11:50051,bob=10.0.0.12:50051 --rounds 10
   python -m coordinator_service demo --rounds 5       # three local workers on 127.0.0.1, then the same training
+  python -m coordinator_service demo --task breast-cancer   # another task (`tasks` lists the installed ones)
+  python -m coordinator_service tasks
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from coordinator_service.training import HandshakeFailed, RunConfig, run
 from coordinator_service.checkpoint import CheckpointMismatch
 from coordinator_service.worker_client import ClientSecurity, DiscoveryFailed, discover, parse_workers
 from fedpi import data as datasets
-from fedpi.cli import apply_env_defaults, env_name, read_secret
+from fedpi import task as tasks
+from fedpi.cli import add_task_arguments, apply_env_defaults, env_name, make_task, read_secret
+from fedpi.mnist_task import MnistTask
 from fedpi.logs import LOG_FORMATS, configure_logging, wants_console
-from fedpi.models import DEFAULT_MODEL, MODELS
 from generated.fedpi.v1 import worker_pb2 as pb
 
 log = structlog.get_logger()
@@ -54,11 +57,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="a starting configuration that flags and FEDPI_* variables override: default (measured, "
                         "README: Learning) or seed (fedpi's first configuration: plain SGD, lr 0.01)")
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL)
-    p.add_argument("--dataset", choices=datasets.DATASETS, default="auto",
-                   help="held-out test set the coordinator evaluates on (workers load their own shards)")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--no-download", action="store_true", help="never download datasets")
+    # The coordinator evaluates on the task's held-out test set; workers load their own shards.
+    add_task_arguments(p, default_dataset="auto")
     g = p.add_argument_group("local training (sent to every worker each round)")
     g.add_argument("--local-batches", type=int, default=50, help="batches per worker per round")
     g.add_argument("--local-epochs", type=int, default=0, help="epochs per round instead of --local-batches")
@@ -159,6 +159,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m coordinator
     demo.add_argument("--partition-alpha", type=float, default=datasets.DEFAULT_DIRICHLET_ALPHA,
                       help="with --partition-scheme dirichlet: the concentration (0.1: few classes per worker)")
     _common(demo)
+    sub.add_parser("tasks", help="list the installed tasks (the fedpi.tasks entry-point group)")
     argv = sys.argv[1:] if argv is None else argv
     preset = PRESETS.get(_preset_named(argv))  # an unknown name is reported by the parser itself
     if preset is not None:
@@ -214,11 +215,11 @@ def client_security(args: argparse.Namespace) -> ClientSecurity:
                           key_file=path(args.tls_key), server_name=args.tls_server_name)
 
 
-def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], dataset: str,
+def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], task: tasks.Task,
                 workers_dns: str | None = None) -> RunConfig:
     return RunConfig(
-        workers=workers, model=args.model, rounds=args.rounds, output_dir=Path(args.output_dir),
-        min_workers=_min_workers(args, len(workers)), workers_dns=workers_dns, dataset=dataset,
+        workers=workers, task=task, rounds=args.rounds, output_dir=Path(args.output_dir),
+        min_workers=_min_workers(args, len(workers)), workers_dns=workers_dns,
         init_seed=args.seed, rpc_timeout=args.rpc_timeout, idle_timeout=args.idle_timeout,
         round_timeout=args.round_timeout, handshake_timeout=args.handshake_timeout,
         round_retries=args.round_retries, retry_backoff=args.retry_backoff, keepalive_seconds=args.keepalive,
@@ -238,23 +239,26 @@ async def _train(args: argparse.Namespace, observer: RunObserver) -> None:
         if args.expect_workers < 1:
             raise ValueError("--workers-dns needs --expect-workers N (N >= 1)")
         workers = await discover(args.workers_dns, args.expect_workers, args.discovery_timeout)
-    data = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-    await run(_run_config(args, workers, data.name, args.workers_dns), _strategy(args, len(workers)), data.test,
-              observer)
+    task = make_task(args)
+    test = task.test_data()
+    await run(_run_config(args, workers, task, args.workers_dns), _strategy(args, len(workers)), test, observer)
 
 
 async def _demo(args: argparse.Namespace, observer: RunObserver) -> None:
-    # Resolve the dataset once, here, so the workers need not each try (and race) to download it.
-    data = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-    worker_args = ["--model", args.model, "--dataset", data.name, "--data-dir", args.data_dir, "--no-download",
+    # Load the data once, here, so the workers need not each try (and race) to download it.
+    task = make_task(args)
+    test = task.test_data()
+    worker_args = ["--task", args.task, "--data-dir", args.data_dir, "--no-download",
                    "--partition-scheme", args.partition_scheme, "--partition-alpha", str(args.partition_alpha),
                    "--threads", str(args.worker_threads)]
+    if isinstance(task, MnistTask):
+        worker_args += ["--model", task.architecture, "--dataset", task.data_name]
     log_dir = Path(args.output_dir) / "workers"
     with demo_cluster(args.local_workers, worker_args, log_dir) as cluster:
         log.info("local_workers_starting", workers=[w.address for w in cluster.workers], logs=str(log_dir))
         await cluster.wait_serving()
         workers = [(w.name, w.address) for w in cluster.workers]
-        await run(_run_config(args, workers, data.name), _strategy(args, len(workers)), data.test, observer)
+        await run(_run_config(args, workers, task), _strategy(args, len(workers)), test, observer)
 
 
 def _observers(args: argparse.Namespace) -> Observers:
@@ -274,15 +278,31 @@ def _observers(args: argparse.Namespace) -> Observers:
     return Observers(observers)
 
 
+def list_tasks() -> int:
+    """Print the installed tasks, one per line: name, version and where it comes from."""
+    for name, ep in sorted(tasks.installed().items()):
+        package = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "?"
+        try:
+            version = tasks.task_class(name).version
+        except tasks.TaskError as exc:
+            version = f"(cannot be imported: {exc})"
+        print(f"{name:<20} {version:<10} {ep.value}  [{package}]")
+    if tasks.DEFAULT_TASK not in tasks.installed():
+        print(f"{tasks.DEFAULT_TASK:<20} built in")
+    return 0
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m coordinator_service") -> int:
     args = parse_args(argv, prog)
+    if args.command == "tasks":
+        return list_tasks()
     observer = _observers(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         asyncio.run(_train(args, observer) if args.command == "train" else _demo(args, observer))
     except (HandshakeFailed, RoundFailed, DiscoveryFailed, CheckpointMismatch, datasets.DatasetUnavailable,
-            ValueError, OSError) as exc:
+            tasks.TaskError, ValueError, OSError) as exc:
         log.error("training_failed", reason=str(exc))
         return 1
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import structlog
 
 from coordinator_service.worker_client import (
+    Expected,
     WorkerClient,
     WorkerError,
     WorkerIncompatible,
@@ -28,11 +29,10 @@ class HandshakeFailed(Exception):
 
 
 class Roster:
-    def __init__(self, make_client: Callable[[str, str], WorkerClient], *, model: str, dataset: str | None,
+    def __init__(self, make_client: Callable[[str, str], WorkerClient], *, expected: Expected,
                  workers: list[tuple[str, str]] = (), dns: str | None = None, handshake_timeout: float = 10.0):
         self._make_client = make_client
-        self.model = model
-        self.dataset = dataset
+        self.expected = expected
         self.dns = dns
         self.handshake_timeout = handshake_timeout
         self.clients: dict[str, WorkerClient] = {}  # by address, in the order first seen
@@ -76,7 +76,7 @@ class Roster:
         await self.refresh()
         absent = [c for a, c in self.clients.items() if a not in self._active]
         results = await asyncio.gather(
-            *(asyncio.wait_for(c.handshake(self.model), self.handshake_timeout) for c in absent),
+            *(asyncio.wait_for(c.handshake(self.expected), self.handshake_timeout) for c in absent),
             return_exceptions=True,
         )
         joined = []
@@ -94,12 +94,17 @@ class Roster:
             if info.worker_id and (client.address in self._from_dns or client.name == client.address):
                 await self._claim_name(client, info.worker_id)  # found by address: use the id it gives itself
             log.info("worker_ready", worker=client.name, address=client.address, protocol=info.protocol_version,
-                     software=info.software_version, dataset=info.dataset, partition=info.partition,
+                     software=info.software_version, task=f"{info.task} {info.task_version}".strip(),
+                     dataset=info.dataset, partition=info.partition,
                      train_samples=info.train_samples, arch=info.cpu_architecture, torch=info.torch_version,
                      weights_round=info.weights_round)
-            if self.dataset and info.dataset != self.dataset:
+            if self.expected.dataset and info.dataset != self.expected.dataset:
                 log.warning("dataset_differs", worker=client.name, worker_dataset=info.dataset,
-                            coordinator_dataset=self.dataset)
+                            coordinator_dataset=self.expected.dataset)
+            if info.task_version and info.task_version != self.expected.task_version:
+                log.warning("task_version_differs", worker=client.name, worker_version=info.task_version,
+                            coordinator_version=self.expected.task_version,
+                            note="the models match, so they train together")
             self._active.add(client.address)
             joined.append(client)
         return joined

@@ -12,6 +12,7 @@ import asyncio
 import statistics
 import time
 import uuid
+from typing import Any
 from functools import partial
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,7 @@ from coordinator_service.strategy import Failure, Strategy
 from coordinator_service.worker_client import WorkerClient, WorkerError, WorkerIncompatible, WorkerRejected, elapsed
 from fedpi import serde
 from fedpi.data import Split
-from fedpi.models import evaluate
+from fedpi.models import evaluate as evaluate_digits
 from fedpi.protocol import ProtocolMismatch, check_minimum
 from generated.fedpi.v1 import worker_pb2 as pb
 
@@ -177,8 +178,10 @@ class RoundRunner:
                  transfer: TransferSettings = TransferSettings(), round_timeout: float = 3600.0,
                  aggregation: Aggregation = Aggregation(), max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO,
                  run_id: str | None = None, server_optimizer: ServerOptimizer | None = None,
-                 federated_evaluation: bool = False, observer: RunObserver | None = None):
+                 federated_evaluation: bool = False, observer: RunObserver | None = None,
+                 evaluate: Callable[[torch.nn.Module, Any], tuple[float, float]] = evaluate_digits):
         self.model = model
+        self.evaluate = evaluate  # the task's: (model, test split) -> (loss, accuracy)
         self.architecture = architecture
         self.strategy = strategy
         self.test_split = test_split
@@ -243,7 +246,7 @@ class RoundRunner:
         if self.federated_evaluation:
             await self._evaluate_federated(rnd, done)
         if self.test_split is not None:
-            report.test_loss, report.test_accuracy = await asyncio.to_thread(evaluate, self.model, self.test_split)
+            report.test_loss, report.test_accuracy = await asyncio.to_thread(self.evaluate, self.model, self.test_split)
         report.wall_seconds = elapsed(start)
         return report
 

@@ -26,10 +26,11 @@ from coordinator_service.rounds import (
     TransferSettings,
 )
 from coordinator_service.strategy import Strategy
-from coordinator_service.worker_client import ClientSecurity, WorkerClient
+from coordinator_service.worker_client import ClientSecurity, Expected, WorkerClient
 from fedpi.data import Split
 from fedpi.logs import is_console
-from fedpi.models import build_model, parameter_count
+from fedpi.models import parameter_count
+from fedpi.task import Task, initial_model
 
 log = structlog.get_logger()
 
@@ -39,12 +40,11 @@ __all__ = ["HandshakeFailed", "RunConfig", "run"]
 @dataclass
 class RunConfig:
     workers: list[tuple[str, str]]
-    model: str
+    task: Task
     rounds: int
     output_dir: Path
     min_workers: int
     workers_dns: str | None = None  # re-resolved before every round, so returning pods are found
-    dataset: str | None = None  # what the coordinator evaluates on; workers should report the same
     init_seed: int = 0
     rpc_timeout: float = 30.0
     idle_timeout: float = 120.0
@@ -82,7 +82,7 @@ def describe(cfg: RunConfig, strategy: Strategy) -> dict:
     token are in use)."""
     settings = {k: v for k, v in vars(strategy).items() if isinstance(v, (int, float, str, bool))}
     return {
-        "model": cfg.model, "dataset": cfg.dataset, "rounds": cfg.rounds,
+        "task": cfg.task.describe(), "model": cfg.task.architecture, "dataset": cfg.task.data_name, "rounds": cfg.rounds,
         "workers": cfg.workers_dns or [name for name, _ in cfg.workers], "min_workers": cfg.min_workers,
         "strategy": type(strategy).__name__, **settings, "aggregation": str(cfg.aggregation),
         "server_optimizer": asdict(cfg.server_optimizer), "max_update_ratio": cfg.max_update_ratio,
@@ -101,11 +101,12 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.latest_link is not None:
         _point(cfg.latest_link, cfg.output_dir)
-    model = build_model(cfg.model, seed=cfg.init_seed)
+    model = initial_model(cfg.task, seed=cfg.init_seed)
+    architecture = cfg.task.architecture
     server_optimizer = ServerOptimizer(cfg.server_optimizer)
     metrics: list[dict] = []
     first_round = 1
-    if cfg.resume and (ckpt := checkpoint.load(cfg.output_dir, cfg.model)) is not None:
+    if cfg.resume and (ckpt := checkpoint.load(cfg.output_dir, architecture)) is not None:
         model.load_state_dict(ckpt.state_dict)
         if ckpt.server_optimizer:
             server_optimizer.load_state_dict(ckpt.server_optimizer)
@@ -121,12 +122,13 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
         return WorkerClient(name, address, rpc_timeout=cfg.rpc_timeout, idle_timeout=cfg.idle_timeout,
                             keepalive_seconds=cfg.keepalive_seconds, security=cfg.security)
 
-    roster = Roster(make_client, model=cfg.model, dataset=cfg.dataset, workers=cfg.workers, dns=cfg.workers_dns,
+    roster = Roster(make_client, expected=Expected.of(cfg.task, model), workers=cfg.workers, dns=cfg.workers_dns,
                     handshake_timeout=cfg.handshake_timeout)
-    runner = RoundRunner(model=model, architecture=cfg.model, strategy=strategy, test_split=test_split,
+    runner = RoundRunner(model=model, architecture=architecture, strategy=strategy, test_split=test_split,
                          transfer=cfg.transfer, round_timeout=cfg.round_timeout, aggregation=cfg.aggregation,
                          max_update_ratio=cfg.max_update_ratio, server_optimizer=server_optimizer,
-                         federated_evaluation=cfg.federated_evaluation, observer=observer)
+                         federated_evaluation=cfg.federated_evaluation, observer=observer,
+                         evaluate=cfg.task.evaluate)
     reports: list[RoundReport] = []
     try:
         await roster.admit()
@@ -134,7 +136,7 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
             raise HandshakeFailed(
                 f"only {len(roster.active)} of {len(roster.clients)} workers passed the handshake, need "
                 f"{cfg.min_workers} (--min-workers); the worker_handshake_failed and worker_unavailable events say why")
-        log.info("training_started", model=cfg.model, parameters=parameter_count(model), rounds=cfg.rounds,
+        log.info("training_started", task=cfg.task.describe(), model=architecture, parameters=parameter_count(model), rounds=cfg.rounds,
                  first_round=first_round, workers=[c.name for c in roster.active])
         observer.run_started(cfg.rounds, first_round, [c.name for c in roster.active])
         for server_round in range(first_round, cfg.rounds + 1):
@@ -143,7 +145,7 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
             event = report.as_event()
             metrics.append(event)
             checkpoint.save(cfg.output_dir, checkpoint.Checkpoint(
-                round=server_round, model=cfg.model, state_dict=model.state_dict(), metrics=metrics,
+                round=server_round, model=architecture, state_dict=model.state_dict(), metrics=metrics,
                 rng=checkpoint.Checkpoint.capture_rng(), server_optimizer=server_optimizer.state_dict()))
             with metrics_path.open("a") as f:
                 f.write(json.dumps(event) + "\n")

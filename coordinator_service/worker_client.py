@@ -13,8 +13,10 @@ from pathlib import Path
 
 import grpc
 import structlog
+import torch
 
 from fedpi import serde
+from fedpi.task import Task, fingerprint
 from fedpi.protocol import (
     AUTH_METADATA_KEY,
     MIN_TRANSFER_BYTES_PER_SECOND,
@@ -52,6 +54,46 @@ def channel_options(keepalive_seconds: float = 30.0) -> list[tuple[str, object]]
         ("grpc.enable_retries", 1),
         ("grpc.service_config", _SERVICE_CONFIG),
     ]
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a worker must run to take part: the coordinator's task and its model."""
+
+    architecture: str  # carried in weight headers; all a worker before protocol 1.4 reports
+    task: str = "mnist"
+    task_version: str = ""
+    fingerprint: str = ""  # fedpi.task.fingerprint of the model's manifest
+    dataset: str | None = None  # what the coordinator evaluates on; a worker reporting another is warned about
+
+    @classmethod
+    def of(cls, task: Task, model: torch.nn.Module) -> Expected:
+        return cls(task.architecture, task.name, task.version, fingerprint(serde.manifest_of(model.state_dict())),
+                   task.data_name)
+
+    def describe(self) -> str:
+        return f"task {self.task} {self.task_version} (model {self.architecture}, manifest {self.fingerprint})"
+
+    def check(self, info: pb.WorkerInfo) -> str | None:
+        """Why `info`'s worker cannot train with us, or None."""
+        if not info.task:  # before protocol 1.4: the built-in task, known by its model alone
+            if self.task != "mnist":
+                return (f"worker speaks fedpi protocol {info.protocol_version}, which has no tasks; coordinator "
+                        f"trains {self.describe()}: upgrade the worker to a fedpi release that speaks "
+                        f"protocol {PROTOCOL_VERSION}")
+            if info.model_architecture != self.architecture:
+                return (f"worker runs model {info.model_architecture!r}, coordinator trains {self.architecture!r}; "
+                        f"restart one of them with the same --model")
+            return None
+        theirs = (f"task {info.task} {info.task_version} (model {info.model_architecture}, "
+                  f"manifest {info.manifest_fingerprint})")
+        if info.task != self.task:
+            return (f"worker runs {theirs}, coordinator trains {self.describe()}; start both with the same --task "
+                    f"(FEDPI_TASK)")
+        if info.manifest_fingerprint != self.fingerprint or info.model_architecture != self.architecture:
+            return (f"worker runs {theirs}, coordinator trains {self.describe()}: their models differ (tensor names, "
+                    f"dtypes or shapes); install the same version of the task on both")
+        return None
 
 
 @dataclass(frozen=True)
@@ -171,7 +213,7 @@ class WorkerClient:
         except grpc.aio.AioRpcError as exc:
             raise translate(self.name, "GetInfo", exc) from None
 
-    async def handshake(self, model_architecture: str) -> pb.WorkerInfo:
+    async def handshake(self, expected: Expected) -> pb.WorkerInfo:
         """GetInfo plus the checks that must pass before any weights move."""
         info = await self.get_info()
         try:
@@ -179,10 +221,8 @@ class WorkerClient:
             check_minimum(info.protocol_version, MINIMUM_WORKER_PROTOCOL, "round ids and training progress")
         except ProtocolMismatch as exc:
             raise WorkerIncompatible(self.name, str(exc)) from None
-        if info.model_architecture != model_architecture:
-            raise WorkerIncompatible(
-                self.name, f"worker runs model {info.model_architecture!r}, coordinator trains {model_architecture!r}; "
-                           f"restart one of them with the same --model")
+        if (reason := expected.check(info)) is not None:
+            raise WorkerIncompatible(self.name, reason)
         if info.train_samples == 0:
             raise WorkerIncompatible(self.name, "worker has no training samples in its shard")
         if self._security.tls and self._security.verify_worker_id and self._verified_id != info.worker_id:

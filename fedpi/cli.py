@@ -50,3 +50,42 @@ def read_secret(path: str, flag: str) -> str:
     if not value:
         raise ValueError(f"{flag} {path} is empty")
     return value
+
+
+def add_task_arguments(parser: argparse.ArgumentParser, default_dataset: str) -> None:
+    """--task and the options every task gets (--data-dir, --no-download), and the built-in task's own."""
+    # Imported here: this module is also used where torch is not installed (make certs).
+    from fedpi import data as datasets
+    from fedpi.models import DEFAULT_MODEL, MODELS
+    from fedpi.task import DEFAULT_TASK
+
+    parser.add_argument("--task", default=DEFAULT_TASK,
+                        help="what to train: a task name from `fedpi tasks` or package.module:TaskClass "
+                             "(README: Your own model and data)")
+    parser.add_argument("--model", choices=list(MODELS), default=None,
+                        help=f"the built-in mnist task's model (default {DEFAULT_MODEL})")
+    parser.add_argument("--dataset", choices=datasets.DATASETS, default=None,
+                        help=f"the built-in mnist task's data (default {default_dataset})")
+    parser.set_defaults(default_dataset=default_dataset)
+    parser.add_argument("--data-dir", default="data", help="where the task reads (or downloads) its data")
+    parser.add_argument("--no-download", action="store_true", default=False,
+                        help="never download; read local files only")
+
+
+def make_task(args: argparse.Namespace):
+    """The task named by --task, built from the parsed arguments."""
+    import structlog
+
+    from fedpi.mnist_task import MnistTask
+    from fedpi.models import DEFAULT_MODEL
+    from fedpi.task import load_task, task_class
+
+    options = {"data_dir": args.data_dir, "download": not args.no_download}
+    if issubclass(task_class(args.task), MnistTask):
+        options.update(model=args.model or DEFAULT_MODEL, dataset=args.dataset or args.default_dataset)
+    elif args.model or args.dataset:
+        structlog.get_logger().warning(
+            "task_options_ignored", task=args.task, model=args.model, dataset=args.dataset,
+            reason="--model and --dataset (FEDPI_MODEL, FEDPI_DATASET) choose the built-in mnist task's model and "
+                   "data; this task builds its own")
+    return load_task(args.task, **options)

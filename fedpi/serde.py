@@ -103,6 +103,10 @@ class TensorMeta:
         return pb.TensorSpec(name=self.name, dtype=self.dtype, shape=list(self.shape), byte_length=self.nbytes)
 
 
+def supported_dtypes() -> list[str]:
+    return list(_DTYPES)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from coordinator_service.local import free_port, wait_serving
-from coordinator_service.worker_client import WorkerClient
+from coordinator_service.worker_client import Expected, WorkerClient
+from fedpi.mnist_task import MnistTask
+from fedpi.task import initial_model
 from fedpi.data import write_idx
 from generated.fedpi.v1 import worker_pb2 as pb
 
@@ -24,7 +26,8 @@ from generated.fedpi.v1 import worker_pb2 as pb
 async def train(address: str) -> None:
     client = WorkerClient("pi", address, idle_timeout=600, rpc_timeout=600)
     try:
-        info = await client.handshake("reference-cnn")
+        task = MnistTask(model="reference-cnn")
+        info = await client.handshake(Expected.of(task, initial_model(task)))
         started = time.monotonic()
         result = await client.train(pb.TrainRequest(round=0, local_batches=5, batch_size=32, learning_rate=0.01))
         print(f"Train finished on {info.cpu_architecture} with torch {info.torch_version}: {result.batches} batches, "

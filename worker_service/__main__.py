@@ -1,4 +1,5 @@
 """python -m worker_service --id alice --port 50051 --dataset mnist --partition 0/3
+   python -m worker_service --id alice --port 50051 --task breast-cancer --partition 0/3   # another task
 
 Every flag can also be set from an environment variable FEDPI_<FLAG> (e.g. FEDPI_PARTITION=0/3), for Kubernetes.
 """
@@ -20,9 +21,9 @@ import structlog
 import torch
 
 from fedpi import data as datasets
-from fedpi.cli import apply_env_defaults, read_secret
+from fedpi import task as tasks
+from fedpi.cli import add_task_arguments, apply_env_defaults, make_task, read_secret
 from fedpi.logs import LOG_FORMATS, configure_logging
-from fedpi.models import DEFAULT_MODEL, MODELS, build_model
 from worker_service.auth import ServerSecurity
 from worker_service.servicer import Limits, WorkerServicer
 from worker_service.trainer import DEFAULT_MAX_LOCAL_BATCHES
@@ -39,11 +40,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m worker_serv
     p.add_argument("--id", default=os.environ.get("HOSTNAME", "worker"), help="worker name")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL)
-    p.add_argument("--dataset", choices=datasets.DATASETS, default="mnist")
-    p.add_argument("--data-dir", default="data", help="where IDX files are read or downloaded")
-    p.add_argument("--no-download", action="store_true", default=False,
-                   help="never download; read local files only")
+    add_task_arguments(p, default_dataset="mnist")
     p.add_argument("--partition", default="0/1", help="INDEX/COUNT: this worker's data shard")
     p.add_argument("--partition-index", type=int, default=None,
                    help="overrides INDEX of --partition (Kubernetes: the StatefulSet pod index)")
@@ -89,12 +86,15 @@ def build_servicer(args: argparse.Namespace) -> WorkerServicer:
     if args.partition_count is not None:
         count = args.partition_count
     index, count = datasets.parse_partition(f"{index}/{count}")
-    full = datasets.load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-    shard = datasets.shard(full, index, count, args.partition_scheme, args.partition_seed, args.partition_alpha)
-    scheme = args.partition_scheme + (f" alpha={args.partition_alpha:g}" if args.partition_scheme == "dirichlet" else "")
-    partition = f"{index}/{count} {scheme} seed={args.partition_seed}"
+    partition = tasks.Partition(index, count, args.partition_scheme, args.partition_seed, args.partition_alpha)
+    task = make_task(args)
+    model = tasks.initial_model(task)
+    train, test = tasks.load_partition(task, partition)
+    log.info("task_loaded", task=task.describe(), dataset=task.data_name, partition=partition.describe(),
+             train_samples=len(train), test_samples=len(test))
     return WorkerServicer(
-        worker_id=args.id, model_name=args.model, model=build_model(args.model), data=shard, partition=partition,
+        worker_id=args.id, model_name=task.architecture, model=model,
+        data=datasets.Dataset(task.data_name, train, test), partition=partition.describe(), task=task,
         limits=Limits(max_chunk_bytes=args.max_chunk_mb * MIB, max_payload_bytes=args.max_payload_mb * MIB,
                       max_local_batches=args.max_local_batches, upload_grace=args.upload_grace),
         train_delay=args.train_delay, progress_every=args.progress_interval,
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker_service") 
     try:
         security = build_security(args)
         servicer = build_servicer(args)
-    except (datasets.DatasetUnavailable, ValueError) as exc:
+    except (datasets.DatasetUnavailable, tasks.TaskError, ValueError) as exc:
         log.error("worker_failed_to_start", reason=str(exc))
         return 2
     if security.token is None and security.client_ca_file is None:

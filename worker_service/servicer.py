@@ -16,6 +16,7 @@ import fedpi
 from fedpi import serde
 from fedpi.data import Dataset
 from fedpi.models import parameter_count
+from fedpi.task import Task, fingerprint
 from fedpi.protocol import (
     MIN_TRANSFER_BYTES_PER_SECOND,
     PROTOCOL_VERSION,
@@ -60,7 +61,7 @@ class TooManyDownloads(Exception):
 class WorkerServicer(pb_grpc.WorkerServicer):
     def __init__(self, *, worker_id: str, model_name: str, model: torch.nn.Module, data: Dataset,
                  partition: str, limits: Limits = Limits(), progress_every: float = 2.0, train_delay: float = 0.0,
-                 metrics: WorkerMetrics | None = None):
+                 metrics: WorkerMetrics | None = None, task: Task | None = None):
         self.worker_id = worker_id
         self.model_name = model_name
         self.model = model
@@ -69,8 +70,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.metrics = metrics or WorkerMetrics(worker_id)
         self.limits = limits
         self.progress_every = progress_every
-        self.trainer = Trainer(model, data, batch_delay=train_delay, max_batches=limits.max_local_batches)
+        self.trainer = Trainer(model, data, batch_delay=train_delay, max_batches=limits.max_local_batches, task=task)
+        self.task = self.trainer.task
         self.manifest = serde.manifest_of(model.state_dict())
+        self.fingerprint = fingerprint(self.manifest)
         self.weights_round = 0  # the deterministic initial weights
         self.weights_round_id = ""  # the coordinator's id of the round whose weights are installed
         self.weights_trained = False  # Train has changed the installed weights since SetWeights
@@ -140,6 +143,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             weights_round_id=self.weights_round_id,
             weights_trained=self.weights_trained,
             max_local_batches=self.limits.max_local_batches,
+            task=self.task.name,
+            task_version=self.task.version,
+            manifest_fingerprint=self.fingerprint,
         )
 
     async def SetWeights(self, request_iterator: AsyncIterator[pb.WeightsChunk],

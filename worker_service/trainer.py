@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fedpi.data import Dataset
-from fedpi.models import evaluate
+from fedpi.task import Task, batch_of
 
 
 # Most batches one Train may ask for unless the worker is started with another --max-local-batches: about a day of
@@ -89,9 +88,10 @@ def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.
 
 class Trainer:
     def __init__(self, model: nn.Module, data: Dataset, batch_delay: float = 0.0,
-                 max_batches: int = DEFAULT_MAX_LOCAL_BATCHES):
+                 max_batches: int = DEFAULT_MAX_LOCAL_BATCHES, task: Task | None = None):
         self.model = model
         self.data = data
+        self.task = task or _default_task()  # the loss of a batch and how a model is scored
         self.batch_delay = batch_delay  # seconds of extra wall time per batch: imitates a slower device
         self.max_batches = max_batches
         # The first optimizer ever created imports torch's compiler stack (about 2 s): pay that at start-up,
@@ -125,18 +125,16 @@ class Trainer:
         for batches, index in enumerate(self.batch_order(cfg), 1):
             if cancelled.is_set():
                 raise TrainingCancelled("training cancelled by the caller")
-            x, y = self.data.train.batch(index)
             optimizer.zero_grad(set_to_none=True)
-            out = self.model(x)
-            loss = F.nll_loss(out, y)
-            objective = loss + _proximal(self.model, anchor, cfg.proximal_mu) if anchor else loss
+            step = self.task.train_step(self.model, batch_of(self.data.train, index))
+            objective = step.loss + _proximal(self.model, anchor, cfg.proximal_mu) if anchor else step.loss
             objective.backward()
             optimizer.step()
             if self.batch_delay and cancelled.wait(self.batch_delay):
                 raise TrainingCancelled("training cancelled by the caller")
-            loss_sum += loss.item() * len(y)
-            correct += int((out.argmax(1) == y).sum())
-            samples += len(y)
+            loss_sum += step.loss.item() * step.samples
+            correct += step.correct
+            samples += step.samples
             now = time.perf_counter()
             out_of_time = bool(cfg.local_seconds) and now - start >= cfg.local_seconds
             if now - last_report >= progress_every or batches == total or out_of_time:
@@ -147,7 +145,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         outcome = TrainOutcome(samples, batches, loss_sum / samples, correct / samples, seconds)
         if cfg.evaluate and len(self.data.test):
-            loss, acc = evaluate(self.model, self.data.test)
+            loss, acc = self.task.evaluate(self.model, self.data.test)
             outcome = TrainOutcome(**{**outcome.__dict__, "test_loss": loss, "test_accuracy": acc,
                                       "test_samples": len(self.data.test)})
         return outcome
@@ -156,5 +154,11 @@ class Trainer:
         """Loss and accuracy of the current weights on the local test split, and its size."""
         if not len(self.data.test):
             return 0.0, 0.0, 0
-        loss, accuracy = evaluate(self.model, self.data.test)
+        loss, accuracy = self.task.evaluate(self.model, self.data.test)
         return loss, accuracy, len(self.data.test)
+
+
+def _default_task() -> Task:
+    from fedpi.mnist_task import MnistTask
+
+    return MnistTask()

@@ -8,7 +8,7 @@ import pytest
 
 from coordinator_service import roster as roster_module
 from coordinator_service.roster import Roster
-from coordinator_service.worker_client import WorkerUnavailable
+from coordinator_service.worker_client import Expected, WorkerUnavailable
 from generated.fedpi.v1 import worker_pb2 as pb
 
 
@@ -20,7 +20,7 @@ class FakeClient:
         self.closed = False
         self.handshakes = 0
 
-    async def handshake(self, model: str) -> pb.WorkerInfo:
+    async def handshake(self, expected: Expected) -> pb.WorkerInfo:
         self.handshakes += 1
         pod = self.network.get(self.address)
         if pod is None:
@@ -46,7 +46,7 @@ def cluster(monkeypatch):
         made.append(FakeClient(network, name, address))
         return made[-1]
 
-    roster = Roster(make_client, model="m", dataset="d", dns="fedpi-worker:50051", handshake_timeout=1)
+    roster = Roster(make_client, expected=Expected("m", dataset="d"), dns="fedpi-worker:50051", handshake_timeout=1)
     return network, roster, made
 
 
