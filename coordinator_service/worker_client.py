@@ -90,7 +90,10 @@ class Expected:
         if info.task != self.task:
             return (f"worker runs {theirs}, coordinator trains {self.describe()}; start both with the same --task "
                     f"(FEDPI_TASK)")
-        if info.manifest_fingerprint != self.fingerprint or info.model_architecture != self.architecture:
+        if info.model_architecture != self.architecture:  # the built-in task's --model
+            return (f"worker runs model {info.model_architecture!r}, coordinator trains {self.architecture!r} (task "
+                    f"{self.task}); restart one of them with the same --model")
+        if info.manifest_fingerprint != self.fingerprint:
             return (f"worker runs {theirs}, coordinator trains {self.describe()}: their models differ (tensor names, "
                     f"dtypes or shapes); install the same version of the task on both")
         return None

@@ -54,6 +54,7 @@ def test_get_info(address):
     info = json.loads(grpcurl(address, "fedpi.v1.Worker/GetInfo"))
     assert info["worker_id"] == "solo" and info["protocol_version"] == PROTOCOL_VERSION
     assert info["model_architecture"] == "reference-cnn" and info["parameter_count"] == "431080"
+    assert info["task"] == "mnist" and len(info["manifest_fingerprint"]) == 16
 
 
 def test_readme_time_budget_and_evaluate(address):
