@@ -31,9 +31,12 @@ COPY generated generated
 COPY worker_service worker_service
 COPY coordinator_service coordinator_service
 COPY fedpi_cli fedpi_cli
+# pip is uninstalled (not deleted), so an image built FROM this one can get it back with `python -m ensurepip`
+# to install a task (README: Your own model and data).
 RUN /opt/fedpi/bin/pip install --no-deps . \
+    && /opt/fedpi/bin/python -m pip uninstall --yes --quiet pip \
     && find /opt/fedpi -name '__pycache__' -prune -exec rm -rf {} + \
-    && rm -rf /opt/fedpi/lib/python*/site-packages/pip /opt/fedpi/lib/python*/site-packages/torch/include
+    && rm -rf /opt/fedpi/lib/python*/site-packages/torch/include
 
 FROM python:${PYTHON_VERSION}-slim-bookworm
 RUN groupadd --gid 10001 fedpi && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin fedpi

@@ -22,25 +22,33 @@ K = $(KUBECTL) -n $(NAMESPACE)
 
 CERTS ?= certs
 
-.PHONY: help venv proto run test bench bench-learning clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
+.PHONY: help venv proto run tasks test bench bench-learning clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 venv: $(STAMP)  ## create .venv and install fedpi with its test tools
 
-$(STAMP): pyproject.toml
+# The example tasks are installed too: `make run TASK=breast-cancer`, and their tests run with `make test`.
+EXAMPLES := examples/tabular examples/fashion
+
+$(STAMP): pyproject.toml $(EXAMPLES:%=%/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' $(EXAMPLES:%=-e %)
 	touch $(STAMP)
 
 proto: $(STAMP)  ## regenerate generated/ from proto/
 	$(PY) -m grpc_tools.protoc -Igenerated=proto --python_out=. --pyi_out=. --grpc_python_out=. \
 		$(shell find proto -name '*.proto')
 
-run: $(STAMP)  ## three local workers + a coordinator on 127.0.0.1: a real training run
-	$(PY) -m coordinator_service demo --rounds $(ROUNDS) --output-dir $(OUT)
+TASK ?=
+
+run: $(STAMP)  ## three local workers + a coordinator on 127.0.0.1: a real training run [TASK=breast-cancer]
+	$(PY) -m coordinator_service demo --rounds $(ROUNDS) --output-dir $(OUT) $(if $(TASK),--task $(TASK))
+
+tasks: $(STAMP)  ## list the installed tasks (make run TASK=NAME trains one)
+	$(PY) -m coordinator_service tasks
 
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest

@@ -50,8 +50,9 @@ class PrometheusObserver(RunObserver):
 
     def round_finished(self, report: RoundReport) -> None:
         self.rounds_completed.inc()
-        self.test_accuracy.set(report.test_accuracy)
-        self.test_loss.set(report.test_loss)
+        if report.test_accuracy is not None:
+            self.test_accuracy.set(report.test_accuracy)
+            self.test_loss.set(report.test_loss)
         self.wall.set(report.wall_seconds)
         self.overhead.set(report.overhead_seconds)
         for w in report.workers:

@@ -86,8 +86,14 @@ class LiveProgress(RunObserver):
     def print_round(self, report: RoundReport) -> None:
         moved = sum(w.bytes_sent + w.bytes_received for w in report.workers) / 1e6
         failed = f"  dropped: {', '.join(f.worker for f in report.failures)}" if report.failures else ""
+        if report.test_accuracy is not None:
+            scores = f"accuracy {report.test_accuracy:7.2%}  loss {report.test_loss:.4f}"
+        elif report.federated_accuracy is not None:
+            scores = f"federated accuracy {report.federated_accuracy:7.2%}  loss {report.federated_loss:.4f}"
+        else:
+            scores = "not evaluated (the task has no test data: --federated-evaluation)"
         self.console.print(
-            f"round {report.round:>3}  accuracy {report.test_accuracy:7.2%}  loss {report.test_loss:.4f}  "
+            f"round {report.round:>3}  {scores}  "
             f"wall {report.wall_seconds:6.2f} s  overhead {report.overhead_seconds:5.2f} s  "
             f"moved {moved:7.1f} MB  workers {len(report.workers)}{failed}", highlight=False)
 

@@ -49,15 +49,16 @@ def _workers(rounds: list[dict]) -> list[str]:
 
 def _accuracy_figure(plt, rounds):
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.6))
-    x = [r["round"] for r in rounds]
-    acc.plot(x, [r["test_accuracy"] for r in rounds], marker="o", label="test (coordinator)")
+    tested = [r for r in rounds if "test_accuracy" in r]  # none when the task gives the coordinator no test data
+    x = [r["round"] for r in tested]
+    acc.plot(x, [r["test_accuracy"] for r in tested], marker="o", label="test (coordinator)")
     if any("federated_accuracy" in r for r in rounds):
         acc.plot([r["round"] for r in rounds if "federated_accuracy" in r],
                  [r["federated_accuracy"] for r in rounds if "federated_accuracy" in r], marker="s",
                  label="federated (workers' test splits)")
     acc.set(title="Test accuracy", xlabel="round", ylabel="accuracy")
     acc.legend(loc="lower right")
-    loss.plot(x, [r["test_loss"] for r in rounds], marker="o", color="tab:red")
+    loss.plot(x, [r["test_loss"] for r in tested], marker="o", color="tab:red")
     loss.set(title="Test loss", xlabel="round", ylabel="loss")
     for ax in (acc, loss):
         ax.grid(alpha=0.3)
@@ -110,10 +111,11 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def _summary(rounds: list[dict]) -> list[tuple[str, str]]:
-    last = rounds[-1]
     failures = sum(len(r["failures"]) for r in rounds)
-    return [("rounds", str(len(rounds))), ("final test accuracy", f"{last['test_accuracy']:.2%}"),
-            ("best test accuracy", f"{max(r['test_accuracy'] for r in rounds):.2%}"),
+    tested = [r["test_accuracy"] for r in rounds if "test_accuracy" in r]
+    return [("rounds", str(len(rounds))),
+            ("final test accuracy", f"{tested[-1]:.2%}" if tested else "not measured (no test data)"),
+            ("best test accuracy", f"{max(tested):.2%}" if tested else "not measured"),
             ("total wall", f"{sum(r['wall_seconds'] for r in rounds):.1f} s"),
             ("median overhead per round", f"{sorted(r['overhead_seconds'] for r in rounds)[len(rounds) // 2]:.3f} s"),
             ("worker failures", str(failures))]

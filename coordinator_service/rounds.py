@@ -89,8 +89,8 @@ class RoundReport:
     round: int
     workers: list[WorkerRound] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
-    test_loss: float = 0.0
-    test_accuracy: float = 0.0
+    test_loss: float | None = None  # None: the task gives the coordinator no test data
+    test_accuracy: float | None = None
     aggregation_seconds: float = 0.0
     wall_seconds: float = 0.0
     max_update_distance: float = 0.0  # the bound this round's updates were held to
@@ -108,8 +108,8 @@ class RoundReport:
     def as_event(self) -> dict:
         return {
             "round": self.round,
-            "test_accuracy": round(self.test_accuracy, 4),
-            "test_loss": round(self.test_loss, 4),
+            **({"test_accuracy": round(self.test_accuracy, 4),
+                "test_loss": round(self.test_loss, 4)} if self.test_accuracy is not None else {}),
             "wall_seconds": round(self.wall_seconds, 3),
             "overhead_seconds": round(self.overhead_seconds, 3),
             "aggregation_seconds": round(self.aggregation_seconds, 3),

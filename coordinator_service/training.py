@@ -156,7 +156,7 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
         model_path = cfg.output_dir / "model.pt"
         _write_atomically(model_path, lambda p: torch.save(model.state_dict(), p))
         log.info("training_finished", rounds=cfg.rounds, model_path=str(model_path), metrics_path=str(metrics_path),
-                 test_accuracy=metrics[-1]["test_accuracy"] if metrics else None,
+                 test_accuracy=metrics[-1].get("test_accuracy") if metrics else None,
                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     finally:
         observer.run_finished()

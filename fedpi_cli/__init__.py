@@ -5,6 +5,7 @@
   fedpi demo --rounds 5                           three local workers and a training run on them
   fedpi status --workers alice=HOST:PORT,...      every worker's GetInfo as a table
   fedpi report RUN_DIR                            report.html with plots from a run's metrics
+  fedpi tasks                                     the installed tasks (--task NAME on train, demo and worker)
 
 `fedpi COMMAND --help` describes each. This package only dispatches; it sits above both services, which never
 import each other.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("worker", "train", "demo", "status", "report")
+COMMANDS = ("worker", "train", "demo", "status", "report", "tasks")
 
 
 def _report(argv: list[str]) -> int:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "worker":
         from worker_service.__main__ import main as worker_main
         return worker_main(rest, prog="fedpi worker")
-    if command in ("train", "demo"):
+    if command in ("train", "demo", "tasks"):
         from coordinator_service.__main__ import main as coordinator_main
         return coordinator_main([command, *rest], prog="fedpi")
     if command == "status":

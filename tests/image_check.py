@@ -1,5 +1,6 @@
 """make image-test: build the image, check its size, run a worker and a coordinator container as the manifests do
-(non-root, read-only root filesystem), train one round, probe the worker with grpcurl, and stop everything.
+(non-root, read-only root filesystem), train one round, probe the worker with grpcurl, and stop everything. Last,
+build examples/tabular/Dockerfile FROM it, as a user adds a task, and train that task in the derived image.
 
   python -m tests.image_check [--platform linux/amd64|linux/arm64] [--torch-wheel PATH] [--budget-mb N]
 
@@ -51,6 +52,18 @@ def sh(*args: str, check: bool = True, capture: bool = True) -> str:
     return proc.stdout if capture else ""
 
 
+def torchvision_wheel(torch_version: str) -> Path:
+    """The torchvision release made for this torch (0.N+15 for 2.N), from PyPI into wheels/ unless it is there: the
+    image holds torchvision as the real build does, so a task installed FROM it finds fedpi's dependencies met."""
+    minor = int(torch_version.split(".")[1])
+    found = sorted((ROOT / "wheels").glob(f"torchvision-0.{minor + 15}.*-cp311-*x86_64.whl"))
+    if found:
+        return found[-1]
+    sh(sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version",
+       "3.11", "--platform", "manylinux_2_28_x86_64", "-d", str(ROOT / "wheels"), f"torchvision==0.{minor + 15}.*")
+    return torchvision_wheel(torch_version)
+
+
 def build(eng: list[str], platform: str, tag: str, torch_wheel: str | None) -> float:
     args = [*eng, "build", *shlex.split(os.environ.get("PODMAN_BUILD_FLAGS", "")), "--platform", platform, "-t", tag]
     copied = None
@@ -59,7 +72,9 @@ def build(eng: list[str], platform: str, tag: str, torch_wheel: str | None) -> f
         if not copied.exists():
             shutil.copy(torch_wheel, copied)
         version = Path(torch_wheel).name.split("-")[1]
-        args += ["--build-arg", "TORCH_WHEELS=1", "--build-arg", f"TORCH_SPEC=torch=={version}"]
+        vision = torchvision_wheel(version)
+        args += ["--build-arg", "TORCH_WHEELS=1",
+                 "--build-arg", f"TORCH_SPEC=torch=={version} torchvision=={vision.name.split('-')[1]}"]
     started = time.monotonic()
     sh(*args, str(ROOT), capture=False)
     print(f"image-test  built {tag} for {platform} in {time.monotonic() - started:.0f} s")
@@ -88,6 +103,26 @@ def synthetic_mnist(root: Path) -> None:
 
 
 RUN_ARGS: list[str] = []  # --run-args: e.g. an emulated CPU's /proc/cpuinfo for arm64 under qemu
+
+
+def check_task_image(eng: list[str], platform: str, tag: str) -> None:
+    """A user's task installed FROM the image (examples/tabular/Dockerfile, as the README shows), then three local
+    workers and a coordinator in one container of it, with the manifests' restrictions, train two rounds."""
+    task_tag = f"{tag}-tabular"
+    started = time.monotonic()
+    sh(*eng, "build", *shlex.split(os.environ.get("PODMAN_BUILD_FLAGS", "")), "--platform", platform,
+       "--build-arg", f"FEDPI_IMAGE={tag}", "-t", task_tag, str(ROOT / "examples" / "tabular"), capture=False)
+    listed = sh(*eng, "run", *RUN_ARGS, "--rm", "--entrypoint", "python", task_tag, "-m", "coordinator_service", "tasks")
+    assert "breast-cancer" in listed, listed
+    with tempfile.TemporaryDirectory() as empty:
+        run = run_container(eng, task_tag, f"fedpi-image-test-task-{free_port()}", Path(empty), [
+            "coordinator_service", "demo", "--rounds", "2", "--output-dir", "/tmp/run", "--log-format", "json"],
+            detach=False)
+    finished = [e for e in events(run.stdout) if e.get("event") == "round_finished"]
+    if run.returncode or len(finished) != 2:
+        sys.exit(f"image-test: the breast-cancer task image failed:\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
+    print(f"image-test  {task_tag} (FROM the image, FEDPI_TASK=breast-cancer) built and trained 2 rounds in "
+          f"{time.monotonic() - started:.0f} s: test accuracy {finished[-1]['test_accuracy']:.4f}")
 
 
 def run_container(eng: list[str], tag: str, name: str, data: Path, command: list[str],
@@ -193,6 +228,7 @@ def main() -> None:
                   f"{info['torch_version']} (the image) finished a round")
         finally:
             sh(*eng, "stop", "-t", "15", worker, check=False)
+    check_task_image(eng, args.platform, tag)
     print("image-test  passed")
 
 

@@ -37,6 +37,13 @@ class TinyTaskWide(TinyTask):
     hidden = 16
 
 
+class NoTestData(TinyTask):
+    """Data on the devices only: the coordinator has nothing to evaluate on."""
+
+    def test_data(self):
+        return None
+
+
 class OtherTask(TinyTask):
     name = "other"
 

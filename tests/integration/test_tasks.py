@@ -56,6 +56,21 @@ def test_a_task_named_by_module_and_class_trains_and_scores_with_its_own_evaluat
     assert config["task"] == "tiny 1.0" and config["model"] == "tiny"
 
 
+def test_a_task_without_test_data_for_the_coordinator_is_scored_by_the_workers(tiny_cluster, tmp_path):
+    proc = run_coordinator("train", "--task", "tests.tiny_task:NoTestData", "--workers", tiny_cluster.spec,
+                           "--rounds", "2", "--local-batches", "5", "--federated-evaluation",
+                           "--output-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "test_accuracy" not in metrics[-1] and metrics[-1]["federated_samples"] == 200
+    # the workers' test shares, recomputed here: the weighted mean of each worker's figure
+    task = TinyTask()
+    model = initial_model(task)
+    model.load_state_dict(torch.load(tmp_path / "model.pt"))
+    _, accuracy = task.evaluate(model, task.load_dataset()[1])
+    assert metrics[-1]["federated_accuracy"] == round(accuracy, 4)
+
+
 @pytest.mark.parametrize("task, phrase", [
     ("tests.tiny_task:TinyTaskWide", "their models differ (tensor names, dtypes or shapes); install the same version"),
     ("tests.tiny_task:OtherTask", "start both with the same --task (FEDPI_TASK)"),

@@ -47,3 +47,8 @@ def test_train_resumes_a_named_run_and_probe_finds_the_venvs_grpcurl():
 def test_certs_need_only_cryptography():
     out = _dry_run("certs", "CERTS_VENV=build/no-such-venv")
     assert "build/no-such-venv/bin/pip install" in out and "'cryptography" in out and ".[dev]" not in out
+
+
+def test_run_trains_the_task_named_by_task():
+    assert "--task breast-cancer" in _dry_run("run", "TASK=breast-cancer")
+    assert "--task" not in _dry_run("run")
