@@ -73,3 +73,36 @@ def test_the_fedpi_command_lists_its_subcommands(capsys):
     assert fedpi([]) == 2
     out = capsys.readouterr().out
     assert all(f"fedpi {c}" in out for c in COMMANDS)
+
+
+def test_the_task_comes_from_fedpi_task_and_the_built_in_task_takes_model_and_dataset(monkeypatch):
+    from fedpi.cli import make_task
+    from fedpi.mnist_task import MnistTask
+
+    monkeypatch.setenv("FEDPI_TASK", "mnist")
+    monkeypatch.setenv("FEDPI_MODEL", "large-mlp")
+    task = make_task(worker_args([]))
+    assert isinstance(task, MnistTask) and (task.architecture, task.data_name) == ("large-mlp", "mnist")
+    assert make_task(coordinator_args(["train", "--model", "reference-cnn"])).data_name == "auto"
+
+
+def test_another_task_ignores_model_and_dataset_and_says_so(monkeypatch):
+    from structlog.testing import capture_logs
+
+    from fedpi.cli import make_task
+    from tests.tiny_task import TinyTask
+
+    monkeypatch.setenv("FEDPI_TASK", "tests.tiny_task:TinyTask")
+    monkeypatch.setenv("FEDPI_DATASET", "mnist")  # left over in a fedpi.env
+    with capture_logs() as logs:
+        task = make_task(worker_args([]))
+    assert isinstance(task, TinyTask)
+    assert [e["event"] for e in logs] == ["task_options_ignored"] and logs[0]["dataset"] == "mnist"
+
+
+def test_fedpi_tasks_lists_the_installed_tasks(capsys):
+    from fedpi_cli import main
+
+    assert main(["tasks"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:3] == ["mnist", "0.1.0", "fedpi.mnist_task:MnistTask"] for line in lines), lines
