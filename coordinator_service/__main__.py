@@ -4,6 +4,7 @@
   python -m coordinator_service demo --rounds 5       # three local workers on 127.0.0.1, then the same training
   python -m coordinator_service demo --task breast-cancer   # another task (`tasks` lists the installed ones)
   python -m coordinator_service tasks
+  python -m coordinator_service serve --state-dir results   # a long-running coordinator: runs through its gRPC API
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="runs/latest",
                    help="model.pt, metrics.jsonl and checkpoint.pt (after every round) go here")
     p.add_argument("--latest-link", help="also point this symlink at --output-dir (e.g. results/latest)")
+    p.add_argument("--keep-round-models", type=int, default=0,
+                   help="also keep the global model of the last N rounds in --output-dir/rounds/")
     g = p.add_argument_group("security (see README: Threat model)")
     g.add_argument("--token-file", help="file holding the bearer token workers require")
     g.add_argument("--tls-ca", help="CA certificate to verify workers with; turns TLS on")
@@ -160,6 +163,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m coordinator
                       help="with --partition-scheme dirichlet: the concentration (0.1: few classes per worker)")
     _common(demo)
     sub.add_parser("tasks", help="list the installed tasks (the fedpi.tasks entry-point group)")
+    _serve_arguments(sub.add_parser("serve", help="serve the fedpi.v1.Coordinator control API: start, watch, stop "
+                                                  "and resume runs, fetch their models"))
     argv = sys.argv[1:] if argv is None else argv
     preset = PRESETS.get(_preset_named(argv))  # an unknown name is reported by the parser itself
     if preset is not None:
@@ -167,6 +172,72 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m coordinator
         demo.set_defaults(**preset)
     apply_env_defaults(p)
     return p.parse_args(argv)
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="0.0.0.0", help="address the control API listens on")
+    p.add_argument("--port", type=int, default=50050)
+    p.add_argument("--state-dir", default="coordinator-state",
+                   help="every run's record, events, metrics, checkpoints and models go under STATE_DIR/runs/")
+    p.add_argument("--keep-round-models", type=int, default=5,
+                   help="keep the global model of each run's last N rounds (GetModel with a round)")
+    # Defaults of every run (a RunSpec's task, model and dataset win); where runs read their test data.
+    add_task_arguments(p, default_dataset="auto")
+    g = p.add_argument_group("the control API's own security (operators)")
+    g.add_argument("--api-token-file", help="operators must send this bearer token (file contents)")
+    g.add_argument("--api-tls-cert", help="serve the API over TLS with this certificate")
+    g.add_argument("--api-tls-key", help="private key of --api-tls-cert")
+    g.add_argument("--api-client-ca", help="require operator certificates signed by this CA (mutual TLS)")
+    g.add_argument("--api-client-identity", help="with mutual TLS: the only certificate name allowed to call")
+    g = p.add_argument_group("how runs reach the workers (the same flags as `train`; never part of a RunSpec)")
+    g.add_argument("--token-file", help="file holding the bearer token workers require")
+    g.add_argument("--tls-ca", help="CA certificate to verify workers with; turns TLS on")
+    g.add_argument("--tls-cert", help="client certificate, for workers that require mutual TLS")
+    g.add_argument("--tls-key", help="private key of --tls-cert")
+    g.add_argument("--tls-server-name", help="name on the workers' certificates when dialling them by IP address")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: torch's default)")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics of the runs (0: off)")
+    p.add_argument("--metrics-host", default="0.0.0.0")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from coordinator_service.runs import RunStore
+    from coordinator_service.service import RunManager, serve
+    from fedpi.auth import ServerSecurity
+
+    configure_logging(args.log_format)
+    server_argv = ["--task", args.task, "--data-dir", args.data_dir, *(["--no-download"] if args.no_download else [])]
+    for flag in ("--model", "--dataset", "--token-file", "--tls-ca", "--tls-cert", "--tls-key", "--tls-server-name"):
+        if value := getattr(args, flag[2:].replace("-", "_")):
+            server_argv += [flag, value]
+    path = lambda value: Path(value) if value else None  # noqa: E731
+    try:
+        if bool(args.api_tls_cert) != bool(args.api_tls_key):
+            raise ValueError("--api-tls-cert and --api-tls-key go together")
+        if (args.api_client_ca or args.api_client_identity) and not args.api_tls_cert:
+            raise ValueError("mutual TLS (--api-client-ca, --api-client-identity) needs --api-tls-cert and --api-tls-key")
+        security = ServerSecurity(
+            token=read_secret(args.api_token_file, "--api-token-file") if args.api_token_file else None,
+            cert_file=path(args.api_tls_cert), key_file=path(args.api_tls_key),
+            client_ca_file=path(args.api_client_ca), client_identity=args.api_client_identity,
+            client_role="an operator", server_role="coordinator", token_flag="fedpi runs --token-file")
+        observers: list[RunObserver] = []
+        if args.metrics_port:
+            metrics = PrometheusObserver()
+            metrics.serve(args.metrics_port, args.metrics_host)
+            observers.append(metrics)
+        store = RunStore(Path(args.state_dir))
+    except (ValueError, OSError) as exc:
+        log.error("coordinator_failed_to_start", reason=str(exc))
+        return 2
+
+    async def main_loop() -> None:
+        manager = RunManager(store, parse_args, train, server_argv, args.keep_round_models, observers)
+        await serve(manager, f"{args.host}:{args.port}", security)
+
+    asyncio.run(main_loop())
+    return 0
 
 
 def _strategy_name(args: argparse.Namespace) -> str:
@@ -216,7 +287,7 @@ def client_security(args: argparse.Namespace) -> ClientSecurity:
 
 
 def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], task: tasks.Task,
-                workers_dns: str | None = None) -> RunConfig:
+                workers_dns: str | None = None, stop: asyncio.Event | None = None) -> RunConfig:
     return RunConfig(
         workers=workers, task=task, rounds=args.rounds, output_dir=Path(args.output_dir),
         min_workers=_min_workers(args, len(workers)), workers_dns=workers_dns,
@@ -226,11 +297,12 @@ def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], task: 
         server_optimizer=_server_optimizer(args), federated_evaluation=args.federated_evaluation,
         resume=args.resume, latest_link=Path(args.latest_link) if args.latest_link else None, aggregation=args.aggregation, max_update_ratio=args.max_update_ratio,
         transfer=TransferSettings(chunk_size=args.chunk_size, encoding=ENCODINGS[args.encoding]),
-        security=client_security(args),
+        security=client_security(args), keep_round_models=args.keep_round_models, stop=stop,
     )
 
 
-async def _train(args: argparse.Namespace, observer: RunObserver) -> None:
+async def train(args: argparse.Namespace, observer: RunObserver, stop: asyncio.Event | None = None) -> None:
+    """A `train` run from its parsed arguments (also how the control API's runs train)."""
     if bool(args.workers) == bool(args.workers_dns):
         raise ValueError("give either --workers NAME=HOST:PORT,... or --workers-dns HOST:PORT with --expect-workers")
     if args.workers:
@@ -241,7 +313,7 @@ async def _train(args: argparse.Namespace, observer: RunObserver) -> None:
         workers = await discover(args.workers_dns, args.expect_workers, args.discovery_timeout)
     task = make_task(args)
     test = task.test_data()
-    await run(_run_config(args, workers, task, args.workers_dns), _strategy(args, len(workers)), test, observer)
+    await run(_run_config(args, workers, task, args.workers_dns, stop), _strategy(args, len(workers)), test, observer)
 
 
 async def _demo(args: argparse.Namespace, observer: RunObserver) -> None:
@@ -296,11 +368,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m coordinator_servi
     args = parse_args(argv, prog)
     if args.command == "tasks":
         return list_tasks()
+    if args.command == "serve":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _serve(args)
     observer = _observers(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        asyncio.run(_train(args, observer) if args.command == "train" else _demo(args, observer))
+        asyncio.run(train(args, observer) if args.command == "train" else _demo(args, observer))
     except (HandshakeFailed, RoundFailed, DiscoveryFailed, CheckpointMismatch, datasets.DatasetUnavailable,
             tasks.TaskError, ValueError, OSError) as exc:
         log.error("training_failed", reason=str(exc))

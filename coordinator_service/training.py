@@ -34,7 +34,16 @@ from fedpi.task import Task, initial_model
 
 log = structlog.get_logger()
 
-__all__ = ["HandshakeFailed", "RunConfig", "run"]
+__all__ = ["HandshakeFailed", "RunConfig", "RunStopped", "run"]
+ROUND_MODELS = "rounds"  # --keep-round-models: rounds/round-N.pt beside the checkpoint
+
+
+class RunStopped(Exception):
+    """The run was asked to stop (RunConfig.stop) and did, after a completed and checkpointed round."""
+
+    def __init__(self, round: int):
+        super().__init__(f"stopped after round {round} on request; resumable from its checkpoint")
+        self.round = round
 
 
 @dataclass
@@ -61,6 +70,8 @@ class RunConfig:
     federated_evaluation: bool = False  # each round's workers also evaluate the new model on their test splits
     transfer: TransferSettings = TransferSettings()
     security: ClientSecurity = ClientSecurity()
+    keep_round_models: int = 0  # also keep the global model of the last N rounds (the control API's GetModel)
+    stop: asyncio.Event | None = None  # set it to end the run after the current round
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -149,10 +160,15 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
                 rng=checkpoint.Checkpoint.capture_rng(), server_optimizer=server_optimizer.state_dict()))
             with metrics_path.open("a") as f:
                 f.write(json.dumps(event) + "\n")
+            if cfg.keep_round_models:
+                _keep_round_model(cfg.output_dir, server_round, model, cfg.keep_round_models)
             # On a terminal the per-worker table would drown the line; metrics.jsonl always has it.
             shown = {k: v for k, v in event.items() if k != "workers"} if is_console() else event
             log.info("round_finished", **shown, total_rounds=cfg.rounds)
             observer.round_finished(report)
+            if cfg.stop is not None and cfg.stop.is_set() and server_round < cfg.rounds:
+                log.info("training_stopped", round=server_round, rounds=cfg.rounds)
+                raise RunStopped(server_round)
         model_path = cfg.output_dir / "model.pt"
         _write_atomically(model_path, lambda p: torch.save(model.state_dict(), p))
         log.info("training_finished", rounds=cfg.rounds, model_path=str(model_path), metrics_path=str(metrics_path),
@@ -162,6 +178,14 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
         observer.run_finished()
         await roster.close()
     return reports
+
+
+def _keep_round_model(directory: Path, server_round: int, model: torch.nn.Module, keep: int) -> None:
+    rounds = directory / ROUND_MODELS
+    rounds.mkdir(exist_ok=True)
+    _write_atomically(rounds / f"round-{server_round}.pt", lambda p: torch.save(model.state_dict(), p))
+    for old in sorted(rounds.glob("round-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-keep]:
+        old.unlink()
 
 
 async def _run_round_with_retries(cfg: RunConfig, roster: Roster, runner: RoundRunner, server_round: int,

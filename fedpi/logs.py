@@ -12,6 +12,25 @@ LOG_FORMATS = ("auto", "json", "console")
 
 
 _console = False
+# Called with every event (a copy, before it is rendered), also the dropped ones: the coordinator's control API keeps
+# each run's events this way.
+_sinks: list = []
+
+
+def add_sink(sink) -> None:
+    """`sink(event_dict)` sees every event logged from now on, with its context variables and timestamp."""
+    _sinks.append(sink)
+
+
+def remove_sink(sink) -> None:
+    if sink in _sinks:
+        _sinks.remove(sink)
+
+
+def _to_sinks(logger, method, event_dict):
+    for sink in list(_sinks):
+        sink(dict(event_dict))
+    return event_dict
 
 
 def is_console() -> bool:
@@ -41,11 +60,12 @@ def configure_logging(fmt: str = "auto", level: str = "info", file: TextIO | Non
     renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
-            _dropping(drop),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _to_sinks,
+            _dropping(drop),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -388,3 +388,17 @@ def check_finite(state: Mapping[str, torch.Tensor]) -> None:
     for name, t in state.items():
         if not all_finite(t):
             raise NonFiniteWeights(f"{name} holds NaN or Inf values; the update was rejected")
+
+
+def state_dict_from_payload(header: pb.WeightsHeader, payload: bytes | bytearray) -> dict[str, torch.Tensor]:
+    """A whole payload received in one piece (a model downloaded from the coordinator), checked against its header:
+    the manifest's sizes and the digest."""
+    manifest = [_meta_from_proto(spec) for spec in header.tensors]
+    expected = sum(m.nbytes for m in manifest)
+    if expected != len(payload) or header.total_bytes != len(payload):
+        raise MalformedStream(f"received {len(payload)} bytes; the header announces {header.total_bytes} and its "
+                              f"tensors hold {expected}")
+    digest = DIGEST_PREFIX + hashlib.sha256(payload).hexdigest()
+    if digest != header.digest:
+        raise DigestMismatch(f"payload digest {digest} does not match the header's {header.digest}")
+    return tensors_from_buffer(manifest, bytearray(payload))

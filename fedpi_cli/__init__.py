@@ -6,6 +6,8 @@
   fedpi status --workers alice=HOST:PORT,...      every worker's GetInfo as a table
   fedpi report RUN_DIR                            report.html with plots from a run's metrics
   fedpi tasks                                     the installed tasks (--task NAME on train, demo and worker)
+  fedpi serve --state-dir results                 a long-running coordinator with a gRPC control API
+  fedpi runs list|start|get|watch|stop|resume|model   talk to it (--coordinator HOST:PORT)
 
 `fedpi COMMAND --help` describes each. This package only dispatches; it sits above both services, which never
 import each other.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = ("worker", "train", "demo", "status", "report", "tasks")
+COMMANDS = ("worker", "train", "demo", "status", "report", "tasks", "serve", "runs")
 
 
 def _report(argv: list[str]) -> int:
@@ -45,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if command == "worker":
         from worker_service.__main__ import main as worker_main
         return worker_main(rest, prog="fedpi worker")
-    if command in ("train", "demo", "tasks"):
+    if command == "runs":
+        from coordinator_service.client import main as runs_main
+        return runs_main(rest)
+    if command in ("train", "demo", "tasks", "serve"):
         from coordinator_service.__main__ import main as coordinator_main
         return coordinator_main([command, *rest], prog="fedpi")
     if command == "status":

@@ -24,7 +24,7 @@ from fedpi import data as datasets
 from fedpi import task as tasks
 from fedpi.cli import add_task_arguments, apply_env_defaults, make_task, read_secret
 from fedpi.logs import LOG_FORMATS, configure_logging
-from worker_service.auth import ServerSecurity
+from fedpi.auth import ServerSecurity
 from worker_service.servicer import Limits, WorkerServicer
 from worker_service.trainer import DEFAULT_MAX_LOCAL_BATCHES
 from worker_service.server import serve

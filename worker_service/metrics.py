@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from worker_service.handlers import wrap_handler
+from fedpi.handlers import wrap_handler
 
 
 class WorkerMetrics:

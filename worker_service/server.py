@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from fedpi.protocol import SERVICE_NAME
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
-from worker_service.auth import AuthInterceptor, ServerSecurity
+from fedpi.auth import AuthInterceptor, ServerSecurity
 from worker_service.metrics import MetricsInterceptor
 from worker_service.servicer import WorkerServicer
 

@@ -7,7 +7,7 @@ import torch
 
 from coordinator_service import checkpoint
 from coordinator_service.worker_client import ClientSecurity
-from worker_service.auth import ServerSecurity
+from fedpi.auth import ServerSecurity
 
 
 class _Payload:

@@ -1,4 +1,5 @@
-"""Only an authenticated coordinator may use a worker: a bearer token and/or a client certificate (mutual TLS).
+"""Only an authenticated client may use a fedpi server: a bearer token and/or a client certificate (mutual TLS).
+A worker admits its coordinator; the coordinator's control API admits operators.
 
 The health service stays open, so kubelet probes and load balancers need no credentials; it reveals nothing but
 SERVING / NOT_SERVING. Tokens are compared in constant time and never logged.
@@ -15,7 +16,7 @@ import grpc
 import structlog
 
 from fedpi.protocol import AUTH_METADATA_KEY
-from worker_service.handlers import wrap_handler
+from fedpi.handlers import wrap_handler
 
 log = structlog.get_logger()
 
@@ -29,6 +30,9 @@ class ServerSecurity:
     key_file: Path | None = None
     client_ca_file: Path | None = None  # require client certificates signed by this CA (mutual TLS)
     client_identity: str | None = None  # with mutual TLS: the only certificate name (CN or SAN) allowed to call
+    client_role: str = "the coordinator"  # who that is, for refusals
+    server_role: str = "worker"
+    token_flag: str = "--token-file"  # the client's flag that sends the token
 
     @property
     def tls(self) -> bool:
@@ -48,22 +52,23 @@ def _refusal(security: ServerSecurity, context: grpc.aio.ServicerContext) -> tup
         scheme, _, token = presented.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return grpc.StatusCode.UNAUTHENTICATED, (
-                "missing bearer token: send metadata 'authorization: Bearer <token>' "
-                "(coordinator: --token-file; grpcurl: -H 'authorization: Bearer ...')")
+                f"missing bearer token: send metadata 'authorization: Bearer <token>' "
+                f"({security.client_role}: {security.token_flag}; grpcurl: -H 'authorization: Bearer ...')")
         if not hmac.compare_digest(token.encode(), security.token.encode()):
-            return grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token: use the token this worker was given"
+            return grpc.StatusCode.UNAUTHENTICATED, (f"invalid bearer token: use the token this "
+                                                     f"{security.server_role} was given")
     if security.client_identity is not None:
         auth = context.auth_context()
         names = {n.decode() for key in ("x509_common_name", "x509_subject_alternative_name") for n in auth.get(key, ())}
         if security.client_identity not in names:
             return grpc.StatusCode.PERMISSION_DENIED, (
                 f"client certificate {sorted(names) or 'absent'} is not allowed: only "
-                f"{security.client_identity!r} (the coordinator) may call this worker")
+                f"{security.client_identity!r} ({security.client_role}) may call this {security.server_role}")
     return None
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks credentials before any worker method (and reflection) runs."""
+    """Checks credentials before any method but health checks (reflection included) runs."""
 
     def __init__(self, security: ServerSecurity):
         self.security = security
