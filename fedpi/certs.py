@@ -2,11 +2,15 @@
 
 Creates what a secured fedpi deployment needs, in --out:
   ca.crt, ca.key                 a private certificate authority (keep ca.key offline)
-  coordinator.crt, .key          client certificate, CN fedpi-coordinator (what workers allow with --client-identity)
+  coordinator.crt, .key          CN fedpi-coordinator: the client certificate workers allow (--client-identity), and
+                                 the server certificate of the coordinator's control API (fedpi-coordinator.NAMESPACE.svc,
+                                 localhost, 127.0.0.1: `make train` reaches it through kubectl port-forward)
+  operator.crt, .key             client certificate, CN fedpi-operator: who may use the control API (fedpi runs)
   fedpi-worker-0.crt, .key, ...  one server certificate per worker, naming only that worker's id (the k3s pod name,
                                  or each of --names), its pod DNS names and fedpi-worker: the coordinator checks that a worker's
                                  certificate names the id it reports, so one Pi's key cannot stand in for another's
-  token                          a random bearer token
+  token                          a random bearer token (the coordinator's, for workers)
+  operator-token                 another, for the control API
 Certificates are valid from two days in the past: a Raspberry Pi has no real-time clock, and until NTP has synced
 its clock can lag behind the machine that made them.
 With --print-secrets it then prints them as the Kubernetes Secrets the k3s manifests mount.
@@ -29,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 COORDINATOR_IDENTITY = "fedpi-coordinator"
+OPERATOR_IDENTITY = "fedpi-operator"
 WORKER_SERVICE = "fedpi-worker"
 VALID_DAYS = 825
 # A Pi boots with the time it saved at shutdown (fake-hwclock) until NTP answers.
@@ -116,7 +121,10 @@ def make_all(out: Path, workers: int, extra_sans: list[str] = (), namespace: str
     out.mkdir(parents=True, exist_ok=True)
     ca = make_ca(out)
     local = ["localhost", "127.0.0.1", *extra_sans]
-    issue(out, "coordinator", COORDINATOR_IDENTITY, [], ca, server=False, client=True)
+    api = [f"{COORDINATOR_IDENTITY}.{namespace}", f"{COORDINATOR_IDENTITY}.{namespace}.svc",
+           f"{COORDINATOR_IDENTITY}.{namespace}.svc.cluster.local", *local]
+    issue(out, "coordinator", COORDINATOR_IDENTITY, api, ca, server=True, client=True)
+    issue(out, "operator", OPERATOR_IDENTITY, [], ca, server=False, client=True)
     for name in worker_names(workers, names):
         pod = [f"{name}.{WORKER_SERVICE}", f"{name}.{WORKER_SERVICE}.{namespace}.svc",
                f"{name}.{WORKER_SERVICE}.{namespace}.svc.cluster.local"]
@@ -124,15 +132,15 @@ def make_all(out: Path, workers: int, extra_sans: list[str] = (), namespace: str
         # (--tls-server-name); it then reconnects expecting the worker id the worker reports, which only this
         # certificate names.
         issue(out, name, name, [*pod, WORKER_SERVICE, *local], ca, server=True, client=False)
-    token = out / "token"
-    if not token.exists():
-        _write(token, (secrets.token_urlsafe(32) + "\n").encode(), private=True)
+    for token in (out / "token", out / "operator-token"):
+        if not token.exists():
+            _write(token, (secrets.token_urlsafe(32) + "\n").encode(), private=True)
 
 
 def secret_files(out: Path, workers: int) -> dict[str, dict[str, Path]]:
     """The Kubernetes Secrets the manifests mount, key by key (k3s/base: /etc/fedpi/tls, /etc/fedpi/token): one
     TLS Secret per worker pod, so that each Pi holds only its own key."""
-    secrets_ = {"fedpi-token": {"token": out / "token"}}
+    secrets_ = {"fedpi-token": {"token": out / "token"}, "fedpi-operator-token": {"token": out / "operator-token"}}
     for name in worker_names(workers):
         secrets_[f"{name}-tls"] = {"ca.crt": out / "ca.crt", "tls.crt": out / f"{name}.crt", "tls.key": out / f"{name}.key"}
     secrets_["fedpi-coordinator-tls"] = {"ca.crt": out / "ca.crt", "tls.crt": out / "coordinator.crt",
