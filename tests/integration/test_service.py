@@ -246,3 +246,77 @@ def test_the_control_api_needs_the_operator_token(tmp_path, digits_cluster):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         srv.stop()
+
+
+def grpcurl(*args: str) -> str:
+    from tests.integration.test_grpcurl import grpcurl as run_grpcurl
+
+    return run_grpcurl(*args)
+
+
+def test_grpcurl_session_against_the_coordinator_as_the_readme_shows(server, digits_cluster):
+    from tests.integration.test_grpcurl import _objects
+
+    address = server.address
+    assert "fedpi.v1.Coordinator" in grpcurl(address, "list")
+    assert "rpc WatchRun ( .fedpi.v1.WatchRunRequest ) returns ( stream .fedpi.v1.RunEvent )" in \
+        grpcurl(address, "describe", "fedpi.v1.Coordinator")
+    assert json.loads(grpcurl(address, "fedpi.v1.Coordinator/ListRuns")) == {}
+    workers = [f'"{w}"' for w in digits_cluster.spec.split(",")]
+    request = ('{"run_id": "grpcurl", "rounds": 2, "workers": [' + ", ".join(workers) + '], '
+               '"settings": {"local-batches": "5"}}')
+    started = json.loads(grpcurl("-d", request, address, "fedpi.v1.Coordinator/StartRun"))
+    assert started["run_id"] == "grpcurl" and started["state"] == "RUN_STATE_TRAINING"
+    events = _objects(grpcurl("-d", '{"run_id": "grpcurl", "from_start": true}', address,
+                              "fedpi.v1.Coordinator/WatchRun"))
+    assert [e["event"] for e in events].count("round_finished") == 2 and events[-1]["event"] == "run_ended"
+    run = json.loads(grpcurl("-d", '{"run_id": "grpcurl"}', address, "fedpi.v1.Coordinator/GetRun"))
+    assert run["state"] == "RUN_STATE_FINISHED" and run["round"] == "2" and run["test_accuracy"] > 0
+
+
+def test_a_deployed_coordinator_wants_the_operator_s_certificate_and_token(tmp_path):
+    from tests.integration.test_grpcurl import secure_grpcurl
+
+    pki = tmp_path / "pki"
+    certs.make_all(pki, workers=0)
+    srv = Server(tmp_path / "state", "--api-tls-cert", str(pki / "coordinator.crt"), "--api-tls-key",
+                 str(pki / "coordinator.key"), "--api-client-ca", str(pki / "ca.crt"), "--api-client-identity",
+                 certs.OPERATOR_IDENTITY, "--api-token-file", str(pki / "operator-token"))
+    try:
+        _start_without_health_check(srv)
+        token = (pki / "operator-token").read_text().strip()
+        operator = ["-cacert", str(pki / "ca.crt"), "-cert", str(pki / "operator.crt"), "-key", str(pki / "operator.key"),
+                    "-servername", certs.COORDINATOR_IDENTITY, "-H", f"authorization: Bearer {token}"]
+        assert json.loads(secure_grpcurl(*operator, srv.address, "fedpi.v1.Coordinator/ListRuns")) == {}
+        # the coordinator's own client certificate (the one workers accept) is not an operator's
+        coordinator = [*operator[:2], "-cert", str(pki / "coordinator.crt"), "-key", str(pki / "coordinator.key"),
+                       *operator[6:]]
+        refused = secure_grpcurl(*coordinator, srv.address, "fedpi.v1.Coordinator/ListRuns", ok=False)
+        assert "PermissionDenied" in refused and "fedpi-operator" in refused
+        # and fedpi runs, with the same credentials
+        proc = subprocess.run([sys.executable, "-m", "fedpi_cli", "runs", "--coordinator", srv.address,
+                               "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "operator.crt"),
+                               "--tls-key", str(pki / "operator.key"), "--tls-server-name", certs.COORDINATOR_IDENTITY,
+                               "--token-file", str(pki / "operator-token"), "list"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stdout.startswith("RUN "), proc.stderr
+    finally:
+        srv.stop()
+
+
+def _start_without_health_check(srv: Server) -> None:
+    """A TLS server: wait for its port, since the plaintext health check cannot reach it."""
+    import socket
+
+    srv.proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator_service", "serve", "--host", "127.0.0.1", "--port", str(srv.port),
+         "--state-dir", str(srv.state_dir), "--log-format", "json", *srv.extra],
+        cwd=ROOT, stdout=srv.log_path.open("ab"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert srv.proc.poll() is None, srv.log_path.read_text()[-2000:]
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", srv.port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(srv.log_path.read_text()[-2000:])
