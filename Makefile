@@ -22,7 +22,7 @@ K = $(KUBECTL) -n $(NAMESPACE)
 
 CERTS ?= certs
 
-.PHONY: help venv proto run tasks test bench bench-learning clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
+.PHONY: help venv proto run tasks test runs model bench bench-learning clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -99,29 +99,40 @@ secrets: $(CERTS_VENV)/.stamp  ## store the token and certificates as the Kubern
 	$(KUBECTL) create namespace $(NAMESPACE) --dry-run=client -o yaml | $(KUBECTL) apply -f -
 	$(CERTS_PY) --print-secrets | $(KUBECTL) apply -f -
 
-deploy: secrets  ## put a worker on every Pi and wait until all are Ready
-	$(RENDER) | $(KUBECTL) apply -l 'app.kubernetes.io/component!=coordinator' -f -
+deploy: secrets  ## put a worker on every Pi and the coordinator service on the server; wait until all are Ready
+	$(RENDER) | $(KUBECTL) apply -f -
 	for i in $$(seq 0 $$(($(WORKERS) - 1))); do $(K) rollout status statefulset/fedpi-worker-$$i --timeout=20m || exit 1; done
+	$(K) rollout status deployment/fedpi-coordinator --timeout=10m
 
-# Each `make train` is a run of its own under results/runs/RUN (results/latest points to the newest);
-# `make train RESUME=RUN` continues that run from its checkpoint.
-RUN ?= $(if $(RESUME),$(RESUME),$(shell date -u +%Y%m%d-%H%M%S))
+# The coordinator's control API, reached through kubectl port-forward with the operator's credentials from $(CERTS)/.
+API_PORT ?= 50050
+RUNS = $(VENV)/bin/fedpi runs --coordinator 127.0.0.1:$(API_PORT) --tls-ca $(CERTS)/ca.crt \
+	--tls-cert $(CERTS)/operator.crt --tls-key $(CERTS)/operator.key --tls-server-name fedpi-coordinator \
+	--token-file $(CERTS)/operator-token
+FORWARD = $(K) port-forward service/fedpi-coordinator $(API_PORT):50050 >/dev/null & pf=$$!; sleep 3
+# `make train` starts a run with fedpi.env's settings, SET="lr=0.1 local-seconds=20" overriding them for this run;
+# `make train RESUME=RUN` continues a stopped or interrupted run. Either way it follows the run's events to its end.
 RESUME ?=
+SET ?=
+RUN ?=
 
-train:  ## start the coordinator Job (a new run, or RESUME=RUN), follow its log from the first line
-	$(K) delete job fedpi-train --ignore-not-found --wait
-	RUN=$(RUN) RESUME=$(if $(RESUME),1,0) $(RENDER) \
-	  | $(KUBECTL) apply -l 'app.kubernetes.io/component in (coordinator,config)' -f -
-	KUBECTL=$(KUBECTL) k3s/follow-job $(NAMESPACE) fedpi-train 900
-	@echo "run $(RUN): model.pt and metrics.jsonl in results/runs/$(RUN)/ on volume" \
-	  "$$($(K) get pvc fedpi-results -o jsonpath='{.spec.volumeName}')" \
-	  "(node $$($(K) get pod -l job-name=fedpi-train -o jsonpath='{.items[0].spec.nodeName}'))"
+train: $(STAMP)  ## start a run on the coordinator (or RESUME=RUN) and follow its events to the end
+	@$(FORWARD); $(RUNS) $(if $(RESUME),resume $(RESUME),start $(if $(RUN),--run-id $(RUN)) $(foreach s,$(SET),--set $(s))) \
+	  --watch; status=$$?; kill $$pf; exit $$status
+
+runs: $(STAMP)  ## list the coordinator's runs
+	@$(FORWARD); $(RUNS) list; status=$$?; kill $$pf; exit $$status
+
+model: $(STAMP)  ## download a run's model (RUN=ID, its digest checked) to model-ID.pt
+	@test -n "$(RUN)" || { echo "make model RUN=ID (make runs lists them)"; exit 2; }
+	@$(FORWARD); $(RUNS) model $(RUN) -o model-$(RUN).pt; status=$$?; kill $$pf; exit $$status
 
 status:  ## workers, coordinator and volumes
-	$(K) get statefulset,pods,job,pvc -o wide
+	$(K) get deployment,statefulset,pods,pvc -o wide
 
 undeploy:  ## remove fedpi but keep its volumes (dataset caches, results); `kubectl delete namespace` drops those too
-	$(K) delete --ignore-not-found job/fedpi-train service/fedpi-worker networkpolicy/fedpi-worker-ingress
+	$(K) delete --ignore-not-found deployment/fedpi-coordinator service/fedpi-coordinator service/fedpi-worker \
+	  networkpolicy/fedpi-worker-ingress networkpolicy/fedpi-coordinator-ingress
 	$(K) delete --ignore-not-found statefulset -l app.kubernetes.io/component=worker
 	$(K) delete --ignore-not-found configmap -l app.kubernetes.io/name=fedpi
 

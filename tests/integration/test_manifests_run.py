@@ -2,7 +2,8 @@
 
 Only what names the network or the disk is replaced (each worker gets its own loopback address, every volume becomes
 a temporary directory, Secrets filled as `make secrets` fills them, the DNS name becomes the three addresses), and
-the run is cut to one round. The pods run with token, mutual TLS and the plaintext health port, as deployed.
+the run is cut to one round. The pods run with token, mutual TLS and the plaintext health port, as deployed; the
+run is started with `make train`'s own command line against the coordinator service's TLS API.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def _localise(env: dict[str, str], mapping: dict[str, str]) -> dict[str, str]:
 def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
     # Prepare: the pods as rendered, their Secrets as `make secrets` would create them.
     docs = render("local", "fedpi", "fedpi", "test", str(WORKERS))
-    statefulsets, job = find_all(docs, "StatefulSet"), find(docs, "Job")
-    coordinator_container = job["spec"]["template"]["spec"]["containers"][0]
+    statefulsets, coordinator = find_all(docs, "StatefulSet"), find(docs, "Deployment", "fedpi-coordinator")
+    coordinator_container = coordinator["spec"]["template"]["spec"]["containers"][0]
     assert len(statefulsets) == WORKERS
     certs.make_all(tmp_path / "certs", workers=WORKERS)
     secrets = certs.secret_files(tmp_path / "certs", WORKERS)
@@ -109,17 +110,23 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
         health_port = env["FEDPI_HEALTH_PORT"]
         asyncio.run(_all_serving([a.replace(f":{port}", f":{health_port}") for a in addresses], procs, tmp_path))
 
-        env = _container_env(job, docs, "fedpi-train-x")
-        assert {"FEDPI_WORKERS_DNS", "FEDPI_OUTPUT_DIR", "FEDPI_ROUNDS", "FEDPI_EXPECT_WORKERS"} <= env.keys()
+        env = _container_env(coordinator, docs, "fedpi-coordinator-x")
+        assert {"FEDPI_WORKERS_DNS", "FEDPI_ROUNDS", "FEDPI_EXPECT_WORKERS", "FEDPI_API_TLS_CERT"} <= env.keys()
         del env["FEDPI_WORKERS_DNS"]
-        env = _localise(env, _materialise(job, tmp_path / "coordinator", secrets, mnist_dir))
+        mapping = _materialise(coordinator, tmp_path / "coordinator", secrets, mnist_dir)
+        env = _localise(env, mapping)
+        command = list(_localise(dict(enumerate(coordinator_container["command"])), mapping).values())
         # The workers hold 127.0.0.1.. 127.0.0.N, each with its metrics port; the coordinator's goes next to them.
+        api_port = free_port()
         env.update(FEDPI_WORKERS=",".join(addresses), FEDPI_ROUNDS="1", FEDPI_METRICS_HOST=f"127.0.0.{WORKERS + 1}",
-                   FEDPI_METRICS_PORT=metrics_port)
-        # Execute
-        proc = subprocess.run(coordinator_container["command"] + coordinator_container.get("args", []),
-                              env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+                   FEDPI_METRICS_PORT=metrics_port, FEDPI_HOST="127.0.0.1", FEDPI_PORT=str(api_port))
+        server_log = (tmp_path / "coordinator.log").open("w")
+        procs.append(subprocess.Popen(command, env={**os.environ, **env, "PATH": PATH},
+                                      cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT))
+        _wait_for_port(api_port, procs[-1], tmp_path / "coordinator.log")
+        # Execute: `make train`'s client command, as it runs behind its port-forward
+        proc = subprocess.run(["bash", "-c", _make_train_client(tmp_path / "certs", api_port)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
     finally:
         for p in procs:
@@ -128,7 +135,8 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
             p.wait(30)
     # Assert
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    results = tmp_path / "coordinator" / env["FEDPI_OUTPUT_DIR"].split("/coordinator/", 1)[1]
+    run_id = proc.stdout.splitlines()[0]
+    results = tmp_path / "coordinator" / "results" / "runs" / run_id
     [metrics] = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
     assert sorted(metrics["workers"]) == [f"fedpi-worker-{i}" for i in range(WORKERS)]
     assert metrics["test_accuracy"] > 0.5
@@ -141,6 +149,29 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
     started = [json.loads(line) for line in (tmp_path / "worker0.log").read_text().splitlines()
                if '"worker_started"' in line]
     assert started[0]["mutual_tls"] and started[0]["token"]
+
+
+def _make_train_client(certs_dir, api_port: int) -> str:
+    """The `fedpi runs ... start --watch` of `make train`, without its kubectl port-forward around it."""
+    out = subprocess.run(["make", "-n", "train", "KUBECTL=kubectl", f"CERTS={certs_dir}", f"API_PORT={api_port}"],
+                         cwd=ROOT, capture_output=True, text=True, check=True, timeout=60).stdout
+    command = out.replace("\\\n", " ").split("sleep 3; ", 1)[1].split("; status=", 1)[0]
+    assert command.startswith(".venv/bin/fedpi runs --coordinator 127.0.0.1:") and command.endswith("--watch"), command
+    return command.replace(".venv/bin/fedpi", f"{os.path.dirname(sys.executable)}/fedpi", 1)
+
+
+def _wait_for_port(port: int, proc, log_path) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-2000:]
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(log_path.read_text()[-2000:])
 
 
 async def _all_serving(addresses, procs, log_dir):

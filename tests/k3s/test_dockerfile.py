@@ -35,7 +35,7 @@ def test_final_stage_is_slim_and_runs_as_non_root():
 def test_manifests_run_as_the_image_user():
     from tests.k3s.conftest import render
 
-    pods = [d for d in render("pi") if d["kind"] in ("StatefulSet", "Job")]
+    pods = [d for d in render("pi") if d["kind"] in ("StatefulSet", "Deployment")]
     assert len(pods) == 4
     for doc in pods:
         assert doc["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001

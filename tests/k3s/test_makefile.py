@@ -17,12 +17,14 @@ def _dry_run(target: str, *variables: str) -> str:
 
 
 @pytest.mark.parametrize("target, expected", [
-    ("deploy", ["fedpi.certs", "--print-secrets", "apply -l 'app.kubernetes.io/component!=coordinator'",
-                "rollout status statefulset/fedpi-worker-$i"]),
-    ("train", ["delete job fedpi-train", "RUN=", "apply -l 'app.kubernetes.io/component in (coordinator,config)'",
-               "k3s/follow-job fedpi fedpi-train"]),
-    ("status", ["get statefulset,pods,job,pvc"]),
-    ("undeploy", ["delete --ignore-not-found job/fedpi-train", "statefulset -l app.kubernetes.io/component=worker"]),
+    ("deploy", ["fedpi.certs", "--print-secrets", "| kubectl apply -f -",
+                "rollout status statefulset/fedpi-worker-$i", "rollout status deployment/fedpi-coordinator"]),
+    ("train", ["port-forward service/fedpi-coordinator 50050:50050", "fedpi runs --coordinator 127.0.0.1:50050",
+               "--tls-cert certs/operator.crt", "--token-file certs/operator-token", "start", "--watch"]),
+    ("runs", ["port-forward service/fedpi-coordinator", "--token-file certs/operator-token list"]),
+    ("status", ["get deployment,statefulset,pods,pvc"]),
+    ("undeploy", ["delete --ignore-not-found deployment/fedpi-coordinator service/fedpi-coordinator",
+                  "statefulset -l app.kubernetes.io/component=worker"]),
     ("probe", ["port-forward pod/fedpi-worker-0-0", "grpc.health.v1.Health/Check", "-servername fedpi-worker-0"]),
     ("image", ["docker buildx build --platform linux/arm64,linux/amd64"]),
 ])
@@ -37,10 +39,11 @@ def test_settings_reach_the_renderer():
     assert "k3s/render local lab reg/fedpi 9 5" in out and "-n lab" in out
 
 
-def test_train_resumes_a_named_run_and_probe_finds_the_venvs_grpcurl():
-    out = _dry_run("train", "RESUME=20261126-0400")
-    assert "RUN=20261126-0400 RESUME=1" in out
-    assert "RESUME=0" in _dry_run("train")
+def test_train_resumes_a_named_run_or_sets_settings_and_model_downloads_one():
+    assert "resume 20261126-0400" in _dry_run("train", "RESUME=20261126-0400")
+    assert "start --run-id lab-1 --set lr=0.1 --set local-seconds=20" in _dry_run(
+        "train", "RUN=lab-1", "SET=lr=0.1 local-seconds=20")
+    assert "model 20261126-0400 -o model-20261126-0400.pt" in _dry_run("model", "RUN=20261126-0400")
     assert ".venv/bin/grpcurl" in _dry_run("probe")
 
 

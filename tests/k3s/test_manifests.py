@@ -17,7 +17,7 @@ def test_there_are_pi_and_local_overlays():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_manifest_validates_strictly(overlay):
     docs = render(overlay)
-    assert {d["kind"] for d in docs} >= {"Namespace", "ConfigMap", "Service", "StatefulSet", "Job",
+    assert {d["kind"] for d in docs} >= {"Namespace", "ConfigMap", "Service", "StatefulSet", "Deployment",
                                           "PersistentVolumeClaim", "NetworkPolicy"}
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -25,7 +25,7 @@ def test_every_manifest_validates_strictly(overlay):
 
 def test_a_typo_fails_strict_validation():
     """The check above can fail: an unknown field is refused."""
-    job = find(render("local"), "Job")
+    job = find(render("local"), "Deployment")
     job["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
@@ -34,7 +34,7 @@ def test_a_typo_fails_strict_validation():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_are_locked_down_and_probed_natively(overlay):
     docs = render(overlay)
-    for doc in [d for d in docs if d["kind"] in ("StatefulSet", "Job")]:
+    for doc in [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]:
         pod = doc["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         container = pod["containers"][0]
@@ -56,7 +56,7 @@ def test_settings_are_applied_in_one_place():
     assert all(w["spec"]["replicas"] == 1 for w in workers)
     assert config["data"]["FEDPI_PARTITION_COUNT"] == config["data"]["FEDPI_EXPECT_WORKERS"] == "5"
     assert {d["metadata"].get("namespace", d["metadata"]["name"]) for d in docs} == {"lab"}
-    images = {c["image"] for d in docs if d["kind"] in ("StatefulSet", "Job")
+    images = {c["image"] for d in docs if d["kind"] in ("StatefulSet", "Deployment")
               for c in d["spec"]["template"]["spec"]["containers"]}
     assert images == {"registry.example/fedpi:1.2.3"}
 
@@ -77,7 +77,7 @@ def test_each_worker_has_its_own_id_partition_and_selector_and_the_service_is_he
         env = {e["name"]: e["value"] for e in workers["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env == {"FEDPI_ID": f"fedpi-worker-{i}", "FEDPI_PARTITION_INDEX": str(i)}
         assert workers["spec"]["selector"]["matchLabels"]["fedpi.io/worker-index"] == str(i)
-    assert find(docs, "Service")["spec"]["clusterIP"] == "None"
+    assert find(docs, "Service", "fedpi-worker")["spec"]["clusterIP"] == "None"
 
 
 def _policy(docs, name):
@@ -88,7 +88,7 @@ def test_only_the_coordinator_reaches_the_workers_and_scrapers_only_metrics():
     docs = render("pi")
     policy = _policy(docs, "fedpi-worker-ingress")
     worker_labels = find_all(docs, "StatefulSet")[0]["spec"]["template"]["metadata"]["labels"]
-    coordinator_labels = find(docs, "Job")["spec"]["template"]["metadata"]["labels"]
+    coordinator_labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert policy["policyTypes"] == ["Ingress"]
     assert policy["podSelector"]["matchLabels"].items() <= worker_labels.items()
     grpc_rule, metrics_rule = policy["ingress"]
@@ -99,14 +99,16 @@ def test_only_the_coordinator_reaches_the_workers_and_scrapers_only_metrics():
     assert "from" not in metrics_rule and [p["port"] for p in metrics_rule["ports"]] == ["metrics"]
     coordinator = _policy(docs, "fedpi-coordinator-ingress")
     assert coordinator["podSelector"]["matchLabels"].items() <= coordinator_labels.items()
-    assert coordinator["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    # operators reach the control API (TLS, operator certificate and token), scrapers the metrics; nothing else
+    assert coordinator["ingress"] == [{"ports": [{"port": "api", "protocol": "TCP"},
+                                                 {"port": "metrics", "protocol": "TCP"}]}]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_exposes_prometheus_metrics_where_the_config_says(overlay):
     docs = render(overlay)
     port = int(find(docs, "ConfigMap")["data"]["FEDPI_METRICS_PORT"])
-    for doc in find_all(docs, "StatefulSet") + [find(docs, "Job")]:
+    for doc in find_all(docs, "StatefulSet") + [find(docs, "Deployment")]:
         template = doc["spec"]["template"]
         annotations = template["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
@@ -119,7 +121,7 @@ def test_credentials_come_from_secrets_mounted_where_the_config_points():
     docs = render("pi")
     config = find(docs, "ConfigMap", "fedpi-config")["data"]
     pods = [(d, f"{d['metadata']['name']}-tls") for d in find_all(docs, "StatefulSet")]
-    for doc, secret in [*pods, (find(docs, "Job"), "fedpi-coordinator-tls")]:
+    for doc, secret in [*pods, (find(docs, "Deployment"), "fedpi-coordinator-tls")]:
         pod = doc["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
@@ -140,7 +142,7 @@ def test_secrets_from_make_certs_validate_and_match_the_mounts(tmp_path):
     for secret in secrets:
         kubernetes_validate.validate(secret, KUBERNETES_VERSION, strict=True)
     docs = render("pi")
-    mounted = {v["secret"]["secretName"] for d in docs if d["kind"] in ("StatefulSet", "Job")
+    mounted = {v["secret"]["secretName"] for d in docs if d["kind"] in ("StatefulSet", "Deployment")
                for v in d["spec"]["template"]["spec"]["volumes"] if "secret" in v}
     assert mounted == {s["metadata"]["name"] for s in secrets}
 
@@ -152,30 +154,26 @@ def test_no_worker_mounts_another_workers_key():
 
 
 def test_the_coordinator_is_placed_off_the_worker_pis():
-    affinity = find(render("pi"), "Job")["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    affinity = find(render("pi"), "Deployment")["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
     [term] = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert term["matchExpressions"] == [{"key": "fedpi.io/worker", "operator": "NotIn", "values": ["true"]}]
 
 
-def test_a_run_gets_its_own_directory_and_can_be_resumed_without_touching_the_config():
-    import os
-    import subprocess
-
-    from tests.k3s.conftest import kubectl
-    from tests.conftest import ROOT
-
-    def job_env(**extra):
-        out = subprocess.run([str(ROOT / "k3s" / "render"), "pi"], capture_output=True, text=True, check=True,
-                             env={**os.environ, "KUBECTL": kubectl(), **extra}).stdout
-        import yaml
-        docs = [d for d in yaml.safe_load_all(out) if d]
-        config = find(docs, "ConfigMap", "fedpi-config")["metadata"]["name"]
-        env = {e["name"]: e["value"] for e in find(docs, "Job")["spec"]["template"]["spec"]["containers"][0].get("env", [])}
-        return config, env
-
-    plain_config, plain = job_env()
-    resumed_config, resumed = job_env(RUN="20261126-0400", RESUME="1")
-    assert plain == {}
-    assert resumed == {"FEDPI_OUTPUT_DIR": "/results/runs/20261126-0400", "FEDPI_LATEST_LINK": "/results/latest",
-                       "FEDPI_RESUME": "1"}
-    assert resumed_config == plain_config  # the same ConfigMap: nothing to deploy again
+def test_the_coordinator_is_one_service_that_keeps_its_runs_on_the_volume():
+    docs = render("pi")
+    deployment = find(docs, "Deployment", "fedpi-coordinator")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["python", "-m", "coordinator_service", "serve", "--state-dir", "/results"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/results"]["name"]]["persistentVolumeClaim"]["claimName"] == "fedpi-results"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["FEDPI_API_CLIENT_IDENTITY"] == "fedpi-operator"
+    assert volumes[mounts["/etc/fedpi/operator"]["name"]]["secret"]["secretName"] == "fedpi-operator-token"
+    assert env["FEDPI_API_TOKEN_FILE"].startswith("/etc/fedpi/operator/")
+    service = find(docs, "Service", "fedpi-coordinator")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"api": 50050, "metrics": 9090}
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert container["readinessProbe"]["tcpSocket"]["port"] == "api"
