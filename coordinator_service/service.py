@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import io
 import json
 import signal
@@ -67,10 +68,22 @@ class ActiveRun:
 
 
 class RunProgress(RunObserver):
-    """Keeps a run's record (run.json) up to date as rounds finish."""
+    """Keeps a run's record (run.json) up to date as rounds finish, and adds the workers' training progress to its
+    events (the log has no line for those: a worker reports every 2 s)."""
 
     def __init__(self, run_log: RunLog):
         self.log = run_log
+        self.round = 0
+
+    def round_started(self, number, workers):
+        self.round = number
+
+    def worker_progress(self, worker, progress):
+        self.log.add_event({
+            "event": "worker_progress", "round": self.round, "worker": worker, "batches_done": progress.batches_done,
+            "batches_total": progress.batches_total, "mean_loss": round(progress.mean_loss, 4),
+            "seconds": round(progress.seconds, 3), "heartbeat": progress.heartbeat,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")})
 
     def run_started(self, rounds, first_round, workers):
         self.log.record.rounds, self.log.record.round = rounds, first_round - 1

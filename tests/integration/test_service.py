@@ -127,6 +127,9 @@ def test_a_run_started_over_the_api_is_watched_to_its_end_and_its_model_fetched(
     run, events, weights, digest, directory = reference
     names = [e["event"] for e in events]
     assert names[0] == "run_started" and names[-1] == "run_ended" and names.count("round_finished") == 3
+    progress = [e for e in events if e["event"] == "worker_progress" and not e["heartbeat"]]
+    assert {e["worker"] for e in progress} == {"alice", "bob", "charlie"}
+    assert all(e["batches_total"] == 10 and 1 <= e["batches_done"] <= 10 for e in progress)
     assert [e["sequence"] for e in events] == list(range(1, len(events) + 1))
     assert run.state == cpb.RUN_STATE_FINISHED and (run.round, run.rounds) == (3, 3) and not run.resumable
     metrics = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
