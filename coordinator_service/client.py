@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return asyncio.run(run(args))
+    except BrokenPipeError:  # `fedpi runs list | head`
+        sys.stderr.close()
+        return 0
     except grpc.aio.AioRpcError as exc:
         print(f"fedpi runs {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
