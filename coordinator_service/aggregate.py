@@ -27,11 +27,10 @@ class NonFiniteAggregate(Exception):
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype in (torch.float16, torch.bfloat16) or str(dtype).startswith("torch.float8"):
-        return torch.float32
-    if dtype.is_floating_point or dtype.is_complex:
-        return dtype
-    return torch.float64  # integers and bools: averaged, then rounded back
+    """Sums are kept in double precision: a float32 value times a sample count is exact there, so the aggregate
+    rounds to the same float32 model whatever order the workers' updates arrive in, and a run is repeatable (a
+    resumed run ends where an uninterrupted one does). Integers and bools are averaged, then rounded back."""
+    return torch.complex128 if dtype.is_complex else torch.float64
 
 
 def is_float(meta: TensorMeta) -> bool:

@@ -27,6 +27,7 @@ from coordinator_service.aggregate import (
     WeightedSum,
     flat_reference,
     install,
+    is_float,
     model_norm,
 )
 from coordinator_service.observe import RunObserver
@@ -478,7 +479,8 @@ class RoundRunner:
                     a.sub_(g).mul_(scale).add_(g)
         self.server_optimizer.step(rnd.reference, flat)
         for meta, values in zip(rnd.payload.manifest, flat):
-            if not serde.all_finite(values):
+            # Finite in double precision is not enough: the model keeps its own dtype (float32 tops out at 3.4e38).
+            if not serde.all_finite(values.to(meta.torch_dtype) if is_float(meta) else values):
                 raise RoundFailed(f"round {rnd.number}: the aggregate of {meta.name} holds NaN or Inf; the global "
                                   f"model is unchanged", rnd.report.failures)
         install(rnd.payload.manifest, flat, self.model.state_dict())

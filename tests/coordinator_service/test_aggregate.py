@@ -95,3 +95,18 @@ def test_incomplete_payload_is_not_counted():
 def test_weight_must_be_positive():
     with pytest.raises(ValueError):
         WeightedSum([]).stream(0.0)
+
+
+def test_the_mean_does_not_depend_on_the_order_updates_arrive_in():
+    """Summed in double precision, the same float32 updates give the same float32 model, bit for bit, whatever order
+    they are folded in: a run repeats, and a resumed run ends where an uninterrupted one does."""
+    gen = torch.Generator().manual_seed(0)
+    updates = [({"w": torch.randn(20_000, generator=gen) * 10 ** i}, 1000 + 317 * i) for i in range(-1, 3)]
+    manifest = serde.manifest_of(updates[0][0])
+    means = []
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):
+        total = WeightedSum(manifest)
+        for i in order:
+            total.add_state_dict(*updates[i])
+        means.append(total.mean()[0].to(torch.float32))
+    assert torch.equal(means[0], means[1]) and torch.equal(means[0], means[2])

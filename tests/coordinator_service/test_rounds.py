@@ -12,6 +12,7 @@ from torch import nn
 
 from coordinator_service.robust import Aggregation, parse_aggregation, reduce_coordinates
 from coordinator_service.rounds import RoundFailed, RoundRunner, TransferSettings
+from coordinator_service.server_opt import ServerOptimizer, ServerOptimizerConfig
 from coordinator_service.strategy import FedAvg
 from coordinator_service.worker_client import WorkerUnavailable
 from fedpi import serde
@@ -205,17 +206,26 @@ def test_below_quorum_the_round_fails_and_the_model_is_unchanged():
         assert torch.equal(v, g[k])
 
 
+class Big(FakeWorker):
+    """An update of float32's largest values (within a deliberately absurd bound)."""
+
+    def update(self):
+        return {k: torch.full_like(v, 3e38) if v.is_floating_point() else v for k, v in self.state.items()}
+
+
+def test_sums_that_overflow_float32_are_exact_in_double_precision():
+    model = tiny_model()
+    _run(_runner(model, max_update_ratio=math.inf), [Big("a", 1), Big("b", 2)])
+    assert all(torch.equal(v, torch.full_like(v, 3e38)) for v in model.state_dict().values() if v.is_floating_point())
+
+
 def test_a_non_finite_aggregate_is_never_installed():
-    """Two updates each within a (deliberately absurd) bound whose sum overflows float32."""
+    """A server step twice the aggregate's distance takes 3e38 past float32's largest value: refused."""
     model = tiny_model()
     g = _global(model)
-
-    class Big(FakeWorker):
-        def update(self):
-            return {k: torch.full_like(v, 3e38) if v.is_floating_point() else v for k, v in self.state.items()}
-
+    step = ServerOptimizer(ServerOptimizerConfig(name="fedavgm", lr=2.0, beta1=0.0))
     with pytest.raises(RoundFailed, match="NaN or Inf"):
-        _run(_runner(model, max_update_ratio=math.inf), [Big("a", 1), Big("b", 2)])
+        _run(_runner(model, max_update_ratio=math.inf, server_optimizer=step), [Big("a", 1), Big("b", 2)])
     for k, v in model.state_dict().items():
         assert torch.equal(v, g[k])
 
