@@ -143,6 +143,12 @@ def test_a_kept_round_s_model_is_the_one_sent_out_in_the_next_round(reference, d
         with pytest.raises(grpc.RpcError) as err:
             model(stub(srv.address), "reference", round=9)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "rounds kept: 1, 2, 3" in err.value.details()
+        # fedpi runs model: the same download, checked and saved as a state_dict
+        proc = subprocess.run([sys.executable, "-m", "fedpi_cli", "runs", "--coordinator", srv.address, "model",
+                               "reference", "-o", str(tmp_path / "m.pt")], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and "round 3, model reference-cnn" in proc.stdout, proc.stderr
+        assert same(torch.load(tmp_path / "m.pt"), torch.load(directory / "model.pt"))
     finally:
         srv.stop()
 
