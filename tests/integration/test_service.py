@@ -326,3 +326,22 @@ def _start_without_health_check(srv: Server) -> None:
                 return
         time.sleep(0.2)
     raise TimeoutError(srv.log_path.read_text()[-2000:])
+
+
+def test_a_run_stopped_mid_round_loses_only_that_round_and_resumes_to_the_same_model(
+        server, digits_cluster, reference):
+    api = stub(server.address)
+    api.StartRun(spec(digits_cluster, "abandoned"), timeout=30)
+    watch(api, "abandoned", until="round_started", round=2)
+    api.StopRun(cpb.StopRunRequest(run_id="abandoned", abandon_round=True), timeout=10)
+    events = watch(api, "abandoned", from_start=False)
+    stopped = api.GetRun(cpb.GetRunRequest(run_id="abandoned"), timeout=10)
+    assert stopped.state == cpb.RUN_STATE_STOPPED and stopped.round == 1 and "abandoned" in stopped.error
+    assert not any(e["event"] == "round_finished" and e["round"] == 2 for e in events)
+    api.ResumeRun(cpb.ResumeRunRequest(run_id="abandoned"), timeout=30)
+    resumed = after_resume(watch(api, "abandoned"))
+    assert next(e for e in resumed if e["event"] == "round_started")["round"] == 2
+    finished = api.GetRun(cpb.GetRunRequest(run_id="abandoned"), timeout=10)
+    run, _, weights, _, _ = reference
+    assert finished.state == cpb.RUN_STATE_FINISHED and finished.test_accuracy == run.test_accuracy
+    assert same(model(api, "abandoned")[1], weights)
