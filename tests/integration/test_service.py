@@ -345,3 +345,16 @@ def test_a_run_stopped_mid_round_loses_only_that_round_and_resumes_to_the_same_m
     run, _, weights, _, _ = reference
     assert finished.state == cpb.RUN_STATE_FINISHED and finished.test_accuracy == run.test_accuracy
     assert same(model(api, "abandoned")[1], weights)
+
+
+def test_a_coordinator_stopped_with_sigterm_marks_its_run_interrupted(tmp_path, digits_cluster):
+    """What a k3s rollout does: the active run is cut short, recorded as interrupted, and resumable."""
+    srv = Server(tmp_path / "state").start()
+    api = stub(srv.address)
+    api.StartRun(spec(digits_cluster, "rollout"), timeout=30)
+    watch(api, "rollout", until="round_started", round=2)
+    assert srv.stop(signal.SIGTERM) == 0
+    record = json.loads((tmp_path / "state" / "runs" / "rollout" / "run.json").read_text())
+    assert record["state"] == "interrupted" and record["round"] == 1 and record["ended_at"] > 0
+    events = [json.loads(line) for line in (tmp_path / "state" / "runs" / "rollout" / "events.jsonl").open()]
+    assert events[-1]["event"] == "run_ended" and events[-1]["state"] == "interrupted"
