@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from coordinator_service.worker_client import DiscoveryFailed, discover, parse_workers
+from generated.fedpi.v1 import worker_pb2 as pb
 
 
 def test_parse_workers_names_and_addresses():
@@ -33,3 +34,21 @@ def test_discovery_gives_up_with_a_clear_error():
 def test_discovery_needs_a_port():
     with pytest.raises(ValueError, match="HOST:PORT"):
         asyncio.run(discover("fedpi-worker", expect=1, timeout=1))
+
+
+def test_the_handshake_compares_task_and_manifest_and_knows_older_workers():
+    from coordinator_service.worker_client import Expected
+
+    ours = Expected("tiny", "tiny", "1.0", "aaaa", "tiny")
+    same = pb.WorkerInfo(protocol_version="1.4", model_architecture="tiny", task="tiny", task_version="1.1",
+                         manifest_fingerprint="aaaa")
+    assert ours.check(same) is None  # another version, the same tensors
+    other = pb.WorkerInfo(protocol_version="1.4", model_architecture="tiny", task="tiny", task_version="2.0",
+                          manifest_fingerprint="bbbb")
+    assert "worker runs task tiny 2.0 (model tiny, manifest bbbb), coordinator trains task tiny 1.0" in ours.check(other)
+    # a 1.3 worker reports no task: only the built-in task can train with it, checked by its model as before
+    old = pb.WorkerInfo(protocol_version="1.3", model_architecture="reference-cnn")
+    assert "which has no tasks" in ours.check(old)
+    assert Expected("reference-cnn", "mnist", "0.1.0", "cccc").check(old) is None
+    assert "runs model 'reference-cnn', coordinator trains 'large-mlp'" in \
+        Expected("large-mlp", "mnist", "0.1.0", "dddd").check(old)
