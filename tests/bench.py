@@ -10,6 +10,8 @@
    a sign-flipped and a random update), 5 rounds under every aggregation rule, against a clean run.
 6. robust-memory: the coordinator's peak RSS with median and with FedAvg at 5 and 10 workers on large-mlp (median
    must not grow by a model per worker either).
+7. scale: 3, 8 and 16 worker processes on this machine, reference CNN, one local batch a round: the round overhead
+   (wall beyond the slowest worker's training) and the coordinator's peak RSS against N, beside a bare `import torch`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -190,8 +193,35 @@ def bench_robust_memory(tmp: Path) -> None:
                       f"aggregation {r['aggregation_seconds']:.2f} s")
 
 
+def _bare_torch_rss_mb() -> float:
+    """Peak RSS of a Python that only imports torch: the floor under every fedpi process."""
+    out = subprocess.run([sys.executable, "-c", "import resource, torch; "
+                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    return float(out)
+
+
+def bench_scale(tmp: Path) -> None:
+    print(f"scale      bare `import torch`: peak RSS {_bare_torch_rss_mb():.0f} MB")
+    for n in (3, 8, 16):
+        with demo_cluster(n, DIGITS, tmp / f"w{n}") as cluster:
+            _serving(cluster)
+            proc = run_coordinator("train", "--workers", cluster.spec, "--rounds", "6", "--local-batches", "1",
+                                   "--dataset", "digits-5k", "--min-workers", str(n), "--output-dir",
+                                   str(tmp / f"out{n}"), timeout=1800)
+            finished = [e for e in events(proc.stdout) if e.get("event") == "training_finished"]
+            if proc.returncode or not finished:
+                sys.exit(f"scale benchmark failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+            rounds = [e for e in events(proc.stdout) if e.get("event") == "round_finished"][1:]  # round 1 warms up
+            overhead = statistics.median(r["overhead_seconds"] for r in rounds)
+            wall = statistics.median(r["wall_seconds"] for r in rounds)
+            print(f"scale      reference-cnn  {n:>2} workers  median round wall {wall:.3f} s  overhead {overhead:.3f} s "
+                  f"(rounds 2-6, evaluation of 1,000 digits included)  coordinator peak RSS "
+                  f"{finished[0]['peak_rss_mb']:.0f} MB")
+
+
 BENCHES = {"transport": bench_transport, "memory": bench_memory, "reference": bench_reference, "faults": bench_faults,
-           "poison": bench_poison, "robust-memory": bench_robust_memory}
+           "poison": bench_poison, "robust-memory": bench_robust_memory, "scale": bench_scale}
 
 
 def main() -> None:
