@@ -33,6 +33,7 @@ from coordinator_service.training import ROUND_MODELS, RunStopped
 from fedpi import serde
 from fedpi.auth import AuthInterceptor, ServerSecurity
 from fedpi.logs import add_sink, remove_sink
+from fedpi.task import TaskError, task_class
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 from generated.fedpi.v1 import coordinator_pb2_grpc as cpb_grpc
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -155,8 +156,7 @@ class RunManager:
             raise ValueError(message[-1] if message else f"invalid run settings: {argv}") from None
         if not args.workers and not args.workers_dns:
             raise ValueError("the run names no workers: set RunSpec.workers (NAME=HOST:PORT) or workers_dns")
-        from fedpi.task import task_class  # the same check a worker makes: a task that cannot be found is refused
-        task_class(args.task)
+        task_class(args.task)  # a task that cannot be found is refused here, not in a run that fails at once
         return args
 
     # -- operations -------------------------------------------------------------------------------------------
@@ -277,9 +277,8 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
         code = {UnknownRun: grpc.StatusCode.NOT_FOUND, Busy: grpc.StatusCode.ABORTED,
                 NotNow: grpc.StatusCode.FAILED_PRECONDITION, FileExistsError: grpc.StatusCode.ALREADY_EXISTS,
-                ValueError: grpc.StatusCode.INVALID_ARGUMENT}.get(type(exc))
-        if code is None and type(exc).__name__ == "TaskError":
-            code = grpc.StatusCode.INVALID_ARGUMENT
+                ValueError: grpc.StatusCode.INVALID_ARGUMENT, TaskError: grpc.StatusCode.INVALID_ARGUMENT,
+                }.get(type(exc))
         if code is None:
             code = grpc.StatusCode.INTERNAL
             log.exception("request_failed", method=method)

@@ -224,8 +224,12 @@ def test_a_spec_the_train_command_would_refuse_is_invalid_argument(server, digit
     assert not stub(server.address).ListRuns(cpb.ListRunsRequest(), timeout=10).runs  # nothing was created
 
 
-def test_unknown_runs_are_not_found_and_a_finished_run_cannot_be_stopped(reference, server):
+def test_unknown_runs_are_not_found_and_unknown_tasks_invalid(server, digits_cluster):
     api = stub(server.address)
+    with pytest.raises(grpc.RpcError) as err:
+        api.StartRun(cpb.RunSpec(task="sensors.tasks:Sensor", workers=digits_cluster.spec.split(",")), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot import module 'sensors.tasks'" in \
+        err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         api.GetRun(cpb.GetRunRequest(run_id="nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no run 'nope'" in err.value.details()
