@@ -158,6 +158,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m coordinator
     demo = sub.add_parser("demo", help="start local workers on 127.0.0.1 and train on them")
     demo.add_argument("--local-workers", type=int, default=3, help="how many local workers to start")
     demo.add_argument("--worker-threads", type=int, default=1, help="torch threads per local worker")
+    demo.add_argument("--startup-timeout", type=float, default=120.0,
+                      help="seconds the local workers get to start serving (more on slow or emulated CPUs)")
     demo.add_argument("--partition-scheme", choices=datasets.PARTITION_SCHEMES, default="iid")
     demo.add_argument("--partition-alpha", type=float, default=datasets.DEFAULT_DIRICHLET_ALPHA,
                       help="with --partition-scheme dirichlet: the concentration (0.1: few classes per worker)")
@@ -328,7 +330,7 @@ async def _demo(args: argparse.Namespace, observer: RunObserver) -> None:
     log_dir = Path(args.output_dir) / "workers"
     with demo_cluster(args.local_workers, worker_args, log_dir) as cluster:
         log.info("local_workers_starting", workers=[w.address for w in cluster.workers], logs=str(log_dir))
-        await cluster.wait_serving()
+        await cluster.wait_serving(timeout=args.startup_timeout)
         workers = [(w.name, w.address) for w in cluster.workers]
         await run(_run_config(args, workers, task), _strategy(args, len(workers)), test, observer)
 

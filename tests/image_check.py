@@ -116,7 +116,8 @@ def check_task_image(eng: list[str], platform: str, tag: str) -> None:
     assert "breast-cancer" in listed, listed
     with tempfile.TemporaryDirectory() as empty:
         run = run_container(eng, task_tag, f"fedpi-image-test-task-{free_port()}", Path(empty), [
-            "coordinator_service", "demo", "--rounds", "2", "--output-dir", "/tmp/run", "--log-format", "json"],
+            "coordinator_service", "demo", "--rounds", "2", "--output-dir", "/tmp/run", "--log-format", "json",
+            "--startup-timeout", "900"],  # three workers starting at once under qemu take minutes
             detach=False)
     finished = [e for e in events(run.stdout) if e.get("event") == "round_finished"]
     if run.returncode or len(finished) != 2:
