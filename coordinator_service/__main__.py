@@ -53,6 +53,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
+WORKER_SECURITY_FLAGS = ("--token-file", "--tls-ca", "--tls-cert", "--tls-key", "--tls-server-name")
+
+
+def _worker_security_arguments(g) -> None:
+    """How the coordinator proves itself to workers and checks them: `train`'s, `demo`'s and `serve`'s."""
+    g.add_argument("--token-file", help="file holding the bearer token workers require")
+    g.add_argument("--tls-ca", help="CA certificate to verify workers with; turns TLS on")
+    g.add_argument("--tls-cert", help="client certificate, for workers that require mutual TLS")
+    g.add_argument("--tls-key", help="private key of --tls-cert")
+    g.add_argument("--tls-server-name", help="name on the workers' certificates when dialling them by IP address")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="default",
                    help="a starting configuration that flags and FEDPI_* variables override: default (measured, "
@@ -118,12 +130,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latest-link", help="also point this symlink at --output-dir (e.g. results/latest)")
     p.add_argument("--keep-round-models", type=int, default=0,
                    help="also keep the global model of the last N rounds in --output-dir/rounds/")
-    g = p.add_argument_group("security (see README: Threat model)")
-    g.add_argument("--token-file", help="file holding the bearer token workers require")
-    g.add_argument("--tls-ca", help="CA certificate to verify workers with; turns TLS on")
-    g.add_argument("--tls-cert", help="client certificate, for workers that require mutual TLS")
-    g.add_argument("--tls-key", help="private key of --tls-cert")
-    g.add_argument("--tls-server-name", help="name on the workers' certificates when dialling them by IP address")
+    _worker_security_arguments(p.add_argument_group("security (see README: Threat model)"))
     p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: torch's default)")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus metrics at http://--metrics-host:PORT/metrics while training (0: off)")
@@ -191,12 +198,8 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-tls-key", help="private key of --api-tls-cert")
     g.add_argument("--api-client-ca", help="require operator certificates signed by this CA (mutual TLS)")
     g.add_argument("--api-client-identity", help="with mutual TLS: the only certificate name allowed to call")
-    g = p.add_argument_group("how runs reach the workers (the same flags as `train`; never part of a RunSpec)")
-    g.add_argument("--token-file", help="file holding the bearer token workers require")
-    g.add_argument("--tls-ca", help="CA certificate to verify workers with; turns TLS on")
-    g.add_argument("--tls-cert", help="client certificate, for workers that require mutual TLS")
-    g.add_argument("--tls-key", help="private key of --tls-cert")
-    g.add_argument("--tls-server-name", help="name on the workers' certificates when dialling them by IP address")
+    _worker_security_arguments(
+        p.add_argument_group("how runs reach the workers (the same flags as `train`; never part of a RunSpec)"))
     p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: torch's default)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics of the runs (0: off)")
     p.add_argument("--metrics-host", default="0.0.0.0")
@@ -210,7 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_format)
     server_argv = ["--task", args.task, "--data-dir", args.data_dir, *(["--no-download"] if args.no_download else [])]
-    for flag in ("--model", "--dataset", "--token-file", "--tls-ca", "--tls-cert", "--tls-key", "--tls-server-name"):
+    for flag in ("--model", "--dataset", *WORKER_SECURITY_FLAGS):
         if value := getattr(args, flag[2:].replace("-", "_")):
             server_argv += [flag, value]
     path = lambda value: Path(value) if value else None  # noqa: E731
