@@ -92,6 +92,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="instead of --fraction: how many workers train each round")
     g.add_argument("--federated-evaluation", action="store_true",
                    help="after every round, each worker also evaluates the new model on its local test split")
+    g.add_argument("--sequential-evaluation", action="store_true",
+                   help="evaluate each round's model before the next round starts, not while it trains")
     g.add_argument("--aggregation", type=parse_aggregation, default=Aggregation(),
                    help="fedavg | median | trimmed-mean[:k] | clipped[:norm] (README: Robust aggregation)")
     g.add_argument("--server-optimizer", choices=SERVER_OPTIMIZERS, default="fedavg",
@@ -300,6 +302,7 @@ def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], task: 
         round_timeout=args.round_timeout, handshake_timeout=args.handshake_timeout,
         round_retries=args.round_retries, retry_backoff=args.retry_backoff, keepalive_seconds=args.keepalive,
         server_optimizer=_server_optimizer(args), federated_evaluation=args.federated_evaluation,
+        sequential_evaluation=args.sequential_evaluation,
         resume=args.resume, latest_link=Path(args.latest_link) if args.latest_link else None, aggregation=args.aggregation, max_update_ratio=args.max_update_ratio,
         transfer=TransferSettings(chunk_size=args.chunk_size, encoding=ENCODINGS[args.encoding]),
         security=client_security(args), keep_round_models=args.keep_round_models, stop=stop,

@@ -12,7 +12,6 @@ import asyncio
 import statistics
 import time
 import uuid
-from typing import Any
 from functools import partial
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,8 +35,6 @@ from coordinator_service.server_opt import ServerOptimizer
 from coordinator_service.strategy import Failure, Strategy
 from coordinator_service.worker_client import WorkerClient, WorkerError, WorkerIncompatible, WorkerRejected, elapsed
 from fedpi import serde
-from fedpi.data import Split
-from fedpi.models import evaluate as evaluate_digits
 from fedpi.protocol import ProtocolMismatch, check_minimum
 from generated.fedpi.v1 import worker_pb2 as pb
 
@@ -92,6 +89,7 @@ class RoundReport:
     failures: list[Failure] = field(default_factory=list)
     test_loss: float | None = None  # None: the task gives the coordinator no test data
     test_accuracy: float | None = None
+    evaluation_seconds: float = 0.0  # of test_loss / test_accuracy: while the next round trains, unless sequential
     aggregation_seconds: float = 0.0
     wall_seconds: float = 0.0
     max_update_distance: float = 0.0  # the bound this round's updates were held to
@@ -103,7 +101,8 @@ class RoundReport:
 
     @property
     def overhead_seconds(self) -> float:
-        """Round wall time beyond the slowest worker's pure training."""
+        """Round wall time beyond the slowest worker's pure training (the coordinator's evaluation is not in the
+        round's wall time: see RoundFinisher)."""
         return self.wall_seconds - max((w.train_seconds for w in self.workers), default=0.0)
 
     def as_event(self) -> dict:
@@ -114,6 +113,7 @@ class RoundReport:
             "wall_seconds": round(self.wall_seconds, 3),
             "overhead_seconds": round(self.overhead_seconds, 3),
             "aggregation_seconds": round(self.aggregation_seconds, 3),
+            **({"evaluation_seconds": round(self.evaluation_seconds, 3)} if self.test_accuracy is not None else {}),
             "aggregation": self.aggregation,
             "max_update_distance": round(self.max_update_distance, 4),
             "aggregate_scale": round(self.aggregate_scale, 4),
@@ -175,17 +175,14 @@ class _Round:
 class RoundRunner:
     """Runs rounds against one global model, each with the workers present at its start."""
 
-    def __init__(self, *, model: torch.nn.Module, architecture: str, strategy: Strategy, test_split: Split | None,
+    def __init__(self, *, model: torch.nn.Module, architecture: str, strategy: Strategy,
                  transfer: TransferSettings = TransferSettings(), round_timeout: float = 3600.0,
                  aggregation: Aggregation = Aggregation(), max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO,
                  run_id: str | None = None, server_optimizer: ServerOptimizer | None = None,
-                 federated_evaluation: bool = False, observer: RunObserver | None = None,
-                 evaluate: Callable[[torch.nn.Module, Any], tuple[float, float]] = evaluate_digits):
+                 federated_evaluation: bool = False, observer: RunObserver | None = None):
         self.model = model
-        self.evaluate = evaluate  # the task's: (model, test split) -> (loss, accuracy)
         self.architecture = architecture
         self.strategy = strategy
-        self.test_split = test_split
         self.transfer = transfer
         self.round_timeout = round_timeout
         self.aggregation = aggregation
@@ -246,8 +243,6 @@ class RoundRunner:
         log.debug("weights_aggregated", contributors=len(done), rule=str(self.aggregation))
         if self.federated_evaluation:
             await self._evaluate_federated(rnd, done)
-        if self.test_split is not None:
-            report.test_loss, report.test_accuracy = await asyncio.to_thread(self.evaluate, self.model, self.test_split)
         report.wall_seconds = elapsed(start)
         return report
 

@@ -4,9 +4,11 @@ every round, and write the final model and the metrics."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import resource
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,6 +70,8 @@ class RunConfig:
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO
     federated_evaluation: bool = False  # each round's workers also evaluate the new model on their test splits
+    # Evaluate round r's model before round r+1 starts, instead of while it trains (the rounds then take longer).
+    sequential_evaluation: bool = False
     transfer: TransferSettings = TransferSettings()
     security: ClientSecurity = ClientSecurity()
     keep_round_models: int = 0  # also keep the global model of the last N rounds (the control API's GetModel)
@@ -135,11 +139,11 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
 
     roster = Roster(make_client, expected=Expected.of(cfg.task, model), workers=cfg.workers, dns=cfg.workers_dns,
                     handshake_timeout=cfg.handshake_timeout)
-    runner = RoundRunner(model=model, architecture=architecture, strategy=strategy, test_split=test_split,
-                         transfer=cfg.transfer, round_timeout=cfg.round_timeout, aggregation=cfg.aggregation,
+    runner = RoundRunner(model=model, architecture=architecture, strategy=strategy, transfer=cfg.transfer,
+                         round_timeout=cfg.round_timeout, aggregation=cfg.aggregation,
                          max_update_ratio=cfg.max_update_ratio, server_optimizer=server_optimizer,
-                         federated_evaluation=cfg.federated_evaluation, observer=observer,
-                         evaluate=cfg.task.evaluate)
+                         federated_evaluation=cfg.federated_evaluation, observer=observer)
+    finisher = RoundFinisher(cfg, test_split, observer, metrics, metrics_path, server_optimizer)
     reports: list[RoundReport] = []
     try:
         await roster.admit()
@@ -147,37 +151,108 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
             raise HandshakeFailed(
                 f"only {len(roster.active)} of {len(roster.clients)} workers passed the handshake, need "
                 f"{cfg.min_workers} (--min-workers); the worker_handshake_failed and worker_unavailable events say why")
-        log.info("training_started", task=cfg.task.describe(), model=architecture, parameters=parameter_count(model), rounds=cfg.rounds,
-                 first_round=first_round, workers=[c.name for c in roster.active])
+        log.info("training_started", task=cfg.task.describe(), model=architecture, parameters=parameter_count(model),
+                 rounds=cfg.rounds, first_round=first_round, workers=[c.name for c in roster.active])
         observer.run_started(cfg.rounds, first_round, [c.name for c in roster.active])
         for server_round in range(first_round, cfg.rounds + 1):
             report = await _run_round_with_retries(cfg, roster, runner, server_round, observer)
             reports.append(report)
-            event = report.as_event()
-            metrics.append(event)
-            checkpoint.save(cfg.output_dir, checkpoint.Checkpoint(
-                round=server_round, model=architecture, state_dict=model.state_dict(), metrics=metrics,
-                rng=checkpoint.Checkpoint.capture_rng(), server_optimizer=server_optimizer.state_dict()))
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(event) + "\n")
-            if cfg.keep_round_models:
-                _keep_round_model(cfg.output_dir, server_round, model, cfg.keep_round_models)
-            # On a terminal the per-worker table would drown the line; metrics.jsonl always has it.
-            shown = {k: v for k, v in event.items() if k != "workers"} if is_console() else event
-            log.info("round_finished", **shown, total_rounds=cfg.rounds)
-            observer.round_finished(report)
+            await finisher.submit(report, model)
             if cfg.stop is not None and cfg.stop.is_set() and server_round < cfg.rounds:
+                await finisher.drain()
                 log.info("training_stopped", round=server_round, rounds=cfg.rounds)
                 raise RunStopped(server_round)
+        await finisher.drain()
         model_path = cfg.output_dir / "model.pt"
         _write_atomically(model_path, lambda p: torch.save(model.state_dict(), p))
         log.info("training_finished", rounds=cfg.rounds, model_path=str(model_path), metrics_path=str(metrics_path),
                  test_accuracy=metrics[-1].get("test_accuracy") if metrics else None,
                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    except BaseException:
+        await finisher.settle()  # a round that completed before the failure is still checkpointed and logged
+        raise
     finally:
         observer.run_finished()
         await roster.close()
     return reports
+
+
+@dataclass
+class _Completed:
+    """A round whose aggregate is installed, and the state a checkpoint of it needs, taken as the round ended."""
+
+    report: RoundReport
+    model: torch.nn.Module  # the global model after the round (a copy when the next round may change the live one)
+    rng: dict
+    server_optimizer: dict
+
+
+class RoundFinisher:
+    """Evaluates each round's global model, then checkpoints it, writes its metrics line, logs `round_finished` and
+    tells the observer, strictly in round order.
+
+    By default this happens while the next round trains (the coordinator is idle then), on a copy of the model: the
+    round's wall time holds transfers and aggregation only. At most one round waits, so memory holds at most one
+    extra model. With `sequential_evaluation` each round is finished before the next one starts."""
+
+    def __init__(self, cfg: RunConfig, test_split: Split | None, observer: RunObserver, metrics: list[dict],
+                 metrics_path: Path, server_optimizer: ServerOptimizer):
+        self.cfg = cfg
+        self.test_split = test_split
+        self.observer = observer
+        self.metrics = metrics
+        self.metrics_path = metrics_path
+        self.server_optimizer = server_optimizer
+        self._pending: asyncio.Task | None = None
+
+    async def submit(self, report: RoundReport, model: torch.nn.Module) -> None:
+        """Finish the previous round if it still is being evaluated, then start finishing this one."""
+        await self.drain()
+        sequential = self.cfg.sequential_evaluation
+        completed = _Completed(report, model if sequential else copy.deepcopy(model),
+                               checkpoint.Checkpoint.capture_rng(), copy.deepcopy(self.server_optimizer.state_dict()))
+        self._pending = asyncio.create_task(self._finish(completed))
+        if sequential:
+            await self.drain()
+
+    async def drain(self) -> None:
+        """Wait until every submitted round is finished; raises what finishing it raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
+
+    async def settle(self) -> None:
+        """Like drain, for when the run is failing already: a failure here is logged, not raised over the first."""
+        try:
+            await self.drain()
+        except Exception as exc:  # noqa: BLE001
+            log.error("round_not_finished", reason=f"{type(exc).__name__}: {exc}")
+
+    async def _finish(self, done: _Completed) -> None:
+        report, cfg = done.report, self.cfg
+        if self.test_split is not None:
+            t = time.perf_counter()
+            report.test_loss, report.test_accuracy = await asyncio.to_thread(cfg.task.evaluate, done.model,
+                                                                            self.test_split)
+            report.evaluation_seconds = time.perf_counter() - t
+        event = report.as_event()
+        self.metrics.append(event)
+        await asyncio.to_thread(self._write, done, event)
+        # On a terminal the per-worker table would drown the line; metrics.jsonl always has it.
+        shown = {k: v for k, v in event.items() if k != "workers"} if is_console() else event
+        log.info("round_finished", **shown, total_rounds=cfg.rounds)
+        self.observer.round_finished(report)
+
+    def _write(self, done: _Completed, event: dict) -> None:
+        """The checkpoint (fsync'd), the metrics line, and the round's model if asked: off the event loop."""
+        cfg, state = self.cfg, done.model.state_dict()
+        checkpoint.save(cfg.output_dir, checkpoint.Checkpoint(
+            round=done.report.round, model=cfg.task.architecture, state_dict=state, metrics=list(self.metrics),
+            rng=done.rng, server_optimizer=done.server_optimizer))
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+        if cfg.keep_round_models:
+            _keep_round_model(cfg.output_dir, done.report.round, done.model, cfg.keep_round_models)
 
 
 def _keep_round_model(directory: Path, server_round: int, model: torch.nn.Module, keep: int) -> None:

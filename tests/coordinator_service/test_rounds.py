@@ -120,7 +120,7 @@ class DiesMidStream(FakeWorker):
 
 
 def _runner(model, rule: str = "fedavg", chunk_size: int = 7, min_workers: int = 1, **kw) -> RoundRunner:
-    return RoundRunner(model=model, architecture=ARCH, test_split=None,
+    return RoundRunner(model=model, architecture=ARCH,
                        strategy=FedAvg(local_batches=2, batch_size=64, min_workers=min_workers),
                        transfer=TransferSettings(chunk_size=chunk_size), aggregation=parse_aggregation(rule), **kw)
 
@@ -335,7 +335,7 @@ def test_fedprox_is_sent_only_to_workers_that_understand_it():
     """A 1.1 worker would ignore proximal_mu silently; it is refused instead, with the upgrade named."""
     old, new = FakeWorker("old", 1), FakeWorker("new", 2)
     old.info.protocol_version, new.info.protocol_version = "1.1", "1.2"
-    runner = RoundRunner(model=tiny_model(), architecture=ARCH, test_split=None,
+    runner = RoundRunner(model=tiny_model(), architecture=ARCH,
                          strategy=FedAvg(local_batches=2, batch_size=64, proximal_mu=0.01),
                          transfer=TransferSettings(chunk_size=7))
     report = asyncio.run(runner.run_round(1, [old, new]))

@@ -34,7 +34,7 @@ class Steps(FakeWorker):
 def _round(strategy, workers):
     model = tiny_model()
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    runner = RoundRunner(model=model, architecture=ARCH, test_split=None, strategy=strategy,
+    runner = RoundRunner(model=model, architecture=ARCH, strategy=strategy,
                          transfer=TransferSettings(chunk_size=7))
     report = asyncio.run(runner.run_round(1, workers))
     return start, model.state_dict(), report
@@ -142,7 +142,7 @@ class Evaluates(FakeWorker):
 
 def test_federated_evaluation_is_the_mean_weighted_by_test_samples():
     workers = [Evaluates("small", 1, 0.5, 100), Evaluates("big", 2, 0.9, 900)]
-    runner = RoundRunner(model=tiny_model(), architecture=ARCH, test_split=None,
+    runner = RoundRunner(model=tiny_model(), architecture=ARCH,
                          strategy=FedAvg(local_batches=2, batch_size=64), transfer=TransferSettings(chunk_size=7),
                          federated_evaluation=True)
     report = asyncio.run(runner.run_round(1, workers))

@@ -88,3 +88,26 @@ def test_without_a_terminal_stdout_holds_only_json_events(digits_cluster, tmp_pa
     lines = proc.stdout.splitlines()
     assert lines and all(isinstance(json.loads(line), dict) for line in lines)
     assert "round_finished" in {json.loads(line)["event"] for line in lines}
+
+
+def test_evaluation_overlaps_the_next_round_and_gives_what_sequential_evaluation_gives(digits_cluster, tmp_path):
+    """Round r's model is evaluated while round r+1 trains (round_started of r+1 comes before round_finished of r),
+    and every figure and the final model equal those of a run that evaluates each round before the next."""
+    runs = {}
+    for mode, extra in (("overlapped", []), ("sequential", ["--sequential-evaluation"])):
+        out = tmp_path / mode
+        proc = run_coordinator("train", "--workers", digits_cluster.spec, "--rounds", "3", "--dataset", "digits-5k",
+                               "--local-batches", "5", "--seed", "4", "--output-dir", str(out), *extra)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        order = [(e["event"], e["round"]) for e in events(proc.stdout)
+                 if e.get("event") in ("round_started", "round_finished")]
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[mode] = order, metrics, torch.load(out / "model.pt")
+    overlapped, sequential = runs["overlapped"], runs["sequential"]
+    assert overlapped[0].index(("round_started", 2)) < overlapped[0].index(("round_finished", 1))
+    assert sequential[0] == [("round_started", 1), ("round_finished", 1), ("round_started", 2),
+                             ("round_finished", 2), ("round_started", 3), ("round_finished", 3)]
+    scores = lambda metrics: [(m["round"], m["test_accuracy"], m["test_loss"]) for m in metrics]  # noqa: E731
+    assert scores(overlapped[1]) == scores(sequential[1])
+    assert all(m["evaluation_seconds"] > 0 for m in overlapped[1])
+    assert all(torch.equal(overlapped[2][k], sequential[2][k]) for k in sequential[2])
