@@ -11,11 +11,16 @@ FedAvg: McMahan et al., "Communication-Efficient Learning of Deep Networks from 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from fedpi.serde import MalformedStream, NonFiniteWeights, TensorMeta, WeightsError, all_finite
+
+
+# Runs are read-only views of received bytes, never written: torch's warning about that does not apply.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 class UpdateOutOfRange(WeightsError):
@@ -63,7 +68,8 @@ class Segmenter:
 
     def add(self, raw: bytes) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Yield (tensor index, first element, elements) for every whole run `raw` completes."""
-        data = self._carry + raw  # a fresh bytearray: the runs yielded are views of it
+        # The runs yielded are views of `data`: the piece itself unless a partial element waits from the last one.
+        data = self._carry + raw if self._carry else raw
         used = 0
         while self._tensor < len(self.manifest):
             meta = self.manifest[self._tensor]
@@ -78,7 +84,7 @@ class Segmenter:
             yield self._tensor, self._in_tensor // meta.itemsize, x
             used += take
             self._in_tensor += take
-        self._carry = bytearray(data[used:])
+        self._carry = bytearray(data[used:]) if used < len(data) else bytearray()
         if self._tensor == len(self.manifest) and self._carry:
             raise MalformedStream("payload longer than its manifest")
 
@@ -107,15 +113,20 @@ class UpdateCheck:
 
     def check(self, index: int, start: int, x: torch.Tensor) -> None:
         meta = self.manifest[index]
-        if not all_finite(x):
-            raise NonFiniteWeights(f"{meta.name} holds NaN or Inf values; the update was rejected")
         if self.reference is None or not is_float(meta):
+            if not all_finite(x):
+                raise NonFiniteWeights(f"{meta.name} holds NaN or Inf values; the update was rejected")
             return
         ref = self.reference[index][start : start + len(x)]
         # In the update's own precision (float32 at least): a distance that overflows is inf, and refused all the same.
         work = x.dtype if x.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128) else torch.float32
-        d = x.to(work) - ref.to(work)
-        self.squared += float((d.abs() if d.is_complex() else d).pow(2).sum())
+        squared = float(torch.linalg.vector_norm(x.to(work) - ref.to(work))) ** 2
+        if not math.isfinite(squared):
+            # The global model is finite, so NaN or Inf here is either in the update or an overflowing distance.
+            if not all_finite(x):
+                raise NonFiniteWeights(f"{meta.name} holds NaN or Inf values; the update was rejected")
+            squared = math.inf
+        self.squared += squared
         if self.squared > self.max_distance ** 2:
             raise UpdateOutOfRange(
                 f"the update lies more than {self.max_distance:.4g} (L2) from the global model it was trained from "
@@ -147,7 +158,7 @@ class WeightedSum:
 
     def add_run(self, index: int, start: int, x: torch.Tensor, weight: float) -> None:
         acc = self._acc[index]
-        acc[start : start + len(x)].add_(x.to(acc.dtype), alpha=weight)
+        acc[start : start + len(x)].add_(x, alpha=weight)  # cast element by element: no double-precision copy of x
 
     def mean(self) -> list[torch.Tensor]:
         """The weighted mean, flat, in the accumulator's dtype. Divides the accumulator in place, so no second

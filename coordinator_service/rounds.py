@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 import time
 import uuid
 from functools import partial
@@ -192,6 +193,7 @@ class RoundRunner:
         self.federated_evaluation = federated_evaluation
         self.observer = observer or RunObserver()
         self._attempts = 0  # every call gets its own round id, so a retried round never mixes with its first try
+        self._cpu = ThreadPoolExecutor(1, thread_name_prefix="fedpi-weights")
 
     async def run_round(self, server_round: int, clients: Sequence[WorkerClient],
                         index_of: Callable[[WorkerClient], int] | None = None) -> RoundReport:
@@ -205,11 +207,17 @@ class RoundRunner:
         finally:
             structlog.contextvars.unbind_contextvars("round")
 
-    def _prepare(self, number: int) -> _Round:
+    async def _off_loop(self, work: Callable, *args):
+        """CPU work on weights (hashing, decoding, folding) runs on one thread of its own: the event loop keeps
+        moving bytes meanwhile, and folds into the shared sum never race."""
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, work, *args)
+
+    async def _prepare(self, number: int) -> _Round:
         self._attempts += 1
         round_id = f"{self.run_id}/{number}.{self._attempts}"
         state = self.model.state_dict()
-        payload = serde.WeightsPayload(state, round=number, architecture=self.architecture, round_id=round_id)
+        payload = await self._off_loop(partial(serde.WeightsPayload, state, round=number,
+                                               architecture=self.architecture, round_id=round_id))
         reference = flat_reference(state, payload.manifest)
         max_distance = self.max_update_ratio * max(model_norm(reference, payload.manifest), 1.0)
         return _Round(number, round_id, payload, reference, max_distance, RoundReport(number))
@@ -217,7 +225,7 @@ class RoundRunner:
     async def _run_round(self, number: int, clients: list[WorkerClient],
                          index_of: Callable[[WorkerClient], int], present: int) -> RoundReport:
         start = time.perf_counter()
-        rnd = self._prepare(number)
+        rnd = await self._prepare(number)
         log.info("round_started", workers=[c.name for c in clients], present=present, round_id=rnd.round_id,
                  model_digest=rnd.payload.digest)
         self.observer.round_started(number, [c.name for c in clients])
@@ -265,11 +273,11 @@ class RoundRunner:
             await self._clip(rnd, done, total)
         t = time.perf_counter()
         try:
-            flat = total.mean()
+            flat = await self._off_loop(total.mean)
         except NonFiniteAggregate as exc:
             raise RoundFailed(f"round {rnd.number}: {exc}", rnd.report.failures) from None
         rnd.report.aggregate_scale = self.strategy.aggregate_scale([c.result for c in done])
-        self._install(rnd, flat, rnd.report.aggregate_scale)
+        await self._off_loop(self._install, rnd, flat, rnd.report.aggregate_scale)
         rnd.aggregation_seconds += elapsed(t)
 
     # -- step 1: train -----------------------------------------------------------------------------------------
@@ -335,7 +343,7 @@ class RoundRunner:
                                     max_payload_bytes=max(payload.total_bytes, 1))
         async for chunk in c.client.get_weights(chunk_size, self.transfer.encoding, payload.total_bytes):
             offset = reader.received
-            raw = reader.accept(chunk)
+            raw = await self._off_loop(reader.accept, chunk)
             if raw is None:
                 _check_update_header(reader.header, rnd)
                 continue
@@ -357,7 +365,7 @@ class RoundRunner:
         fold = total.stream(c.weight, self._check(rnd))
         async for raw in self._update_pieces(rnd, c):
             t = time.perf_counter()
-            fold.add(raw)
+            await self._off_loop(fold.add, raw)
             rnd.aggregation_seconds += elapsed(t)
         fold.finish()
         c.check = fold.check
@@ -387,7 +395,7 @@ class RoundRunner:
             fold = DeltaFold(total, c.weight * (scale - 1), self._check(rnd), rnd.reference)
             try:
                 async for raw in self._update_pieces(rnd, c):
-                    fold.add(raw)
+                    await self._off_loop(fold.add, raw)
                 fold.finish()
             except (WorkerError, serde.WeightsError) as exc:
                 # Part of the correction is in the sum: what is there now is no longer any worker's update.
@@ -423,7 +431,7 @@ class RoundRunner:
                 if any(p is None for p in pieces):
                     raise StepFailed(pieces.index(None), serde.MalformedStream("update ended before the others"))
                 t = time.perf_counter()
-                reducer.add_step(pieces)
+                await self._off_loop(reducer.add_step, pieces)
                 rnd.aggregation_seconds += elapsed(t)
             reducer.finish()
         finally:

@@ -187,3 +187,13 @@ def test_nan_weights_refused():
 def test_quantized_dtype_is_a_clear_error():
     with pytest.raises(serde.UnsupportedDtype, match="qint8"):
         serde.dtype_name(torch.qint8)
+
+
+@pytest.mark.parametrize("values", [
+    torch.randn(1000), torch.tensor([1.0, float("nan")]), torch.tensor([3e38, 3e38]),  # a sum that overflows
+    torch.tensor([3e38, 3e38, float("inf")]), torch.tensor([float("inf"), -float("inf")]),
+    torch.tensor([60000.0, 60000.0], dtype=torch.float16), torch.tensor([1 + 1j, complex(0, float("inf"))]),
+    torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), torch.arange(5), torch.empty(0),
+])
+def test_all_finite_agrees_with_isfinite_including_sums_that_overflow(values):
+    assert serde.all_finite(values) == bool(torch.isfinite(values).all())
