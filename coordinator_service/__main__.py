@@ -37,13 +37,14 @@ from coordinator_service.checkpoint import CheckpointMismatch
 from coordinator_service.worker_client import ClientSecurity, DiscoveryFailed, discover, parse_workers
 from fedpi import data as datasets
 from fedpi import task as tasks
+from fedpi import compression
 from fedpi.cli import add_task_arguments, apply_env_defaults, env_name, make_task, read_secret
 from fedpi.mnist_task import MnistTask
 from fedpi.logs import LOG_FORMATS, configure_logging, wants_console
 from generated.fedpi.v1 import worker_pb2 as pb
 
 log = structlog.get_logger()
-ENCODINGS = {"raw": pb.CHUNK_ENCODING_RAW, "zlib": pb.CHUNK_ENCODING_ZLIB}
+COMPRESSION = {name: encoding for encoding, name in compression.NAMES.items()}
 
 # Starting configurations. `default` holds the flags' own defaults, chosen from `make bench-learning` (README:
 # Learning); `seed` is fedpi's first configuration (the reference's plain SGD), kept so its figures can be reproduced.
@@ -126,7 +127,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true",
                    help="continue from checkpoint.pt in --output-dir after the last completed round")
     g.add_argument("--chunk-size", type=int, default=1 << 20, help="bytes per weight chunk")
-    g.add_argument("--encoding", choices=list(ENCODINGS), default="raw")
+    g.add_argument("--compression", choices=list(COMPRESSION), default="none",
+                   help="how workers send their updates: zlib (lossless, the global model too), fp16 / bf16 (half "
+                        "the bytes), int8 (deltas with error feedback, a quarter); README: Compression")
+    g.add_argument("--compress-global-model", action="store_true",
+                   help="with fp16 / bf16: send the global model that way too (otherwise it goes down exact)")
+    g.add_argument("--encoding", choices=("raw", "zlib"), help=argparse.SUPPRESS)  # before --compression
     p.add_argument("--output-dir", default="runs/latest",
                    help="model.pt, metrics.jsonl and checkpoint.pt (after every round) go here")
     p.add_argument("--latest-link", help="also point this symlink at --output-dir (e.g. results/latest)")
@@ -304,9 +310,19 @@ def _run_config(args: argparse.Namespace, workers: list[tuple[str, str]], task: 
         server_optimizer=_server_optimizer(args), federated_evaluation=args.federated_evaluation,
         sequential_evaluation=args.sequential_evaluation,
         resume=args.resume, latest_link=Path(args.latest_link) if args.latest_link else None, aggregation=args.aggregation, max_update_ratio=args.max_update_ratio,
-        transfer=TransferSettings(chunk_size=args.chunk_size, encoding=ENCODINGS[args.encoding]),
+        transfer=_transfer(args),
         security=client_security(args), keep_round_models=args.keep_round_models, stop=stop,
     )
+
+
+def _transfer(args: argparse.Namespace) -> TransferSettings:
+    name = {"raw": "none", "zlib": "zlib"}[args.encoding] if args.encoding else args.compression
+    encoding = COMPRESSION[name]
+    if args.compress_global_model and name not in ("fp16", "bf16"):
+        raise ValueError(f"--compress-global-model goes with --compression fp16 or bf16, not {name} (zlib always "
+                         f"compresses the global model; int8 deltas need it exact on both sides)")
+    model_encoding = encoding if name == "zlib" or args.compress_global_model else pb.CHUNK_ENCODING_RAW
+    return TransferSettings(chunk_size=args.chunk_size, encoding=encoding, model_encoding=model_encoding)
 
 
 async def train(args: argparse.Namespace, observer: RunObserver, stop: asyncio.Event | None = None) -> None:

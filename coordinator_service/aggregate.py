@@ -11,16 +11,11 @@ FedAvg: McMahan et al., "Communication-Efficient Learning of Deep Networks from 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from fedpi.serde import MalformedStream, NonFiniteWeights, TensorMeta, WeightsError, all_finite
-
-
-# Runs are read-only views of received bytes, never written: torch's warning about that does not apply.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 class UpdateOutOfRange(WeightsError):

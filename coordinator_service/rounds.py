@@ -34,8 +34,16 @@ from coordinator_service.observe import RunObserver
 from coordinator_service.robust import Aggregation, CoordinateReducer, StepFailed
 from coordinator_service.server_opt import ServerOptimizer
 from coordinator_service.strategy import Failure, Strategy
-from coordinator_service.worker_client import WorkerClient, WorkerError, WorkerIncompatible, WorkerRejected, elapsed
-from fedpi import serde
+from coordinator_service.worker_client import (
+    WorkerClient,
+    WorkerError,
+    WorkerIncompatible,
+    WorkerRejected,
+    elapsed,
+    offered,
+    speaks,
+)
+from fedpi import compression, serde
 from fedpi.protocol import ProtocolMismatch, check_minimum
 from generated.fedpi.v1 import worker_pb2 as pb
 
@@ -137,7 +145,8 @@ class RoundReport:
 @dataclass(frozen=True)
 class TransferSettings:
     chunk_size: int = serde.DEFAULT_CHUNK_BYTES
-    encoding: int = pb.CHUNK_ENCODING_RAW
+    encoding: int = pb.CHUNK_ENCODING_RAW  # of the workers' updates (--compression)
+    model_encoding: int = pb.CHUNK_ENCODING_RAW  # of the global model sent down: exact unless asked otherwise
 
 
 class _PhaseError(Exception):
@@ -288,12 +297,15 @@ class RoundRunner:
         t = time.perf_counter()
         self.observer.worker_phase(client.name, "sending")
         try:
-            await client.set_weights(rnd.payload, self.transfer.chunk_size, self.transfer.encoding)
+            stats.bytes_sent = await client.set_weights(rnd.payload, self.transfer.chunk_size,
+                                                        offered(client, self.transfer.model_encoding))
         except WorkerError as exc:
             raise _PhaseError("set_weights", exc) from exc
-        stats.bytes_sent, stats.send_seconds = rnd.payload.total_bytes, elapsed(t)
+        stats.send_seconds = elapsed(t)
         request = self.strategy.configure_train(rnd.number, index)
         request.round_id = rnd.round_id
+        if speaks(client, "1.5"):
+            request.update_encoding = offered(client, self.transfer.encoding)
         self.observer.worker_phase(client.name, "training")
         try:
             _check_worker_supports(client, request)
@@ -335,27 +347,33 @@ class RoundRunner:
         return contribution
 
     async def _update_pieces(self, rnd: _Round, c: Contribution) -> AsyncIterator[bytes]:
-        """One worker's update as validated raw pieces of exactly the chunk size asked for (the last one shorter);
-        its length and digest are checked when it ends. It must be the trained update of this round's id."""
+        """One worker's update as validated raw pieces, cut as the chunk size and encoding asked for (so every
+        worker's pieces line up); its length and digest are checked when it ends. It must be the trained update of
+        this round's id."""
         t = time.perf_counter()
         payload, chunk_size = rnd.payload, self.transfer.chunk_size
+        encoding = offered(c.client, self.transfer.encoding)
         reader = serde.StreamReader(architecture=self.architecture, expected=payload.manifest,
-                                    max_payload_bytes=max(payload.total_bytes, 1))
-        async for chunk in c.client.get_weights(chunk_size, self.transfer.encoding, payload.total_bytes):
+                                    max_payload_bytes=max(payload.total_bytes, 1), encodings=(encoding,),
+                                    base=rnd.reference if encoding == compression.INT8 else None)
+        sizes = serde.piece_sizes(payload.manifest, chunk_size, encoding)
+        stream = c.client.get_weights(chunk_size, encoding, payload.total_bytes, speaks(c.client, "1.5"))
+        async for chunk in stream:
             offset = reader.received
             raw = await self._off_loop(reader.accept, chunk)
             if raw is None:
-                _check_update_header(reader.header, rnd)
+                if chunk.HasField("header"):
+                    _check_update_header(reader.header, rnd)
                 continue
-            if len(raw) != min(chunk_size, payload.total_bytes - offset):
-                raise serde.MalformedStream(f"chunk at offset {offset} holds {len(raw)} bytes, asked for "
-                                            f"{chunk_size}-byte chunks")
+            if len(raw) != next(sizes, 0):
+                raise serde.MalformedStream(f"chunk at offset {offset} holds {len(raw)} bytes, not what "
+                                            f"{chunk_size}-byte chunks of this encoding hold")
             yield raw
         reader.finish()
-        if c.digest and reader.header.digest != c.digest:
+        if c.digest and reader.digest != c.digest:
             raise serde.MalformedStream("the update changed between two fetches of the same round")
-        c.digest = reader.header.digest
-        c.stats.bytes_received, c.stats.receive_seconds = reader.received, elapsed(t)
+        c.digest = reader.digest
+        c.stats.bytes_received, c.stats.receive_seconds = reader.wire_bytes, elapsed(t)
 
     def _check(self, rnd: _Round) -> UpdateCheck:
         return UpdateCheck(rnd.payload.manifest, rnd.reference, rnd.max_distance)
@@ -510,7 +528,7 @@ class RoundRunner:
     async def _evaluate_on(self, payload: serde.WeightsPayload, c: Contribution) -> None:
         if c.client.info is not None:
             check_minimum(c.client.info.protocol_version, "1.3", "federated evaluation (--federated-evaluation)")
-        await c.client.set_weights(payload, self.transfer.chunk_size, self.transfer.encoding)
+        await c.client.set_weights(payload, self.transfer.chunk_size, offered(c.client, self.transfer.model_encoding))
         result = await c.client.evaluate(payload.round_id)
         if result.round_id != payload.round_id:
             raise WorkerRejected(c.client.name, f"Evaluate answered for round id {result.round_id!r}")

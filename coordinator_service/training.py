@@ -29,6 +29,7 @@ from coordinator_service.rounds import (
 )
 from coordinator_service.strategy import Strategy
 from coordinator_service.worker_client import ClientSecurity, Expected, WorkerClient
+from fedpi import compression
 from fedpi.data import Split
 from fedpi.logs import is_console
 from fedpi.models import parameter_count
@@ -102,6 +103,9 @@ def describe(cfg: RunConfig, strategy: Strategy) -> dict:
         "strategy": type(strategy).__name__, **settings, "aggregation": str(cfg.aggregation),
         "server_optimizer": asdict(cfg.server_optimizer), "max_update_ratio": cfg.max_update_ratio,
         "federated_evaluation": cfg.federated_evaluation, "chunk_size": cfg.transfer.chunk_size,
+        "compression": compression.NAMES[cfg.transfer.encoding],
+        "global_model_encoding": compression.NAMES[cfg.transfer.model_encoding],
+        "sequential_evaluation": cfg.sequential_evaluation,
         "tls": cfg.security.tls, "token": cfg.security.token is not None,
     }
 

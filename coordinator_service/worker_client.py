@@ -248,14 +248,15 @@ class WorkerClient:
         await self._channel.close()
         self._channel, self._stub, self._verified_id = channel, stub, worker_id
 
-    async def set_weights(self, payload: serde.WeightsPayload, chunk_size: int, encoding: int) -> pb.SetWeightsResponse:
+    async def set_weights(self, payload: serde.WeightsPayload, chunk_size: int, encoding: int) -> int:
+        """Install `payload` on the worker; returns the bytes of chunk data sent."""
+        stream = payload.chunks(chunk_size, encoding)
         try:
-            return await self._stub.SetWeights(
-                payload.chunks(chunk_size, encoding),
-                timeout=self._transfer_timeout(payload.total_bytes), metadata=self._metadata,
-            )
+            await self._stub.SetWeights(stream, timeout=self._transfer_timeout(payload.total_bytes),
+                                        metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise translate(self.name, "SetWeights", exc) from None
+        return stream.wire_bytes
 
     async def train(self, request: pb.TrainRequest,
                     on_progress: Callable[[pb.TrainProgress], None] | None = None) -> pb.TrainResult:
@@ -306,9 +307,10 @@ class WorkerClient:
         except asyncio.TimeoutError:
             pass
 
-    async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int) -> AsyncIterator[pb.WeightsChunk]:
+    async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int,
+                          digest_in_trailer: bool = False) -> AsyncIterator[pb.WeightsChunk]:
         call = self._stub.GetWeights(
-            pb.GetWeightsRequest(chunk_size=chunk_size, encoding=encoding),
+            pb.GetWeightsRequest(chunk_size=chunk_size, encoding=encoding, digest_in_trailer=digest_in_trailer),
             timeout=self._transfer_timeout(expected_bytes), metadata=self._metadata,
         )
         try:
@@ -318,6 +320,24 @@ class WorkerClient:
             raise translate(self.name, "GetWeights", exc) from None
         finally:
             call.cancel()
+
+
+def speaks(client: WorkerClient, version: str) -> bool:
+    """Whether the worker (as of its last handshake) speaks protocol `version` or later."""
+    if client.info is None:
+        return False
+    try:
+        check_minimum(client.info.protocol_version, version, "")
+    except ProtocolMismatch:
+        return False
+    return True
+
+
+def offered(client: WorkerClient, encoding: int) -> int:
+    """`encoding` if the worker offers it in GetInfo's chunk encodings (any, if it was never asked), otherwise raw."""
+    if client.info is None or encoding in client.info.chunk_encodings:
+        return encoding
+    return pb.CHUNK_ENCODING_RAW
 
 
 def parse_workers(spec: str) -> list[tuple[str, str]]:

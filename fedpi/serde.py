@@ -8,20 +8,32 @@ this module: the worker to install and send weights, the coordinator to send and
 from __future__ import annotations
 
 import cmath
+import functools
 import hashlib
+import time
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from fedpi import compression
 from generated.fedpi.v1 import worker_pb2 as pb
+
+# Received chunks are read through read-only views, never written: torch's warning about that does not apply.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_CHUNK_BYTES = 4 << 20
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
 DIGEST_PREFIX = "sha256:"
-SUPPORTED_ENCODINGS = (pb.CHUNK_ENCODING_RAW, pb.CHUNK_ENCODING_ZLIB)
+# The standard digests a stream may carry. sha256 everywhere; since protocol 1.5 also BLAKE2b-512, which is about
+# twice as fast on CPUs without SHA instructions (a Raspberry Pi 4).
+DIGESTS = {"sha256": hashlib.sha256, "blake2b": hashlib.blake2b}
+SUPPORTED_ENCODINGS = (pb.CHUNK_ENCODING_RAW, pb.CHUNK_ENCODING_ZLIB, *compression.LOSSY)
+# What SetWeights accepts: an int8 delta needs a base the receiver of the global model does not have.
+MODEL_ENCODINGS = (pb.CHUNK_ENCODING_RAW, pb.CHUNK_ENCODING_ZLIB, compression.FP16, compression.BF16)
 
 # Every dtype a state_dict can hold and that has a fixed byte layout (quantized tensors are not supported).
 _DTYPES: dict[str, torch.dtype] = {
@@ -152,10 +164,25 @@ def digest_of(views: Sequence[memoryview]) -> str:
     return DIGEST_PREFIX + h.hexdigest()
 
 
+@functools.cache
+def fastest_digest() -> str:
+    """The digest this CPU computes faster, measured once on 4 MiB: sha256 where the CPU has SHA instructions
+    (x86-64 with SHA-NI, ARMv8.2 such as a Pi 5), blake2b where it does not (a Pi 4)."""
+    data = bytes(4 << 20)
+
+    def seconds(name: str) -> float:
+        start = time.perf_counter()
+        DIGESTS[name](data).digest()
+        return time.perf_counter() - start
+
+    return min(DIGESTS, key=lambda name: min(seconds(name) for _ in range(3)))
+
+
 class WeightsPayload:
-    """A state_dict prepared once for sending: manifest, digest and byte views, no copy of the tensors.
+    """A state_dict prepared once for sending: manifest and byte views, no copy of the tensors.
 
     The same payload can be streamed to any number of receivers; each call to `chunks` copies one chunk at a time.
+    Its sha256 digest is computed on first use; a stream with its digest in a trailer hashes as it sends instead.
     """
 
     def __init__(self, state_dict: Mapping[str, torch.Tensor], *, round: int, architecture: str,
@@ -165,34 +192,106 @@ class WeightsPayload:
         self.trained = trained
         self.architecture = architecture
         self.manifest = manifest_of(state_dict)
-        self._views = [_byte_view(t) for t in state_dict.values()]
+        self._flat = [t.detach().contiguous().reshape(-1) for t in state_dict.values()]
+        self._views = [_byte_view(t) for t in self._flat]
         self.total_bytes = sum(m.nbytes for m in self.manifest)
-        self.digest = digest_of(self._views)
+        self._digest: str | None = None
 
-    def header(self, encoding: int = pb.CHUNK_ENCODING_RAW) -> pb.WeightsHeader:
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = digest_of(self._views)
+        return self._digest
+
+    def header(self, encoding: int = pb.CHUNK_ENCODING_RAW, digest: str | None = None) -> pb.WeightsHeader:
         return pb.WeightsHeader(
             round=self.round,
             model_architecture=self.architecture,
             tensors=[m.to_proto() for m in self.manifest],
             total_bytes=self.total_bytes,
-            digest=self.digest,
+            digest=self.digest if digest is None else digest,
             encoding=encoding,
             round_id=self.round_id,
             trained=self.trained,
         )
 
-    def chunks(
-        self, chunk_size: int = DEFAULT_CHUNK_BYTES, encoding: int = pb.CHUNK_ENCODING_RAW
-    ) -> Iterator[pb.WeightsChunk]:
+    def chunks(self, chunk_size: int = DEFAULT_CHUNK_BYTES, encoding: int = pb.CHUNK_ENCODING_RAW, *,
+               trailer: str | None = None, base: Sequence[torch.Tensor] | None = None,
+               residual: Sequence[torch.Tensor | None] | None = None) -> OutgoingStream:
+        """The stream: header, data chunks, and with `trailer` (a name in DIGESTS) a trailer holding the digest,
+        which lossy encodings always send (their digest is of the decoded values). `base` and `residual` (flat, in
+        manifest order) are what int8 deltas are taken from and the error fed back into them."""
         if chunk_size <= 0:
             raise ValueError(f"chunk size must be positive, got {chunk_size}")
-        yield pb.WeightsChunk(header=self.header(encoding))
-        offset = 0
-        for pieces in _cut(self._views, chunk_size):
-            # One copy per chunk: a piece within one tensor is copied straight from it, several are joined.
-            raw = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
-            yield _data_chunk(offset, raw, encoding)
-            offset += len(raw)
+        if encoding == compression.INT8 and base is None:
+            raise ValueError("int8 deltas need the weights they are a delta from")
+        if encoding in compression.LOSSY:
+            trailer = trailer or "sha256"
+        return OutgoingStream(self, self._data(chunk_size, encoding, base, residual), encoding, trailer)
+
+    def _data(self, chunk_size: int, encoding: int, base, residual) -> Iterator[tuple[pb.WeightsData, bytes, int]]:
+        """(data message, the decoded bytes it stands for, its size on the wire) for every chunk."""
+        if encoding not in compression.LOSSY:
+            offset = 0
+            for pieces in _cut(self._views, chunk_size):
+                # One copy per chunk: a piece within one tensor is copied straight from it, several are joined.
+                raw = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+                data = zlib.compress(raw, 1) if encoding == pb.CHUNK_ENCODING_ZLIB else raw
+                yield pb.WeightsData(offset=offset, data=data), raw, len(data)
+                offset += len(raw)
+            return
+        starts = [0]
+        for m in self.manifest:
+            starts.append(starts[-1] + m.nbytes)
+        for p in compression.pieces([m.numel for m in self.manifest], [m.torch_dtype for m in self.manifest],
+                                    chunk_size, encoding):
+            span = slice(p.start, p.start + p.count)
+            of_base = base[p.index] if base is not None else None
+            carried = residual[p.index] if residual is not None else None
+            wire, decoded = compression.encode(self._flat[p.index][span], encoding,
+                                               of_base[span] if of_base is not None else None,
+                                               carried[span] if carried is not None else None)
+            offset = starts[p.index] + p.start * self.manifest[p.index].itemsize
+            yield pb.WeightsData(offset=offset, data=wire), compression.raw_view(decoded), len(wire)
+
+
+class OutgoingStream:
+    """One stream of a payload (an iterator of WeightsChunk), counting the chunk data bytes it has produced."""
+
+    def __init__(self, payload: WeightsPayload, data: Iterator[tuple[pb.WeightsData, bytes, int]], encoding: int,
+                 trailer: str | None):
+        self.wire_bytes = 0
+        self._messages = self._stream(payload, data, encoding, trailer)
+
+    def __iter__(self) -> OutgoingStream:
+        return self
+
+    def __next__(self) -> pb.WeightsChunk:
+        return next(self._messages)
+
+    def _stream(self, payload: WeightsPayload, data: Iterator[tuple[pb.WeightsData, bytes, int]], encoding: int,
+                trailer: str | None) -> Iterator[pb.WeightsChunk]:
+        hasher = DIGESTS[trailer]() if trailer else None
+        yield pb.WeightsChunk(header=payload.header(encoding, digest=f"{trailer}:" if trailer else None))
+        for message, decoded, size in data:
+            self.wire_bytes += size
+            if hasher is not None:
+                hasher.update(decoded)
+            yield pb.WeightsChunk(data=message)
+        if hasher is not None:
+            yield pb.WeightsChunk(trailer=pb.WeightsTrailer(digest=f"{trailer}:{hasher.hexdigest()}"))
+
+
+def piece_sizes(manifest: Sequence[TensorMeta], chunk_size: int, encoding: int) -> Iterator[int]:
+    """The decoded size of each data chunk of a payload sent with `chunk_size` and `encoding`."""
+    if encoding not in compression.LOSSY:
+        total = sum(m.nbytes for m in manifest)
+        for offset in range(0, total, chunk_size):
+            yield min(chunk_size, total - offset)
+        return
+    dtypes = [m.torch_dtype for m in manifest]
+    for p in compression.pieces([m.numel for m in manifest], dtypes, chunk_size, encoding):
+        yield p.count * dtypes[p.index].itemsize
 
 
 def _cut(views: Sequence[memoryview], chunk_size: int) -> Iterator[list[memoryview]]:
@@ -213,16 +312,12 @@ def _cut(views: Sequence[memoryview], chunk_size: int) -> Iterator[list[memoryvi
         yield pieces
 
 
-def _data_chunk(offset: int, raw: bytes, encoding: int) -> pb.WeightsChunk:
-    data = zlib.compress(raw, 1) if encoding == pb.CHUNK_ENCODING_ZLIB else raw
-    return pb.WeightsChunk(data=pb.WeightsData(offset=offset, data=data))
-
-
 class StreamReader:
     """Checks a weight stream message by message; yields validated raw byte segments to its caller.
 
     `expected` is the manifest the receiver's model has; the header must match it exactly. Nothing is trusted
     until `finish` has checked length and digest, so callers must treat earlier segments as provisional.
+    `encodings` are the chunk encodings accepted; int8 deltas also need `base`, the flat tensors they are from.
     """
 
     def __init__(
@@ -232,26 +327,36 @@ class StreamReader:
         expected: Sequence[TensorMeta] | None,
         max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        encodings: Sequence[int] = MODEL_ENCODINGS,
+        base: Sequence[torch.Tensor] | None = None,
     ):
         self.architecture = architecture
         self.expected = list(expected) if expected is not None else None
         self.max_chunk_bytes = max_chunk_bytes
         self.max_payload_bytes = max_payload_bytes
+        self.encodings = (pb.CHUNK_ENCODING_UNSPECIFIED, *encodings)
+        self.base = base
         self.header: pb.WeightsHeader | None = None
         self.manifest: list[TensorMeta] = []
-        self.received = 0
-        self._hash = hashlib.sha256()
+        self.received = 0  # decoded bytes
+        self.wire_bytes = 0  # bytes of chunk data as they crossed the network
+        self.digest = ""  # the digest announced: the header's, or the trailer's once it arrived
+        self._hash = None
+        self._tensor, self._element = 0, 0  # where the next lossy chunk starts
 
-    def accept(self, chunk: pb.WeightsChunk) -> bytes | None:
-        """Validate one message; return the raw bytes of a data chunk (None for the header)."""
+    def accept(self, chunk: pb.WeightsChunk) -> bytes | memoryview | None:
+        """Validate one message; return the raw bytes of a data chunk (None for the header and the trailer)."""
         kind = chunk.WhichOneof("kind")
         if kind == "header":
             self._accept_header(chunk.header)
             return None
-        if kind != "data":
+        if kind not in ("data", "trailer"):
             raise MalformedStream("empty WeightsChunk: set either header or data")
         if self.header is None:
-            raise MalformedStream("data chunk before the header: a weight stream must start with a WeightsHeader")
+            raise MalformedStream(f"{kind} before the header: a weight stream must start with a WeightsHeader")
+        if kind == "trailer":
+            self._accept_trailer(chunk.trailer)
+            return None
         return self._accept_data(chunk.data)
 
     def _accept_header(self, header: pb.WeightsHeader) -> None:
@@ -263,10 +368,15 @@ class StreamReader:
                 f"start the worker with --model {header.model_architecture} or the coordinator with "
                 f"--model {self.architecture}"
             )
-        if header.encoding not in (pb.CHUNK_ENCODING_UNSPECIFIED, *SUPPORTED_ENCODINGS):
-            raise MalformedStream(f"unknown chunk encoding {header.encoding}")
-        if not header.digest.startswith(DIGEST_PREFIX):
-            raise MalformedStream(f"digest must be '{DIGEST_PREFIX}<hex>', got {header.digest[:80]!r}")
+        if header.encoding not in self.encodings:
+            raise MalformedStream(f"chunk encoding {header.encoding} is unknown or not accepted here (accepted: "
+                                  f"{', '.join(compression.NAMES.get(e, str(e)) for e in self.encodings[1:])})")
+        if header.encoding == compression.INT8 and self.base is None:
+            raise MalformedStream("int8 deltas need the weights they are a delta from, which this receiver lacks")
+        algorithm, _, hex_digest = header.digest.partition(":")
+        if algorithm not in DIGESTS:
+            raise MalformedStream(f"digest must be '<algorithm>:<hex>' with algorithm {' or '.join(DIGESTS)}, got "
+                                  f"{header.digest[:80]!r}")
         manifest = [_meta_from_proto(s) for s in header.tensors]
         total = sum(m.nbytes for m in manifest)
         if header.total_bytes != total:
@@ -280,22 +390,41 @@ class StreamReader:
             _check_manifest(manifest, self.expected)
         self.header = header
         self.manifest = manifest
+        self.digest = header.digest
+        self._hash = DIGESTS[algorithm]()
 
-    def _accept_data(self, data: pb.WeightsData) -> bytes:
+    @property
+    def _trailer_expected(self) -> bool:
+        return self.digest.endswith(":")
+
+    def _accept_trailer(self, trailer: pb.WeightsTrailer) -> None:
+        if not self._trailer_expected:
+            raise MalformedStream("trailer in a stream whose header carried its digest (or a second trailer)")
+        if self.received != self.header.total_bytes:
+            raise MalformedStream(f"trailer after {self.received} of {self.header.total_bytes} bytes: it must come "
+                                  f"last")
+        if not trailer.digest.startswith(self.digest) or trailer.digest == self.digest:
+            raise MalformedStream(f"the trailer's digest {trailer.digest[:80]!r} is not the {self.digest[:-1]} "
+                                  f"digest the header announced")
+        self.digest = trailer.digest
+
+    def _accept_data(self, data: pb.WeightsData) -> bytes | memoryview:
         assert self.header is not None
-        if len(data.data) > self.max_chunk_bytes:
-            raise PayloadTooLarge(f"chunk of {len(data.data)} bytes exceeds the limit of {self.max_chunk_bytes}")
+        wire = data.data  # read once: each read of a bytes field makes a new object
+        if len(wire) > self.max_chunk_bytes:
+            raise PayloadTooLarge(f"chunk of {len(wire)} bytes exceeds the limit of {self.max_chunk_bytes}")
         if data.offset != self.received:
             raise MalformedStream(
                 f"chunk at offset {data.offset} but {self.received} bytes were received so far: chunks must arrive "
                 f"in order without gaps"
             )
-        raw = self._decode(data.data)
+        raw = self._decode_piece(wire) if self.header.encoding in compression.LOSSY else self._decode(wire)
         if self.received + len(raw) > self.header.total_bytes:
             raise PayloadTooLarge(
                 f"stream carries more than the {self.header.total_bytes} bytes its header announced"
             )
         self.received += len(raw)
+        self.wire_bytes += len(wire)
         self._hash.update(raw)
         return raw
 
@@ -315,6 +444,28 @@ class StreamReader:
             raise MalformedStream(f"zlib chunk at offset {self.received} is truncated")
         return raw
 
+    def _decode_piece(self, data: bytes) -> memoryview:
+        """A lossy chunk: elements of the tensor where the last chunk stopped, decoded into its dtype."""
+        while self._tensor < len(self.manifest) and self._element == self.manifest[self._tensor].numel:
+            self._tensor, self._element = self._tensor + 1, 0
+        if self._tensor == len(self.manifest):
+            raise PayloadTooLarge(f"stream carries more than the {self.header.total_bytes} bytes its header announced")
+        meta, encoding = self.manifest[self._tensor], self.header.encoding
+        left = meta.numel - self._element
+        base = None
+        if encoding == compression.INT8 and compression.encoded(meta.torch_dtype, encoding):
+            base = self.base[self._tensor][self._element : self._element + left]
+        try:
+            values = compression.decode(data, meta.torch_dtype, encoding, base[: len(data) - 4] if base is not None
+                                        else None)
+        except ValueError as exc:
+            raise MalformedStream(f"{meta.name}: chunk at element {self._element}: {exc}") from None
+        if not 0 < len(values) <= left:
+            raise MalformedStream(f"{meta.name}: a chunk of {len(values)} elements at element {self._element} does "
+                                  f"not fit the {left} left in the tensor (a lossy chunk holds one tensor's elements)")
+        self._element += len(values)
+        return compression.raw_view(values)
+
     def finish(self) -> None:
         """Call at end of stream: the payload must be complete and match its digest."""
         if self.header is None:
@@ -323,9 +474,11 @@ class StreamReader:
             raise MalformedStream(
                 f"weight stream ended after {self.received} of {self.header.total_bytes} bytes; nothing was applied"
             )
-        digest = DIGEST_PREFIX + self._hash.hexdigest()
-        if digest != self.header.digest:
-            raise DigestMismatch(f"payload digest {digest} does not match the header's {self.header.digest}")
+        if self._trailer_expected:
+            raise MalformedStream("weight stream ended without the trailer its header announced; nothing was applied")
+        digest = f"{self.digest.partition(':')[0]}:{self._hash.hexdigest()}"
+        if digest != self.digest:
+            raise DigestMismatch(f"payload digest {digest} does not match the announced {self.digest}")
 
 
 def _check_manifest(got: Sequence[TensorMeta], expected: Sequence[TensorMeta]) -> None:

@@ -13,7 +13,7 @@ import structlog
 import torch
 
 import fedpi
-from fedpi import serde
+from fedpi import compression, serde
 from fedpi.data import Dataset
 from fedpi.models import parameter_count
 from fedpi.task import Task, fingerprint
@@ -82,6 +82,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._model_lock = asyncio.Lock()  # held while training or installing: the model is never seen half-done
         self._upload_active = False  # one upload at a time bounds the memory held by partial uploads
         self._snapshot: serde.WeightsPayload | None = None  # shared by GetWeights streams until the weights change
+        # int8 deltas (TrainRequest.update_encoding): the weights Train started from, the quantisation error fed back
+        # into the next update, and this update's chunks, quantised once however often they are fetched.
+        self._base: list[torch.Tensor | None] | None = None
+        self._residual: list[torch.Tensor | None] | None = None
+        self._int8: tuple[int, list[pb.WeightsChunk]] | None = None  # (chunk size, chunks)
+        self._encode_lock = asyncio.Lock()
         self._downloads = 0
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -200,6 +206,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def _set_weights_identity(self, round_: int, round_id: str, trained: bool = False) -> None:
         self.weights_round, self.weights_round_id, self.weights_trained = round_, round_id, trained
         self._snapshot = None
+        self._base = self._int8 = None
         self.metrics.weights_round.set(round_)
 
     def _check_trainable(self, request: pb.TrainRequest) -> None:
@@ -237,7 +244,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         async with self._model_lock:
             self.training_round = request.round
             self.metrics.training.set(1)
-            self._snapshot = None
+            self._snapshot = self._int8 = None
+            self._keep_base(request.update_encoding == pb.CHUNK_ENCODING_INT8_DELTA)
             structlog.contextvars.bind_contextvars(round=request.round)
             job = TrainingJob(self.trainer, cfg, self.progress_every)
             try:
@@ -268,6 +276,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             mean_loss=outcome.mean_loss, accuracy=outcome.accuracy, train_seconds=outcome.train_seconds,
             test_loss=outcome.test_loss, test_accuracy=outcome.test_accuracy, test_samples=outcome.test_samples,
         )))
+
+    def _keep_base(self, keep: bool) -> None:
+        """Before a Train whose update goes back as int8 deltas: keep the weights it starts from."""
+        if not keep:
+            self._base = None
+            return
+        self._base = [t.detach().reshape(-1).clone() if t.is_floating_point() else None
+                      for t in self.model.state_dict().values()]
+        if self._residual is None:
+            self._residual = [torch.zeros(len(t), dtype=torch.float32) if t is not None else None for t in self._base]
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResult:
         try:
@@ -307,18 +325,44 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 raise ValueError(f"unsupported chunk encoding {request.encoding}")
             if self._model_lock.locked():
                 raise Busy(self._busy_reason() + "; call GetWeights after Train has finished")
+            if encoding == pb.CHUNK_ENCODING_INT8_DELTA and (self._base is None or not self.weights_trained):
+                raise ProtocolMismatch(f"worker {self.worker_id} has no int8 delta to send: its weights were not "
+                                       f"trained by a Train that asked for one (TrainRequest.update_encoding)")
             if self._downloads >= self.limits.max_concurrent_downloads:
                 raise TooManyDownloads(f"worker {self.worker_id} already serves {self._downloads} GetWeights streams, "
                                        f"its limit; retry when one has finished")
         except (ValueError, ProtocolMismatch, Busy, TooManyDownloads) as exc:
             await self._abort(context, exc, "GetWeights")
+        trailer = serde.fastest_digest() if request.digest_in_trailer or encoding in compression.LOSSY else None
         self._downloads += 1
         try:
             payload = await self._current_snapshot()
-            for chunk in payload.chunks(chunk_size, encoding):
+            if encoding == pb.CHUNK_ENCODING_INT8_DELTA:
+                try:
+                    chunks = await self._int8_update(payload, chunk_size, trailer)
+                except ProtocolMismatch as exc:
+                    await self._abort(context, exc, "GetWeights")
+            else:
+                chunks = payload.chunks(chunk_size, encoding, trailer=trailer)
+            for chunk in chunks:
                 await context.write(chunk)
         finally:
             self._downloads -= 1
+
+    async def _int8_update(self, payload: serde.WeightsPayload, chunk_size: int,
+                           trailer: str) -> list[pb.WeightsChunk]:
+        """The update as int8 deltas, quantised once (the residual moves on once per update): a second fetch, e.g.
+        for clipping, gets the same bytes."""
+        async with self._encode_lock:
+            if self._int8 is None:
+                chunks = await asyncio.to_thread(list, payload.chunks(
+                    chunk_size, pb.CHUNK_ENCODING_INT8_DELTA, trailer=trailer, base=self._base,
+                    residual=self._residual))
+                self._int8 = (chunk_size, chunks)
+            if self._int8[0] != chunk_size:
+                raise ProtocolMismatch(f"this update was quantised in {self._int8[0]}-byte chunks (a scale per "
+                                       f"chunk); fetch it again with chunk_size={self._int8[0]}")
+            return self._int8[1]
 
     async def _current_snapshot(self) -> serde.WeightsPayload:
         """One copy of the weights per version, shared by every reader: a slow reader never holds the model, and

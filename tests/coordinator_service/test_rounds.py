@@ -45,7 +45,7 @@ class FakeWorker:
         reader = serde.StreamReader(architecture=ARCH, expected=payload.manifest)
         self.state = {k: v.clone() for k, v in serde.read_state_dict(reader, payload.chunks(chunk_size)).items()}
         self.round_id, self.round, self.trained = payload.round_id, payload.round, False
-        return pb.SetWeightsResponse(round=payload.round)
+        return payload.total_bytes
 
     def step(self) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)
@@ -63,7 +63,7 @@ class FakeWorker:
         return serde.WeightsPayload(self.update(), round=self.round, architecture=ARCH, round_id=self.round_id,
                                     trained=self.trained)
 
-    async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int):
+    async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int, digest_in_trailer=False):
         for chunk in self.payload().chunks(chunk_size, encoding):
             await asyncio.sleep(0)
             yield chunk
@@ -112,7 +112,7 @@ class OtherRun(FakeWorker):
 class DiesMidStream(FakeWorker):
     """Its first GetWeights stream breaks after two chunks; later ones fail at once (the process is gone)."""
 
-    async def get_weights(self, chunk_size, encoding, expected_bytes):
+    async def get_weights(self, chunk_size, encoding, expected_bytes, digest_in_trailer=False):
         for i, chunk in enumerate(self.payload().chunks(chunk_size, encoding)):
             if i == 3:
                 raise WorkerUnavailable(self.name, "GetWeights failed with UNAVAILABLE: connection reset")

@@ -18,12 +18,18 @@ class ChunkEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHUNK_ENCODING_UNSPECIFIED: _ClassVar[ChunkEncoding]
     CHUNK_ENCODING_RAW: _ClassVar[ChunkEncoding]
     CHUNK_ENCODING_ZLIB: _ClassVar[ChunkEncoding]
+    CHUNK_ENCODING_FP16: _ClassVar[ChunkEncoding]
+    CHUNK_ENCODING_BF16: _ClassVar[ChunkEncoding]
+    CHUNK_ENCODING_INT8_DELTA: _ClassVar[ChunkEncoding]
 WORKER_STATE_UNSPECIFIED: WorkerState
 WORKER_STATE_IDLE: WorkerState
 WORKER_STATE_TRAINING: WorkerState
 CHUNK_ENCODING_UNSPECIFIED: ChunkEncoding
 CHUNK_ENCODING_RAW: ChunkEncoding
 CHUNK_ENCODING_ZLIB: ChunkEncoding
+CHUNK_ENCODING_FP16: ChunkEncoding
+CHUNK_ENCODING_BF16: ChunkEncoding
+CHUNK_ENCODING_INT8_DELTA: ChunkEncoding
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
@@ -117,13 +123,21 @@ class WeightsData(_message.Message):
     data: bytes
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class WeightsTrailer(_message.Message):
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    def __init__(self, digest: _Optional[str] = ...) -> None: ...
+
 class WeightsChunk(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "data", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: WeightsHeader
     data: WeightsData
-    def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., data: _Optional[_Union[WeightsData, _Mapping]] = ...) -> None: ...
+    trailer: WeightsTrailer
+    def __init__(self, header: _Optional[_Union[WeightsHeader, _Mapping]] = ..., data: _Optional[_Union[WeightsData, _Mapping]] = ..., trailer: _Optional[_Union[WeightsTrailer, _Mapping]] = ...) -> None: ...
 
 class SetWeightsResponse(_message.Message):
     __slots__ = ("round", "bytes_received", "seconds")
@@ -136,7 +150,7 @@ class SetWeightsResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id", "proximal_mu", "local_seconds")
+    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id", "proximal_mu", "local_seconds", "update_encoding")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +162,7 @@ class TrainRequest(_message.Message):
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     LOCAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_ENCODING_FIELD_NUMBER: _ClassVar[int]
     round: int
     local_batches: int
     local_epochs: int
@@ -159,7 +174,8 @@ class TrainRequest(_message.Message):
     round_id: str
     proximal_mu: float
     local_seconds: float
-    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., local_seconds: _Optional[float] = ...) -> None: ...
+    update_encoding: ChunkEncoding
+    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., local_seconds: _Optional[float] = ..., update_encoding: _Optional[_Union[ChunkEncoding, str]] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
     __slots__ = ("batches_done", "batches_total", "mean_loss", "seconds", "heartbeat")
@@ -230,9 +246,11 @@ class EvaluateResult(_message.Message):
     def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., samples: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class GetWeightsRequest(_message.Message):
-    __slots__ = ("chunk_size", "encoding")
+    __slots__ = ("chunk_size", "encoding", "digest_in_trailer")
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_IN_TRAILER_FIELD_NUMBER: _ClassVar[int]
     chunk_size: int
     encoding: ChunkEncoding
-    def __init__(self, chunk_size: _Optional[int] = ..., encoding: _Optional[_Union[ChunkEncoding, str]] = ...) -> None: ...
+    digest_in_trailer: bool
+    def __init__(self, chunk_size: _Optional[int] = ..., encoding: _Optional[_Union[ChunkEncoding, str]] = ..., digest_in_trailer: _Optional[bool] = ...) -> None: ...
