@@ -514,9 +514,9 @@ class Assembler:
     def add(self, chunk: pb.WeightsChunk) -> None:
         offset = self.reader.received
         raw = self.reader.accept(chunk)
-        if raw is None:
+        if chunk.HasField("header"):
             self._buf = bytearray(self.reader.header.total_bytes)
-        else:
+        elif raw is not None:
             self._buf[offset : offset + len(raw)] = raw
 
     def finish(self) -> dict[str, torch.Tensor]:

@@ -64,7 +64,9 @@ class FakeWorker:
                                     trained=self.trained)
 
     async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int, digest_in_trailer=False):
-        for chunk in self.payload().chunks(chunk_size, encoding):
+        self.asked = encoding
+        base = [t.reshape(-1) for t in self.state.values()] if encoding == pb.CHUNK_ENCODING_INT8_DELTA else None
+        for chunk in self.payload().chunks(chunk_size, encoding, base=base):
             await asyncio.sleep(0)
             yield chunk
 
@@ -119,10 +121,12 @@ class DiesMidStream(FakeWorker):
             yield chunk
 
 
-def _runner(model, rule: str = "fedavg", chunk_size: int = 7, min_workers: int = 1, **kw) -> RoundRunner:
+def _runner(model, rule: str = "fedavg", chunk_size: int = 7, min_workers: int = 1, encoding: int = 0,
+            **kw) -> RoundRunner:
     return RoundRunner(model=model, architecture=ARCH,
                        strategy=FedAvg(local_batches=2, batch_size=64, min_workers=min_workers),
-                       transfer=TransferSettings(chunk_size=chunk_size), aggregation=parse_aggregation(rule), **kw)
+                       transfer=TransferSettings(chunk_size=chunk_size, encoding=encoding or pb.CHUNK_ENCODING_RAW),
+                       aggregation=parse_aggregation(rule), **kw)
 
 
 def _run(runner, workers):
@@ -165,6 +169,34 @@ def test_fedavg_equals_the_weighted_mean_of_the_updates():
     # Assert
     assert not report.failures
     _assert_state(model, _expected(g, workers, _weighted_mean))
+
+
+@pytest.mark.parametrize("encoding", [pb.CHUNK_ENCODING_FP16, pb.CHUNK_ENCODING_BF16, pb.CHUNK_ENCODING_INT8_DELTA])
+def test_compressed_updates_are_averaged_as_decoded_and_workers_that_do_not_offer_one_send_raw(encoding):
+    """The aggregate is the weighted mean of each update as its encoding delivers it, decoded here on its own; a
+    worker whose GetInfo does not offer the encoding is asked for raw weights instead."""
+    model = tiny_model()
+    g = _global(model)
+    workers = [FakeWorker("a", 1, 16), FakeWorker("b", 2, 120), FakeWorker("old", 3, 64)]
+    for w in workers[:2]:
+        w.info.chunk_encodings[:] = serde.SUPPORTED_ENCODINGS
+    workers[2].info.chunk_encodings[:] = [pb.CHUNK_ENCODING_RAW, pb.CHUNK_ENCODING_ZLIB]
+    runner = _runner(model, chunk_size=12, encoding=encoding)
+    report = _run(runner, workers)
+    assert not report.failures and [w.asked for w in workers] == [encoding, encoding, pb.CHUNK_ENCODING_RAW]
+    decoded = []
+    for w in workers:
+        base = [t.reshape(-1) for t in g.values()]
+        payload = serde.WeightsPayload(w.update(), round=1, architecture=ARCH)
+        reader = serde.StreamReader(architecture=ARCH, expected=payload.manifest, encodings=(w.asked,), base=base)
+        decoded.append(serde.read_state_dict(reader, payload.chunks(12, w.asked, base=base)))
+    expected = {k: _weighted_mean(torch.stack([d[k].double() for d in decoded]), workers).to(v.dtype)
+                for k, v in g.items()}
+    _assert_state(model, expected)
+    raw = _expected(g, workers, _weighted_mean)["0.weight"]
+    assert not torch.allclose(raw, expected["0.weight"], rtol=0, atol=1e-7)  # the encoding did change the values
+    sent = report.workers[0]
+    assert sent.bytes_received < sent.bytes_sent == serde.WeightsPayload(g, round=1, architecture=ARCH).total_bytes
 
 
 @pytest.mark.parametrize("bad, phase, reason", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import threading
 
@@ -225,3 +226,43 @@ def test_evaluate_reports_the_installed_weights_and_checks_the_round_id(worker):
     code, details = _code(lambda: stub.Evaluate(pb.EvaluateRequest(round_id="run/2.1"), metadata=METADATA,
                                                 timeout=10))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "call SetWeights" in details
+
+
+def _weights(stub, **request) -> list[pb.WeightsChunk]:
+    return list(stub.GetWeights(pb.GetWeightsRequest(**request), metadata=METADATA, timeout=30))
+
+
+def test_get_weights_can_send_its_digest_in_a_trailer_computed_while_sending(worker):
+    _, stub = worker
+    payload = _payload(round_=6, seed=6)
+    stub.SetWeights(payload.chunks(1 << 20, trailer="blake2b"), metadata=METADATA, timeout=30)  # a trailer upstream
+    chunks = _weights(stub, chunk_size=100_000, digest_in_trailer=True)
+    algorithm = chunks[0].header.digest
+    assert algorithm in ("sha256:", "blake2b:") and chunks[-1].HasField("trailer")
+    raw = b"".join(c.data.data for c in chunks[1:-1])
+    assert chunks[-1].trailer.digest == algorithm + hashlib.new(algorithm[:-1], raw).hexdigest()
+    assert _digest(stub) == (payload.digest, 6)  # without the flag: the sha256 digest in the header, as before
+
+
+def test_int8_updates_need_a_train_that_asked_for_them_and_are_quantised_once(worker):
+    _, stub = worker
+    payload = _payload(round_=7, seed=7)
+    stub.SetWeights(payload.chunks(), metadata=METADATA, timeout=30)
+    int8 = dict(chunk_size=65536, encoding=pb.CHUNK_ENCODING_INT8_DELTA)
+    code, details = _code(lambda: _weights(stub, **int8))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "update_encoding" in details
+    list(stub.Train(pb.TrainRequest(round=7, local_batches=2, batch_size=16, learning_rate=0.05,
+                                    update_encoding=pb.CHUNK_ENCODING_INT8_DELTA), metadata=METADATA, timeout=60))
+    first, again = _weights(stub, **int8), _weights(stub, **int8)
+    assert first == again  # the residual moved on once; a second fetch (clipping) gets the same bytes
+    wire = sum(len(c.data.data) for c in first if c.HasField("data"))
+    assert wire < payload.total_bytes / 3.9
+    base = [t.reshape(-1) for t in build_model(ARCH, seed=7).state_dict().values()]
+    reader = serde.StreamReader(architecture=ARCH, expected=payload.manifest, encodings=(int8["encoding"],), base=base)
+    update = serde.read_state_dict(reader, iter(first))
+    raw = serde.read_state_dict(serde.StreamReader(architecture=ARCH, expected=payload.manifest), iter(_weights(stub)))
+    for name, t in raw.items():  # within half a quantisation step of the trained weights
+        assert float((update[name] - t).abs().max()) <= float((t.reshape(-1) - base[list(raw).index(name)]).abs()
+                                                                .max()) / 127 / 2 * 1.01 + 1e-7, name
+    code, details = _code(lambda: _weights(stub, chunk_size=32768, encoding=pb.CHUNK_ENCODING_INT8_DELTA))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "chunk_size=65536" in details
