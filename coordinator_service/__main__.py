@@ -38,7 +38,14 @@ from coordinator_service.worker_client import ClientSecurity, DiscoveryFailed, d
 from fedpi import data as datasets
 from fedpi import task as tasks
 from fedpi import compression
-from fedpi.cli import add_task_arguments, apply_env_defaults, env_name, make_task, read_secret
+from fedpi.cli import (
+    add_task_arguments,
+    apply_env_defaults,
+    env_name,
+    freeze_startup_objects,
+    make_task,
+    read_secret,
+)
 from fedpi.mnist_task import MnistTask
 from fedpi.logs import LOG_FORMATS, configure_logging, wants_console
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -399,6 +406,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m coordinator_servi
     observer = _observers(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    freeze_startup_objects()
     try:
         asyncio.run(train(args, observer) if args.command == "train" else _demo(args, observer))
     except (HandshakeFailed, RoundFailed, DiscoveryFailed, CheckpointMismatch, datasets.DatasetUnavailable,

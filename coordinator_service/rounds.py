@@ -217,8 +217,8 @@ class RoundRunner:
             structlog.contextvars.unbind_contextvars("round")
 
     async def _off_loop(self, work: Callable, *args):
-        """CPU work on weights (hashing, decoding, folding) runs on one thread of its own: the event loop keeps
-        moving bytes meanwhile, and folds into the shared sum never race."""
+        """CPU work on the global model and the sum (preparing, folding, averaging) runs on one thread of its own:
+        the event loop keeps moving bytes meanwhile, and folds into the shared sum never race."""
         return await asyncio.get_running_loop().run_in_executor(self._cpu, work, *args)
 
     async def _prepare(self, number: int) -> _Round:
@@ -360,7 +360,8 @@ class RoundRunner:
         stream = c.client.get_weights(chunk_size, encoding, payload.total_bytes, speaks(c.client, "1.5"))
         async for chunk in stream:
             offset = reader.received
-            raw = await self._off_loop(reader.accept, chunk)
+            # Each stream checks and hashes its chunks on threads of its own, beside the one thread that folds.
+            raw = await asyncio.to_thread(reader.accept, chunk)
             if raw is None:
                 if chunk.HasField("header"):
                     _check_update_header(reader.header, rnd)

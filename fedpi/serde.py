@@ -507,17 +507,26 @@ def read_state_dict(reader: StreamReader, chunks: Iterator[pb.WeightsChunk]) -> 
 class Assembler:
     """Collects a validated stream into one buffer; tensors exist only once the stream checked out whole."""
 
-    def __init__(self, reader: StreamReader):
+    def __init__(self, reader: StreamReader, buffer: bytearray | None = None):
+        """`buffer`: memory to assemble in if it is large enough, e.g. the last upload's: a fresh model-sized buffer
+        costs a page fault per 4 KiB, a large share of an upload's CPU time."""
         self.reader = reader
+        self._spare = buffer
         self._buf: bytearray | None = None
 
     def add(self, chunk: pb.WeightsChunk) -> None:
         offset = self.reader.received
         raw = self.reader.accept(chunk)
         if chunk.HasField("header"):
-            self._buf = bytearray(self.reader.header.total_bytes)
+            total = self.reader.header.total_bytes
+            spare = self._spare
+            self._buf = spare if spare is not None and len(spare) >= total else bytearray(total)
         elif raw is not None:
             self._buf[offset : offset + len(raw)] = raw
+
+    @property
+    def buffer(self) -> bytearray | None:
+        return self._buf
 
     def finish(self) -> dict[str, torch.Tensor]:
         self.reader.finish()

@@ -22,7 +22,7 @@ import torch
 
 from fedpi import data as datasets
 from fedpi import task as tasks
-from fedpi.cli import add_task_arguments, apply_env_defaults, make_task, read_secret
+from fedpi.cli import add_task_arguments, apply_env_defaults, freeze_startup_objects, make_task, read_secret
 from fedpi.logs import LOG_FORMATS, configure_logging
 from fedpi.auth import ServerSecurity
 from worker_service.servicer import Limits, WorkerServicer
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker_service") 
         servicer.metrics.serve(args.metrics_port, args.host)
         log.info("metrics_serving", url=f"http://{args.host}:{args.metrics_port}/metrics")
     health_address = f"{args.host}:{args.health_port}" if args.health_port else None
+    freeze_startup_objects()
     asyncio.run(serve(servicer, f"{args.host}:{args.port}", grace=args.grace, security=security,
                       health_address=health_address))
     return 0

@@ -81,6 +81,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.evaluating = False
         self._model_lock = asyncio.Lock()  # held while training or installing: the model is never seen half-done
         self._upload_active = False  # one upload at a time bounds the memory held by partial uploads
+        self._upload_buffer: bytearray | None = None
         self._snapshot: serde.WeightsPayload | None = None  # shared by GetWeights streams until the weights change
         # int8 deltas (TrainRequest.update_encoding): the weights Train started from, the quantisation error fed back
         # into the next update, and this update's chunks, quantised once however often they are fetched.
@@ -165,15 +166,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if self._upload_active:
                 raise Busy(f"worker {self.worker_id} is receiving another SetWeights stream; retry when it is done")
             self._upload_active = True
-            try:
+            try:  # until the upload is installed or dropped: the next one reuses its buffer
                 reader, state = await self._receive(request_iterator)
+                if self._model_lock.locked():
+                    raise Busy(self._busy_reason() + "; weights were not installed, retry after it finishes")
+                async with self._model_lock:
+                    self.model.load_state_dict(state)
+                    self._set_weights_identity(reader.header.round, reader.header.round_id)
             finally:
                 self._upload_active = False
-            if self._model_lock.locked():
-                raise Busy(self._busy_reason() + "; weights were not installed, retry after it finishes")
-            async with self._model_lock:
-                self.model.load_state_dict(state)
-                self._set_weights_identity(reader.header.round, reader.header.round_id)
         except (serde.WeightsError, ProtocolMismatch, Busy) as exc:
             await self._abort(context, exc, "SetWeights")
         seconds = time.perf_counter() - start
@@ -186,13 +187,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         limits = self.limits
         reader = serde.StreamReader(architecture=self.model_name, expected=self.manifest,
                                     max_chunk_bytes=limits.max_chunk_bytes, max_payload_bytes=limits.max_payload_bytes)
-        assembler = serde.Assembler(reader)
+        assembler = serde.Assembler(reader, self._upload_buffer)
         loop = asyncio.get_running_loop()
         allowed = limits.upload_grace
         try:
             async with asyncio.timeout(allowed) as deadline:
                 async for chunk in request_iterator:
-                    assembler.add(chunk)
+                    # Hashing and copying off the event loop: gRPC reads the next chunk meanwhile.
+                    await asyncio.to_thread(assembler.add, chunk)
                     if chunk.HasField("header"):
                         allowed = limits.upload_grace + reader.header.total_bytes / limits.upload_bytes_per_second
                         deadline.reschedule(loop.time() + allowed)
@@ -201,7 +203,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 f"SetWeights stream took longer than the {allowed:.0f} s its size allows "
                 f"({reader.received} of {reader.header.total_bytes if reader.header else '?'} bytes arrived); "
                 f"nothing was installed") from None
-        return reader, assembler.finish()
+        state = assembler.finish()
+        self._upload_buffer = assembler.buffer  # for the next upload, which waits until `state` is installed
+        return reader, state
 
     def _set_weights_identity(self, round_: int, round_id: str, trained: bool = False) -> None:
         self.weights_round, self.weights_round_id, self.weights_trained = round_, round_id, trained
