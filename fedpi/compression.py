@@ -23,6 +23,7 @@ FP16, BF16, INT8 = pb.CHUNK_ENCODING_FP16, pb.CHUNK_ENCODING_BF16, pb.CHUNK_ENCO
 LOSSY = (FP16, BF16, INT8)
 _NARROW = {FP16: torch.float16, BF16: torch.bfloat16}
 _SCALE = struct.Struct("<f")
+SCALE_BYTES = _SCALE.size
 # Names for --compression, logs and errors.
 NAMES = {pb.CHUNK_ENCODING_RAW: "none", pb.CHUNK_ENCODING_ZLIB: "zlib", FP16: "fp16", BF16: "bf16", INT8: "int8"}
 

@@ -454,10 +454,10 @@ class StreamReader:
         left = meta.numel - self._element
         base = None
         if encoding == compression.INT8 and compression.encoded(meta.torch_dtype, encoding):
-            base = self.base[self._tensor][self._element : self._element + left]
+            values_sent = len(data) - compression.SCALE_BYTES
+            base = self.base[self._tensor][self._element : self._element + min(max(values_sent, 0), left)]
         try:
-            values = compression.decode(data, meta.torch_dtype, encoding, base[: len(data) - 4] if base is not None
-                                        else None)
+            values = compression.decode(data, meta.torch_dtype, encoding, base)
         except ValueError as exc:
             raise MalformedStream(f"{meta.name}: chunk at element {self._element}: {exc}") from None
         if not 0 < len(values) <= left:

@@ -1,5 +1,7 @@
 """Benchmarks with real processes on 127.0.0.1; `make bench` prints their figures.
 
+0. wire: round overhead on loopback and on an emulated Pi LAN against raw TCP, compression's bytes and accuracy,
+   peak RSS (tests/bench_wire.py).
 1. transport: the 105 MB large-mlp model through SetWeights / GetWeights with gRPC's default 4 MB message limit.
 2. memory: the coordinator's peak RSS with 3 and with 8 workers on large-mlp (must not grow by a model per worker).
 3. reference: 3 workers, 20 rounds, the reference CNN and hyper-parameters on 8,000 real MNIST digits (needs
@@ -33,6 +35,7 @@ from fedpi import serde
 from fedpi.models import build_model
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
+from tests.bench_wire import bench_wire
 from tests.conftest import SHARED_MNIST
 from tests.integration.conftest import DIGITS, METADATA, events, run_coordinator
 
@@ -220,7 +223,7 @@ def bench_scale(tmp: Path) -> None:
                   f"{finished[0]['peak_rss_mb']:.0f} MB")
 
 
-BENCHES = {"transport": bench_transport, "memory": bench_memory, "reference": bench_reference, "faults": bench_faults,
+BENCHES = {"wire": bench_wire, "transport": bench_transport, "memory": bench_memory, "reference": bench_reference, "faults": bench_faults,
            "poison": bench_poison, "robust-memory": bench_robust_memory, "scale": bench_scale}
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -27,11 +26,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator_service.local import LocalCluster, LocalWorker, free_port
+from coordinator_service.local import LocalCluster, LocalWorker
+from tests import pilan
 from fedpi.data import DEBIAN_FASHION_MNIST
 from tests.conftest import ROOT, SHARED_MNIST
 
-PILAN = ROOT.parent / "shared" / "tools" / "pilan"
 
 
 @dataclass(frozen=True)
@@ -120,28 +119,10 @@ def bench_table(tmp: Path, datasets: list[str]) -> None:
 BOARDS = (("pi4-a", 15), ("pi4-b", 15), ("pi5", 30))  # name, % of one core (pilan's calibration)
 
 
-def _pilan(*args: str) -> str:
-    return subprocess.run([str(PILAN), *args], check=True, capture_output=True, text=True).stdout.strip()
-
-
-def _set_cpu_share(pi: int, pct: int) -> None:
-    """pilan gives every Pi the same quota; the Pi 5 gets its own, in pilan's cgroup, with pilan's period."""
-    cgroup = Path(os.environ.get("PILAN_CGROUP_ROOT", "/sys/fs/cgroup/cpu")) / f"fpi{pi}"
-    period = int((cgroup / "cpu.cfs_period_us").read_text())
-    (cgroup / "cpu.cfs_quota_us").write_text(str(period * pct // 100))
-
-
 def _pi_workers(tmp: Path) -> list[LocalWorker]:
-    workers = []
-    for i, (name, _) in enumerate(BOARDS, 1):
-        port = free_port()
-        w = LocalWorker(name, ["--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST), "--no-download",
-                               "--partition", f"{i - 1}/{len(BOARDS)}", "--threads", "1"], tmp, port=port)
-        w.argv = [str(PILAN), "exec", str(i), *w.argv]
-        w.argv[w.argv.index("--host") + 1] = "0.0.0.0"
-        w.address = w.health_address = f"{_pilan('addr', str(i))}:{port}"
-        workers.append(w)
-    return workers
+    return [pilan.pi_worker(i, name, ["--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST), "--no-download",
+                                      "--partition", f"{i - 1}/{len(BOARDS)}", "--threads", "1"], tmp)
+            for i, (name, _) in enumerate(BOARDS, 1)]
 
 
 def _timed_run(tmp: Path, name: str, spec: str, minutes: float, *args: str) -> list[dict]:
@@ -171,16 +152,15 @@ def _accuracy_at(metrics: list[dict], seconds: float) -> str:
 
 
 def bench_mixed(tmp: Path, minutes: float) -> None:
-    if not PILAN.is_file() or os.geteuid() != 0:
-        print(f"mixed  skipped: needs root and pilan at {PILAN}")
+    if not pilan.available():
+        print(f"mixed  skipped: needs root and pilan at {pilan.PILAN}")
         return
     if not DATASETS["mnist-10k"].available:
         print(f"mixed  skipped: {DATASETS['mnist-10k'].missing}")
         return
-    _pilan("up", str(len(BOARDS)), "--rate", "100mbit", "--cpu-pct", str(BOARDS[0][1]))
-    try:
+    with pilan.lan(len(BOARDS), cpu_pct=BOARDS[0][1]):
         for i, (_, pct) in enumerate(BOARDS, 1):
-            _set_cpu_share(i, pct)
+            pilan.set_cpu_share(i, pct)
         settings = (Setting("50 batches per round, FedAvg", ()),
                     Setting("--local-seconds 5, FedNova", ("--local-seconds", "5")))
         print(f"\nmixed cluster on pilan (100 Mbit/s): {', '.join(f'{n} {p}% CPU' for n, p in BOARDS)}; "
@@ -201,8 +181,6 @@ def bench_mixed(tmp: Path, minutes: float) -> None:
             print(f"| {setting.name} | {len(metrics)} | {statistics.median(walls):.1f} s | "
                   f"{batches[0]:.0f} / {batches[1]:.0f} | "
                   + " / ".join(_accuracy_at(metrics, m * 60) for m in marks) + " |", flush=True)
-    finally:
-        _pilan("down")
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import platform
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -50,6 +50,35 @@ class Limits:
     max_concurrent_downloads: int = 4
 
 
+class Replay:
+    """The items of an iterator, made once, on a thread, as the first reader needs them; every reader gets them all."""
+
+    def __init__(self, source: Iterator):
+        self._source = source
+        self._items: list = []
+        self._done = False
+        self._lock = asyncio.Lock()  # one thread advances the source at a time
+
+    async def replay(self) -> AsyncIterator:
+        i = 0
+        while True:
+            if i == len(self._items):
+                async with self._lock:
+                    if i == len(self._items) and not self._done:
+                        item = await asyncio.to_thread(next, self._source, _END)
+                        if item is _END:
+                            self._done = True
+                        else:
+                            self._items.append(item)
+            if i == len(self._items):
+                return
+            yield self._items[i]
+            i += 1
+
+
+_END = object()
+
+
 class Busy(Exception):
     """Another call holds the model (training, or another upload): the caller should retry later."""
 
@@ -87,8 +116,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # into the next update, and this update's chunks, quantised once however often they are fetched.
         self._base: list[torch.Tensor | None] | None = None
         self._residual: list[torch.Tensor | None] | None = None
-        self._int8: tuple[int, list[pb.WeightsChunk]] | None = None  # (chunk size, chunks)
-        self._encode_lock = asyncio.Lock()
+        self._int8: tuple[int, Replay] | None = None  # (chunk size, its chunks)
         self._downloads = 0
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -343,30 +371,27 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             payload = await self._current_snapshot()
             if encoding == pb.CHUNK_ENCODING_INT8_DELTA:
                 try:
-                    chunks = await self._int8_update(payload, chunk_size, trailer)
+                    async for chunk in self._int8_update(payload, chunk_size, trailer):
+                        await context.write(chunk)
                 except ProtocolMismatch as exc:
                     await self._abort(context, exc, "GetWeights")
             else:
-                chunks = payload.chunks(chunk_size, encoding, trailer=trailer)
-            for chunk in chunks:
-                await context.write(chunk)
+                for chunk in payload.chunks(chunk_size, encoding, trailer=trailer):
+                    await context.write(chunk)
         finally:
             self._downloads -= 1
 
-    async def _int8_update(self, payload: serde.WeightsPayload, chunk_size: int,
-                           trailer: str) -> list[pb.WeightsChunk]:
-        """The update as int8 deltas, quantised once (the residual moves on once per update): a second fetch, e.g.
-        for clipping, gets the same bytes."""
-        async with self._encode_lock:
-            if self._int8 is None:
-                chunks = await asyncio.to_thread(list, payload.chunks(
-                    chunk_size, pb.CHUNK_ENCODING_INT8_DELTA, trailer=trailer, base=self._base,
-                    residual=self._residual))
-                self._int8 = (chunk_size, chunks)
-            if self._int8[0] != chunk_size:
-                raise ProtocolMismatch(f"this update was quantised in {self._int8[0]}-byte chunks (a scale per "
-                                       f"chunk); fetch it again with chunk_size={self._int8[0]}")
-            return self._int8[1]
+    def _int8_update(self, payload: serde.WeightsPayload, chunk_size: int, trailer: str) -> AsyncIterator:
+        """The update as int8 deltas, quantised once (the residual moves on once per update) and chunk by chunk as
+        the first fetch sends them: a second fetch, e.g. for clipping, replays the same bytes."""
+        if self._int8 is None:
+            chunks = payload.chunks(chunk_size, pb.CHUNK_ENCODING_INT8_DELTA, trailer=trailer, base=self._base,
+                                    residual=self._residual)
+            self._int8 = (chunk_size, Replay(chunks))
+        if self._int8[0] != chunk_size:
+            raise ProtocolMismatch(f"this update was quantised in {self._int8[0]}-byte chunks (a scale per chunk); "
+                                   f"fetch it again with chunk_size={self._int8[0]}")
+        return self._int8[1].replay()
 
     async def _current_snapshot(self) -> serde.WeightsPayload:
         """One copy of the weights per version, shared by every reader: a slow reader never holds the model, and

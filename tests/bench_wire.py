@@ -1,0 +1,197 @@
+"""`make bench wire`: how close rounds come to the wire, beside raw TCP measured in the same run.
+
+1. raw TCP: 1 GB over loopback, and 50 MB into an emulated Pi (pilan), between two plain Python processes.
+2. loopback: 3 local workers, one local batch a round; the round overhead (wall beyond the slowest worker's training;
+   the coordinator's evaluation runs beside the next round, so it is not in it) for the reference CNN and the 105 MB
+   large-mlp, and what the latter's transfers come to against raw loopback TCP.
+3. Pi LAN: 3 workers as emulated Pi 4s (pilan: 100 Mbit/s each, 15% of a core), raw and compressed updates, against
+   the transfer floor (the bytes a worker moves down and up, over its link's nominal rate). Needs root and pilan.
+4. accuracy: the reference workload (20 rounds, 8,000 / 2,000 real MNIST digits) under each compression.
+5. memory: peak RSS of the coordinator and of a worker on the 105 MB model, against a bare `import torch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator_service.local import LocalCluster, demo_cluster
+from tests import pilan
+from tests.conftest import SHARED_MNIST
+from tests.integration.conftest import DIGITS, events, run_coordinator
+
+LINK_BITS_PER_SECOND = 100e6
+RECEIVER = """
+import socket, sys
+server = socket.socket(); server.bind((sys.argv[1], 0)); server.listen(1)
+print(server.getsockname()[1], flush=True)
+conn, _ = server.accept(); buf = bytearray(4 << 20); total = 0
+while (n := conn.recv_into(buf)):
+    total += n
+print(total, flush=True)
+"""
+
+
+@dataclass
+class Table:
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, what: str, figure: str, target: str = "") -> None:
+        self.rows.append((what, figure, target))
+        print(f"wire       {what}: {figure}" + (f"  (target {target})" if target else ""), flush=True)
+
+    def print(self) -> None:
+        print("\n| measured | figure | target |\n|---|---|---|")
+        for row in self.rows:
+            print("| " + " | ".join(row) + " |")
+
+
+def raw_tcp(nbytes: int, host: str = "127.0.0.1", connect: str | None = None, prefix: tuple[str, ...] = ()) -> float:
+    """Bytes per second from this process to a receiver process, as plain TCP moves them."""
+    receiver = subprocess.Popen([*prefix, sys.executable, "-c", RECEIVER, host], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(receiver.stdout.readline())
+        block = memoryview(bytes(4 << 20))
+        with socket.create_connection((connect or host, port), timeout=60) as s:
+            start = time.perf_counter()
+            sent = 0
+            while sent < nbytes:
+                s.sendall(block[: min(len(block), nbytes - sent)])
+                sent += min(len(block), nbytes - sent)
+            s.shutdown(socket.SHUT_WR)
+            assert int(receiver.stdout.readline()) == nbytes
+            return nbytes / (time.perf_counter() - start)
+    finally:
+        receiver.kill()
+        receiver.wait()
+
+
+def _rounds(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train(spec: str, out: Path, model: str, rounds: int, *extra: str) -> tuple[list[dict], dict]:
+    proc = run_coordinator("train", "--workers", spec, "--model", model, "--rounds", str(rounds), "--local-batches",
+                           "1", "--dataset", "digits-5k", "--min-workers", "3", "--output-dir", str(out), *extra,
+                           timeout=3600)
+    finished = [e for e in events(proc.stdout) if e.get("event") == "training_finished"]
+    if proc.returncode or not finished:
+        sys.exit(f"wire benchmark failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return _rounds(out)[1:], finished[0]  # round 1 warms up
+
+
+def _moved(r: dict) -> int:
+    return sum(w["bytes_sent"] + w["bytes_received"] for w in r["workers"].values())
+
+
+def _floor(r: dict) -> float:
+    """Seconds the busiest worker's bytes take over its own link at the nominal rate."""
+    return max((w["bytes_sent"] + w["bytes_received"]) * 8 / LINK_BITS_PER_SECOND for w in r["workers"].values())
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _bare_torch_rss_mb() -> float:
+    out = subprocess.run([sys.executable, "-c", "import resource, torch; "
+                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    return float(out)
+
+
+def loopback(tmp: Path, table: Table, raw: float) -> None:
+    median = statistics.median
+    with demo_cluster(3, DIGITS, tmp / "cnn") as cluster:
+        asyncio.run(cluster.wait_serving(timeout=300))
+        rounds, _ = _train(cluster.spec, tmp / "cnn-out", "reference-cnn", 11)
+    table.add("loopback, reference CNN (1.7 MB), 3 workers: overhead per round",
+              f"{median(r['overhead_seconds'] for r in rounds):.3f} s (median of rounds 2-11; evaluation "
+              f"{median(r['evaluation_seconds'] for r in rounds):.3f} s beside the next round)", "<= 0.05 s")
+    with demo_cluster(3, [*DIGITS, "--model", "large-mlp"], tmp / "big") as cluster:
+        asyncio.run(cluster.wait_serving(timeout=300))
+        rounds, finished = _train(cluster.spec, tmp / "big-out", "large-mlp", 6)
+        worker_rss = max(_peak_rss_mb(w.process.pid) for w in cluster.workers)
+    overhead = median(r["overhead_seconds"] for r in rounds)
+    rate = median(_moved(r) for r in rounds) / overhead
+    table.add("loopback, large-mlp (105 MB), 3 workers: overhead per round",
+              f"{overhead:.2f} s: {median(_moved(r) for r in rounds) / 1e6:.0f} MB moved at {rate / 1e9:.2f} GB/s, "
+              f"{rate / raw:.0%} of raw loopback TCP", "<= 0.6 s, >= 30%")
+    bare = _bare_torch_rss_mb()
+    table.add("peak RSS on large-mlp (105 MB), 3 workers",
+              f"coordinator {finished['peak_rss_mb']:.0f} MB, worker {worker_rss:.0f} MB; bare `import torch` "
+              f"{bare:.0f} MB")
+
+
+def lan(tmp: Path, table: Table) -> None:
+    if not pilan.available():
+        table.add("Pi LAN", f"skipped: needs root and pilan at {pilan.PILAN}")
+        return
+    median = statistics.median
+    with pilan.lan(3, rate="100mbit", cpu_pct=15):
+        into_pi = raw_tcp(50_000_000, host="0.0.0.0", connect=pilan.pilan("addr", "1"),
+                          prefix=(str(pilan.PILAN), "exec", "1"))
+        table.add("raw TCP into an emulated Pi 4 (100 Mbit/s link)", f"{into_pi * 8 / 1e6:.1f} Mbit/s")
+        for model, rounds, settings in (("reference-cnn", 6, (("none", ()),)),
+                                        ("large-mlp", 4, (("none", ()), ("fp16", ("--compression", "fp16")),
+                                                          ("int8", ("--compression", "int8"))))):
+            workers = [pilan.pi_worker(i, f"pi{i}", [*DIGITS, "--model", model, "--partition", f"{i - 1}/3"],
+                                       tmp / model) for i in (1, 2, 3)]
+            with LocalCluster(workers) as cluster:
+                asyncio.run(cluster.wait_serving(timeout=900))
+                spec = ",".join(f"{w.name}={w.address}" for w in cluster.workers)
+                for name, extra in settings:
+                    result, _ = _train(spec, tmp / f"{model}-{name}", model, rounds, *extra)
+                    floor = median(_floor(r) for r in result)
+                    overhead = median(r["overhead_seconds"] for r in result)
+                    wall = median(r["wall_seconds"] for r in result)
+                    target = {"reference-cnn": "<= 1.5x floor", "large-mlp": "<= 1.15x floor"}[model]
+                    if name == "none":
+                        raw_floor = floor
+                        table.add(f"Pi LAN, {model}, raw: overhead per round",
+                                  f"{overhead:.2f} s = {overhead / floor:.2f}x the transfer floor of {floor:.2f} s "
+                                  f"(wall {wall:.2f} s)", target)
+                    else:
+                        table.add(f"Pi LAN, {model}, {name} updates: round wall",
+                                  f"{wall:.2f} s = {wall / raw_floor:.2f}x the raw transfer floor of {raw_floor:.2f} s "
+                                  f"(overhead {overhead:.2f} s)", "int8 wall < raw floor" if name == "int8" else "")
+
+
+def accuracy(tmp: Path, table: Table) -> None:
+    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
+        table.add("accuracy under compression", f"skipped: no MNIST digits at {SHARED_MNIST}")
+        return
+    final = {}
+    for name in ("none", "fp16", "bf16", "int8"):
+        out = tmp / f"accuracy-{name}"
+        proc = run_coordinator("demo", "--preset", "seed", "--local-workers", "3", "--rounds", "20",
+                               "--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST),
+                               "--partition-scheme", "contiguous", "--lr", "0.01", "--batch-size", "64",
+                               "--local-batches", "50", "--compression", name, "--output-dir", str(out), timeout=3600)
+        if proc.returncode:
+            sys.exit(f"accuracy benchmark failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        final[name] = _rounds(out)[-1]["test_accuracy"]
+    table.add("reference workload, 20 rounds, no compression", f"{final['none']:.2%}")
+    for name, target in (("fp16", "within 0.1 point"), ("bf16", ""), ("int8", "within 0.5 point")):
+        table.add(f"reference workload, 20 rounds, {name} updates",
+                  f"{final[name]:.2%} ({(final[name] - final['none']) * 100:+.2f} points)", target)
+
+
+def bench_wire(tmp: Path) -> None:
+    table = Table()
+    raw = raw_tcp(1_000_000_000)
+    table.add("raw loopback TCP, one stream", f"{raw / 1e9:.2f} GB/s")
+    loopback(tmp, table, raw)
+    lan(tmp, table)
+    accuracy(tmp, table)
+    table.print()
