@@ -8,7 +8,9 @@ import copy
 import json
 import os
 import resource
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -181,6 +183,13 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
     return reports
 
 
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: this thread only
+    except (AttributeError, OSError):  # elsewhere, or not allowed: same priority as the round
+        pass
+
+
 @dataclass
 class _Completed:
     """A round whose aggregate is installed, and the state a checkpoint of it needs, taken as the round ended."""
@@ -208,6 +217,8 @@ class RoundFinisher:
         self.metrics_path = metrics_path
         self.server_optimizer = server_optimizer
         self._pending: asyncio.Task | None = None
+        # Evaluation gets a thread of its own at a lower CPU priority: beside a round, the round comes first.
+        self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="fedpi-evaluation", initializer=_lower_priority)
 
     async def submit(self, report: RoundReport, model: torch.nn.Module) -> None:
         """Finish the previous round if it still is being evaluated, then start finishing this one."""
@@ -236,8 +247,8 @@ class RoundFinisher:
         report, cfg = done.report, self.cfg
         if self.test_split is not None:
             t = time.perf_counter()
-            report.test_loss, report.test_accuracy = await asyncio.to_thread(cfg.task.evaluate, done.model,
-                                                                            self.test_split)
+            report.test_loss, report.test_accuracy = await asyncio.get_running_loop().run_in_executor(
+                self._evaluator, cfg.task.evaluate, done.model, self.test_split)
             report.evaluation_seconds = time.perf_counter() - t
         event = report.as_event()
         self.metrics.append(event)
