@@ -131,9 +131,15 @@ class UpdateCheck:
 class WeightedSum:
     """Running sum of weight * tensor over any number of state_dicts sharing one manifest."""
 
-    def __init__(self, manifest: Sequence[TensorMeta]):
+    def __init__(self, manifest: Sequence[TensorMeta], reuse: Sequence[torch.Tensor] | None = None):
+        """`reuse`: the accumulators of an earlier sum that is done with (e.g. last round's), zeroed and used again
+        rather than allocated: a fresh model-sized buffer costs a page fault per 4 KiB."""
         self.manifest = list(manifest)
-        self._acc = [torch.zeros(m.numel, dtype=accumulator_dtype(m.torch_dtype)) for m in self.manifest]
+        dtypes = [accumulator_dtype(m.torch_dtype) for m in self.manifest]
+        if reuse is not None and [(len(a), a.dtype) for a in reuse] == [(m.numel, d) for m, d in zip(manifest, dtypes)]:
+            self._acc = [a.zero_() for a in reuse]
+        else:
+            self._acc = [torch.zeros(m.numel, dtype=d) for m, d in zip(self.manifest, dtypes)]
         self.total_weight = 0.0
         self.contributors = 0
 
@@ -154,6 +160,10 @@ class WeightedSum:
     def add_run(self, index: int, start: int, x: torch.Tensor, weight: float) -> None:
         acc = self._acc[index]
         acc[start : start + len(x)].add_(x, alpha=weight)  # cast element by element: no double-precision copy of x
+
+    @property
+    def accumulators(self) -> list[torch.Tensor]:
+        return self._acc
 
     def mean(self) -> list[torch.Tensor]:
         """The weighted mean, flat, in the accumulator's dtype. Divides the accumulator in place, so no second

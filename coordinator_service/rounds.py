@@ -203,6 +203,7 @@ class RoundRunner:
         self.observer = observer or RunObserver()
         self._attempts = 0  # every call gets its own round id, so a retried round never mixes with its first try
         self._cpu = ThreadPoolExecutor(1, thread_name_prefix="fedpi-weights")
+        self._accumulators: list[torch.Tensor] | None = None
 
     async def run_round(self, server_round: int, clients: Sequence[WorkerClient],
                         index_of: Callable[[WorkerClient], int] | None = None) -> RoundReport:
@@ -215,6 +216,12 @@ class RoundRunner:
                                          index_of, present=len(clients))
         finally:
             structlog.contextvars.unbind_contextvars("round")
+
+    def _new_sum(self, rnd: _Round) -> WeightedSum:
+        """A sum in last round's accumulators: the model they were installed into holds its own copy by now."""
+        total = WeightedSum(rnd.payload.manifest, self._accumulators)
+        self._accumulators = total.accumulators
+        return total
 
     async def _off_loop(self, work: Callable, *args):
         """CPU work on the global model and the sum (preparing, folding, averaging) runs on one thread of its own:
@@ -242,7 +249,7 @@ class RoundRunner:
             total = None
             steps = [self._train(rnd, c, index_of(c)) for c in clients]
         else:
-            total = WeightedSum(rnd.payload.manifest)
+            total = self._new_sum(rnd)
             steps = [self._train_and_fold(rnd, c, index_of(c), total) for c in clients]
         outcomes = await asyncio.gather(*(asyncio.wait_for(s, self.round_timeout) for s in steps),
                                         return_exceptions=True)
@@ -393,7 +400,7 @@ class RoundRunner:
         """Rebuild the sum from the workers whose updates are still good; drop any that fail again."""
         for attempt in range(MAX_AGGREGATION_ATTEMPTS):
             log.warning("aggregation_restarted", attempt=attempt + 1, workers=[c.client.name for c in done])
-            total = WeightedSum(rnd.payload.manifest)
+            total = self._new_sum(rnd)
             outcomes = await asyncio.gather(*(self._fold(rnd, c, total) for c in done), return_exceptions=True)
             failed = [(c, o) for c, o in zip(done, outcomes) if isinstance(o, BaseException)]
             for c, outcome in failed:

@@ -217,6 +217,7 @@ class RoundFinisher:
         self.metrics_path = metrics_path
         self.server_optimizer = server_optimizer
         self._pending: asyncio.Task | None = None
+        self._copy: torch.nn.Module | None = None
         # Evaluation gets a thread of its own at a lower CPU priority: beside a round, the round comes first.
         self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="fedpi-evaluation", initializer=_lower_priority)
 
@@ -224,11 +225,21 @@ class RoundFinisher:
         """Finish the previous round if it still is being evaluated, then start finishing this one."""
         await self.drain()
         sequential = self.cfg.sequential_evaluation
-        completed = _Completed(report, model if sequential else copy.deepcopy(model),
+        completed = _Completed(report, model if sequential else self._copy_of(model),
                                checkpoint.Checkpoint.capture_rng(), copy.deepcopy(self.server_optimizer.state_dict()))
         self._pending = asyncio.create_task(self._finish(completed))
         if sequential:
             await self.drain()
+
+    def _copy_of(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as it is now, in the copy the last round used (finished by now): no fresh allocation a round."""
+        if self._copy is None:
+            self._copy = copy.deepcopy(model)
+        else:
+            with torch.no_grad():
+                for mine, theirs in zip(self._copy.state_dict().values(), model.state_dict().values()):
+                    mine.copy_(theirs)
+        return self._copy
 
     async def drain(self) -> None:
         """Wait until every submitted round is finished; raises what finishing it raised."""
