@@ -1,4 +1,5 @@
-"""The coordinator's state after each completed round, written atomically, so a crash loses at most one round."""
+"""The coordinator's state after each finished round (evaluated, logged), written atomically: a crash loses the round
+that was training and at most the one before it, still being evaluated (README: Coordinator)."""
 
 from __future__ import annotations
 

@@ -186,7 +186,9 @@ def test_a_coordinator_killed_mid_run_comes_back_with_the_run_interrupted_and_re
         tmp_path, digits_cluster, reference):
     srv = Server(tmp_path / "state").start()
     api = stub(srv.address)
-    api.StartRun(spec(digits_cluster, "crash"), timeout=30)
+    # Each round finished before the next starts, so round 2 starting means round 1 is checkpointed (by default its
+    # evaluation, checkpoint included, may still run beside round 2; a kill -9 then loses round 1 as well).
+    api.StartRun(spec(digits_cluster, "crash", **{"sequential-evaluation": "true"}), timeout=30)
     watch(api, "crash", until="round_started", round=2)
     _, _, checkpointed = model(api, "crash")  # round 1's
     assert srv.stop(signal.SIGKILL) == -signal.SIGKILL
