@@ -7,7 +7,6 @@ import asyncio
 import copy
 import json
 import os
-import resource
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from coordinator_service.rounds import (
 from coordinator_service.strategy import Strategy
 from coordinator_service.worker_client import ClientSecurity, Expected, WorkerClient
 from fedpi import compression
+from fedpi.cli import peak_rss_mb
 from fedpi.data import Split
 from fedpi.logs import is_console
 from fedpi.models import parameter_count
@@ -173,7 +173,7 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
         _write_atomically(model_path, lambda p: torch.save(model.state_dict(), p))
         log.info("training_finished", rounds=cfg.rounds, model_path=str(model_path), metrics_path=str(metrics_path),
                  test_accuracy=metrics[-1].get("test_accuracy") if metrics else None,
-                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+                 peak_rss_mb=round(peak_rss_mb(), 1))
     except BaseException:
         await finisher.settle()  # a round that completed before the failure is still checkpointed and logged
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 
 ENV_PREFIX = "FEDPI_"
 
@@ -98,3 +99,15 @@ def freeze_startup_objects() -> None:
     over a tenth of the coordinator's CPU time on a large model."""
     gc.collect()
     gc.freeze()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. From /proc where there is one: getrusage's figure also counts, after
+    fork and exec, what the parent process held at the fork."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

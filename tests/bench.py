@@ -35,7 +35,7 @@ from fedpi import serde
 from fedpi.models import build_model
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
-from tests.bench_wire import bench_wire
+from tests.bench_wire import bare_torch_rss_mb, bench_wire
 from tests.conftest import SHARED_MNIST
 from tests.integration.conftest import DIGITS, METADATA, events, run_coordinator
 
@@ -196,16 +196,8 @@ def bench_robust_memory(tmp: Path) -> None:
                       f"aggregation {r['aggregation_seconds']:.2f} s")
 
 
-def _bare_torch_rss_mb() -> float:
-    """Peak RSS of a Python that only imports torch: the floor under every fedpi process."""
-    out = subprocess.run([sys.executable, "-c", "import resource, torch; "
-                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"],
-                         capture_output=True, text=True, check=True, timeout=300).stdout
-    return float(out)
-
-
 def bench_scale(tmp: Path) -> None:
-    print(f"scale      bare `import torch`: peak RSS {_bare_torch_rss_mb():.0f} MB")
+    print(f"scale      bare `import torch`: peak RSS {bare_torch_rss_mb():.0f} MB")
     for n in (3, 8, 16):
         with demo_cluster(n, DIGITS, tmp / f"w{n}") as cluster:
             _serving(cluster)
@@ -219,7 +211,7 @@ def bench_scale(tmp: Path) -> None:
             overhead = statistics.median(r["overhead_seconds"] for r in rounds)
             wall = statistics.median(r["wall_seconds"] for r in rounds)
             print(f"scale      reference-cnn  {n:>2} workers  median round wall {wall:.3f} s  overhead {overhead:.3f} s "
-                  f"(rounds 2-6, evaluation of 1,000 digits included)  coordinator peak RSS "
+                  f"(rounds 2-6; evaluation beside the next round)  coordinator peak RSS "
                   f"{finished[0]['peak_rss_mb']:.0f} MB")
 
 
