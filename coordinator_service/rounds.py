@@ -228,6 +228,16 @@ class RoundRunner:
         the event loop keeps moving bytes meanwhile, and folds into the shared sum never race."""
         return await asyncio.get_running_loop().run_in_executor(self._cpu, work, *args)
 
+    async def _aggregate(self, rnd: _Round, step: Callable, *args) -> None:
+        """One step of aggregation on the weights thread; the round counts the time it worked, not the time several
+        workers' chunks waited in its queue."""
+        def timed() -> float:
+            t = time.perf_counter()
+            step(*args)
+            return elapsed(t)
+
+        rnd.aggregation_seconds += await self._off_loop(timed)
+
     async def _prepare(self, number: int) -> _Round:
         self._attempts += 1
         round_id = f"{self.run_id}/{number}.{self._attempts}"
@@ -390,9 +400,7 @@ class RoundRunner:
         """Stream one worker's update straight into the running sum, chunk by chunk."""
         fold = total.stream(c.weight, self._check(rnd))
         async for raw in self._update_pieces(rnd, c):
-            t = time.perf_counter()
-            await self._off_loop(fold.add, raw)
-            rnd.aggregation_seconds += elapsed(t)
+            await self._aggregate(rnd, fold.add, raw)
         fold.finish()
         c.check = fold.check
 
@@ -456,9 +464,7 @@ class RoundRunner:
                     break
                 if any(p is None for p in pieces):
                     raise StepFailed(pieces.index(None), serde.MalformedStream("update ended before the others"))
-                t = time.perf_counter()
-                await self._off_loop(reducer.add_step, pieces)
-                rnd.aggregation_seconds += elapsed(t)
+                await self._aggregate(rnd, reducer.add_step, pieces)
             reducer.finish()
         finally:
             await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
