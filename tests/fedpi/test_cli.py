@@ -106,3 +106,28 @@ def test_fedpi_tasks_lists_the_installed_tasks(capsys):
     assert main(["tasks"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.split()[:3] == ["mnist", "0.1.0", "fedpi.mnist_task:MnistTask"] for line in lines), lines
+
+
+@pytest.mark.parametrize("flags, updates, model", [
+    ([], "none", "none"),
+    (["--compression", "zlib"], "zlib", "zlib"),  # lossless: both ways
+    (["--compression", "fp16"], "fp16", "none"),  # the global model goes down exact unless asked
+    (["--compression", "bf16", "--compress-global-model"], "bf16", "bf16"),
+    (["--compression", "int8"], "int8", "none"),
+    (["--encoding", "zlib"], "zlib", "zlib"),  # the flag before --compression
+])
+def test_compression_flags_choose_each_direction(flags, updates, model):
+    from coordinator_service.__main__ import _transfer
+    from fedpi.compression import NAMES
+
+    transfer = _transfer(coordinator_args(["train", "--workers", "a=h:1", *flags]))
+    assert (NAMES[transfer.encoding], NAMES[transfer.model_encoding]) == (updates, model)
+
+
+@pytest.mark.parametrize("compression", ["int8", "zlib", "none"])
+def test_compressing_the_global_model_is_refused_unless_half_precision(compression):
+    from coordinator_service.__main__ import _transfer
+
+    args = coordinator_args(["train", "--workers", "a=h:1", "--compression", compression, "--compress-global-model"])
+    with pytest.raises(ValueError, match="goes with --compression fp16 or bf16"):
+        _transfer(args)

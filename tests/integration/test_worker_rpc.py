@@ -266,3 +266,19 @@ def test_int8_updates_need_a_train_that_asked_for_them_and_are_quantised_once(wo
                                                                 .max()) / 127 / 2 * 1.01 + 1e-7, name
     code, details = _code(lambda: _weights(stub, chunk_size=32768, encoding=pb.CHUNK_ENCODING_INT8_DELTA))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "chunk_size=65536" in details
+
+
+def test_a_half_precision_global_model_is_installed_as_its_rounded_values(worker):
+    """--compress-global-model: SetWeights in fp16 installs exactly float16-rounded weights; int8 is refused there."""
+    _, stub = worker
+    payload = _payload(round_=8, seed=8)
+    reply = stub.SetWeights(payload.chunks(1 << 20, pb.CHUNK_ENCODING_FP16), metadata=METADATA, timeout=30)
+    assert reply.bytes_received == payload.total_bytes
+    installed = serde.read_state_dict(serde.StreamReader(architecture=ARCH, expected=payload.manifest),
+                                      iter(_weights(stub)))
+    for name, t in build_model(ARCH, seed=8).state_dict().items():
+        assert torch.equal(installed[name], t.half().float()), name
+    base = [t.reshape(-1) for t in build_model(ARCH, seed=1).state_dict().values()]
+    code, details = _code(lambda: stub.SetWeights(payload.chunks(1 << 20, pb.CHUNK_ENCODING_INT8_DELTA, base=base),
+                                                  metadata=METADATA, timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not accepted here" in details
