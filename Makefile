@@ -53,7 +53,7 @@ tasks: $(STAMP)  ## list the installed tasks (make run TASK=NAME trains one)
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## benchmarks: transport, memory, reference workload, faults, poison, robust-memory
+bench: $(STAMP)  ## benchmarks: wire (loopback and Pi LAN vs raw TCP, compression), transport, memory, reference workload, faults, poison, robust-memory, scale
 	$(PY) -m tests.bench
 
 bench-learning: $(STAMP)  ## strategies x partitions on real MNIST / Fashion-MNIST, and a mixed Pi LAN (about 2 hours)
