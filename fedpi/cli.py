@@ -101,11 +101,11 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. From /proc where there is one: getrusage's figure also counts, after
-    fork and exec, what the parent process held at the fork."""
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's peak resident memory (this one's by default). From /proc where there is one: getrusage's figure
+    also counts, after fork and exec, what the parent process held at the fork."""
     try:
-        for line in open("/proc/self/status"):
+        for line in open(f"/proc/{pid}/status"):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator_service.local import LocalCluster, demo_cluster
+from fedpi.cli import peak_rss_mb
 from tests import pilan
 from tests.conftest import ROOT, SHARED_MNIST
 from tests.integration.conftest import DIGITS, events, run_coordinator
@@ -119,13 +120,6 @@ def _floor(r: dict) -> float:
     return max((w["bytes_sent"] + w["bytes_received"]) * 8 / LINK_BITS_PER_SECOND for w in r["workers"].values())
 
 
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def bare_torch_rss_mb() -> float:
     """Peak RSS of a Python that only imports torch: the floor under every fedpi process."""
     out = subprocess.run([sys.executable, "-c", "import torch; from fedpi.cli import peak_rss_mb; print(peak_rss_mb())"],
@@ -146,7 +140,7 @@ def loopback(tmp: Path, table: Table, raw: float) -> None:
     with demo_cluster(3, [*DIGITS, "--model", "large-mlp"], tmp / "big") as cluster:
         asyncio.run(cluster.wait_serving(timeout=300))
         rounds, finished = _train(cluster.spec, tmp / "big-out", "large-mlp", 6)
-        worker_rss = max(_peak_rss_mb(w.process.pid) for w in cluster.workers)
+        worker_rss = max(peak_rss_mb(w.process.pid) for w in cluster.workers)
     overhead = median(r["overhead_seconds"] for r in rounds)
     rate = median(_moved(r) for r in rounds) / overhead
     table.add("loopback, large-mlp (105 MB), 3 workers: overhead per round",

@@ -103,6 +103,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.task = self.trainer.task
         self.manifest = serde.manifest_of(model.state_dict())
         self.fingerprint = fingerprint(self.manifest)
+        # Measured now, not by the first GetWeights: on a Pi's CPU share it takes a noticeable part of a second.
+        self.trailer_digest = serde.fastest_digest()
         self.weights_round = 0  # the deterministic initial weights
         self.weights_round_id = ""  # the coordinator's id of the round whose weights are installed
         self.weights_trained = False  # Train has changed the installed weights since SetWeights
@@ -365,7 +367,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                        f"its limit; retry when one has finished")
         except (ValueError, ProtocolMismatch, Busy, TooManyDownloads) as exc:
             await self._abort(context, exc, "GetWeights")
-        trailer = serde.fastest_digest() if request.digest_in_trailer or encoding in compression.LOSSY else None
+        trailer = self.trailer_digest if request.digest_in_trailer or encoding in compression.LOSSY else None
         self._downloads += 1
         try:
             payload = await self._current_snapshot()
