@@ -37,6 +37,19 @@ def is_float(meta: TensorMeta) -> bool:
     return meta.torch_dtype.is_floating_point or meta.torch_dtype.is_complex
 
 
+def fits(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `values` (an accumulator) are finite and stay finite as `dtype`: float32 tops out at 3.4e38. A real
+    range is checked as it is, without a converted model-sized copy."""
+    if not all_finite(values):
+        return False
+    if values.dtype == dtype:
+        return True
+    if values.is_complex() or not values.numel():
+        return all_finite(values.to(dtype))
+    low, high = torch.aminmax(values)
+    return -torch.finfo(dtype).max <= float(low) and float(high) <= torch.finfo(dtype).max
+
+
 def flat_reference(state: Mapping[str, torch.Tensor], manifest: Sequence[TensorMeta]) -> list[torch.Tensor]:
     """The global model's tensors as flat views (no copy), in manifest order."""
     return [state[m.name].detach().reshape(-1) for m in manifest]
@@ -190,7 +203,7 @@ def install(manifest: Sequence[TensorMeta], flat: Sequence[torch.Tensor], state:
         elif not is_float(m):
             values = values.round()
         with torch.no_grad():
-            state[m.name].copy_(values.reshape(m.shape).to(m.torch_dtype))
+            state[m.name].copy_(values.reshape(m.shape))  # converts as it copies
 
 
 class StreamFold:

@@ -13,6 +13,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 import time
 import uuid
+from collections import Counter
 from functools import partial
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from coordinator_service.aggregate import (
     NonFiniteAggregate,
     UpdateCheck,
     WeightedSum,
+    fits,
     flat_reference,
     install,
     is_float,
@@ -42,6 +44,7 @@ from coordinator_service.worker_client import (
     elapsed,
     offered,
     speaks,
+    upload_digest,
 )
 from fedpi import compression, serde
 from fedpi.protocol import ProtocolMismatch, check_minimum
@@ -180,6 +183,7 @@ class _Round:
     report: RoundReport
     folding: set[str] = field(default_factory=set)  # workers whose update has started to enter the sum
     aggregation_seconds: float = 0.0
+    sends: dict[str, serde.Broadcast] = field(default_factory=dict)  # the payload as each worker is sent it
 
 
 class RoundRunner:
@@ -242,8 +246,8 @@ class RoundRunner:
         self._attempts += 1
         round_id = f"{self.run_id}/{number}.{self._attempts}"
         state = self.model.state_dict()
-        payload = await self._off_loop(partial(serde.WeightsPayload, state, round=number,
-                                               architecture=self.architecture, round_id=round_id))
+        payload = serde.WeightsPayload(state, round=number, architecture=self.architecture, round_id=round_id)
+        await self._off_loop(lambda: payload.digest)  # round_started names it: hashed now, off the event loop
         reference = flat_reference(state, payload.manifest)
         max_distance = self.max_update_ratio * max(model_norm(reference, payload.manifest), 1.0)
         return _Round(number, round_id, payload, reference, max_distance, RoundReport(number))
@@ -255,6 +259,7 @@ class RoundRunner:
         log.info("round_started", workers=[c.name for c in clients], present=present, round_id=rnd.round_id,
                  model_digest=rnd.payload.digest)
         self.observer.round_started(number, [c.name for c in clients])
+        rnd.sends = self._broadcasts(rnd.payload, clients)
         if self.aggregation.coordinate_wise:
             total = None
             steps = [self._train(rnd, c, index_of(c)) for c in clients]
@@ -279,6 +284,14 @@ class RoundRunner:
             await self._evaluate_federated(rnd, done)
         report.wall_seconds = elapsed(start)
         return report
+
+    def _broadcasts(self, payload: serde.WeightsPayload, clients: list[WorkerClient]) -> dict[str, serde.Broadcast]:
+        """The payload as each worker is sent it: one stream per encoding and digest, serialised once for all the
+        workers that take it that way."""
+        ways = {c.name: (offered(c, self.transfer.model_encoding), upload_digest(c)) for c in clients}
+        shared = {way: payload.broadcast(count, self.transfer.chunk_size, *way)
+                  for way, count in Counter(ways.values()).items()}
+        return {name: shared[way] for name, way in ways.items()}
 
     async def _aggregate_coordinate_wise(self, rnd: _Round, done: list[Contribution],
                                          clients: list[WorkerClient]) -> None:
@@ -314,8 +327,7 @@ class RoundRunner:
         t = time.perf_counter()
         self.observer.worker_phase(client.name, "sending")
         try:
-            stats.bytes_sent = await client.set_weights(rnd.payload, self.transfer.chunk_size,
-                                                        offered(client, self.transfer.model_encoding))
+            stats.bytes_sent = await client.set_weights(rnd.sends[client.name], rnd.payload.total_bytes)
         except WorkerError as exc:
             raise _PhaseError("set_weights", exc) from exc
         stats.send_seconds = elapsed(t)
@@ -377,8 +389,8 @@ class RoundRunner:
         stream = c.client.get_weights(chunk_size, encoding, payload.total_bytes, speaks(c.client, "1.5"))
         async for chunk in stream:
             offset = reader.received
-            # Each stream checks and hashes its chunks on threads of its own, beside the one thread that folds.
-            raw = await asyncio.to_thread(reader.accept, chunk)
+            # A slow digest is computed on threads of each stream's own, beside the one thread that folds.
+            raw = reader.accept(chunk) if reader.hashes_fast else await asyncio.to_thread(reader.accept, chunk)
             if raw is None:
                 if chunk.HasField("header"):
                     _check_update_header(reader.header, rnd)
@@ -514,8 +526,8 @@ class RoundRunner:
                     a.sub_(g).mul_(scale).add_(g)
         self.server_optimizer.step(rnd.reference, flat)
         for meta, values in zip(rnd.payload.manifest, flat):
-            # Finite in double precision is not enough: the model keeps its own dtype (float32 tops out at 3.4e38).
-            if not serde.all_finite(values.to(meta.torch_dtype) if is_float(meta) else values):
+            # Finite in double precision is not enough: the model keeps its own dtype.
+            if not (fits(values, meta.torch_dtype) if is_float(meta) else serde.all_finite(values)):
                 raise RoundFailed(f"round {rnd.number}: the aggregate of {meta.name} holds NaN or Inf; the global "
                                   f"model is unchanged", rnd.report.failures)
         install(rnd.payload.manifest, flat, self.model.state_dict())
@@ -527,7 +539,9 @@ class RoundRunner:
         round reports the mean weighted by test samples. A worker that fails here keeps its update in the round."""
         payload = serde.WeightsPayload(self.model.state_dict(), round=rnd.number, architecture=self.architecture,
                                        round_id=f"{rnd.round_id}/eval")
-        outcomes = await asyncio.gather(*(self._evaluate_on(payload, c) for c in done), return_exceptions=True)
+        sends = self._broadcasts(payload, [c.client for c in done])
+        outcomes = await asyncio.gather(*(self._evaluate_on(payload, sends[c.client.name], c) for c in done),
+                                        return_exceptions=True)
         for c, outcome in zip(done, outcomes):
             if isinstance(outcome, BaseException):
                 log.warning("worker_evaluation_failed", worker=c.client.name, reason=str(outcome))
@@ -539,10 +553,10 @@ class RoundRunner:
             report.federated_loss = sum(w.eval_loss * w.eval_samples for w in evaluated) / total
             report.federated_accuracy = sum(w.eval_accuracy * w.eval_samples for w in evaluated) / total
 
-    async def _evaluate_on(self, payload: serde.WeightsPayload, c: Contribution) -> None:
+    async def _evaluate_on(self, payload: serde.WeightsPayload, send: serde.Broadcast, c: Contribution) -> None:
         if c.client.info is not None:
             check_minimum(c.client.info.protocol_version, "1.3", "federated evaluation (--federated-evaluation)")
-        await c.client.set_weights(payload, self.transfer.chunk_size, offered(c.client, self.transfer.model_encoding))
+        await c.client.set_weights(send, payload.total_bytes)
         result = await c.client.evaluate(payload.round_id)
         if result.round_id != payload.round_id:
             raise WorkerRejected(c.client.name, f"Evaluate answered for round id {result.round_id!r}")

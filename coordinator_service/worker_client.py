@@ -199,10 +199,16 @@ class WorkerClient:
         self._metadata = security.metadata
         self._security = security
         self._keepalive_seconds = keepalive_seconds
-        self._channel = security.channel(address, channel_options(keepalive_seconds))
-        self._stub = pb_grpc.WorkerStub(self._channel)
+        self._use(security.channel(address, channel_options(keepalive_seconds)))
         self._verified_id: str | None = None  # the worker id this channel's certificate check is bound to
         self.info: pb.WorkerInfo | None = None  # from the last handshake
+
+    def _use(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self._stub = pb_grpc.WorkerStub(channel)
+        # SetWeights takes messages serialised already: a Broadcast serialises the global model once for all workers.
+        self._set_weights = channel.stream_unary(f"/{SERVICE_NAME}/SetWeights", request_serializer=None,
+                                                 response_deserializer=pb.SetWeightsResponse.FromString)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -246,14 +252,14 @@ class WorkerClient:
                                              f"{worker_id!r} ({exc.details()}); issue it a certificate of its own "
                                              f"(make certs)") from None
         await self._channel.close()
-        self._channel, self._stub, self._verified_id = channel, stub, worker_id
+        self._use(channel)
+        self._verified_id = worker_id
 
-    async def set_weights(self, payload: serde.WeightsPayload, chunk_size: int, encoding: int) -> int:
-        """Install `payload` on the worker; returns the bytes of chunk data sent."""
-        stream = payload.chunks(chunk_size, encoding)
+    async def set_weights(self, stream: serde.Broadcast, total_bytes: int) -> int:
+        """Install a payload of `total_bytes` on the worker, sent as `stream`; returns the bytes of chunk data sent."""
         try:
-            await self._stub.SetWeights(stream, timeout=self._transfer_timeout(payload.total_bytes),
-                                        metadata=self._metadata)
+            await self._set_weights(stream.receiver(), timeout=self._transfer_timeout(total_bytes),
+                                    metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise translate(self.name, "SetWeights", exc) from None
         return stream.wire_bytes
@@ -310,7 +316,8 @@ class WorkerClient:
     async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int,
                           digest_in_trailer: bool = False) -> AsyncIterator[pb.WeightsChunk]:
         call = self._stub.GetWeights(
-            pb.GetWeightsRequest(chunk_size=chunk_size, encoding=encoding, digest_in_trailer=digest_in_trailer),
+            pb.GetWeightsRequest(chunk_size=chunk_size, encoding=encoding, digest_in_trailer=digest_in_trailer,
+                                 digests=list(serde.DIGESTS)),
             timeout=self._transfer_timeout(expected_bytes), metadata=self._metadata,
         )
         try:
@@ -338,6 +345,14 @@ def offered(client: WorkerClient, encoding: int) -> int:
     if client.info is None or encoding in client.info.chunk_encodings:
         return encoding
     return pb.CHUNK_ENCODING_RAW
+
+
+def upload_digest(client: WorkerClient) -> str | None:
+    """The digest to send the global model to this worker with, in a trailer: the first of those it lists (fastest
+    first on its CPU) that we compute too. None for a worker before protocol 1.6: the sha256 digest in the header."""
+    if client.info is None:
+        return None
+    return next((name for name in client.info.digests if name in serde.DIGESTS), None)
 
 
 def parse_workers(spec: str) -> list[tuple[str, str]]:

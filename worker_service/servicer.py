@@ -104,7 +104,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.manifest = serde.manifest_of(model.state_dict())
         self.fingerprint = fingerprint(self.manifest)
         # Measured now, not by the first GetWeights: on a Pi's CPU share it takes a noticeable part of a second.
-        self.trailer_digest = serde.fastest_digest()
+        self.digests = serde.digests_by_speed()
         self.weights_round = 0  # the deterministic initial weights
         self.weights_round_id = ""  # the coordinator's id of the round whose weights are installed
         self.weights_trained = False  # Train has changed the installed weights since SetWeights
@@ -114,6 +114,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._upload_active = False  # one upload at a time bounds the memory held by partial uploads
         self._upload_buffer: bytearray | None = None
         self._snapshot: serde.WeightsPayload | None = None  # shared by GetWeights streams until the weights change
+        self._snapshot_state: dict[str, torch.Tensor] | None = None  # its tensors, reused by the next snapshot
         # int8 deltas (TrainRequest.update_encoding): the weights Train started from, the quantisation error fed back
         # into the next update, and this update's chunks, quantised once however often they are fetched.
         self._base: list[torch.Tensor | None] | None = None
@@ -183,6 +184,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             task=self.task.name,
             task_version=self.task.version,
             manifest_fingerprint=self.fingerprint,
+            digests=self.digests,
         )
 
     async def SetWeights(self, request_iterator: AsyncIterator[pb.WeightsChunk],
@@ -223,8 +225,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         try:
             async with asyncio.timeout(allowed) as deadline:
                 async for chunk in request_iterator:
-                    # Hashing and copying off the event loop: gRPC reads the next chunk meanwhile.
-                    await asyncio.to_thread(assembler.add, chunk)
+                    if reader.hashes_fast:
+                        assembler.add(chunk)  # a copy and a checksum: less work than a hop to a thread
+                    else:  # sha256 or blake2b, off the event loop: gRPC reads the next chunk meanwhile
+                        await asyncio.to_thread(assembler.add, chunk)
                     if chunk.HasField("header"):
                         allowed = limits.upload_grace + reader.header.total_bytes / limits.upload_bytes_per_second
                         deadline.reschedule(loop.time() + allowed)
@@ -365,9 +369,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if self._downloads >= self.limits.max_concurrent_downloads:
                 raise TooManyDownloads(f"worker {self.worker_id} already serves {self._downloads} GetWeights streams, "
                                        f"its limit; retry when one has finished")
+            trailer = None
+            if request.digest_in_trailer or encoding in compression.LOSSY:
+                trailer = serde.fastest_digest(request.digests or serde.DIGESTS_BEFORE_1_6)
+                if trailer is None:
+                    raise ValueError(f"none of the digests asked for ({', '.join(request.digests)}) is one this "
+                                     f"worker computes ({', '.join(serde.DIGESTS)})")
         except (ValueError, ProtocolMismatch, Busy, TooManyDownloads) as exc:
             await self._abort(context, exc, "GetWeights")
-        trailer = self.trailer_digest if request.digest_in_trailer or encoding in compression.LOSSY else None
         self._downloads += 1
         try:
             payload = await self._current_snapshot()
@@ -400,8 +409,22 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         twenty readers cost one copy, not twenty."""
         async with self._model_lock:
             if self._snapshot is None:
-                state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                state = self._snapshot_tensors()
                 self._snapshot = serde.WeightsPayload(
                     state, round=self.weights_round, architecture=self.model_name,
                     round_id=self.weights_round_id, trained=self.weights_trained)
             return self._snapshot
+
+    def _snapshot_tensors(self) -> dict[str, torch.Tensor]:
+        """A copy of the weights, in the last snapshot's tensors if no other GetWeights stream still reads them: a
+        fresh model-sized copy costs a page fault per 4 KiB."""
+        current = self.model.state_dict()
+        state = self._snapshot_state
+        if state is None or self._downloads > 1:
+            state = {k: v.detach().clone() for k, v in current.items()}
+        else:
+            with torch.no_grad():
+                for mine, theirs in zip(state.values(), current.values()):
+                    mine.copy_(theirs)
+        self._snapshot_state = state
+        return state

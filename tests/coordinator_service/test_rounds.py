@@ -41,11 +41,13 @@ class FakeWorker:
         self.round = 0
         self.trained = False
 
-    async def set_weights(self, payload: serde.WeightsPayload, chunk_size: int, encoding: int):
-        reader = serde.StreamReader(architecture=ARCH, expected=payload.manifest)
-        self.state = {k: v.clone() for k, v in serde.read_state_dict(reader, payload.chunks(chunk_size)).items()}
-        self.round_id, self.round, self.trained = payload.round_id, payload.round, False
-        return payload.total_bytes
+    async def set_weights(self, stream: serde.Broadcast, total_bytes: int):
+        chunks = [pb.WeightsChunk.FromString(message) for message in stream.receiver()]
+        reader = serde.StreamReader(architecture=ARCH, expected=None)
+        self.state = {k: v.clone() for k, v in serde.read_state_dict(reader, iter(chunks)).items()}
+        header = chunks[0].header
+        self.round_id, self.round, self.trained = header.round_id, header.round, False
+        return stream.wire_bytes
 
     def step(self) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)

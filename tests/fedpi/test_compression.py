@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 import torch
+import xxhash
 
 from fedpi import compression, serde
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -134,17 +135,29 @@ def test_int8_needs_a_base_on_the_receiving_side():
         payload.chunks(256, INT8)
 
 
-def test_a_raw_stream_with_its_digest_in_a_trailer_checks_out_with_either_digest():
+def test_a_raw_stream_with_its_digest_in_a_trailer_checks_out_with_every_digest():
     payload = serde.WeightsPayload(_state(), round=1, architecture=ARCH)
     raw = b"".join(bytes(v) for v in payload._views)
+    expected = {"sha256": hashlib.sha256(raw).hexdigest(), "blake2b": hashlib.blake2b(raw).hexdigest(),
+                "xxh3_128": xxhash.xxh3_128_hexdigest(raw)}
+    assert set(expected) == set(serde.DIGESTS)
     for name in serde.DIGESTS:
         chunks = list(payload.chunks(100, trailer=name))
         assert chunks[0].header.digest == f"{name}:"
-        assert chunks[-1].trailer.digest == f"{name}:{hashlib.new(name, raw).hexdigest()}"
+        assert chunks[-1].trailer.digest == f"{name}:{expected[name]}"
         got, reader = _receive(chunks, payload.manifest)
         assert all(torch.equal(got[k], v) for k, v in _state().items()) and reader.wire_bytes == payload.total_bytes
+        assert reader.hashes_fast == (name == "xxh3_128")
     assert "trailer in a stream whose header" in _refused([*payload.chunks(100), chunks[-1]], payload.manifest)
-    assert serde.fastest_digest() in serde.DIGESTS
+
+
+def test_the_fastest_digest_is_chosen_among_those_the_other_side_accepts():
+    ranking = serde.digests_by_speed()
+    assert sorted(ranking) == sorted(serde.DIGESTS)
+    assert serde.fastest_digest() == ranking[0]
+    assert serde.fastest_digest(serde.DIGESTS_BEFORE_1_6) == [d for d in ranking if d != "xxh3_128"][0]
+    assert serde.fastest_digest(["md5", "blake2b"]) == "blake2b"
+    assert serde.fastest_digest(["md5"]) is None
 
 
 def test_piece_sizes_match_what_is_sent():

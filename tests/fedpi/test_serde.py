@@ -92,6 +92,38 @@ def test_corrupted_byte_rejected_by_digest(payload):
     assert err.value.status == "DATA_LOSS"
 
 
+@pytest.mark.parametrize("digest", ["sha256", "blake2b", "xxh3_128"])
+def test_a_corrupted_byte_is_caught_by_every_digest_in_a_trailer(payload, digest):
+    chunks = list(payload.chunks(8, trailer=digest))
+    bad = bytearray(chunks[2].data.data)
+    bad[3] ^= 0x01
+    chunks[2] = pb.WeightsChunk(data=pb.WeightsData(offset=chunks[2].data.offset, data=bytes(bad)))
+    with pytest.raises(serde.DigestMismatch):
+        serde.read_state_dict(_reader(payload), iter(chunks))
+
+
+def test_a_broadcast_gives_every_receiver_the_stream_and_keeps_no_message_all_have_taken(payload):
+    """The same bytes as serialising the stream for each receiver; a message is dropped once every receiver has taken
+    it, so receivers that keep pace hold one chunk of the model, not all of it."""
+    alone = [c.SerializeToString() for c in payload.chunks(8, trailer="xxh3_128")]
+    broadcast = payload.broadcast(2, 8, trailer="xxh3_128")
+    first, second = broadcast.receiver(), broadcast.receiver()
+    got_first, got_second, held = [], [], []
+    for _ in alone:  # in step: each message is dropped as soon as the slower receiver has it
+        got_first.append(next(first))
+        got_second.append(next(second))
+        held.append(len(broadcast._messages))
+    assert next(first, None) is None and next(second, None) is None
+    assert got_first == got_second == alone and max(held) == 0
+    assert broadcast.wire_bytes == payload.total_bytes
+    assert list(broadcast.receiver()) == alone  # a receiver past the count is sent a stream of its own
+    ahead = payload.broadcast(2, 8)
+    list(ahead.receiver())
+    assert len(ahead._messages) == len(alone) - 1  # (no trailer) the other receiver has not taken them yet
+    received = serde.read_state_dict(_reader(payload), (pb.WeightsChunk.FromString(m) for m in ahead.receiver()))
+    assert _same(received, {"a": torch.arange(10.0), "b": torch.ones(2, 3)}) and not ahead._messages
+
+
 def test_reordered_chunks_rejected(payload):
     chunks = _chunks(payload)
     chunks[1], chunks[2] = chunks[2], chunks[1]

@@ -9,6 +9,7 @@ import threading
 import grpc
 import pytest
 import torch
+from xxhash import xxh3_128_hexdigest
 
 from coordinator_service.local import LocalWorker
 from fedpi import serde
@@ -242,6 +243,32 @@ def test_get_weights_can_send_its_digest_in_a_trailer_computed_while_sending(wor
     raw = b"".join(c.data.data for c in chunks[1:-1])
     assert chunks[-1].trailer.digest == algorithm + hashlib.new(algorithm[:-1], raw).hexdigest()
     assert _digest(stub) == (payload.digest, 6)  # without the flag: the sha256 digest in the header, as before
+
+
+def test_digests_are_negotiated_the_worker_lists_its_own_and_picks_among_those_asked_for(worker):
+    _, stub = worker
+    info = stub.GetInfo(pb.GetInfoRequest(), metadata=METADATA, timeout=10)
+    assert sorted(info.digests) == sorted(serde.DIGESTS)
+    payload = _payload(round_=8, seed=8)
+    raw = b"".join(bytes(v) for v in payload._views)
+    stub.SetWeights(payload.chunks(1 << 20, trailer="xxh3_128"), metadata=METADATA, timeout=30)
+    chunks = _weights(stub, chunk_size=100_000, digest_in_trailer=True, digests=["md5", "xxh3_128"])
+    assert chunks[0].header.digest == "xxh3_128:" and chunks[-1].trailer.digest == f"xxh3_128:{xxh3_128_hexdigest(raw)}"
+    assert chunks[-1].trailer.digest == f"xxh3_128:{xxh3_128_hexdigest(b''.join(c.data.data for c in chunks[1:-1]))}"
+    assert _weights(stub, digest_in_trailer=True, digests=["sha256"])[0].header.digest == "sha256:"
+    code, details = _code(lambda: _weights(stub, digest_in_trailer=True, digests=["md5"]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "md5" in details and "xxh3_128" in details
+
+
+def test_an_upload_with_a_wrong_checksum_in_its_trailer_is_data_loss_and_changes_nothing(worker):
+    _, stub = worker
+    kept = _payload(round_=9, seed=9)
+    stub.SetWeights(kept.chunks(), metadata=METADATA, timeout=30)
+    chunks = list(_payload(round_=10, seed=10).chunks(1 << 20, trailer="xxh3_128"))
+    chunks[-1] = pb.WeightsChunk(trailer=pb.WeightsTrailer(digest="xxh3_128:" + "0" * 32))
+    code, details = _code(lambda: stub.SetWeights(iter(chunks), metadata=METADATA, timeout=30))
+    assert code == grpc.StatusCode.DATA_LOSS and "xxh3_128" in details
+    assert _digest(stub) == (kept.digest, 9)
 
 
 def test_int8_updates_need_a_train_that_asked_for_them_and_are_quantised_once(worker):

@@ -36,7 +36,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "protocol_version", "software_version", "model_architecture", "parameter_count", "train_samples", "test_samples", "dataset", "partition", "chunk_encodings", "state", "torch_version", "cpu_architecture", "weights_round", "max_payload_bytes", "max_chunk_bytes", "weights_round_id", "weights_trained", "max_local_batches", "task", "task_version", "manifest_fingerprint")
+    __slots__ = ("worker_id", "protocol_version", "software_version", "model_architecture", "parameter_count", "train_samples", "test_samples", "dataset", "partition", "chunk_encodings", "state", "torch_version", "cpu_architecture", "weights_round", "max_payload_bytes", "max_chunk_bytes", "weights_round_id", "weights_trained", "max_local_batches", "task", "task_version", "manifest_fingerprint", "digests")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class WorkerInfo(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     TASK_VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     protocol_version: str
     software_version: str
@@ -81,7 +82,8 @@ class WorkerInfo(_message.Message):
     task: str
     task_version: str
     manifest_fingerprint: str
-    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., model_architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., chunk_encodings: _Optional[_Iterable[_Union[ChunkEncoding, str]]] = ..., state: _Optional[_Union[WorkerState, str]] = ..., torch_version: _Optional[str] = ..., cpu_architecture: _Optional[str] = ..., weights_round: _Optional[int] = ..., max_payload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., weights_round_id: _Optional[str] = ..., weights_trained: _Optional[bool] = ..., max_local_batches: _Optional[int] = ..., task: _Optional[str] = ..., task_version: _Optional[str] = ..., manifest_fingerprint: _Optional[str] = ...) -> None: ...
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., model_architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., chunk_encodings: _Optional[_Iterable[_Union[ChunkEncoding, str]]] = ..., state: _Optional[_Union[WorkerState, str]] = ..., torch_version: _Optional[str] = ..., cpu_architecture: _Optional[str] = ..., weights_round: _Optional[int] = ..., max_payload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., weights_round_id: _Optional[str] = ..., weights_trained: _Optional[bool] = ..., max_local_batches: _Optional[int] = ..., task: _Optional[str] = ..., task_version: _Optional[str] = ..., manifest_fingerprint: _Optional[str] = ..., digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "byte_length")
@@ -246,11 +248,13 @@ class EvaluateResult(_message.Message):
     def __init__(self, round: _Optional[int] = ..., round_id: _Optional[str] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., samples: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class GetWeightsRequest(_message.Message):
-    __slots__ = ("chunk_size", "encoding", "digest_in_trailer")
+    __slots__ = ("chunk_size", "encoding", "digest_in_trailer", "digests")
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     DIGEST_IN_TRAILER_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     chunk_size: int
     encoding: ChunkEncoding
     digest_in_trailer: bool
-    def __init__(self, chunk_size: _Optional[int] = ..., encoding: _Optional[_Union[ChunkEncoding, str]] = ..., digest_in_trailer: _Optional[bool] = ...) -> None: ...
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, chunk_size: _Optional[int] = ..., encoding: _Optional[_Union[ChunkEncoding, str]] = ..., digest_in_trailer: _Optional[bool] = ..., digests: _Optional[_Iterable[str]] = ...) -> None: ...
