@@ -214,11 +214,18 @@ class StreamFold:
         self._weight = weight
         self._segmenter = Segmenter(total.manifest)
         self.check = check
+        self.failed = False  # a piece was refused: nothing after it is folded (pieces may be queued already)
 
     def add(self, raw: bytes) -> None:
-        for index, start, x in self._segmenter.add(raw):
-            self.check.check(index, start, x)
-            self._fold_run(index, start, x)
+        if self.failed:
+            return
+        try:
+            for index, start, x in self._segmenter.add(raw):
+                self.check.check(index, start, x)
+                self._fold_run(index, start, x)
+        except Exception:
+            self.failed = True
+            raise
 
     def _fold_run(self, index: int, start: int, x: torch.Tensor) -> None:
         self._total.add_run(index, start, x, self._weight)

@@ -13,7 +13,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from functools import partial
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,6 +54,8 @@ log = structlog.get_logger()
 
 # After a failed update stream the sum is rebuilt from the good workers; this bounds how often.
 MAX_AGGREGATION_ATTEMPTS = 3
+# Chunks of one update read ahead of the one being folded: the stream keeps moving while the weights thread works.
+FOLD_AHEAD = 8
 # An update further than this many times the global model's norm (L2, at least 1) from the global model it was
 # trained from is refused. Honest local training moves a model by a small fraction of its norm per round (README:
 # Robust aggregation); a factor of 10 leaves room for high learning rates and catches overflow-sized values.
@@ -184,6 +186,7 @@ class _Round:
     folding: set[str] = field(default_factory=set)  # workers whose update has started to enter the sum
     aggregation_seconds: float = 0.0
     sends: dict[str, serde.Broadcast] = field(default_factory=dict)  # the payload as each worker is sent it
+    announced: asyncio.Task | None = None  # round_started is logged
 
 
 class RoundRunner:
@@ -232,32 +235,40 @@ class RoundRunner:
         the event loop keeps moving bytes meanwhile, and folds into the shared sum never race."""
         return await asyncio.get_running_loop().run_in_executor(self._cpu, work, *args)
 
-    async def _aggregate(self, rnd: _Round, step: Callable, *args) -> None:
-        """One step of aggregation on the weights thread; the round counts the time it worked, not the time several
-        workers' chunks waited in its queue."""
+    def _aggregate_soon(self, step: Callable, *args) -> asyncio.Future[float]:
+        """Queue one step of aggregation on the weights thread now (steps run in the order queued); its result is the
+        time it worked, which the round counts rather than the time several workers' chunks waited in the queue."""
         def timed() -> float:
             t = time.perf_counter()
             step(*args)
             return elapsed(t)
 
-        rnd.aggregation_seconds += await self._off_loop(timed)
+        return asyncio.get_running_loop().run_in_executor(self._cpu, timed)
+
+    async def _aggregate(self, rnd: _Round, step: Callable, *args) -> None:
+        rnd.aggregation_seconds += await self._aggregate_soon(step, *args)
 
     async def _prepare(self, number: int) -> _Round:
         self._attempts += 1
         round_id = f"{self.run_id}/{number}.{self._attempts}"
         state = self.model.state_dict()
         payload = serde.WeightsPayload(state, round=number, architecture=self.architecture, round_id=round_id)
-        await self._off_loop(lambda: payload.digest)  # round_started names it: hashed now, off the event loop
         reference = flat_reference(state, payload.manifest)
         max_distance = self.max_update_ratio * max(model_norm(reference, payload.manifest), 1.0)
         return _Round(number, round_id, payload, reference, max_distance, RoundReport(number))
+
+    async def _announce(self, rnd: _Round, clients: list[WorkerClient], present: int) -> None:
+        """Log round_started with the model's sha256 digest, hashed on the weights thread while the first chunks go
+        out (workers check the digest their stream carries, not this one)."""
+        digest = await self._off_loop(lambda: rnd.payload.digest)
+        log.info("round_started", workers=[c.name for c in clients], present=present, round_id=rnd.round_id,
+                 model_digest=digest)
 
     async def _run_round(self, number: int, clients: list[WorkerClient],
                          index_of: Callable[[WorkerClient], int], present: int) -> RoundReport:
         start = time.perf_counter()
         rnd = await self._prepare(number)
-        log.info("round_started", workers=[c.name for c in clients], present=present, round_id=rnd.round_id,
-                 model_digest=rnd.payload.digest)
+        rnd.announced = asyncio.create_task(self._announce(rnd, clients, present))
         self.observer.round_started(number, [c.name for c in clients])
         rnd.sends = self._broadcasts(rnd.payload, clients)
         if self.aggregation.coordinate_wise:
@@ -268,6 +279,7 @@ class RoundRunner:
             steps = [self._train_and_fold(rnd, c, index_of(c), total) for c in clients]
         outcomes = await asyncio.gather(*(asyncio.wait_for(s, self.round_timeout) for s in steps),
                                         return_exceptions=True)
+        await rnd.announced
         done, tainted = self._settle(rnd, clients, outcomes)
         if self.aggregation.coordinate_wise:
             await self._aggregate_coordinate_wise(rnd, done, clients)
@@ -344,6 +356,7 @@ class RoundRunner:
             raise _PhaseError("train", exc) from exc
         stats.samples, stats.train_seconds, stats.batches = result.samples, result.train_seconds, result.batches
         stats.train_loss, stats.train_accuracy = result.mean_loss, result.accuracy
+        await rnd.announced  # round_started is logged before anything of its workers
         log.info("worker_train_finished", worker=client.name, samples=result.samples,
                  seconds=round(result.train_seconds, 3), loss=round(result.mean_loss, 4))
         return Contribution(client, stats, result, self.strategy.weight(result))
@@ -409,10 +422,21 @@ class RoundRunner:
         return UpdateCheck(rnd.payload.manifest, rnd.reference, rnd.max_distance)
 
     async def _fold(self, rnd: _Round, c: Contribution, total: WeightedSum) -> None:
-        """Stream one worker's update straight into the running sum, chunk by chunk."""
+        """Stream one worker's update straight into the running sum, chunk by chunk. The next chunks are read while
+        earlier ones are folded, up to FOLD_AHEAD of them; once a chunk fails its check, no later one is folded."""
         fold = total.stream(c.weight, self._check(rnd))
-        async for raw in self._update_pieces(rnd, c):
-            await self._aggregate(rnd, fold.add, raw)
+        queued: deque[asyncio.Future[float]] = deque()
+        try:
+            async for raw in self._update_pieces(rnd, c):
+                queued.append(self._aggregate_soon(fold.add, raw))
+                if len(queued) > FOLD_AHEAD:
+                    rnd.aggregation_seconds += await queued.popleft()
+        finally:  # a failed stream still waits for its queued folds: none may run after the round moves on
+            outcomes = await asyncio.gather(*queued, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            rnd.aggregation_seconds += outcome
         fold.finish()
         c.check = fold.check
 

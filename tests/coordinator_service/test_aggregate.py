@@ -110,3 +110,20 @@ def test_the_mean_does_not_depend_on_the_order_updates_arrive_in():
             total.add_state_dict(*updates[i])
         means.append(total.mean()[0].to(torch.float32))
     assert torch.equal(means[0], means[1]) and torch.equal(means[0], means[2])
+
+
+def test_once_a_piece_is_refused_no_later_piece_of_that_update_enters_the_sum():
+    """Pieces are queued for folding ahead of the one being folded: the ones after a refused piece must not count."""
+    manifest = serde.manifest_of({"w": torch.zeros(8)})
+    total = WeightedSum(manifest)
+    update = torch.ones(8)
+    update[4] = float("nan")  # in the third piece of two elements
+    fold = total.stream(1.0)
+    refused = []
+    for piece in update.view(torch.uint8).split(8):  # every piece queued, as the round does
+        try:
+            fold.add(piece.numpy().tobytes())
+        except serde.NonFiniteWeights:
+            refused.append(piece)
+    assert len(refused) == 1 and fold.failed
+    assert total.accumulators[0].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
