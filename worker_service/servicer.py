@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import platform
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -113,8 +114,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._model_lock = asyncio.Lock()  # held while training or installing: the model is never seen half-done
         self._upload_active = False  # one upload at a time bounds the memory held by partial uploads
         self._upload_buffer: bytearray | None = None
-        self._snapshot: serde.WeightsPayload | None = None  # shared by GetWeights streams until the weights change
-        self._snapshot_state: dict[str, torch.Tensor] | None = None  # its tensors, reused by the next snapshot
+        # Shared by GetWeights streams until the weights change; it reads the model's own tensors (_leave_snapshot).
+        self._snapshot: serde.WeightsPayload | None = None
         # int8 deltas (TrainRequest.update_encoding): the weights Train started from, the quantisation error fed back
         # into the next update, and this update's chunks, quantised once however often they are fetched.
         self._base: list[torch.Tensor | None] | None = None
@@ -203,6 +204,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if self._model_lock.locked():
                     raise Busy(self._busy_reason() + "; weights were not installed, retry after it finishes")
                 async with self._model_lock:
+                    self._leave_snapshot()
                     self.model.load_state_dict(state)
                     self._set_weights_identity(reader.header.round, reader.header.round_id)
             finally:
@@ -282,6 +284,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         async with self._model_lock:
             self.training_round = request.round
             self.metrics.training.set(1)
+            self._leave_snapshot()
             self._snapshot = self._int8 = None
             self._keep_base(request.update_encoding == pb.CHUNK_ENCODING_INT8_DELTA)
             structlog.contextvars.bind_contextvars(round=request.round)
@@ -405,26 +408,20 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return self._int8[1].replay()
 
     async def _current_snapshot(self) -> serde.WeightsPayload:
-        """One copy of the weights per version, shared by every reader: a slow reader never holds the model, and
-        twenty readers cost one copy, not twenty."""
+        """The weights as GetWeights streams send them, shared by every stream until they change: the model's own
+        tensors, no copy (a copy of a large model costs as much CPU as sending it on loopback)."""
         async with self._model_lock:
             if self._snapshot is None:
-                state = self._snapshot_tensors()
                 self._snapshot = serde.WeightsPayload(
-                    state, round=self.weights_round, architecture=self.model_name,
+                    self.model.state_dict(), round=self.weights_round, architecture=self.model_name,
                     round_id=self.weights_round_id, trained=self.weights_trained)
             return self._snapshot
 
-    def _snapshot_tensors(self) -> dict[str, torch.Tensor]:
-        """A copy of the weights, in the last snapshot's tensors if no other GetWeights stream still reads them: a
-        fresh model-sized copy costs a page fault per 4 KiB."""
-        current = self.model.state_dict()
-        state = self._snapshot_state
-        if state is None or self._downloads > 1:
-            state = {k: v.detach().clone() for k, v in current.items()}
-        else:
-            with torch.no_grad():
-                for mine, theirs in zip(state.values(), current.values()):
-                    mine.copy_(theirs)
-        self._snapshot_state = state
-        return state
+    def _leave_snapshot(self) -> None:
+        """Before the model changes (under the model lock): streams still sending the snapshot keep the tensors it
+        reads, and the model moves on in copies of them. A slow reader never holds the model up."""
+        if self._snapshot is None or not self._downloads:
+            return
+        with torch.no_grad():
+            for t in itertools.chain(self.model.parameters(), self.model.buffers()):
+                t.data = t.data.clone()

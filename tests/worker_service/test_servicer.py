@@ -8,6 +8,7 @@ import grpc
 import pytest
 import torch
 
+from fedpi import serde
 from fedpi.data import Dataset, Split
 from fedpi.models import build_model
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -84,3 +85,38 @@ def test_the_snapshot_follows_new_weights():
 
     first, second = asyncio.run(scenario())
     assert first is not second and (second.round, second.round_id, second.trained) == (3, "run/3.1", False)
+
+
+async def _chunks(chunks):
+    for chunk in chunks:
+        yield chunk
+
+
+def test_a_stalled_reader_keeps_its_weights_while_new_ones_are_installed_without_a_copy_otherwise():
+    """Snapshots share the model's tensors; only a change while a stream still reads them moves the model to copies,
+    and that stream still sends the weights it started with, intact."""
+    async def scenario():
+        servicer, release = _servicer(), asyncio.Event()
+        old = {k: v.clone() for k, v in servicer.model.state_dict().items()}
+        stalled = FakeContext(release)
+        reader = asyncio.ensure_future(servicer.GetWeights(pb.GetWeightsRequest(chunk_size=4096), stalled))
+        await asyncio.sleep(0.1)
+        shared = servicer._snapshot._flat[0].data_ptr() == servicer.model.state_dict()["conv1.weight"].data_ptr()
+        new = build_model("reference-cnn", seed=5).state_dict()
+        payload = serde.WeightsPayload(new, round=2, architecture="reference-cnn", round_id="run/2.1")
+        await servicer.SetWeights(_chunks(payload.chunks(1 << 20, trailer="xxh3_128")), FakeContext(release))
+        installed = {k: v.clone() for k, v in servicer.model.state_dict().items()}
+        release.set()
+        await reader
+        # no stream reads the weights now: installing again copies into the model's tensors, no new storage
+        before = servicer.model.state_dict()["conv1.weight"].data_ptr()
+        await servicer.GetWeights(pb.GetWeightsRequest(), FakeContext(release))
+        await servicer.SetWeights(_chunks(payload.chunks()), FakeContext(release))
+        return old, new, installed, stalled.chunks, shared, before == servicer.model.state_dict()["conv1.weight"].data_ptr()
+
+    old, new, installed, sent, shared, same_storage = asyncio.run(scenario())
+    reader = serde.StreamReader(architecture="reference-cnn", expected=serde.manifest_of(old))
+    received = serde.read_state_dict(reader, iter(sent))
+    assert shared and same_storage
+    assert all(torch.equal(received[k], v) for k, v in old.items())
+    assert all(torch.equal(installed[k], v) for k, v in new.items())
