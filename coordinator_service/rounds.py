@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 import uuid
 from collections import Counter, deque
 from functools import partial
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeVar
 from dataclasses import asdict, dataclass, field
 
 import structlog
@@ -54,6 +55,7 @@ log = structlog.get_logger()
 
 # After a failed update stream the sum is rebuilt from the good workers; this bounds how often.
 MAX_AGGREGATION_ATTEMPTS = 3
+T = TypeVar("T")
 # Chunks of one update read ahead of the one being folded: the stream keeps moving while the weights thread works.
 FOLD_AHEAD = 8
 # An update further than this many times the global model's norm (L2, at least 1) from the global model it was
@@ -235,18 +237,19 @@ class RoundRunner:
         the event loop keeps moving bytes meanwhile, and folds into the shared sum never race."""
         return await asyncio.get_running_loop().run_in_executor(self._cpu, work, *args)
 
-    def _aggregate_soon(self, step: Callable, *args) -> asyncio.Future[float]:
+    def _aggregate_soon(self, step: Callable, *args) -> Future[float]:
         """Queue one step of aggregation on the weights thread now (steps run in the order queued); its result is the
-        time it worked, which the round counts rather than the time several workers' chunks waited in the queue."""
+        time it worked, which the round counts rather than the time several workers' chunks waited in the queue. A
+        plain future: the event loop is woken for it only if something waits for it before it is done."""
         def timed() -> float:
             t = time.perf_counter()
             step(*args)
             return elapsed(t)
 
-        return asyncio.get_running_loop().run_in_executor(self._cpu, timed)
+        return self._cpu.submit(timed)
 
     async def _aggregate(self, rnd: _Round, step: Callable, *args) -> None:
-        rnd.aggregation_seconds += await self._aggregate_soon(step, *args)
+        rnd.aggregation_seconds += await _result(self._aggregate_soon(step, *args))
 
     async def _prepare(self, number: int) -> _Round:
         self._attempts += 1
@@ -425,14 +428,14 @@ class RoundRunner:
         """Stream one worker's update straight into the running sum, chunk by chunk. The next chunks are read while
         earlier ones are folded, up to FOLD_AHEAD of them; once a chunk fails its check, no later one is folded."""
         fold = total.stream(c.weight, self._check(rnd))
-        queued: deque[asyncio.Future[float]] = deque()
+        queued: deque[Future[float]] = deque()
         try:
             async for raw in self._update_pieces(rnd, c):
                 queued.append(self._aggregate_soon(fold.add, raw))
-                if len(queued) > FOLD_AHEAD:
-                    rnd.aggregation_seconds += await queued.popleft()
+                while queued and (len(queued) > FOLD_AHEAD or queued[0].done()):
+                    rnd.aggregation_seconds += await _result(queued.popleft())
         finally:  # a failed stream still waits for its queued folds: none may run after the round moves on
-            outcomes = await asyncio.gather(*queued, return_exceptions=True)
+            outcomes = await asyncio.gather(*map(asyncio.wrap_future, queued), return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -585,6 +588,11 @@ class RoundRunner:
         if result.round_id != payload.round_id:
             raise WorkerRejected(c.client.name, f"Evaluate answered for round id {result.round_id!r}")
         c.stats.eval_loss, c.stats.eval_accuracy, c.stats.eval_samples = result.loss, result.accuracy, result.samples
+
+
+async def _result(future: Future[T]) -> T:
+    """A thread's result; the event loop waits for it only if it is not there yet."""
+    return future.result() if future.done() else await asyncio.wrap_future(future)
 
 
 def _work_asked(request: pb.TrainRequest) -> str:

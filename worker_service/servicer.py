@@ -113,7 +113,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.evaluating = False
         self._model_lock = asyncio.Lock()  # held while training or installing: the model is never seen half-done
         self._upload_active = False  # one upload at a time bounds the memory held by partial uploads
+        # Uploads take turns between two buffers: the model lives in one (_install), the next upload fills the other.
         self._upload_buffer: bytearray | None = None
+        self._model_buffer: bytearray | None = None
         # Shared by GetWeights streams until the weights change; it reads the model's own tensors (_leave_snapshot).
         self._snapshot: serde.WeightsPayload | None = None
         # int8 deltas (TrainRequest.update_encoding): the weights Train started from, the quantisation error fed back
@@ -200,12 +202,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 raise Busy(f"worker {self.worker_id} is receiving another SetWeights stream; retry when it is done")
             self._upload_active = True
             try:  # until the upload is installed or dropped: the next one reuses its buffer
-                reader, state = await self._receive(request_iterator)
+                reader, state, buffer = await self._receive(request_iterator)
                 if self._model_lock.locked():
                     raise Busy(self._busy_reason() + "; weights were not installed, retry after it finishes")
                 async with self._model_lock:
-                    self._leave_snapshot()
-                    self.model.load_state_dict(state)
+                    self._install(state, buffer)
                     self._set_weights_identity(reader.header.round, reader.header.round_id)
             finally:
                 self._upload_active = False
@@ -216,7 +217,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                  seconds=round(seconds, 3))
         return pb.SetWeightsResponse(round=self.weights_round, bytes_received=reader.received, seconds=seconds)
 
-    async def _receive(self, request_iterator: AsyncIterator[pb.WeightsChunk]) -> tuple[serde.StreamReader, dict]:
+    async def _receive(self, request_iterator: AsyncIterator[pb.WeightsChunk]
+                       ) -> tuple[serde.StreamReader, dict[str, torch.Tensor], bytearray]:
         """Read and check a whole upload within its deadline: upload_grace for the header, then time for its size."""
         limits = self.limits
         reader = serde.StreamReader(architecture=self.model_name, expected=self.manifest,
@@ -239,9 +241,26 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 f"SetWeights stream took longer than the {allowed:.0f} s its size allows "
                 f"({reader.received} of {reader.header.total_bytes if reader.header else '?'} bytes arrived); "
                 f"nothing was installed") from None
-        state = assembler.finish()
-        self._upload_buffer = assembler.buffer  # for the next upload, which waits until `state` is installed
-        return reader, state
+        return reader, assembler.finish(), assembler.buffer
+
+    def _install(self, state: dict[str, torch.Tensor], buffer: bytearray) -> None:
+        """Under the model lock. The upload's buffer becomes the model's storage, no copy, and the storage it replaces
+        takes the next upload, unless a GetWeights stream still reads it. A model that cannot take the buffer as it
+        is (a state_dict entry that is not one of its parameters or buffers, or a tensor off its natural alignment)
+        is copied into instead."""
+        live = self.model.state_dict(keep_vars=True)
+        own = {id(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())}
+        if not all(id(t) in own and state[name].data_ptr() % state[name].element_size() == 0
+                   for name, t in live.items()):
+            self._leave_snapshot()
+            self.model.load_state_dict(state)
+            self._upload_buffer = buffer
+            return
+        with torch.no_grad():
+            for name, t in live.items():
+                t.data = state[name]
+        self._upload_buffer = None if self._downloads else self._model_buffer
+        self._model_buffer = buffer
 
     def _set_weights_identity(self, round_: int, round_id: str, trained: bool = False) -> None:
         self.weights_round, self.weights_round_id, self.weights_trained = round_, round_id, trained
