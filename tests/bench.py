@@ -51,17 +51,21 @@ def bench_transport(tmp: Path) -> None:
         payload = serde.WeightsPayload(build_model("large-mlp", seed=3).state_dict(), round=1,
                                        architecture="large-mlp")
         mb = payload.total_bytes / 1e6
-        for chunk_size in (256 << 10, 1 << 20, (4 << 20) - 4096):
+        # A sha256 digest in the header (every protocol version), and an XXH3-128 one in a trailer (1.6 peers).
+        for digest, chunk_size in (("sha256", 256 << 10), ("sha256", 1 << 20), ("sha256", (4 << 20) - 4096),
+                                   ("xxh3_128", 1 << 20)):
+            trailer = digest if digest != "sha256" else None
             up, down = [], []
             for _ in range(3):
                 t = time.perf_counter()
-                stub.SetWeights(payload.chunks(chunk_size), metadata=METADATA, timeout=300)
+                stub.SetWeights(payload.chunks(chunk_size, trailer=trailer), metadata=METADATA, timeout=300)
                 up.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                chunks = list(stub.GetWeights(pb.GetWeightsRequest(chunk_size=chunk_size), metadata=METADATA))
+                chunks = list(stub.GetWeights(pb.GetWeightsRequest(chunk_size=chunk_size, digest_in_trailer=bool(
+                    trailer), digests=[digest]), metadata=METADATA))
                 down.append(time.perf_counter() - t)
-                assert chunks[0].header.digest == payload.digest
-            print(f"transport  large-mlp {mb:.0f} MB  chunk {chunk_size >> 10:>5} KiB  "
+                assert chunks[0].header.digest == (f"{digest}:" if trailer else payload.digest)
+            print(f"transport  large-mlp {mb:.0f} MB  chunk {chunk_size >> 10:>5} KiB  {digest:<8}  "
                   f"SetWeights {mb / statistics.median(up):6.0f} MB/s  GetWeights {mb / statistics.median(down):6.0f} MB/s")
 
 
