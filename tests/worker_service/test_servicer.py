@@ -122,3 +122,28 @@ def test_a_stalled_reader_keeps_its_weights_while_new_ones_are_installed_without
     assert shared and homes[0] == homes[2] and homes[1] == homes[3] and homes[0] != homes[1]
     assert all(torch.equal(received[k], v) for k, v in old.items())
     assert all(torch.equal(installed[k], v) for k, v in new.items())
+
+
+class Misaligned(torch.nn.Module):
+    """A float64 tensor 12 bytes into the payload: off its natural alignment in an upload's buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(3))
+        self.b = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+
+def test_a_model_that_cannot_live_in_the_upload_buffer_is_copied_into():
+    async def scenario():
+        split = Split(torch.zeros(8, 28, 28, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64), 0.0, 1.0)
+        servicer = WorkerServicer(worker_id="w", model_name="odd", model=Misaligned(),
+                                  data=Dataset("tiny", split, split), partition="0/1")
+        before = [p.data_ptr() for p in servicer.model.parameters()]
+        new = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([4.0, 5.0], dtype=torch.float64)}
+        payload = serde.WeightsPayload(new, round=2, architecture="odd", round_id="run/2.1")
+        await servicer.SetWeights(_chunks(payload.chunks()), FakeContext(asyncio.Event()))
+        return servicer.model, before, new
+
+    model, before, new = asyncio.run(scenario())
+    assert [p.data_ptr() for p in model.parameters()] == before
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in new.items())
