@@ -53,8 +53,10 @@ tasks: $(STAMP)  ## list the installed tasks (make run TASK=NAME trains one)
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## benchmarks: wire (loopback and Pi LAN vs raw TCP, compression), transport, memory, reference workload, faults, poison, robust-memory, scale
-	$(PY) -m tests.bench
+BENCH ?=
+
+bench: $(STAMP)  ## benchmarks: wire (loopback and Pi LAN vs raw TCP, compression), transport, memory, reference workload, faults, poison, robust-memory, scale [BENCH="wire scale"]
+	$(PY) -m tests.bench $(BENCH)
 
 bench-learning: $(STAMP)  ## strategies x partitions on real MNIST / Fashion-MNIST, and a mixed Pi LAN (about 2 hours)
 	$(PY) -m tests.bench_learning $(BENCH_LEARNING_ARGS)

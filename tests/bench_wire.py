@@ -1,4 +1,4 @@
-"""`make bench wire`: how close rounds come to the wire, beside raw TCP measured in the same run.
+"""`make bench BENCH=wire`: how close rounds come to the wire, beside raw TCP measured in the same run.
 
 1. raw TCP: 1 GB over loopback, and 50 MB into an emulated Pi (pilan), between two plain Python processes.
 2. loopback: 3 local workers, one local batch a round; the round overhead (wall beyond the slowest worker's training;
