@@ -71,6 +71,12 @@ class LocalWorker:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
 
+    def kill(self) -> None:
+        """kill -9, and wait until it is gone: a start right after must not find it still exiting."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
     def stop(self, grace: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return

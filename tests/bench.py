@@ -129,7 +129,7 @@ def bench_faults(tmp: Path) -> None:
                     victim = cluster.workers[2]
                     run.wait_for("round_started", round=3, timeout=600)
                     run.wait_for("worker_train_finished", round=3, timeout=600)
-                    victim.process.kill()
+                    victim.kill()
                     run.wait_for("round_started", round=5, timeout=600)
                     victim.start()
                 if run.finish(1800):

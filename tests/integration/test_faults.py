@@ -69,7 +69,7 @@ def test_worker_killed_mid_train_is_dropped_then_rejoins_after_restart(workers, 
         # Execute: kill -9 bob while round 2 trains; restart him once round 3 has begun.
         run.wait_for("round_started", round=2)
         run.wait_for("worker_train_finished", round=2)  # someone is done, so bob is mid-Train
-        workers["bob"].process.kill()
+        workers["bob"].kill()
         run.wait_for("round_started", round=3)
         workers["bob"].start()
         assert run.finish() == 0, "".join(run.lines[-40:])
@@ -91,7 +91,7 @@ def test_worker_killed_mid_get_weights_leaves_the_average_clean(workers, tmp_pat
                              *TRAIN, "--output-dir", str(tmp_path))
         try:
             run.wait_for("worker_train_finished", round=1, worker="bob")
-            workers["bob"].process.kill()
+            workers["bob"].kill()
             assert run.finish() == 0, "".join(run.lines[-40:])
         finally:
             run.proc.kill()
@@ -236,7 +236,7 @@ def test_round_below_quorum_is_retried_with_the_worker_that_came_back(workers, t
                          "--round-retries", "2", "--retry-backoff", "2", "--output-dir", str(tmp_path))
     try:
         run.wait_for("worker_train_finished", round=1)
-        workers["charlie"].process.kill()
+        workers["charlie"].kill()
         run.wait_for("round_retrying", round=1)
         workers["charlie"].start()
         assert run.finish() == 0, "".join(run.lines[-40:])
@@ -251,7 +251,7 @@ def test_round_below_quorum_stops_with_the_reasons_and_keeps_the_model(workers, 
                          "--round-retries", "1", "--retry-backoff", "1", "--output-dir", str(tmp_path))
     try:
         run.wait_for("worker_train_finished", round=1)
-        workers["charlie"].process.kill()
+        workers["charlie"].kill()
         assert run.finish() == 1
     finally:
         run.proc.kill()
