@@ -408,7 +408,7 @@ class RoundRunner:
             # A slow digest is computed on threads of each stream's own, beside the one thread that folds.
             raw = reader.accept(chunk) if reader.hashes_fast else await asyncio.to_thread(reader.accept, chunk)
             if raw is None:
-                if chunk.HasField("header"):
+                if serde.is_header(chunk):
                     _check_update_header(reader.header, rnd)
                 continue
             if len(raw) != next(sizes, 0):

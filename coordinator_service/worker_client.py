@@ -15,7 +15,7 @@ import grpc
 import structlog
 import torch
 
-from fedpi import serde
+from fedpi import serde, wire
 from fedpi.task import Task, fingerprint
 from fedpi.protocol import (
     AUTH_METADATA_KEY,
@@ -209,6 +209,10 @@ class WorkerClient:
         # SetWeights takes messages serialised already: a Broadcast serialises the global model once for all workers.
         self._set_weights = channel.stream_unary(f"/{SERVICE_NAME}/SetWeights", request_serializer=None,
                                                  response_deserializer=pb.SetWeightsResponse.FromString)
+        # An update's data chunks arrive as views of what gRPC received, not copied out of a parsed message.
+        self._get_weights = channel.unary_stream(f"/{SERVICE_NAME}/GetWeights",
+                                                 request_serializer=pb.GetWeightsRequest.SerializeToString,
+                                                 response_deserializer=wire.from_wire)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -314,8 +318,8 @@ class WorkerClient:
             pass
 
     async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int,
-                          digest_in_trailer: bool = False) -> AsyncIterator[pb.WeightsChunk]:
-        call = self._stub.GetWeights(
+                          digest_in_trailer: bool = False) -> AsyncIterator[pb.WeightsChunk | wire.Data]:
+        call = self._get_weights(
             pb.GetWeightsRequest(chunk_size=chunk_size, encoding=encoding, digest_in_trailer=digest_in_trailer,
                                  digests=list(serde.DIGESTS)),
             timeout=self._transfer_timeout(expected_bytes), metadata=self._metadata,

@@ -15,11 +15,12 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import xxhash
 
-from fedpi import compression
+from fedpi import compression, wire
 from generated.fedpi.v1 import worker_pb2 as pb
 
 # Received chunks are read through read-only views, never written: torch's warning about that does not apply.
@@ -228,33 +229,35 @@ class WeightsPayload:
     def broadcast(self, receivers: int, chunk_size: int = DEFAULT_CHUNK_BYTES, encoding: int = pb.CHUNK_ENCODING_RAW,
                   trailer: str | None = None) -> Broadcast:
         """The stream of `chunks`, serialised once for `receivers` receivers."""
-        return Broadcast(functools.partial(self.chunks, chunk_size, encoding, trailer=trailer), receivers)
+        return Broadcast(functools.partial(self.chunks, chunk_size, encoding, trailer=trailer, encoded=True),
+                         receivers)
 
     def chunks(self, chunk_size: int = DEFAULT_CHUNK_BYTES, encoding: int = pb.CHUNK_ENCODING_RAW, *,
                trailer: str | None = None, base: Sequence[torch.Tensor] | None = None,
-               residual: Sequence[torch.Tensor | None] | None = None) -> OutgoingStream:
+               residual: Sequence[torch.Tensor | None] | None = None, encoded: bool = False) -> OutgoingStream:
         """The stream: header, data chunks, and with `trailer` (a name in DIGESTS) a trailer holding the digest,
         which lossy encodings always send (their digest is of the decoded values). `base` and `residual` (flat, in
-        manifest order) are what int8 deltas are taken from and the error fed back into them."""
+        manifest order) are what int8 deltas are taken from and the error fed back into them. `encoded`: messages as
+        their bytes on the wire (`wire.to_wire` sends them as they are), with one copy of each chunk's data less."""
         if chunk_size <= 0:
             raise ValueError(f"chunk size must be positive, got {chunk_size}")
         if encoding == compression.INT8 and base is None:
             raise ValueError("int8 deltas need the weights they are a delta from")
         if encoding in compression.LOSSY:
             trailer = trailer or "sha256"
-        return OutgoingStream(self, self._data(chunk_size, encoding, base, residual), encoding, trailer)
+        return OutgoingStream(self, self._data(chunk_size, encoding, base, residual), encoding, trailer, encoded)
 
-    def _data(self, chunk_size: int, encoding: int, base, residual) -> Iterator[tuple[dict, bytes, int]]:
-        """(the fields of its WeightsData, the decoded bytes it stands for, its size on the wire) for every chunk.
-        Fields, not a message: nesting a built WeightsData in a WeightsChunk would copy its bytes once more."""
+    def _data(self, chunk_size: int, encoding: int, base, residual) -> Iterator[_Chunk]:
         if encoding not in compression.LOSSY:
             offset = 0
             for pieces in _cut(self._views, chunk_size):
-                # One copy per chunk: a piece within one tensor is copied straight from it, several are joined.
-                raw = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
-                data = zlib.compress(raw, 1) if encoding == pb.CHUNK_ENCODING_ZLIB else raw
-                yield {"offset": offset, "data": data}, raw, len(data)
-                offset += len(raw)
+                size = sum(len(p) for p in pieces)
+                if encoding == pb.CHUNK_ENCODING_ZLIB:
+                    data = zlib.compress(b"".join(pieces), 1)
+                    yield _Chunk(offset, [data], pieces, len(data))
+                else:  # the tensors' own bytes, copied once: into the message
+                    yield _Chunk(offset, pieces, pieces, size)
+                offset += size
             return
         starts = [0]
         for m in self.manifest:
@@ -264,38 +267,51 @@ class WeightsPayload:
             span = slice(p.start, p.start + p.count)
             of_base = base[p.index] if base is not None else None
             carried = residual[p.index] if residual is not None else None
-            wire, decoded = compression.encode(self._flat[p.index][span], encoding,
+            data, decoded = compression.encode(self._flat[p.index][span], encoding,
                                                of_base[span] if of_base is not None else None,
                                                carried[span] if carried is not None else None)
             offset = starts[p.index] + p.start * self.manifest[p.index].itemsize
-            yield {"offset": offset, "data": wire}, compression.raw_view(decoded), len(wire)
+            yield _Chunk(offset, [data], [compression.raw_view(decoded)], len(data))
+
+
+class _Chunk(NamedTuple):
+    offset: int
+    data: list[bytes | memoryview]  # what WeightsData.data holds, in pieces to be joined
+    decoded: list[bytes | memoryview]  # the raw payload bytes it stands for, which the digest is of
+    wire_bytes: int
 
 
 class OutgoingStream:
-    """One stream of a payload (an iterator of WeightsChunk), counting the chunk data bytes it has produced."""
+    """One stream of a payload (an iterator of WeightsChunk, or with `encoded` of their bytes on the wire), counting
+    the chunk data bytes it has produced."""
 
-    def __init__(self, payload: WeightsPayload, data: Iterator[tuple[dict, bytes, int]], encoding: int,
-                 trailer: str | None):
+    def __init__(self, payload: WeightsPayload, data: Iterator[_Chunk], encoding: int, trailer: str | None,
+                 encoded: bool = False):
         self.wire_bytes = 0
-        self._messages = self._stream(payload, data, encoding, trailer)
+        self._messages = self._stream(payload, data, encoding, trailer, encoded)
 
     def __iter__(self) -> OutgoingStream:
         return self
 
-    def __next__(self) -> pb.WeightsChunk:
+    def __next__(self) -> pb.WeightsChunk | bytes:
         return next(self._messages)
 
-    def _stream(self, payload: WeightsPayload, data: Iterator[tuple[dict, bytes, int]], encoding: int,
-                trailer: str | None) -> Iterator[pb.WeightsChunk]:
+    def _stream(self, payload: WeightsPayload, data: Iterator[_Chunk], encoding: int, trailer: str | None,
+                encoded: bool) -> Iterator[pb.WeightsChunk | bytes]:
+        out = wire.to_wire if encoded else (lambda message: message)
         hasher = DIGESTS[trailer]() if trailer else None
-        yield pb.WeightsChunk(header=payload.header(encoding, digest=f"{trailer}:" if trailer else None))
-        for message, decoded, size in data:
-            self.wire_bytes += size
+        yield out(pb.WeightsChunk(header=payload.header(encoding, digest=f"{trailer}:" if trailer else None)))
+        for chunk in data:
+            self.wire_bytes += chunk.wire_bytes
             if hasher is not None:
-                hasher.update(decoded)
-            yield pb.WeightsChunk(data=message)
+                for piece in chunk.decoded:
+                    hasher.update(piece)
+            if encoded:
+                yield wire.encode_data(chunk.offset, chunk.data)
+            else:
+                yield pb.WeightsChunk(data={"offset": chunk.offset, "data": b"".join(chunk.data)})
         if hasher is not None:
-            yield pb.WeightsChunk(trailer=pb.WeightsTrailer(digest=f"{trailer}:{hasher.hexdigest()}"))
+            yield out(pb.WeightsChunk(trailer=pb.WeightsTrailer(digest=f"{trailer}:{hasher.hexdigest()}")))
 
 
 class Broadcast:
@@ -320,7 +336,7 @@ class Broadcast:
 
     def receiver(self) -> Iterator[bytes]:
         if len(self._taken) == self._receivers:
-            return (message.SerializeToString() for message in self._make())
+            return self._make()
         self._taken.append(0)
         return self._receive(len(self._taken) - 1)
 
@@ -331,7 +347,7 @@ class Broadcast:
                 message = next(self._stream, None)
                 if message is None:
                     return
-                self._messages[i] = message.SerializeToString()
+                self._messages[i] = message
                 self._made += 1
             data = self._messages[i]
             self._taken[me] = i + 1
@@ -403,8 +419,15 @@ class StreamReader:
         self._hash = None
         self._tensor, self._element = 0, 0  # where the next lossy chunk starts
 
-    def accept(self, chunk: pb.WeightsChunk) -> bytes | memoryview | None:
-        """Validate one message; return the raw bytes of a data chunk (None for the header and the trailer)."""
+    def accept(self, chunk: pb.WeightsChunk | wire.Data | bytes) -> bytes | memoryview | None:
+        """Validate one message (as parsed, or its bytes on the wire); return the raw bytes of a data chunk (None for
+        the header and the trailer)."""
+        if isinstance(chunk, bytes):
+            chunk = wire.from_wire(chunk)
+        if isinstance(chunk, wire.Data):
+            if self.header is None:
+                raise MalformedStream("data before the header: a weight stream must start with a WeightsHeader")
+            return self._accept_data(chunk)
         kind = chunk.WhichOneof("kind")
         if kind == "header":
             self._accept_header(chunk.header)
@@ -472,7 +495,7 @@ class StreamReader:
                                   f"digest the header announced")
         self.digest = trailer.digest
 
-    def _accept_data(self, data: pb.WeightsData) -> bytes | memoryview:
+    def _accept_data(self, data: pb.WeightsData | wire.Data) -> bytes | memoryview:
         assert self.header is not None
         wire = data.data  # read once: each read of a bytes field makes a new object
         if len(wire) > self.max_chunk_bytes:
@@ -560,6 +583,10 @@ def _check_manifest(got: Sequence[TensorMeta], expected: Sequence[TensorMeta]) -
             )
 
 
+def is_header(chunk: pb.WeightsChunk | wire.Data) -> bool:
+    return isinstance(chunk, pb.WeightsChunk) and chunk.HasField("header")
+
+
 def read_state_dict(reader: StreamReader, chunks: Iterator[pb.WeightsChunk]) -> dict[str, torch.Tensor]:
     """Read a whole stream into a fresh state_dict (for tests and tools; services use `Assembler`)."""
     assembler = Assembler(reader)
@@ -578,10 +605,12 @@ class Assembler:
         self._spare = buffer
         self._buf: bytearray | None = None
 
-    def add(self, chunk: pb.WeightsChunk) -> None:
+    def add(self, chunk: pb.WeightsChunk | wire.Data | bytes) -> None:
+        if isinstance(chunk, bytes):
+            chunk = wire.from_wire(chunk)
         offset = self.reader.received
         raw = self.reader.accept(chunk)
-        if chunk.HasField("header"):
+        if is_header(chunk):
             total = self.reader.header.total_bytes
             spare = self._spare
             self._buf = spare if spare is not None and len(spare) >= total else bytearray(total)

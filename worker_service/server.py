@@ -10,6 +10,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fedpi import wire
 from fedpi.protocol import SERVICE_NAME
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
@@ -40,6 +41,32 @@ def _listen(server: grpc.aio.Server, address: str, security: ServerSecurity) -> 
     return port
 
 
+class _Registration:
+    """Stands in for a server to catch the method handlers generated code registers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _add_worker_service(servicer: WorkerServicer, server: grpc.aio.Server) -> None:
+    """The generated handlers, but weight streams are read and written by fedpi.wire: data chunks arrive as views
+    of what gRPC received and leave with one copy fewer."""
+    caught = _Registration()
+    pb_grpc.add_WorkerServicer_to_server(servicer, caught)
+    handlers = dict(caught.handlers)
+    handlers["SetWeights"] = grpc.stream_unary_rpc_method_handler(
+        servicer.SetWeights, request_deserializer=wire.from_wire,
+        response_serializer=handlers["SetWeights"].response_serializer)
+    handlers["GetWeights"] = grpc.unary_stream_rpc_method_handler(
+        servicer.GetWeights, request_deserializer=handlers["GetWeights"].request_deserializer,
+        response_serializer=wire.to_wire)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(caught.service, handlers),))
+    server.add_registered_method_handlers(caught.service, handlers)
+
+
 async def create_server(servicer: WorkerServicer, address: str, security: ServerSecurity = ServerSecurity(),
                         health_address: str | None = None) -> tuple[list[grpc.aio.Server], int, health.aio.HealthServicer]:
     """The worker's server (plus, if asked, a plaintext server with only the health service, for kubelet probes,
@@ -48,7 +75,7 @@ async def create_server(servicer: WorkerServicer, address: str, security: Server
     server = grpc.aio.server(options=SERVER_OPTIONS,
                              interceptors=[MetricsInterceptor(servicer.metrics), AuthInterceptor(security)],
                              maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
-    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    _add_worker_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (pb.DESCRIPTOR.services_by_name["Worker"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)

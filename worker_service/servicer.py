@@ -233,7 +233,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                         assembler.add(chunk)  # a copy and a checksum: less work than a hop to a thread
                     else:  # sha256 or blake2b, off the event loop: gRPC reads the next chunk meanwhile
                         await asyncio.to_thread(assembler.add, chunk)
-                    if chunk.HasField("header"):
+                    if serde.is_header(chunk):
                         allowed = limits.upload_grace + reader.header.total_bytes / limits.upload_bytes_per_second
                         deadline.reschedule(loop.time() + allowed)
         except TimeoutError:
@@ -409,7 +409,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 except ProtocolMismatch as exc:
                     await self._abort(context, exc, "GetWeights")
             else:
-                for chunk in payload.chunks(chunk_size, encoding, trailer=trailer):
+                for chunk in payload.chunks(chunk_size, encoding, trailer=trailer, encoded=True):
                     await context.write(chunk)
         finally:
             self._downloads -= 1
@@ -419,7 +419,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         the first fetch sends them: a second fetch, e.g. for clipping, replays the same bytes."""
         if self._int8 is None:
             chunks = payload.chunks(chunk_size, pb.CHUNK_ENCODING_INT8_DELTA, trailer=trailer, base=self._base,
-                                    residual=self._residual)
+                                    residual=self._residual, encoded=True)
             self._int8 = (chunk_size, Replay(chunks))
         if self._int8[0] != chunk_size:
             raise ProtocolMismatch(f"this update was quantised in {self._int8[0]}-byte chunks (a scale per chunk); "

@@ -8,7 +8,7 @@ import grpc
 import pytest
 import torch
 
-from fedpi import serde
+from fedpi import serde, wire
 from fedpi.data import Dataset, Split
 from fedpi.models import build_model
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -35,7 +35,7 @@ class FakeContext:
         return "test"
 
     async def write(self, chunk):
-        self.chunks.append(chunk)
+        self.chunks.append(wire.from_wire(wire.to_wire(chunk)))  # as the client would read it off the wire
         await self.release.wait()
 
     async def abort(self, code, details):
