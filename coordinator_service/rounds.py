@@ -189,6 +189,13 @@ class _Round:
     aggregation_seconds: float = 0.0
     sends: dict[str, serde.Broadcast] = field(default_factory=dict)  # the payload as each worker is sent it
     announced: asyncio.Task | None = None  # round_started is logged
+    unsent: int = 0  # workers whose send of the global model has not ended yet
+    sent: asyncio.Event = field(default_factory=asyncio.Event)  # every send has ended, well or not
+
+    def send_ended(self) -> None:
+        self.unsent -= 1
+        if self.unsent <= 0:
+            self.sent.set()
 
 
 class RoundRunner:
@@ -261,8 +268,10 @@ class RoundRunner:
         return _Round(number, round_id, payload, reference, max_distance, RoundReport(number))
 
     async def _announce(self, rnd: _Round, clients: list[WorkerClient], present: int) -> None:
-        """Log round_started with the model's sha256 digest, hashed on the weights thread while the first chunks go
-        out (workers check the digest their stream carries, not this one)."""
+        """Log round_started with the model's sha256 digest, hashed on the weights thread once the model is out and
+        the workers train: beside the sends it would slow them (workers check the digest their stream carries, not
+        this one)."""
+        await rnd.sent.wait()
         digest = await self._off_loop(lambda: rnd.payload.digest)
         log.info("round_started", workers=[c.name for c in clients], present=present, round_id=rnd.round_id,
                  model_digest=digest)
@@ -271,6 +280,9 @@ class RoundRunner:
                          index_of: Callable[[WorkerClient], int], present: int) -> RoundReport:
         start = time.perf_counter()
         rnd = await self._prepare(number)
+        rnd.unsent = len(clients)
+        if not clients:
+            rnd.sent.set()
         rnd.announced = asyncio.create_task(self._announce(rnd, clients, present))
         self.observer.round_started(number, [c.name for c in clients])
         rnd.sends = self._broadcasts(rnd.payload, clients)
@@ -345,6 +357,8 @@ class RoundRunner:
             stats.bytes_sent = await client.set_weights(rnd.sends[client.name], rnd.payload.total_bytes)
         except WorkerError as exc:
             raise _PhaseError("set_weights", exc) from exc
+        finally:
+            rnd.send_ended()
         stats.send_seconds = elapsed(t)
         request = self.strategy.configure_train(rnd.number, index)
         request.round_id = rnd.round_id
