@@ -216,8 +216,10 @@ def accuracy(tmp: Path, table: Table) -> None:
 
 def bench_wire(tmp: Path) -> None:
     table = Table()
-    raw = raw_tcp(1_000_000_000)
-    table.add("raw loopback TCP, one stream", f"{raw / 1e9:.2f} GB/s")
+    # The median of three: one gigabyte over loopback moved at anything from 3.8 to 5.5 GB/s from one run to the next.
+    runs = sorted(raw_tcp(1_000_000_000) for _ in range(3))
+    raw = runs[1]
+    table.add("raw loopback TCP, one stream", f"{raw / 1e9:.2f} GB/s (median of {', '.join(f'{r / 1e9:.2f}' for r in runs)})")
     loopback(tmp, table, raw)
     lan(tmp, table)
     accuracy(tmp, table)
