@@ -376,3 +376,26 @@ def test_fedprox_is_sent_only_to_workers_that_understand_it():
     [failure] = report.failures
     assert failure.worker == "old" and failure.phase == "train" and "FedProx" in failure.reason
     assert [w.worker for w in report.workers] == ["new"]
+
+
+def test_round_started_names_the_model_by_its_digest_hashed_only_once_every_send_has_ended():
+    """Hashing a large model beside the sends would slow them: round_started waits until the model is out."""
+    from structlog.testing import capture_logs
+
+    logged_when_sent = []
+
+    class SlowSend(FakeWorker):
+        async def set_weights(self, stream, total_bytes):
+            await asyncio.sleep(0.05 * self.seed)
+            logged_when_sent.append([e["event"] for e in logs])
+            return await super().set_weights(stream, total_bytes)
+
+    model = tiny_model()
+    expected = serde.WeightsPayload(model.state_dict(), round=1, architecture=ARCH).digest
+    with capture_logs() as logs:
+        _run(_runner(model), [SlowSend("a", 1), SlowSend("b", 2), SlowSend("c", 3)])
+    assert len(logged_when_sent) == 3 and not any("round_started" in events for events in logged_when_sent)
+    started = [e for e in logs if e["event"] == "round_started"]
+    assert len(started) == 1 and started[0]["model_digest"] == expected
+    events = [e["event"] for e in logs]
+    assert events.index("round_started") < events.index("worker_train_finished")
