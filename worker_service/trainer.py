@@ -94,6 +94,7 @@ class Trainer:
         self.task = task or _default_task()  # the loss of a batch and how a model is scored
         self.batch_delay = batch_delay  # seconds of extra wall time per batch: imitates a slower device
         self.max_batches = max_batches
+        self._momentum: dict[str, torch.Tensor] = {}  # by parameter name: SGD's buffers, kept for the next round
         # The first optimizer ever created imports torch's compiler stack (about 2 s): pay that at start-up,
         # before the worker reports SERVING, not inside round 1.
         torch.optim.SGD(model.parameters(), lr=0.01)
@@ -117,6 +118,7 @@ class Trainer:
         shown_total = 0 if cfg.local_seconds else total
         # A fresh optimizer each round, as the reference does: no stale momentum across rounds.
         optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+        self._start_momentum_at_zero(optimizer, cfg.momentum)
         # FedProx keeps the weights it started from (the global model); plain FedAvg needs no copy.
         anchor = [p.detach().clone() for p in self.model.parameters()] if cfg.proximal_mu else None
         self.model.train()
@@ -149,6 +151,22 @@ class Trainer:
             outcome = TrainOutcome(**{**outcome.__dict__, "test_loss": loss, "test_accuracy": acc,
                                       "test_samples": len(self.data.test)})
         return outcome
+
+    def _start_momentum_at_zero(self, optimizer: torch.optim.SGD, momentum: float) -> None:
+        """The fresh optimizer's momentum, in last round's buffers, zeroed. SGD (dampening 0) makes a missing buffer
+        a copy of the first gradient and a zero one momentum x 0 + gradient: the same values, without a model-sized
+        buffer allocated, and page-faulted in, every round."""
+        if not momentum:
+            return
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            buf = self._momentum.get(name)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                buf = self._momentum[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            else:
+                buf.zero_()
+            optimizer.state[p]["momentum_buffer"] = buf
 
     def evaluate(self) -> tuple[float, float, int]:
         """Loss and accuracy of the current weights on the local test split, and its size."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
+import torch
 
 from fedpi.data import load_dataset, shard
 from fedpi.models import build_model, evaluate
+from fedpi.task import batch_of
 from worker_service.trainer import TrainConfig, Trainer, TrainingCancelled
 
 
@@ -117,3 +120,23 @@ def test_evaluate_measures_the_installed_weights_on_the_local_test_split(data):
     model = build_model("reference-cnn", seed=4)
     loss, accuracy, samples = Trainer(model, data).evaluate()
     assert (loss, accuracy) == evaluate(model, data.test) and samples == len(data.test)
+
+
+def test_momentum_kept_between_rounds_trains_exactly_as_a_fresh_optimizer(data):
+    """Each round starts with no momentum, as a fresh SGD does; its buffers are reused, not allocated again."""
+    cfg = TrainConfig(local_batches=4, learning_rate=0.05, momentum=0.9, seed=3)
+    model = build_model("reference-cnn")
+    reference = copy.deepcopy(model)
+    trainer = Trainer(model, data)
+    buffers = []
+    for round_seed in (3, 4, 5):
+        trainer.train(TrainConfig(**{**cfg.__dict__, "seed": round_seed}), lambda *p: None, threading.Event())
+        buffers.append({n: b.data_ptr() for n, b in trainer._momentum.items()})
+        optimizer = torch.optim.SGD(reference.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+        reference.train()
+        for index in Trainer(reference, data).batch_order(TrainConfig(**{**cfg.__dict__, "seed": round_seed})):
+            optimizer.zero_grad(set_to_none=True)
+            trainer.task.train_step(reference, batch_of(data.train, index)).loss.backward()
+            optimizer.step()
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert len(buffers[0]) == len(list(model.parameters())) and buffers[0] == buffers[1] == buffers[2]
