@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import shutil
 import subprocess
@@ -106,3 +108,15 @@ def secure_grpcurl(*args: str, ok: bool = True) -> str:
     proc = subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
     assert (proc.returncode == 0) == ok, proc.stderr
     return proc.stdout + proc.stderr
+
+
+def test_grpcurl_reads_the_weights_as_they_are_written(address):
+    """Data chunks are encoded by hand (fedpi.wire): another protobuf implementation (grpcurl's, in Go) must read them
+    as the header describes, and its digest must match what it read."""
+    messages = _objects(grpcurl("-d", '{"chunk_size": 100000}', address, "fedpi.v1.Worker/GetWeights"))
+    header, chunks = messages[0]["header"], [m["data"] for m in messages[1:]]
+    payload = b"".join(base64.b64decode(c["data"]) for c in chunks)
+    offsets = [int(c.get("offset", 0)) for c in chunks]
+    assert len(chunks) > 10 and offsets == list(range(0, len(payload), 100000))
+    assert len(payload) == int(header["total_bytes"])
+    assert header["digest"] == f"sha256:{hashlib.sha256(payload).hexdigest()}"
