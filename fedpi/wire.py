@@ -70,9 +70,7 @@ def _data_chunk(message: bytes) -> Data | None:
             offset -= (offset >> 63) << 64  # int64
         elif key == _BYTES:
             size, pos = _read_varint(view, pos)
-            if pos + size > len(view):
-                return None
-            data, pos = view[pos : pos + size], pos + size
+            data, pos = view[pos : pos + size], pos + size  # past the end: the check below refuses it
         else:
             return None
     return Data(offset, data) if pos == len(view) else None
