@@ -27,7 +27,7 @@ class SlowTask(SimpleNamespace):
 
     def evaluate(self, model, split):
         assert self.release.wait(10)
-        weight = float(model.weight.sum())
+        weight = float(model.weight.detach().sum())
         self.evaluated.append(weight)
         return weight, 0.5
 
