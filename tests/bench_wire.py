@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from coordinator_service.local import LocalCluster, demo_cluster
 from coordinator_service.worker_client import Expected, WorkerClient, upload_digest
@@ -128,10 +129,22 @@ def _floor(r: dict) -> float:
     return max((w["bytes_sent"] + w["bytes_received"]) * 8 / LINK_BITS_PER_SECOND for w in r["workers"].values())
 
 
-async def _transfers_alone(cluster: LocalCluster, model: str, repeats: int = 8) -> float:
-    """Median seconds to send the global model to every worker at once and fetch every worker's model back, through
-    the coordinator's own clients with digests checked, and nothing else: no training, no folding, no evaluation.
-    The most of a round's overhead that moving its bytes through gRPC takes on this machine."""
+class Transfers(NamedTuple):
+    seconds: float  # median wall of one repetition
+    coordinator_cpu: float  # CPU seconds (user + system) per repetition, this process's
+    workers_cpu: float  # the same, all workers together
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _transfers_alone(cluster: LocalCluster, model: str, repeats: int = 8) -> Transfers:
+    """Send the global model to every worker at once and fetch every worker's model back, through the coordinator's
+    own clients with digests checked, and nothing else: no training, no folding, no evaluation. What moving a
+    round's bytes through gRPC costs on this machine, in wall time and in CPU."""
     task = MnistTask(model=model)
     clients = [WorkerClient(w.name, w.address) for w in cluster.workers]
     try:
@@ -147,6 +160,7 @@ async def _transfers_alone(cluster: LocalCluster, model: str, repeats: int = 8) 
             reader.finish()
 
         times = []
+        cpu = os.times(), [_cpu_seconds(w.process.pid) for w in cluster.workers]
         for _ in range(repeats):
             t = time.perf_counter()
             send = payload.broadcast(len(clients), serde.DEFAULT_CHUNK_BYTES, pb.CHUNK_ENCODING_RAW,
@@ -154,7 +168,10 @@ async def _transfers_alone(cluster: LocalCluster, model: str, repeats: int = 8) 
             await asyncio.gather(*(c.set_weights(send, payload.total_bytes) for c in clients))
             await asyncio.gather(*map(fetch, clients))
             times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        mine = os.times()
+        return Transfers(statistics.median(times),
+                         (mine.user + mine.system - cpu[0].user - cpu[0].system) / repeats,
+                         sum(_cpu_seconds(w.process.pid) for w in cluster.workers) / repeats - sum(cpu[1]) / repeats)
     finally:
         await asyncio.gather(*(c.close() for c in clients))
 
@@ -193,7 +210,9 @@ def loopback(tmp: Path, table: Table, raw: float) -> None:
               "<= 0.6 s, >= 30%")
     table.add("loopback, large-mlp (105 MB), 3 workers: the same transfers alone (the global model to all three, "
               "their models back; no training, folding or evaluation)",
-              f"{alone:.2f} s (median of 8): {moved / alone / 1e9:.2f} GB/s, {moved / alone / raw:.0%} of raw loopback TCP")
+              f"{alone.seconds:.2f} s (median of 8): {moved / alone.seconds / 1e9:.2f} GB/s, "
+              f"{moved / alone.seconds / raw:.0%} of raw loopback TCP; CPU per repetition: coordinator "
+              f"{alone.coordinator_cpu:.2f} s, the workers together {alone.workers_cpu:.2f} s, on {os.cpu_count()} cores")
     bare = bare_torch_rss_mb()
     table.add("peak RSS on large-mlp (105 MB), 3 workers",
               f"coordinator {finished['peak_rss_mb']:.0f} MB, worker {worker_rss:.0f} MB; bare `import torch` "
