@@ -497,21 +497,21 @@ class StreamReader:
 
     def _accept_data(self, data: pb.WeightsData | wire.Data) -> bytes | memoryview:
         assert self.header is not None
-        wire = data.data  # read once: each read of a bytes field makes a new object
-        if len(wire) > self.max_chunk_bytes:
-            raise PayloadTooLarge(f"chunk of {len(wire)} bytes exceeds the limit of {self.max_chunk_bytes}")
+        sent = data.data  # as it crossed the network; read once: each read of a bytes field makes a new object
+        if len(sent) > self.max_chunk_bytes:
+            raise PayloadTooLarge(f"chunk of {len(sent)} bytes exceeds the limit of {self.max_chunk_bytes}")
         if data.offset != self.received:
             raise MalformedStream(
                 f"chunk at offset {data.offset} but {self.received} bytes were received so far: chunks must arrive "
                 f"in order without gaps"
             )
-        raw = self._decode_piece(wire) if self.header.encoding in compression.LOSSY else self._decode(wire)
+        raw = self._decode_piece(sent) if self.header.encoding in compression.LOSSY else self._decode(sent)
         if self.received + len(raw) > self.header.total_bytes:
             raise PayloadTooLarge(
                 f"stream carries more than the {self.header.total_bytes} bytes its header announced"
             )
         self.received += len(raw)
-        self.wire_bytes += len(wire)
+        self.wire_bytes += len(sent)
         self._hash.update(raw)
         return raw
 
