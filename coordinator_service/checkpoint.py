@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedpi import serde
+from fedpi import durable, serde
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -51,12 +51,7 @@ def save(directory: Path, ckpt: Checkpoint) -> Path:
         if not serde.all_finite(t):
             raise ValueError(f"refusing to checkpoint a model whose {name} holds NaN or Inf")
     path = directory / CHECKPOINT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(ckpt.__dict__, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable.write_with(path, lambda f: torch.save(ckpt.__dict__, f))
     return path
 
 

@@ -8,17 +8,13 @@ naming that run, rather than queued: the operator decides whether to stop it or 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import datetime
-import io
 import json
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 
 import grpc
 import structlog
@@ -27,11 +23,18 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator_service import launch, runspec
+from coordinator_service import settings as run_settings
+from coordinator_service.checkpoint import CheckpointMismatch
 from coordinator_service.observe import Observers, RunObserver
-from coordinator_service.runs import RESUMABLE, RunLog, RunStore, UnknownRun
-from coordinator_service.training import ROUND_MODELS, RunStopped
+from coordinator_service.rounds import RoundFailed
+from coordinator_service.runs import RESUMABLE, RunLog, RunRecord, RunStore, UnknownRun
+from coordinator_service.runspec import InvalidSpec, NotAllowed, RunTarget, WorkerPolicy
+from coordinator_service.training import ROUND_MODELS, HandshakeFailed, RunStopped
+from coordinator_service.worker_client import DiscoveryFailed
 from fedpi import serde
 from fedpi.auth import AuthInterceptor, ServerSecurity
+from fedpi.data import DatasetUnavailable
 from fedpi.logs import add_sink, remove_sink
 from fedpi.task import TaskError, task_class
 from generated.fedpi.v1 import coordinator_pb2 as cpb
@@ -41,15 +44,13 @@ from generated.fedpi.v1 import worker_pb2 as pb
 log = structlog.get_logger()
 
 SERVICE = cpb.DESCRIPTOR.services_by_name["Coordinator"].full_name
-# Flags a RunSpec may not set: where results go and how the coordinator proves itself are the server's business
-# (never secrets in a request), and the spec's own fields say the rest.
-SERVER_ONLY = frozenset({
-    "token-file", "tls-ca", "tls-cert", "tls-key", "tls-server-name", "output-dir", "latest-link", "resume",
-    "log-format", "metrics-port", "metrics-host", "keep-round-models", "data-dir", "no-download", "threads",
-    "task", "model", "dataset", "rounds", "workers", "workers-dns", "expect-workers", "preset", "help",
-})
+# Failures a run can meet in the field (workers away, data missing): its state says why, without a traceback.
+EXPECTED_FAILURES = (ValueError, OSError, HandshakeFailed, RoundFailed, DiscoveryFailed, CheckpointMismatch,
+                     TaskError, DatasetUnavailable)
+MAX_REQUEST_BYTES = 1 << 20  # a RunSpec is a few hundred bytes; nothing the API takes needs more
+DEFAULT_PAGE, MAX_PAGE = 50, 500
 
-Launch = Callable[[argparse.Namespace, RunObserver, asyncio.Event], Awaitable[None]]
+Launch = Callable[..., Awaitable[None]]
 
 
 class Busy(Exception):
@@ -58,6 +59,28 @@ class Busy(Exception):
 
 class NotNow(Exception):
     """The run is not in a state that allows this (not training, not resumable)."""
+
+
+class TooMany(Exception):
+    """A bound of the service (watchers) is reached."""
+
+
+@dataclass(frozen=True)
+class ServerRuns:
+    """The operator's choices for every run of this server: defaults a request may override (what to train, which
+    workers, the run settings of the server's environment) and bounds it may not cross (tasks and worker hosts
+    allowed, workers per run). `place` is where and how runs work; its output_dir is each run's own directory."""
+
+    place: launch.RunPlace
+    defaults: RunTarget = RunTarget()
+    preset: str = "default"
+    layer: dict = field(default_factory=dict)  # run settings from the server's FEDPI_* variables
+    allowed_tasks: frozenset[str] = frozenset()
+    workers: WorkerPolicy = runspec.LOOPBACK
+    max_workers: int = 64
+    keep_runs: int = 0
+    max_watchers: int = 16
+    warning: str = ""  # shown in ListRuns when the server runs without authentication beyond loopback
 
 
 @dataclass
@@ -102,18 +125,28 @@ class RunProgress(RunObserver):
         self.log.save()
 
 
+def _import_task(name: str) -> None:
+    """Import an allowed task's class, in a worker thread: whatever its module does on import (SystemExit included)
+    becomes a TaskError, never the service's end."""
+    try:
+        task_class(name)
+    except BaseException as exc:  # noqa: BLE001 - an import may raise anything, and must not end the server
+        if isinstance(exc, TaskError):
+            raise
+        raise TaskError(f"task {name!r} cannot be loaded: {type(exc).__name__} while importing it") from None
+
+
 class RunManager:
     """Runs, one at a time, as asyncio tasks of this process; their records and events in the store."""
 
-    def __init__(self, store: RunStore, parse: Callable[[list[str]], argparse.Namespace], launch: Launch,
-                 server_argv: list[str], keep_round_models: int = 5, observers: list[RunObserver] = ()):
+    def __init__(self, store: RunStore, config: ServerRuns, launch_run: Launch = launch.train,
+                 observers: list[RunObserver] = ()):
         self.store = store
-        self.parse = parse
-        self.launch = launch
-        self.server_argv = server_argv  # the server's own flags every run gets (security, data)
-        self.keep_round_models = keep_round_models
+        self.config = config
+        self.launch = launch_run
         self.observers = list(observers)
         self.active: ActiveRun | None = None
+        self.watchers = 0
         add_sink(self._sink)
 
     def close(self) -> None:
@@ -124,40 +157,27 @@ class RunManager:
         if run_id in self.store.logs:
             self.store.logs[run_id].add_event(event)
 
-    # -- turning a spec into a `train` run ------------------------------------------------------------------
+    # -- a request, checked whole before anything is created ---------------------------------------------------
 
-    def _argv(self, spec: cpb.RunSpec, directory: Path, resume: bool) -> list[str]:
-        argv = ["train", *self.server_argv, "--output-dir", str(directory),
-                "--keep-round-models", str(self.keep_round_models)]
-        for flag, value in (("--task", spec.task), ("--model", spec.model), ("--dataset", spec.dataset),
-                            ("--rounds", spec.rounds), ("--workers", ",".join(spec.workers)),
-                            ("--workers-dns", spec.workers_dns), ("--expect-workers", spec.expect_workers)):
-            if value:
-                argv += [flag, str(value)]
-        for key, value in sorted(spec.settings.items()):
-            name = key.strip().lstrip("-")
-            if name in SERVER_ONLY:
-                raise ValueError(f"settings[{key!r}] cannot be set in a run: it is the server's own flag or a field of "
-                                 f"RunSpec (security, where results go, and data come from `coordinator serve`)")
-            if value.lower() == "true":
-                argv.append(f"--{name}")
-            elif value.lower() != "false":
-                argv += [f"--{name}", value]
-        return argv + (["--resume"] if resume else [])
+    def _check_task(self, name: str) -> None:
+        if name not in self.config.allowed_tasks:
+            raise NotAllowed(f"task {name!r} is not allowed on this coordinator; allowed: "
+                             f"{', '.join(sorted(self.config.allowed_tasks))} (the operator adds tasks with "
+                             f"`fedpi serve --allow-task`, or by installing them)")
 
-    def _parsed(self, spec: cpb.RunSpec, directory: Path, resume: bool = False) -> argparse.Namespace:
-        argv = self._argv(spec, directory, resume)
-        errors = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(errors):
-                args = self.parse(argv)
-        except SystemExit:
-            message = errors.getvalue().strip().splitlines()
-            raise ValueError(message[-1] if message else f"invalid run settings: {argv}") from None
-        if not args.workers and not args.workers_dns:
-            raise ValueError("the run names no workers: set RunSpec.workers (NAME=HOST:PORT) or workers_dns")
-        task_class(args.task)  # a task that cannot be found is refused here, not in a run that fails at once
-        return args
+    def prepare(self, spec: cpb.RunSpec) -> tuple[str, RunTarget, run_settings.RunSettings]:
+        """The run a spec asks for: its id, target and settings; InvalidSpec, SettingsError or NotAllowed else."""
+        run_id = runspec.run_id_of(spec)
+        if run_id in self.store.logs:
+            raise FileExistsError(f"run {run_id} exists; ResumeRun continues it, or choose another run_id")
+        target = runspec.target_of(spec).with_defaults(self.config.defaults).checked(self.config.max_workers)
+        self._check_task(target.task)
+        self.config.workers.check(target)
+        preset = runspec.preset_of(spec) or self.config.preset
+        settings = run_settings.merge(run_settings.preset_layer(preset), self.config.layer,
+                                      runspec.settings_layer(spec))
+        launch.min_workers(settings, target.worker_count)  # a quorum the workers named can never meet
+        return run_id or self.store.new_id(), target, settings
 
     # -- operations -------------------------------------------------------------------------------------------
 
@@ -167,14 +187,15 @@ class RunManager:
             raise Busy(f"run {run.run_id} is training (round {run.round} of {run.rounds}); one run trains at a time: "
                        f"StopRun it or wait until it ends")
 
-    def start(self, spec: cpb.RunSpec) -> RunLog:
+    async def start(self, spec: cpb.RunSpec) -> RunLog:
         self._refuse_if_busy()
-        run_id = spec.run_id or self.store.new_id()
-        probe = self.store.root / run_id
-        args = self._parsed(spec, probe)  # refused before anything is created
-        run_log = self.store.create(run_id, json_format.MessageToDict(spec, preserving_proto_field_name=True),
-                                    args.rounds)
-        self._launch(run_log, args)
+        run_id, target, settings = self.prepare(spec)
+        await asyncio.to_thread(_import_task, target.task)
+        self._refuse_if_busy()  # another StartRun may have started a run while the task loaded
+        spec_json = json_format.MessageToDict(spec, preserving_proto_field_name=True)
+        run_log = self.store.create(RunRecord(run_id=run_id, spec=spec_json, rounds=settings.rounds,
+                                              target=target.as_dict(), settings=settings.model_dump()))
+        self._launch(run_log, target, settings, resume=False)
         return run_log
 
     def resume(self, run_id: str) -> RunLog:
@@ -182,10 +203,17 @@ class RunManager:
         if run_log.record.state not in RESUMABLE:
             raise NotNow(f"run {run_id} is {run_log.record.state}; only {', '.join(RESUMABLE)} runs resume")
         self._refuse_if_busy()
-        spec = json_format.ParseDict(run_log.record.spec, cpb.RunSpec())
-        args = self._parsed(spec, run_log.directory, resume=True)
-        run_log.record.error, run_log.record.ended_at = "", 0.0
-        self._launch(run_log, args)
+        record = run_log.record
+        if record.target and record.settings:  # the run's own settings, whatever the server's defaults are now
+            target = RunTarget.from_dict(record.target)
+            settings = run_settings.RunSettings.model_validate(record.settings)
+        else:  # a run recorded before settings were kept: its spec, read as a new one would be
+            _, target, settings = self.prepare(json_format.ParseDict({**record.spec, "run_id": ""}, cpb.RunSpec(),
+                                                                     ignore_unknown_fields=True))
+        self._check_task(target.task)
+        self.config.workers.check(target)
+        record.error, record.ended_at = "", 0.0
+        self._launch(run_log, target, settings, resume=True)
         return run_log
 
     def stop(self, run_id: str, abandon_round: bool) -> RunLog:
@@ -208,20 +236,24 @@ class RunManager:
             active.task.cancel()
             await asyncio.gather(active.task, return_exceptions=True)
 
-    def _launch(self, run_log: RunLog, args: argparse.Namespace) -> None:
+    def _launch(self, run_log: RunLog, target: RunTarget, settings: run_settings.RunSettings, resume: bool) -> None:
         run_log.record.state = "training"
         run_log.save()
         stop = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(self._execute(run_log, args, stop))
+        place = replace(self.config.place, output_dir=run_log.directory)
+        task = asyncio.get_running_loop().create_task(self._execute(run_log, target, settings, place, stop, resume))
         self.active = ActiveRun(run_log, task, stop)
 
-    async def _execute(self, run_log: RunLog, args: argparse.Namespace, stop: asyncio.Event) -> None:
+    async def _execute(self, run_log: RunLog, target: RunTarget, settings: run_settings.RunSettings,
+                       place: launch.RunPlace, stop: asyncio.Event, resume: bool) -> None:
         record = run_log.record
         structlog.contextvars.bind_contextvars(run=record.run_id)
-        log.info("run_started", run_id=record.run_id, resume=args.resume)
+        log.info("run_started", run_id=record.run_id, resume=resume, task=target.task,
+                 settings=run_settings.changed(settings))
         state, error = "finished", ""
         try:
-            await self.launch(args, Observers([RunProgress(run_log), *self.observers]), stop)
+            await self.launch(target, settings, place, Observers([RunProgress(run_log), *self.observers]), stop,
+                              resume)
         except RunStopped as exc:
             state, error = "stopped", str(exc)
         except asyncio.CancelledError:
@@ -230,24 +262,35 @@ class RunManager:
                      "checkpointed" if state == "stopped" else "the coordinator stopped while this run trained")
         except Exception as exc:  # every failure ends the run, with its reason; the server carries on
             state, error = "failed", str(exc) or type(exc).__name__
-            if not isinstance(exc, (ValueError, OSError)):
+            if not isinstance(exc, EXPECTED_FAILURES):
                 log.exception("run_crashed")
         finally:
             record.state, record.error, record.ended_at = state, error, time.time()
             run_log.save()
             log.info("run_ended", run_id=record.run_id, state=state, round=record.round, reason=error or None)
             self.active = None
+            self.store.retain(self.config.keep_runs)
 
     async def watch(self, run_id: str, from_start: bool) -> AsyncIterator[dict]:
+        """The run's events, read from its file as they are written; the stream ends with the run."""
         run_log = self.store.get(run_id)
-        seen = 0 if from_start else len(run_log.events)
-        while True:
-            while seen < len(run_log.events):
-                yield run_log.events[seen]
-                seen += 1
-            if run_log.ended:
-                return
-            await asyncio.sleep(0.2)
+        if self.watchers >= self.config.max_watchers:
+            raise TooMany(f"{self.watchers} WatchRun streams are open, the most this coordinator serves at once; "
+                          f"close one, or try again later")
+        self.watchers += 1
+        try:
+            offset = 0 if from_start else run_log.end_offset()
+            while True:
+                ended = run_log.ended  # read before the events: the last ones are written before the run ends
+                events, offset = run_log.read_events(offset)
+                for event in events:
+                    yield event
+                if not events:
+                    if ended:
+                        return
+                    await asyncio.sleep(0.2)
+        finally:
+            self.watchers -= 1
 
     def model(self, run_id: str, round: int) -> serde.WeightsPayload:
         """The run's global model: after `round`, or the latest (the final model of a finished run)."""
@@ -270,24 +313,32 @@ class RunManager:
                             else "no round has completed yet"))
 
 
+# What each refusal is, most specific first.
+REFUSALS = (
+    (UnknownRun, grpc.StatusCode.NOT_FOUND), (Busy, grpc.StatusCode.ABORTED),
+    (NotNow, grpc.StatusCode.FAILED_PRECONDITION), (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (NotAllowed, grpc.StatusCode.PERMISSION_DENIED), (TooMany, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidSpec, grpc.StatusCode.INVALID_ARGUMENT), (TaskError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
 class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
     def __init__(self, manager: RunManager):
         self.manager = manager
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
-        code = {UnknownRun: grpc.StatusCode.NOT_FOUND, Busy: grpc.StatusCode.ABORTED,
-                NotNow: grpc.StatusCode.FAILED_PRECONDITION, FileExistsError: grpc.StatusCode.ALREADY_EXISTS,
-                ValueError: grpc.StatusCode.INVALID_ARGUMENT, TaskError: grpc.StatusCode.INVALID_ARGUMENT,
-                }.get(type(exc))
-        if code is None:
-            code = grpc.StatusCode.INTERNAL
+        code = next((code for kind, code in REFUSALS if isinstance(exc, kind)), None)
+        message = str(exc)
+        if code is None:  # a bug: the log has the traceback, the caller a message without internals
+            code, message = grpc.StatusCode.INTERNAL, f"internal error in {method}; the coordinator's log has details"
             log.exception("request_failed", method=method)
-        log.warning("request_rejected", method=method, code=code.name, reason=str(exc), peer=context.peer())
-        await context.abort(code, str(exc))
+        log.warning("request_rejected", method=method, code=code.name, reason=message, peer=context.peer())
+        await context.abort(code, message)
 
     async def StartRun(self, request, context):
         try:
-            return self.manager.start(request).record.to_proto()
+            return (await self.manager.start(request)).record.to_proto()
         except Exception as exc:
             await self._abort(context, exc, "StartRun")
 
@@ -298,7 +349,16 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             await self._abort(context, exc, "GetRun")
 
     async def ListRuns(self, request, context):
-        return cpb.Runs(runs=[run_log.record.to_proto() for run_log in self.manager.store.newest_first()])
+        try:
+            if not 0 <= request.page_size <= MAX_PAGE:
+                raise ValueError(f"page_size = {request.page_size}: allowed 0 (the default, {DEFAULT_PAGE}) to "
+                                 f"{MAX_PAGE}")
+            page, next_token = self.manager.store.page(request.page_size or DEFAULT_PAGE, request.page_token)
+        except Exception as exc:
+            await self._abort(context, exc, "ListRuns")
+            return
+        return cpb.Runs(runs=[run_log.record.to_proto(summary=True) for run_log in page], next_page_token=next_token,
+                        warning=self.manager.config.warning)
 
     async def WatchRun(self, request, context):
         try:
@@ -334,25 +394,33 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             yield chunk
 
 
-async def serve(manager: RunManager, address: str, security: ServerSecurity, grace: float = 30.0) -> None:
-    server = grpc.aio.server(interceptors=[AuthInterceptor(security)])
+async def serve(manager: RunManager, address: str, security: ServerSecurity, grace: float = 30.0,
+                max_concurrent_rpcs: int = 64) -> None:
+    # One process per port (no SO_REUSEPORT: a second server on a taken port fails instead of sharing it), bounded
+    # requests, and a bound on calls at once (more are RESOURCE_EXHAUSTED).
+    server = grpc.aio.server(interceptors=[AuthInterceptor(security)], maximum_concurrent_rpcs=max_concurrent_rpcs,
+                             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     cpb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(manager), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_secure_port(address, security.credentials()) if security.tls else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, security.credentials()) if security.tls \
+            else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"cannot listen on {address}: is another process using the port?")
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     interrupted = [r.run_id for r in (l.record for l in manager.store.logs.values()) if r.state == "interrupted"]
-    log.info("coordinator_serving", address=address, port=port, state_dir=str(manager.store.root.parent),
-             runs=len(manager.store.logs), interrupted=interrupted, tls=security.tls,
-             mutual_tls=security.client_ca_file is not None, token=security.token is not None)
-    if security.token is None and security.client_ca_file is None:
-        log.warning("coordinator_unauthenticated", hint="anyone who reaches this port can start and stop runs; see "
-                                                        "--api-token-file and --api-client-ca")
+    log.info("coordinator_serving", address=address, port=port, state_dir=str(manager.store.state_dir),
+             runs=len(manager.store.logs), interrupted=interrupted, unreadable=manager.store.unreadable,
+             tls=security.tls, mutual_tls=security.client_ca_file is not None, token=security.token is not None,
+             workers_allowed=manager.config.workers.describe(), tasks_allowed=sorted(manager.config.allowed_tasks))
+    if manager.config.warning:
+        log.warning("coordinator_insecure", warning=manager.config.warning)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

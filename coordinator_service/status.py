@@ -77,13 +77,14 @@ async def _main(args: argparse.Namespace, security) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from coordinator_service.__main__ import client_security  # the same flags and checks as training
+    from coordinator_service.launch import client_security  # the same flags and checks as training
 
     p = argparse.ArgumentParser(prog="fedpi status", description=__doc__)
     add_arguments(p)
     args = p.parse_args(argv)
     try:
-        return asyncio.run(_main(args, client_security(args)))
+        return asyncio.run(_main(args, client_security(args.token_file, args.tls_ca, args.tls_cert, args.tls_key,
+                                                        args.tls_server_name)))
     except ValueError as exc:
         print(f"fedpi status: {exc}", file=sys.stderr)
         return 2

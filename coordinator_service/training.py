@@ -30,7 +30,7 @@ from coordinator_service.rounds import (
 )
 from coordinator_service.strategy import Strategy
 from coordinator_service.worker_client import ClientSecurity, Expected, WorkerClient
-from fedpi import compression
+from fedpi import compression, durable
 from fedpi.cli import peak_rss_mb
 from fedpi.data import Split
 from fedpi.logs import is_console
@@ -82,9 +82,7 @@ class RunConfig:
 
 
 def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    durable.write_with(path, write)
 
 
 def _point(link: Path, target: Path) -> None:
@@ -113,7 +111,7 @@ def describe(cfg: RunConfig, strategy: Strategy) -> dict:
 
 
 def _write_metrics(path: Path, events: list[dict]) -> None:
-    _write_atomically(path, lambda p: p.write_text("".join(json.dumps(e) + "\n" for e in events)))
+    _write_atomically(path, lambda f: f.write("".join(json.dumps(e) + "\n" for e in events).encode()))
 
 
 async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
@@ -136,7 +134,7 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
         log.info("training_resumed", from_round=ckpt.round, checkpoint=str(cfg.output_dir / checkpoint.CHECKPOINT_NAME))
     metrics_path = cfg.output_dir / "metrics.jsonl"
     _write_atomically(cfg.output_dir / "config.json",
-                      lambda p: p.write_text(json.dumps(describe(cfg, strategy), indent=2) + "\n"))
+                      lambda f: f.write((json.dumps(describe(cfg, strategy), indent=2) + "\n").encode()))
     _write_metrics(metrics_path, metrics)  # drops a round that was logged but never checkpointed
 
     def make_client(name: str, address: str) -> WorkerClient:

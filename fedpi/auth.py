@@ -8,6 +8,7 @@ SERVING / NOT_SERVING. Tokens are compared in constant time and never logged.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,29 @@ class ServerSecurity:
             root_certificates=self.client_ca_file.read_bytes() if self.client_ca_file else None,
             require_client_auth=self.client_ca_file is not None,
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure(host: str, port: int, security: ServerSecurity, token_hint: str, auth_hint: str) -> str:
+    """What is unsafe about serving `security` on host:port ("" if nothing): beyond loopback, a server wants a token
+    with TLS, or mutual TLS. The hints name the flags that fix it."""
+    if is_loopback(host):
+        return ""
+    where = f"{host}:{port}"
+    if security.token is not None and not security.tls:
+        return f"the bearer token would cross the network in plaintext on {where} ({token_hint})"
+    if security.client_ca_file is None and security.token is None:
+        return f"anyone who reaches {where} could use this {security.server_role} ({auth_hint})"
+    return ""
 
 
 def _refusal(security: ServerSecurity, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:

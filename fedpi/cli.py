@@ -15,18 +15,19 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
 
 
-def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
+def apply_env_defaults(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
     """Let every long flag of `parser` (and its subcommands) be set from FEDPI_<FLAG>, as Kubernetes ConfigMaps do.
 
-    A flag given on the command line still wins. The help text names the variable.
+    A flag given on the command line still wins. The help text names the variable. Flags whose dest is in `skip`
+    read their variables elsewhere (run settings: coordinator_service.settings).
     """
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                apply_env_defaults(sub)
+                apply_env_defaults(sub, skip)
             continue
         flags = [f for f in action.option_strings if f.startswith("--")]
-        if not flags or action.dest == "help":
+        if not flags or action.dest == "help" or action.dest in skip:
             continue
         name = env_name(flags[0])
         action.help = f"{action.help or ''} [env {name}]".strip()
@@ -76,21 +77,28 @@ def add_task_arguments(parser: argparse.ArgumentParser, default_dataset: str) ->
 
 def make_task(args: argparse.Namespace):
     """The task named by --task, built from the parsed arguments."""
+    return build_task(args.task, data_dir=args.data_dir, download=not args.no_download, model=args.model,
+                      dataset=args.dataset or args.default_dataset, given_dataset=args.dataset)
+
+
+def build_task(name: str, *, data_dir: str, download: bool, model: str | None, dataset: str | None,
+               given_dataset: str | None = None):
+    """The task `name`; the built-in task takes `model` and `dataset`, another one warns that it ignores them."""
     import structlog
 
     from fedpi.mnist_task import MnistTask
     from fedpi.models import DEFAULT_MODEL
     from fedpi.task import load_task, task_class
 
-    options = {"data_dir": args.data_dir, "download": not args.no_download}
-    if issubclass(task_class(args.task), MnistTask):
-        options.update(model=args.model or DEFAULT_MODEL, dataset=args.dataset or args.default_dataset)
-    elif args.model or args.dataset:
+    options = {"data_dir": data_dir, "download": download}
+    if issubclass(task_class(name), MnistTask):
+        options.update(model=model or DEFAULT_MODEL, dataset=dataset or "auto")
+    elif model or given_dataset:
         structlog.get_logger().warning(
-            "task_options_ignored", task=args.task, model=args.model, dataset=args.dataset,
+            "task_options_ignored", task=name, model=model, dataset=given_dataset,
             reason="--model and --dataset (FEDPI_MODEL, FEDPI_DATASET) choose the built-in mnist task's model and "
                    "data; this task builds its own")
-    return load_task(args.task, **options)
+    return load_task(name, **options)
 
 
 def freeze_startup_objects() -> None:

@@ -45,6 +45,8 @@ def pi_worker(pi: int, name: str, args: Sequence[str], log_dir: Path) -> LocalWo
     port = free_port()
     w = LocalWorker(name, args, log_dir, port=port)
     w.argv = [str(PILAN), "exec", str(pi), *w.argv]
+    # The emulated LAN beyond loopback, without credentials: what --insecure is for.
     w.argv[w.argv.index("--host") + 1] = "0.0.0.0"
+    w.argv.append("--insecure")
     w.address = w.health_address = f"{pilan('addr', str(pi))}:{port}"
     return w

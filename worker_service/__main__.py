@@ -24,7 +24,7 @@ from fedpi import data as datasets
 from fedpi import task as tasks
 from fedpi.cli import add_task_arguments, apply_env_defaults, freeze_startup_objects, make_task, read_secret
 from fedpi.logs import LOG_FORMATS, configure_logging
-from fedpi.auth import ServerSecurity
+from fedpi.auth import ServerSecurity, exposure
 from worker_service.servicer import Limits, WorkerServicer
 from worker_service.trainer import DEFAULT_MAX_LOCAL_BATCHES
 from worker_service.server import serve
@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m worker_serv
     p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--id", default=os.environ.get("HOSTNAME", "worker"), help="worker name")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; beyond loopback it needs --token-file with TLS, mutual TLS, or "
+                        "--insecure")
     p.add_argument("--port", type=int, default=50051)
     add_task_arguments(p, default_dataset="mnist")
     p.add_argument("--partition", default="0/1", help="INDEX/COUNT: this worker's data shard")
@@ -73,6 +75,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m worker_serv
     g.add_argument("--tls-cert", help="serve TLS with this certificate")
     g.add_argument("--tls-key", help="private key of --tls-cert")
     g.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    g.add_argument("--insecure", action="store_true",
+                   help="serve beyond loopback without authentication, or with the token in plaintext (shown in "
+                        "the log and in GetInfo)")
     g.add_argument("--client-identity", help="with mutual TLS: the certificate name (CN or SAN) that may call, "
                                              "e.g. fedpi-coordinator; other certificates get PERMISSION_DENIED")
     apply_env_defaults(p)
@@ -120,6 +125,15 @@ def build_security(args: argparse.Namespace) -> ServerSecurity:
     return security
 
 
+def exposure_warning(args: argparse.Namespace, security: ServerSecurity) -> str:
+    """'' when serving safely; what is unsafe when --insecure allows it; ValueError when it does not."""
+    problem = exposure(args.host, args.port, security, token_hint="add --tls-cert and --tls-key",
+                       auth_hint="add --token-file with --tls-cert/--tls-key, or --tls-client-ca")
+    if problem and not args.insecure:
+        raise ValueError(f"refusing to serve: {problem}; or pass --insecure to accept that")
+    return f"--insecure: {problem}" if problem else ""
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m worker_service") -> int:
     args = parse_args(argv, prog)
     configure_logging(args.log_format)
@@ -128,13 +142,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker_service") 
         torch.set_num_threads(args.threads)
     try:
         security = build_security(args)
+        warning = exposure_warning(args, security)
         servicer = build_servicer(args)
     except (datasets.DatasetUnavailable, tasks.TaskError, ValueError) as exc:
         log.error("worker_failed_to_start", reason=str(exc))
         return 2
-    if security.token is None and security.client_ca_file is None:
-        log.warning("worker_unauthenticated", hint="any client that reaches this port can use the worker; "
-                                                    "see --token-file and --tls-client-ca")
+    servicer.warning = warning
+    if warning:
+        log.warning("worker_insecure", warning=warning)
     if args.metrics_port:
         servicer.metrics.serve(args.metrics_port, args.host)
         log.info("metrics_serving", url=f"http://{args.host}:{args.metrics_port}/metrics")

@@ -24,6 +24,7 @@ log = structlog.get_logger()
 # survives NATs and idle timeouts. Accept that; a client that pings more than twice as often gets a few strikes, then
 # GOAWAY, so pings cannot be used to keep a Pi busy.
 SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a second worker on a taken port fails to start instead of sharing its calls
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -35,9 +36,13 @@ MAX_CONCURRENT_RPCS = 32
 
 
 def _listen(server: grpc.aio.Server, address: str, security: ServerSecurity) -> int:
-    port = server.add_secure_port(address, security.credentials()) if security.tls else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, security.credentials()) if security.tls \
+            else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"cannot listen on {address}: is another process using the port?")
     return port
 
 
@@ -83,7 +88,7 @@ async def create_server(servicer: WorkerServicer, address: str, security: Server
     servers = [server]
     port = _listen(server, address, security)
     if health_address:
-        health_server = grpc.aio.server()
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         # Reflection too, so `grpcurl -plaintext HOST:HEALTH_PORT grpc.health.v1.Health/Check` works as is.
         reflection.enable_server_reflection((health.SERVICE_NAME, reflection.SERVICE_NAME), health_server)

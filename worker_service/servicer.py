@@ -93,6 +93,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                  partition: str, limits: Limits = Limits(), progress_every: float = 2.0, train_delay: float = 0.0,
                  metrics: WorkerMetrics | None = None, task: Task | None = None):
         self.worker_id = worker_id
+        self.warning = ""  # what is unsafe about how this worker serves (--insecure), for GetInfo
         self.model_name = model_name
         self.model = model
         self.data = data
@@ -188,6 +189,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             task_version=self.task.version,
             manifest_fingerprint=self.fingerprint,
             digests=self.digests,
+            warning=self.warning,
         )
 
     async def SetWeights(self, request_iterator: AsyncIterator[pb.WeightsChunk],

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from coordinator_service import launch
 from coordinator_service.__main__ import parse_args as coordinator_args
+from coordinator_service.__main__ import settings_of
+from coordinator_service.settings import SettingsError
 from worker_service.__main__ import parse_args as worker_args
+
+
+def settings(argv: list[str]):
+    return settings_of(coordinator_args(argv))
 
 
 def test_worker_flags_come_from_the_environment(monkeypatch):
@@ -26,34 +33,54 @@ def test_coordinator_subcommand_flags_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("FEDPI_WORKERS_DNS", "fedpi-worker:50051")
     monkeypatch.setenv("FEDPI_LR", "0.1")
     args = coordinator_args(["train"])
-    assert (args.rounds, args.workers_dns, args.lr) == (3, "fedpi-worker:50051", 0.1)
+    run = settings_of(args)
+    assert (run.rounds, args.workers_dns, run.training.lr) == (3, "fedpi-worker:50051", 0.1)
+
+
+def test_a_flag_switches_off_what_the_environment_switched_on(monkeypatch):
+    monkeypatch.setenv("FEDPI_FEDERATED_EVALUATION", "true")
+    assert settings(["train"]).evaluation.federated_evaluation
+    assert not settings(["train", "--no-federated-evaluation"]).evaluation.federated_evaluation
 
 
 def test_presets_set_defaults_that_flags_and_the_environment_override(monkeypatch):
-    default = coordinator_args(["demo"])
-    seed = coordinator_args(["demo", "--preset", "seed"])
+    default = settings(["demo"]).training
+    seed = settings(["demo", "--preset", "seed"]).training
     assert (seed.lr, seed.momentum, seed.local_batches, seed.batch_size) == (0.01, 0.0, 50, 64)
     assert (default.lr, default.momentum) != (seed.lr, seed.momentum)
-    assert coordinator_args(["train", "--preset=seed", "--lr", "0.2"]).lr == 0.2
+    assert settings(["train", "--preset=seed", "--lr", "0.2"]).training.lr == 0.2
     monkeypatch.setenv("FEDPI_MOMENTUM", "0.3")
-    assert coordinator_args(["demo", "--preset", "seed"]).momentum == 0.3
+    assert settings(["demo", "--preset", "seed"]).training.momentum == 0.3
     monkeypatch.setenv("FEDPI_PRESET", "seed")
-    assert coordinator_args(["demo"]).lr == 0.01
+    assert settings(["demo"]).training.lr == 0.01
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--max-update-ratio", "nan"], "max_update_ratio = 'nan': Input should be a finite number"),
+    (["--rounds", "-3"], "rounds = '-3': Input should be greater than or equal to 1"),
+    (["--chunk-size", "0"], "chunk_size = '0': Input should be greater than or equal to 1024"),
+    (["--round-retries", "1000000"], "round_retries = '1000000': Input should be less than or equal to 100"),
+    (["--lr", "fast"], "lr = 'fast': Input should be a valid number"),
+    (["--local-epochs", "2", "--local-seconds", "5"], "local_epochs and local_seconds exclude each other"),
+])
+def test_settings_out_of_range_are_refused_naming_the_setting(flags, phrase):
+    with pytest.raises(SettingsError) as err:
+        settings(["train", *flags])
+    assert phrase in str(err.value)
 
 
 def test_strategy_and_aggregation_compose_or_say_why_not():
-    from coordinator_service.__main__ import _min_workers, _strategy
     from coordinator_service.strategy import FedAvg, FedNova
 
-    assert type(_strategy(coordinator_args(["demo", "--local-seconds", "5"]), 3)) is FedNova
-    assert type(_strategy(coordinator_args(["demo", "--local-seconds", "5", "--strategy", "fedavg"]), 3)) is FedAvg
-    assert type(_strategy(coordinator_args(["demo", "--strategy", "fednova", "--aggregation", "clipped"]), 3)) is FedNova
+    assert type(launch.strategy(settings(["demo", "--local-seconds", "5"]), 3)) is FedNova
+    assert type(launch.strategy(settings(["demo", "--local-seconds", "5", "--strategy", "fedavg"]), 3)) is FedAvg
+    assert type(launch.strategy(settings(["demo", "--strategy", "fednova", "--aggregation", "clipped"]), 3)) is FedNova
     with pytest.raises(ValueError, match="ignores weights"):
-        _strategy(coordinator_args(["demo", "--strategy", "fednova", "--aggregation", "median"]), 3)
+        settings(["demo", "--strategy", "fednova", "--aggregation", "median"])
     # Sampling: the quorum is a majority of the workers that train in a round, and an impossible one is refused.
-    assert _min_workers(coordinator_args(["demo", "--workers-per-round", "5"]), 20) == 3
+    assert launch.min_workers(settings(["demo", "--workers-per-round", "5"]), 20) == 3
     with pytest.raises(ValueError, match="can never be met"):
-        _min_workers(coordinator_args(["demo", "--fraction", "0.1", "--min-workers", "3"]), 20)
+        launch.min_workers(settings(["demo", "--fraction", "0.1", "--min-workers", "3"]), 20)
 
 
 @pytest.mark.parametrize("command, usage", [(["train", "--help"], "usage: fedpi train"),
@@ -83,7 +110,8 @@ def test_the_task_comes_from_fedpi_task_and_the_built_in_task_takes_model_and_da
     monkeypatch.setenv("FEDPI_MODEL", "large-mlp")
     task = make_task(worker_args([]))
     assert isinstance(task, MnistTask) and (task.architecture, task.data_name) == ("large-mlp", "mnist")
-    assert make_task(coordinator_args(["train", "--model", "reference-cnn"])).data_name == "auto"
+    target = launch.RunTarget(task="mnist", model="reference-cnn")
+    assert launch.make_task(target, launch.RunPlace(output_dir=".")).data_name == "auto"
 
 
 def test_another_task_ignores_model_and_dataset_and_says_so(monkeypatch):
@@ -117,17 +145,13 @@ def test_fedpi_tasks_lists_the_installed_tasks(capsys):
     (["--encoding", "zlib"], "zlib", "zlib"),  # the flag before --compression
 ])
 def test_compression_flags_choose_each_direction(flags, updates, model):
-    from coordinator_service.__main__ import _transfer
     from fedpi.compression import NAMES
 
-    transfer = _transfer(coordinator_args(["train", "--workers", "a=h:1", *flags]))
+    transfer = launch.transfer(settings(["train", "--workers", "a=h:1", *flags]))
     assert (NAMES[transfer.encoding], NAMES[transfer.model_encoding]) == (updates, model)
 
 
 @pytest.mark.parametrize("compression", ["int8", "zlib", "none"])
 def test_compressing_the_global_model_is_refused_unless_half_precision(compression):
-    from coordinator_service.__main__ import _transfer
-
-    args = coordinator_args(["train", "--workers", "a=h:1", "--compression", compression, "--compress-global-model"])
-    with pytest.raises(ValueError, match="goes with --compression fp16 or bf16"):
-        _transfer(args)
+    with pytest.raises(SettingsError, match="goes with compression fp16 or bf16"):
+        settings(["train", "--workers", "a=h:1", "--compression", compression, "--compress-global-model"])

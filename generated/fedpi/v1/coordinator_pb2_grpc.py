@@ -90,7 +90,7 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """Every run this coordinator knows, newest first.
+        """The runs this coordinator knows, newest first, a page at a time, as summaries (GetRun has a run's whole record).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fgenerated/fedpi/v1/worker.proto\x12\x08\x66\x65\x64pi.v1\"\x10\n\x0eGetInfoRequest\"\xce\x04\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\x1a\n\x12model_architecture\x18\x04 \x01(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x03\x12\x15\n\rtrain_samples\x18\x06 \x01(\x03\x12\x14\n\x0ctest_samples\x18\x07 \x01(\x03\x12\x0f\n\x07\x64\x61taset\x18\x08 \x01(\t\x12\x11\n\tpartition\x18\t \x01(\t\x12\x30\n\x0f\x63hunk_encodings\x18\n \x03(\x0e\x32\x17.fedpi.v1.ChunkEncoding\x12$\n\x05state\x18\x0b \x01(\x0e\x32\x15.fedpi.v1.WorkerState\x12\x15\n\rtorch_version\x18\x0c \x01(\t\x12\x18\n\x10\x63pu_architecture\x18\r \x01(\t\x12\x15\n\rweights_round\x18\x0e \x01(\x03\x12\x19\n\x11max_payload_bytes\x18\x0f \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x10 \x01(\x03\x12\x18\n\x10weights_round_id\x18\x11 \x01(\t\x12\x17\n\x0fweights_trained\x18\x12 \x01(\x08\x12\x19\n\x11max_local_batches\x18\x13 \x01(\x03\x12\x0c\n\x04task\x18\x14 \x01(\t\x12\x14\n\x0ctask_version\x18\x15 \x01(\t\x12\x1c\n\x14manifest_fingerprint\x18\x16 \x01(\t\x12\x0f\n\x07\x64igests\x18\x17 \x03(\t\"M\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x03\"\xd4\x01\n\rWeightsHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x1a\n\x12model_architecture\x18\x02 \x01(\t\x12%\n\x07tensors\x18\x03 \x03(\x0b\x32\x14.fedpi.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12)\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x17.fedpi.v1.ChunkEncoding\x12\x10\n\x08round_id\x18\x07 \x01(\t\x12\x0f\n\x07trained\x18\x08 \x01(\x08\"+\n\x0bWeightsData\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\" \n\x0eWeightsTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\x95\x01\n\x0cWeightsChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedpi.v1.WeightsHeaderH\x00\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x15.fedpi.v1.WeightsDataH\x00\x12+\n\x07trailer\x18\x03 \x01(\x0b\x32\x18.fedpi.v1.WeightsTrailerH\x00\x42\x06\n\x04kind\"L\n\x12SetWeightsResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\x97\x02\n\x0cTrainRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x15\n\rlocal_batches\x18\x02 \x01(\x03\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\x03\x12\x12\n\nbatch_size\x18\x04 \x01(\x03\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x10\n\x08momentum\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x10\n\x08\x65valuate\x18\x08 \x01(\x08\x12\x10\n\x08round_id\x18\t \x01(\t\x12\x13\n\x0bproximal_mu\x18\n \x01(\x01\x12\x15\n\rlocal_seconds\x18\x0b \x01(\x01\x12\x30\n\x0fupdate_encoding\x18\x0c \x01(\x0e\x32\x17.fedpi.v1.ChunkEncoding\"s\n\rTrainProgress\x12\x14\n\x0c\x62\x61tches_done\x18\x01 \x01(\x03\x12\x15\n\rbatches_total\x18\x02 \x01(\x03\x12\x11\n\tmean_loss\x18\x03 \x01(\x01\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x11\n\theartbeat\x18\x05 \x01(\x08\"\xcc\x01\n\x0bTrainResult\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07samples\x18\x02 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x03\x12\x11\n\tmean_loss\x18\x04 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12\x15\n\rtrain_seconds\x18\x06 \x01(\x01\x12\x11\n\ttest_loss\x18\x07 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x08 \x01(\x01\x12\x14\n\x0ctest_samples\x18\t \x01(\x03\x12\x10\n\x08round_id\x18\n \x01(\t\"k\n\x0bTrainUpdate\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.fedpi.v1.TrainProgressH\x00\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x15.fedpi.v1.TrainResultH\x00\x42\x06\n\x04kind\"#\n\x0f\x45valuateRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"s\n\x0e\x45valuateResult\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"~\n\x11GetWeightsRequest\x12\x12\n\nchunk_size\x18\x01 \x01(\x03\x12)\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x17.fedpi.v1.ChunkEncoding\x12\x19\n\x11\x64igest_in_trailer\x18\x03 \x01(\x08\x12\x0f\n\x07\x64igests\x18\x04 \x03(\t*]\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11WORKER_STATE_IDLE\x10\x01\x12\x19\n\x15WORKER_STATE_TRAINING\x10\x02*\xb1\x01\n\rChunkEncoding\x12\x1e\n\x1a\x43HUNK_ENCODING_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HUNK_ENCODING_RAW\x10\x01\x12\x17\n\x13\x43HUNK_ENCODING_ZLIB\x10\x02\x12\x17\n\x13\x43HUNK_ENCODING_FP16\x10\x03\x12\x17\n\x13\x43HUNK_ENCODING_BF16\x10\x04\x12\x1d\n\x19\x43HUNK_ENCODING_INT8_DELTA\x10\x05\x32\xc9\x02\n\x06Worker\x12\x39\n\x07GetInfo\x12\x18.fedpi.v1.GetInfoRequest\x1a\x14.fedpi.v1.WorkerInfo\x12\x44\n\nSetWeights\x12\x16.fedpi.v1.WeightsChunk\x1a\x1c.fedpi.v1.SetWeightsResponse(\x01\x12\x38\n\x05Train\x12\x16.fedpi.v1.TrainRequest\x1a\x15.fedpi.v1.TrainUpdate0\x01\x12\x43\n\nGetWeights\x12\x1b.fedpi.v1.GetWeightsRequest\x1a\x16.fedpi.v1.WeightsChunk0\x01\x12?\n\x08\x45valuate\x12\x19.fedpi.v1.EvaluateRequest\x1a\x18.fedpi.v1.EvaluateResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fgenerated/fedpi/v1/worker.proto\x12\x08\x66\x65\x64pi.v1\"\x10\n\x0eGetInfoRequest\"\xdf\x04\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\t\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\x1a\n\x12model_architecture\x18\x04 \x01(\t\x12\x17\n\x0fparameter_count\x18\x05 \x01(\x03\x12\x15\n\rtrain_samples\x18\x06 \x01(\x03\x12\x14\n\x0ctest_samples\x18\x07 \x01(\x03\x12\x0f\n\x07\x64\x61taset\x18\x08 \x01(\t\x12\x11\n\tpartition\x18\t \x01(\t\x12\x30\n\x0f\x63hunk_encodings\x18\n \x03(\x0e\x32\x17.fedpi.v1.ChunkEncoding\x12$\n\x05state\x18\x0b \x01(\x0e\x32\x15.fedpi.v1.WorkerState\x12\x15\n\rtorch_version\x18\x0c \x01(\t\x12\x18\n\x10\x63pu_architecture\x18\r \x01(\t\x12\x15\n\rweights_round\x18\x0e \x01(\x03\x12\x19\n\x11max_payload_bytes\x18\x0f \x01(\x03\x12\x17\n\x0fmax_chunk_bytes\x18\x10 \x01(\x03\x12\x18\n\x10weights_round_id\x18\x11 \x01(\t\x12\x17\n\x0fweights_trained\x18\x12 \x01(\x08\x12\x19\n\x11max_local_batches\x18\x13 \x01(\x03\x12\x0c\n\x04task\x18\x14 \x01(\t\x12\x14\n\x0ctask_version\x18\x15 \x01(\t\x12\x1c\n\x14manifest_fingerprint\x18\x16 \x01(\t\x12\x0f\n\x07\x64igests\x18\x17 \x03(\t\x12\x0f\n\x07warning\x18\x18 \x01(\t\"M\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0b\x62yte_length\x18\x04 \x01(\x03\"\xd4\x01\n\rWeightsHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x1a\n\x12model_architecture\x18\x02 \x01(\t\x12%\n\x07tensors\x18\x03 \x03(\x0b\x32\x14.fedpi.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12)\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x17.fedpi.v1.ChunkEncoding\x12\x10\n\x08round_id\x18\x07 \x01(\t\x12\x0f\n\x07trained\x18\x08 \x01(\x08\"+\n\x0bWeightsData\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\" \n\x0eWeightsTrailer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"\x95\x01\n\x0cWeightsChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedpi.v1.WeightsHeaderH\x00\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x15.fedpi.v1.WeightsDataH\x00\x12+\n\x07trailer\x18\x03 \x01(\x0b\x32\x18.fedpi.v1.WeightsTrailerH\x00\x42\x06\n\x04kind\"L\n\x12SetWeightsResponse\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\x97\x02\n\x0cTrainRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x15\n\rlocal_batches\x18\x02 \x01(\x03\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\x03\x12\x12\n\nbatch_size\x18\x04 \x01(\x03\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x10\n\x08momentum\x18\x06 \x01(\x01\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x10\n\x08\x65valuate\x18\x08 \x01(\x08\x12\x10\n\x08round_id\x18\t \x01(\t\x12\x13\n\x0bproximal_mu\x18\n \x01(\x01\x12\x15\n\rlocal_seconds\x18\x0b \x01(\x01\x12\x30\n\x0fupdate_encoding\x18\x0c \x01(\x0e\x32\x17.fedpi.v1.ChunkEncoding\"s\n\rTrainProgress\x12\x14\n\x0c\x62\x61tches_done\x18\x01 \x01(\x03\x12\x15\n\rbatches_total\x18\x02 \x01(\x03\x12\x11\n\tmean_loss\x18\x03 \x01(\x01\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x11\n\theartbeat\x18\x05 \x01(\x08\"\xcc\x01\n\x0bTrainResult\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07samples\x18\x02 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x03 \x01(\x03\x12\x11\n\tmean_loss\x18\x04 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12\x15\n\rtrain_seconds\x18\x06 \x01(\x01\x12\x11\n\ttest_loss\x18\x07 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x08 \x01(\x01\x12\x14\n\x0ctest_samples\x18\t \x01(\x03\x12\x10\n\x08round_id\x18\n \x01(\t\"k\n\x0bTrainUpdate\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.fedpi.v1.TrainProgressH\x00\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x15.fedpi.v1.TrainResultH\x00\x42\x06\n\x04kind\"#\n\x0f\x45valuateRequest\x12\x10\n\x08round_id\x18\x01 \x01(\t\"s\n\x0e\x45valuateResult\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x10\n\x08round_id\x18\x02 \x01(\t\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"~\n\x11GetWeightsRequest\x12\x12\n\nchunk_size\x18\x01 \x01(\x03\x12)\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x17.fedpi.v1.ChunkEncoding\x12\x19\n\x11\x64igest_in_trailer\x18\x03 \x01(\x08\x12\x0f\n\x07\x64igests\x18\x04 \x03(\t*]\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11WORKER_STATE_IDLE\x10\x01\x12\x19\n\x15WORKER_STATE_TRAINING\x10\x02*\xb1\x01\n\rChunkEncoding\x12\x1e\n\x1a\x43HUNK_ENCODING_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43HUNK_ENCODING_RAW\x10\x01\x12\x17\n\x13\x43HUNK_ENCODING_ZLIB\x10\x02\x12\x17\n\x13\x43HUNK_ENCODING_FP16\x10\x03\x12\x17\n\x13\x43HUNK_ENCODING_BF16\x10\x04\x12\x1d\n\x19\x43HUNK_ENCODING_INT8_DELTA\x10\x05\x32\xc9\x02\n\x06Worker\x12\x39\n\x07GetInfo\x12\x18.fedpi.v1.GetInfoRequest\x1a\x14.fedpi.v1.WorkerInfo\x12\x44\n\nSetWeights\x12\x16.fedpi.v1.WeightsChunk\x1a\x1c.fedpi.v1.SetWeightsResponse(\x01\x12\x38\n\x05Train\x12\x16.fedpi.v1.TrainRequest\x1a\x15.fedpi.v1.TrainUpdate0\x01\x12\x43\n\nGetWeights\x12\x1b.fedpi.v1.GetWeightsRequest\x1a\x16.fedpi.v1.WeightsChunk0\x01\x12?\n\x08\x45valuate\x12\x19.fedpi.v1.EvaluateRequest\x1a\x18.fedpi.v1.EvaluateResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generated.fedpi.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERSTATE']._serialized_start=2256
-  _globals['_WORKERSTATE']._serialized_end=2349
-  _globals['_CHUNKENCODING']._serialized_start=2352
-  _globals['_CHUNKENCODING']._serialized_end=2529
+  _globals['_WORKERSTATE']._serialized_start=2273
+  _globals['_WORKERSTATE']._serialized_end=2366
+  _globals['_CHUNKENCODING']._serialized_start=2369
+  _globals['_CHUNKENCODING']._serialized_end=2546
   _globals['_GETINFOREQUEST']._serialized_start=45
   _globals['_GETINFOREQUEST']._serialized_end=61
   _globals['_WORKERINFO']._serialized_start=64
-  _globals['_WORKERINFO']._serialized_end=654
-  _globals['_TENSORSPEC']._serialized_start=656
-  _globals['_TENSORSPEC']._serialized_end=733
-  _globals['_WEIGHTSHEADER']._serialized_start=736
-  _globals['_WEIGHTSHEADER']._serialized_end=948
-  _globals['_WEIGHTSDATA']._serialized_start=950
-  _globals['_WEIGHTSDATA']._serialized_end=993
-  _globals['_WEIGHTSTRAILER']._serialized_start=995
-  _globals['_WEIGHTSTRAILER']._serialized_end=1027
-  _globals['_WEIGHTSCHUNK']._serialized_start=1030
-  _globals['_WEIGHTSCHUNK']._serialized_end=1179
-  _globals['_SETWEIGHTSRESPONSE']._serialized_start=1181
-  _globals['_SETWEIGHTSRESPONSE']._serialized_end=1257
-  _globals['_TRAINREQUEST']._serialized_start=1260
-  _globals['_TRAINREQUEST']._serialized_end=1539
-  _globals['_TRAINPROGRESS']._serialized_start=1541
-  _globals['_TRAINPROGRESS']._serialized_end=1656
-  _globals['_TRAINRESULT']._serialized_start=1659
-  _globals['_TRAINRESULT']._serialized_end=1863
-  _globals['_TRAINUPDATE']._serialized_start=1865
-  _globals['_TRAINUPDATE']._serialized_end=1972
-  _globals['_EVALUATEREQUEST']._serialized_start=1974
-  _globals['_EVALUATEREQUEST']._serialized_end=2009
-  _globals['_EVALUATERESULT']._serialized_start=2011
-  _globals['_EVALUATERESULT']._serialized_end=2126
-  _globals['_GETWEIGHTSREQUEST']._serialized_start=2128
-  _globals['_GETWEIGHTSREQUEST']._serialized_end=2254
-  _globals['_WORKER']._serialized_start=2532
-  _globals['_WORKER']._serialized_end=2861
+  _globals['_WORKERINFO']._serialized_end=671
+  _globals['_TENSORSPEC']._serialized_start=673
+  _globals['_TENSORSPEC']._serialized_end=750
+  _globals['_WEIGHTSHEADER']._serialized_start=753
+  _globals['_WEIGHTSHEADER']._serialized_end=965
+  _globals['_WEIGHTSDATA']._serialized_start=967
+  _globals['_WEIGHTSDATA']._serialized_end=1010
+  _globals['_WEIGHTSTRAILER']._serialized_start=1012
+  _globals['_WEIGHTSTRAILER']._serialized_end=1044
+  _globals['_WEIGHTSCHUNK']._serialized_start=1047
+  _globals['_WEIGHTSCHUNK']._serialized_end=1196
+  _globals['_SETWEIGHTSRESPONSE']._serialized_start=1198
+  _globals['_SETWEIGHTSRESPONSE']._serialized_end=1274
+  _globals['_TRAINREQUEST']._serialized_start=1277
+  _globals['_TRAINREQUEST']._serialized_end=1556
+  _globals['_TRAINPROGRESS']._serialized_start=1558
+  _globals['_TRAINPROGRESS']._serialized_end=1673
+  _globals['_TRAINRESULT']._serialized_start=1676
+  _globals['_TRAINRESULT']._serialized_end=1880
+  _globals['_TRAINUPDATE']._serialized_start=1882
+  _globals['_TRAINUPDATE']._serialized_end=1989
+  _globals['_EVALUATEREQUEST']._serialized_start=1991
+  _globals['_EVALUATEREQUEST']._serialized_end=2026
+  _globals['_EVALUATERESULT']._serialized_start=2028
+  _globals['_EVALUATERESULT']._serialized_end=2143
+  _globals['_GETWEIGHTSREQUEST']._serialized_start=2145
+  _globals['_GETWEIGHTSREQUEST']._serialized_end=2271
+  _globals['_WORKER']._serialized_start=2549
+  _globals['_WORKER']._serialized_end=2878
 # @@protoc_insertion_point(module_scope)

@@ -36,7 +36,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "protocol_version", "software_version", "model_architecture", "parameter_count", "train_samples", "test_samples", "dataset", "partition", "chunk_encodings", "state", "torch_version", "cpu_architecture", "weights_round", "max_payload_bytes", "max_chunk_bytes", "weights_round_id", "weights_trained", "max_local_batches", "task", "task_version", "manifest_fingerprint", "digests")
+    __slots__ = ("worker_id", "protocol_version", "software_version", "model_architecture", "parameter_count", "train_samples", "test_samples", "dataset", "partition", "chunk_encodings", "state", "torch_version", "cpu_architecture", "weights_round", "max_payload_bytes", "max_chunk_bytes", "weights_round_id", "weights_trained", "max_local_batches", "task", "task_version", "manifest_fingerprint", "digests", "warning")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class WorkerInfo(_message.Message):
     TASK_VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     protocol_version: str
     software_version: str
@@ -83,7 +84,8 @@ class WorkerInfo(_message.Message):
     task_version: str
     manifest_fingerprint: str
     digests: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., model_architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., chunk_encodings: _Optional[_Iterable[_Union[ChunkEncoding, str]]] = ..., state: _Optional[_Union[WorkerState, str]] = ..., torch_version: _Optional[str] = ..., cpu_architecture: _Optional[str] = ..., weights_round: _Optional[int] = ..., max_payload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., weights_round_id: _Optional[str] = ..., weights_trained: _Optional[bool] = ..., max_local_batches: _Optional[int] = ..., task: _Optional[str] = ..., task_version: _Optional[str] = ..., manifest_fingerprint: _Optional[str] = ..., digests: _Optional[_Iterable[str]] = ...) -> None: ...
+    warning: str
+    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., model_architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., chunk_encodings: _Optional[_Iterable[_Union[ChunkEncoding, str]]] = ..., state: _Optional[_Union[WorkerState, str]] = ..., torch_version: _Optional[str] = ..., cpu_architecture: _Optional[str] = ..., weights_round: _Optional[int] = ..., max_payload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., weights_round_id: _Optional[str] = ..., weights_trained: _Optional[bool] = ..., max_local_batches: _Optional[int] = ..., task: _Optional[str] = ..., task_version: _Optional[str] = ..., manifest_fingerprint: _Optional[str] = ..., digests: _Optional[_Iterable[str]] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "byte_length")

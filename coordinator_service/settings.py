@@ -1,0 +1,355 @@
+"""What a training run may tune: one typed, validated, frozen model, shared by `train`, `demo`, `serve` and the
+control API.
+
+Every field has its type, range, unit and default here and nowhere else. A field's name is its flag's (`lr` is
+`--lr`, `local_batches` is `--local-batches` and FEDPI_LOCAL_BATCHES); names are unique across the groups, so a
+setting can also be named without its group (`--set lr=0.1`).
+
+Where a run's settings come from, lowest first (`merge`): the defaults below < a preset (`--preset`) < the server's
+own defaults (FEDPI_* variables; `train`'s flags) < the request (a RunSpec's fields). The CLI builds its layers from
+flags, the control API from the request; neither goes through the other, and nothing in this module reads a path,
+a credential or a host: those are the server's alone and have no field here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from coordinator_service.robust import Aggregation, parse_aggregation
+
+MAX_WORKERS = 256  # no run names more workers than this; `serve --max-workers-per-run` can lower it
+MIB = 1 << 20
+DAY = 86_400.0
+
+
+class SettingsError(ValueError):
+    """Settings that cannot run; the message names each field, its value and what is allowed."""
+
+
+class _Group(BaseModel):
+    # Frozen: settings are decided once, before a run starts. No NaN or infinity anywhere: a NaN bound compares
+    # false with everything, which would silently switch its check off.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True)
+
+
+class LocalTraining(_Group):
+    """Sent to every worker each round."""
+
+    local_batches: int = Field(50, ge=1, le=100_000, description="batches per worker per round")
+    local_epochs: int = Field(0, ge=0, le=1_000, description="epochs per round instead of local_batches (0: off)")
+    local_seconds: float = Field(0.0, ge=0, le=DAY, description="seconds: instead of local_batches, every worker "
+                                 "trains for this long (mixed clusters; aggregated with FedNova unless strategy says "
+                                 "otherwise)")
+    batch_size: int = Field(64, ge=1, le=65_536, description="samples per batch")
+    lr: float = Field(0.05, gt=0, le=100, description="SGD learning rate of the workers")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of the workers (fresh each round)")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="the local learning rate of round r is lr x this^(r-1)")
+    proximal_mu: float = Field(0.0, ge=0, le=1_000, description="FedProx: workers add mu/2 * ||w - w_global||^2 to "
+                               "their loss (0: plain FedAvg)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds the initial model, every worker's batch order and "
+                      "the choice of workers per round")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> LocalTraining:
+        if self.local_epochs and self.local_seconds:
+            raise ValueError("local_epochs and local_seconds exclude each other: give one local budget")
+        return self
+
+
+class Sampling(_Group):
+    """Which workers train in a round, and how many must finish it."""
+
+    fraction: float = Field(1.0, gt=0, le=1, description="share of the present workers that train each round (a "
+                            "seeded choice per round)")
+    workers_per_round: int = Field(0, ge=0, le=MAX_WORKERS, description="instead of fraction: how many workers "
+                                   "train each round (0: off)")
+    min_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="quorum: a round counts if this many workers "
+                             "finish it (0: a majority of the round's workers)")
+
+    @model_validator(mode="after")
+    def _one_sample(self) -> Sampling:
+        if self.workers_per_round and self.fraction < 1:
+            raise ValueError("fraction and workers_per_round exclude each other: give one")
+        return self
+
+
+class AggregationSettings(_Group):
+    """How the round's updates are combined."""
+
+    strategy: Literal["auto", "fedavg", "fednova"] = Field(
+        "auto", description="fedavg, or fednova (normalises updates by their local steps); auto: fednova with "
+                            "local_seconds, else fedavg")
+    aggregation: str = Field("fedavg", max_length=32, description="fedavg | median | trimmed-mean[:k] | "
+                             "clipped[:norm] (README: Robust aggregation)")
+    unweighted: bool = Field(False, description="plain mean instead of weighting by samples")
+    max_update_ratio: float = Field(10.0, ge=1, le=1e6, description="refuse an update further (L2) from the global "
+                                    "model than this many times the model's norm")
+
+    @field_validator("aggregation")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        return str(parse_aggregation(value))  # raises ValueError naming the rules
+
+    @property
+    def rule(self) -> Aggregation:
+        return parse_aggregation(self.aggregation)
+
+
+class ServerOptimizerSettings(_Group):
+    """How the aggregate becomes the next global model (README: Server optimizers)."""
+
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
+        "fedavg", description="fedavg takes the aggregate; the others step towards it")
+    server_lr: float | None = Field(None, gt=0, le=100, description="server learning rate (default: 1.0 for "
+                                    "fedavg and fedavgm, 0.01 for the adaptive ones)")
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="server beta1 (fedavgm's momentum)")
+    server_beta2: float = Field(0.99, ge=0, lt=1, description="second-moment decay of fedadam / fedyogi")
+    server_tau: float = Field(1e-3, gt=0, le=1, description="adaptivity of fedadam / fedyogi / fedadagrad")
+
+    @property
+    def effective_lr(self) -> float:
+        return self.server_lr or (1.0 if self.server_optimizer in ("fedavg", "fedavgm") else 0.01)
+
+
+class Evaluation(_Group):
+    federated_evaluation: bool = Field(False, description="after every round, each worker also evaluates the new "
+                                       "model on its local test split")
+    sequential_evaluation: bool = Field(False, description="evaluate each round's model before the next round "
+                                        "starts, not while it trains")
+
+
+class Transfer(_Group):
+    """How weights cross the network."""
+
+    chunk_size: int = Field(MIB, ge=1024, le=4 * MIB, description="bytes per weight chunk (workers accept up to "
+                            "4 MiB by default)")
+    compression: Literal["none", "zlib", "fp16", "bf16", "int8"] = Field(
+        "none", description="how workers send their updates: zlib (lossless, the global model too), fp16 / bf16 "
+                            "(half the bytes), int8 (deltas with error feedback, a quarter); README: Compression")
+    compress_global_model: bool = Field(False, description="with fp16 / bf16: send the global model that way too")
+
+    @model_validator(mode="after")
+    def _global_model_compression(self) -> Transfer:
+        if self.compress_global_model and self.compression not in ("fp16", "bf16"):
+            raise ValueError(f"compress_global_model goes with compression fp16 or bf16, not {self.compression} "
+                             f"(zlib always compresses the global model; int8 deltas need it exact on both sides)")
+        return self
+
+
+class Timeouts(_Group):
+    """How long the coordinator waits, and how often it tries again. All in seconds but the retry count."""
+
+    round_timeout: float = Field(3600.0, ge=1, le=7 * DAY, description="seconds a worker may take for one round")
+    idle_timeout: float = Field(120.0, ge=1, le=DAY, description="seconds without training progress before a "
+                                "worker counts as hung")
+    rpc_timeout: float = Field(30.0, ge=0.1, le=3600, description="seconds: deadline of short calls")
+    handshake_timeout: float = Field(10.0, ge=0.1, le=3600, description="seconds an absent worker gets to answer "
+                                     "before each round (dropped workers rejoin this way)")
+    round_retries: int = Field(2, ge=0, le=100, description="times a round that misses its quorum is tried again")
+    retry_backoff: float = Field(5.0, ge=0, le=3600, description="seconds before the first retry of a round; "
+                                 "doubles with each further retry")
+    keepalive: float = Field(30.0, ge=1, le=3600, description="seconds between keepalive pings on quiet "
+                             "connections")
+
+
+class RunSettings(_Group):
+    """Everything a run may tune, grouped."""
+
+    rounds: int = Field(10, ge=1, le=100_000, description="federated rounds")
+    training: LocalTraining = LocalTraining()
+    sampling: Sampling = Sampling()
+    aggregation: AggregationSettings = AggregationSettings()
+    server: ServerOptimizerSettings = ServerOptimizerSettings()
+    evaluation: Evaluation = Evaluation()
+    transfer: Transfer = Transfer()
+    timeouts: Timeouts = Timeouts()
+
+    @model_validator(mode="after")
+    def _compatible(self) -> RunSettings:
+        if self.strategy_name == "fednova" and self.aggregation.rule.coordinate_wise:
+            raise ValueError(f"strategy fednova weighs every update by its local steps; aggregation "
+                             f"{self.aggregation.aggregation} ignores weights: use fedavg or clipped")
+        return self
+
+    @property
+    def strategy_name(self) -> str:
+        if self.aggregation.strategy == "auto":
+            return "fednova" if self.training.local_seconds else "fedavg"
+        return self.aggregation.strategy
+
+    def flat(self) -> dict[str, Any]:
+        """Every field by its own name: {"rounds": 10, "lr": 0.05, ...}."""
+        out: dict[str, Any] = {}
+        for name, value in self:
+            out.update(value.model_dump() if isinstance(value, _Group) else {name: value})
+        return out
+
+
+# -- where each field lives ----------------------------------------------------------------------------------------
+
+GROUPS: dict[str, type[_Group]] = {
+    name: info.annotation for name, info in RunSettings.model_fields.items()
+    if isinstance(info.annotation, type) and issubclass(info.annotation, _Group)
+}
+#: setting -> its group (None: a field of RunSettings itself)
+FIELDS: dict[str, str | None] = {
+    **{name: None for name in RunSettings.model_fields if name not in GROUPS},
+    **{name: group for group, model in GROUPS.items() for name in model.model_fields},
+}
+
+
+def field_info(name: str):
+    group = FIELDS[name]
+    return (RunSettings if group is None else GROUPS[group]).model_fields[name]
+
+
+def default(name: str) -> Any:
+    return field_info(name).default
+
+
+def canonical(key: str) -> str:
+    """'local-batches', '--local-batches', 'training.local_batches' -> 'local_batches'; an unknown name is refused."""
+    name = key.strip().lstrip("-").replace("-", "_")
+    group, dot, rest = name.partition(".")
+    if dot and group in GROUPS and rest in GROUPS[group].model_fields:
+        name = rest
+    if name not in FIELDS:
+        raise SettingsError(f"unknown setting {key!r}; run settings are: {', '.join(sorted(FIELDS))}")
+    return name
+
+
+# -- layers and their merge ----------------------------------------------------------------------------------------
+
+#: Starting configurations. `default` is the fields' own defaults, chosen from `make bench-learning` (README:
+#: Learning); `seed` is fedpi's first configuration (the reference's plain SGD), kept so its figures can be reproduced.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "seed": {"lr": 0.01, "momentum": 0.0, "local_batches": 50, "batch_size": 64, "server_optimizer": "fedavg"},
+}
+
+
+def merge(*layers: Mapping[str, Any]) -> RunSettings:
+    """The run's settings: the defaults, then each layer in turn (flat {setting: value}; later layers win), checked
+    once as a whole. Raises SettingsError naming every bad field, its value and what is allowed."""
+    flat: dict[str, Any] = {}
+    for layer in layers:
+        flat.update({canonical(k): v for k, v in layer.items()})
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        group = FIELDS[name]
+        (nested if group is None else nested.setdefault(group, {}))[name] = value
+    try:
+        return RunSettings.model_validate(nested)
+    except ValidationError as exc:
+        raise SettingsError(describe_errors(exc, flat)) from None
+
+
+def describe_errors(exc: ValidationError, given: Mapping[str, Any] | None = None) -> str:
+    """Pydantic's errors as one line a person can act on: 'lr = nan: Input should be a finite number; ...'."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        loc = [str(p) for p in error["loc"]]
+        name = loc[-1] if loc and (len(loc) > 1 or loc[0] not in GROUPS) else ""
+        message = error["msg"].removeprefix("Value error, ")
+        if name and given is not None and name in given:
+            parts.append(f"{name} = {_shown(given[name])}: {message}")
+        elif name:
+            parts.append(f"{name}: {message}")
+        else:
+            parts.append(message)
+    return "; ".join(parts)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _EnvSettings(BaseSettings):
+    """FEDPI_<SETTING> variables (a Kubernetes ConfigMap): the server's defaults for every run."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDPI_", extra="ignore", case_sensitive=False)
+
+
+def _env_model() -> type[BaseSettings]:
+    from pydantic import create_model
+
+    # Every setting as an optional string: merge() checks the values with the rest, naming the variable's setting.
+    return create_model("RunSettingsEnv", __base__=_EnvSettings, **{name: (str | None, None) for name in FIELDS})
+
+
+def env_layer() -> dict[str, str]:
+    """The run settings set through FEDPI_* variables, as given (checked by merge)."""
+    return _env_model()().model_dump(exclude_none=True)
+
+
+def preset_layer(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise SettingsError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def parse_value(name: str, text: str) -> Any:
+    """A setting given as text (a --set or settings-map value): booleans as true/false, the rest as pydantic parses
+    it when the whole model is checked."""
+    if field_info(name).annotation is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise SettingsError(f"{name} = {_shown(text)}: use true or false")
+    return text.strip()
+
+
+def changed(settings: RunSettings, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """The settings that differ from the defaults (for logs and records)."""
+    base = RunSettings().flat()
+    return {k: v for k, v in settings.flat().items() if (names is None or k in names) and base[k] != v}
+
+
+# -- command-line flags --------------------------------------------------------------------------------------------
+
+GROUP_TITLES = {
+    None: "run", "training": "local training (sent to every worker each round)", "sampling": "sampling and quorum",
+    "aggregation": "aggregation", "server": "server optimizer", "evaluation": "evaluation",
+    "transfer": "transfer", "timeouts": "timeouts and retries",
+}
+
+
+def add_arguments(parser) -> None:
+    """One flag per setting (`--local-batches`, `--federated-evaluation/--no-federated-evaluation`), in groups, with
+    the field's own description and default. A flag left out is no layer at all (argparse.SUPPRESS), so the
+    environment and the preset keep their say; values are checked by merge(), like every other layer's."""
+    import argparse
+
+    groups = {None: parser.add_argument_group(GROUP_TITLES[None])}
+    for name, group in FIELDS.items():
+        if group not in groups:
+            groups[group] = parser.add_argument_group(GROUP_TITLES[group])
+        info = field_info(name)
+        flag = "--" + name.replace("_", "-")
+        shown = "off" if info.default in (False, 0, None) and info.annotation is not int else info.default
+        help_text = f"{info.description} (default: {shown}) [env FEDPI_{name.upper()}]"
+        options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+        if info.annotation is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif choices := getattr(info.annotation, "__args__", None) if _is_literal(info.annotation) else None:
+            options["choices"] = choices
+        else:
+            options["metavar"] = "SECONDS" if "seconds" in (info.description or "") and info.annotation is not int \
+                else ("N" if info.annotation is int else "X")
+        groups[group].add_argument(flag, **options)
+
+
+def _is_literal(annotation: Any) -> bool:
+    return getattr(annotation, "__origin__", None) is Literal
+
+
+def flag_layer(args) -> dict[str, Any]:
+    """The settings given as flags on this command line (argparse.Namespace)."""
+    return {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
