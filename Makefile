@@ -22,7 +22,7 @@ K = $(KUBECTL) -n $(NAMESPACE)
 
 CERTS ?= certs
 
-.PHONY: help venv proto run tasks test runs model bench bench-learning clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
+.PHONY: help venv proto run tasks test fuzz runs model bench bench-learning clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -52,6 +52,11 @@ tasks: $(STAMP)  ## list the installed tasks (make run TASK=NAME trains one)
 
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest
+
+FUZZ_EXAMPLES ?= 10000
+
+fuzz: $(STAMP)  ## throw FUZZ_EXAMPLES random and nearly-valid RunSpecs at a live `fedpi serve` (about 10 minutes)
+	FEDPI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/integration/test_control_fuzz.py
 
 BENCH ?=
 
@@ -134,7 +139,8 @@ status:  ## workers, coordinator and volumes
 
 undeploy:  ## remove fedpi but keep its volumes (dataset caches, results); `kubectl delete namespace` drops those too
 	$(K) delete --ignore-not-found deployment/fedpi-coordinator service/fedpi-coordinator service/fedpi-worker \
-	  networkpolicy/fedpi-worker-ingress networkpolicy/fedpi-coordinator-ingress
+	  networkpolicy/fedpi-worker-ingress networkpolicy/fedpi-coordinator-ingress networkpolicy/fedpi-coordinator-egress \
+	  networkpolicy/fedpi-worker-egress networkpolicy/fedpi-dataset-download
 	$(K) delete --ignore-not-found statefulset -l app.kubernetes.io/component=worker
 	$(K) delete --ignore-not-found configmap -l app.kubernetes.io/name=fedpi
 

@@ -66,8 +66,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="tasks a RunSpec may name besides the installed ones (fedpi tasks) and --task: "
                         "NAME or package.module:Class, comma-separated")
     g.add_argument("--allow-workers", default="",
-                   help="hosts runs may reach besides loopback and --workers / --workers-dns: IP addresses, CIDR "
-                        "networks and DNS names, comma-separated (e.g. 10.0.0.0/24,fedpi-worker)")
+                   help="hosts runs may reach besides --workers / --workers-dns: IP addresses, CIDR networks and DNS "
+                        "names, comma-separated (e.g. 10.0.0.0/24,fedpi-worker; default: loopback only)")
     g.add_argument("--max-workers-per-run", type=int, default=64, help="the most workers one run may name")
     g = p.add_argument_group("the control API's own security (operators)")
     g.add_argument("--api-token-file", help="operators must send this bearer token (file contents)")
@@ -116,8 +116,8 @@ def server_runs(args: argparse.Namespace, worker_security) -> tuple[runspec.Work
         raise ValueError(str(exc)) from None
     defaults = RunTarget(task=args.task, model=args.model or "", dataset=args.dataset or "", workers=workers,
                          workers_dns=dns, expect_workers=args.expect_workers)
-    policy = WorkerPolicy.parse(["127.0.0.0/8", "::1", "localhost", *args.allow_workers.split(",")])
-    policy = policy.including(defaults)
+    given = [w for w in args.allow_workers.split(",") if w.strip()]
+    policy = (WorkerPolicy.parse(given) if given else runspec.LOOPBACK).including(defaults)
     beyond_loopback = bool(policy.names - {"localhost"}) or any(not n.is_loopback for n in policy.networks)
     warning = ""
     if worker_security.token and not worker_security.tls and beyond_loopback:

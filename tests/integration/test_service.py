@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -30,8 +31,8 @@ SETTINGS = {"local-batches": "10", "handshake-timeout": "5", "round-retries": "0
 class Server:
     """`python -m coordinator_service serve` in a process of its own, its log in a file."""
 
-    def __init__(self, state_dir: Path, *extra: str):
-        self.state_dir, self.extra = state_dir, extra
+    def __init__(self, state_dir: Path, *extra: str, env: dict[str, str] | None = None):
+        self.state_dir, self.extra, self.env = state_dir, extra, env
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = state_dir.parent / f"serve-{self.port}.log"
@@ -42,7 +43,8 @@ class Server:
             [sys.executable, "-m", "coordinator_service", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--state-dir", str(self.state_dir), "--dataset", "digits-5k", "--no-download", "--threads", "1",
              "--log-format", "json", *self.extra],
-            cwd=ROOT, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT)
+            cwd=ROOT, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env} if self.env else None)
         asyncio.run(wait_serving(self.address, self.proc, timeout=60, log_path=self.log_path))
         return self
 

@@ -99,9 +99,39 @@ def test_only_the_coordinator_reaches_the_workers_and_scrapers_only_metrics():
     assert "from" not in metrics_rule and [p["port"] for p in metrics_rule["ports"]] == ["metrics"]
     coordinator = _policy(docs, "fedpi-coordinator-ingress")
     assert coordinator["podSelector"]["matchLabels"].items() <= coordinator_labels.items()
-    # operators reach the control API (TLS, operator certificate and token), scrapers the metrics; nothing else
-    assert coordinator["ingress"] == [{"ports": [{"port": "api", "protocol": "TCP"},
-                                                 {"port": "metrics", "protocol": "TCP"}]}]
+    # the control API only from operator pods (and kubectl port-forward, from the node), the metrics from scrapers
+    api_rule, metrics_rule = coordinator["ingress"]
+    assert [p["port"] for p in api_rule["ports"]] == ["api"]
+    [operators] = api_rule["from"]
+    assert operators["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert metrics_rule == {"ports": [{"port": "metrics", "protocol": "TCP"}]}
+
+
+DNS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}
+
+
+def test_egress_the_coordinator_reaches_workers_and_dns_and_workers_only_dns():
+    docs = render("pi")
+    worker_labels = find_all(docs, "StatefulSet")[0]["spec"]["template"]["metadata"]["labels"]
+    coordinator_labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    grpc_port = int(find(docs, "ConfigMap")["data"].get("FEDPI_WORKERS_DNS", ":50051").rsplit(":", 1)[1])
+    coordinator = _policy(docs, "fedpi-coordinator-egress")
+    assert coordinator["policyTypes"] == ["Egress"]
+    assert coordinator["podSelector"]["matchLabels"].items() <= coordinator_labels.items()
+    to_workers, to_dns = coordinator["egress"]
+    [workers] = to_workers["to"]
+    assert workers["podSelector"]["matchLabels"].items() <= worker_labels.items()
+    assert to_workers["ports"] == [{"port": grpc_port, "protocol": "TCP"}]
+    assert to_dns["to"] == [DNS] and {p["port"] for p in to_dns["ports"]} == {53}
+    worker = _policy(docs, "fedpi-worker-egress")
+    assert worker["podSelector"]["matchLabels"].items() <= worker_labels.items()
+    assert worker["policyTypes"] == ["Egress"] and worker["egress"] == [to_dns]
+    # the dataset download: HTTPS to public addresses only, never into the cluster or the LAN
+    download = _policy(docs, "fedpi-dataset-download")
+    [rule] = download["egress"]
+    assert rule["ports"] == [{"port": 443, "protocol": "TCP"}]
+    [block] = rule["to"]
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"} <= set(block["ipBlock"]["except"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
