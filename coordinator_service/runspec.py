@@ -166,7 +166,7 @@ def target_of(spec: cpb.RunSpec) -> RunTarget:
     if not 0 <= spec.expect_workers <= run_settings.MAX_WORKERS:
         raise InvalidSpec(f"expect_workers = {spec.expect_workers}: allowed 0 to {run_settings.MAX_WORKERS}")
     return RunTarget(
-        task=_text(spec.task.strip(), "task", TASK_NAME, "a task name from `fedpi tasks`, or package.module:Class"),
+        task=_text(spec.task, "task", TASK_NAME, "a task name from `fedpi tasks`, or package.module:Class"),
         model=_text(spec.model, "model", OPTION_NAME, "a model name such as reference-cnn"),
         dataset=_text(spec.dataset, "dataset", OPTION_NAME, "a dataset name such as mnist"),
         workers=parse_workers(list(spec.workers)),
