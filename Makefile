@@ -55,7 +55,7 @@ test: $(STAMP)  ## the whole test suite
 
 FUZZ_EXAMPLES ?= 10000
 
-fuzz: $(STAMP)  ## throw FUZZ_EXAMPLES random and nearly-valid RunSpecs at a live `fedpi serve` (about 10 minutes)
+fuzz: $(STAMP)  ## throw FUZZ_EXAMPLES random and nearly-valid RunSpecs at a live `fedpi serve` (about 2 minutes)
 	FEDPI_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/integration/test_control_fuzz.py
 
 BENCH ?=

@@ -65,8 +65,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     start.add_argument("--workers", default="", help="NAME=HOST:PORT,...")
     start.add_argument("--workers-dns", default="")
     start.add_argument("--expect-workers", type=int, default=0)
-    start.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
-                       help="any other `train` flag, e.g. --set lr=0.1 --set federated-evaluation=true")
+    start.add_argument("--preset", default="", help="the run settings' starting configuration (default, seed)")
+    start.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                       help="a run setting (the names of `fedpi train --help`'s setting flags), e.g. --set lr=0.1 "
+                            "--set federated-evaluation=true")
     start.add_argument("--watch", action="store_true", help="then follow the run to its end")
     return p.parse_args(argv)
 
@@ -87,7 +89,7 @@ def _spec(args: argparse.Namespace) -> cpb.RunSpec:
         settings[key.strip()] = value.strip()
     return cpb.RunSpec(run_id=args.run_id, task=args.task, model=args.model, dataset=args.dataset, rounds=args.rounds,
                        workers=[w for w in args.workers.split(",") if w], workers_dns=args.workers_dns,
-                       expect_workers=args.expect_workers, settings=settings)
+                       expect_workers=args.expect_workers, settings=settings, preset=args.preset)
 
 
 def _row(run: cpb.Run) -> str:
@@ -139,11 +141,17 @@ async def run(args: argparse.Namespace) -> int:
         stub = cpb_grpc.CoordinatorStub(channel)
         t = args.timeout
         if args.command == "list":
-            runs = await stub.ListRuns(cpb.ListRunsRequest(), metadata=metadata, timeout=t)
             print(f"{'RUN':<24} {'STATE':<12} {'ROUND':<8} {'ACCURACY':>8}  STARTED (UTC)     ERROR")
-            for r in runs.runs:
-                print(_row(r))
-            return 0
+            token = ""
+            while True:  # every page
+                runs = await stub.ListRuns(cpb.ListRunsRequest(page_token=token), metadata=metadata, timeout=t)
+                for r in runs.runs:
+                    print(_row(r))
+                if runs.warning and not token:
+                    print(f"warning: the coordinator says: {runs.warning}", file=sys.stderr)
+                token = runs.next_page_token
+                if not token:
+                    return 0
         if args.command == "get":
             run = await stub.GetRun(cpb.GetRunRequest(run_id=args.run_id), metadata=metadata, timeout=t)
             print(json_format.MessageToJson(run, preserving_proto_field_name=True))

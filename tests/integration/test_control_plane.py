@@ -172,6 +172,26 @@ def test_an_allowed_task_that_exits_on_import_does_not_take_the_service_down(tmp
         assert srv.stop() == 0
 
 
+def test_importing_an_allowed_task_does_not_block_the_service(tmp_path):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = Server(tmp_path / "state", "--allow-task", "tests.slow_task:SlowTask").start()
+    try:
+        api = stub(srv.address)
+        with ThreadPoolExecutor(1) as pool:
+            start = pool.submit(api.StartRun, cpb.RunSpec(task="tests.slow_task:SlowTask", workers=["a=127.0.0.1:1"],
+                                                          timeouts=cpb.Timeouts(handshake_timeout=1)), timeout=30)
+            time.sleep(0.5)  # the import has begun, and sleeps 3 s
+            began = time.monotonic()
+            api.ListRuns(cpb.ListRunsRequest(), timeout=10)
+            answered = time.monotonic() - began
+            assert not start.done() and answered < 1.0, answered
+            assert start.result().state == cpb.RUN_STATE_TRAINING
+    finally:
+        srv.stop()
+
+
 def test_workers_outside_the_allow_list_are_refused_before_any_connection(tmp_path):
     listener = Listener("127.0.0.9")
     srv = Server(tmp_path / "state", "--allow-workers", "127.0.0.1").start()
