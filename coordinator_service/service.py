@@ -34,8 +34,10 @@ from coordinator_service.training import ROUND_MODELS, HandshakeFailed, RunStopp
 from coordinator_service.worker_client import DiscoveryFailed
 from fedpi import serde
 from fedpi.auth import AuthInterceptor, ServerSecurity
-from fedpi.data import DatasetUnavailable
+from fedpi.data import DATASETS, DatasetUnavailable
 from fedpi.logs import add_sink, remove_sink
+from fedpi.mnist_task import MnistTask
+from fedpi.models import MODELS
 from fedpi.task import TaskError, task_class
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 from generated.fedpi.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -125,15 +127,21 @@ class RunProgress(RunObserver):
         self.log.save()
 
 
-def _import_task(name: str) -> None:
+def _import_task(target: RunTarget) -> None:
     """Import an allowed task's class, in a worker thread: whatever its module does on import (SystemExit included)
-    becomes a TaskError, never the service's end."""
+    becomes a TaskError, never the service's end. Then check the built-in task's model and dataset names."""
     try:
-        task_class(name)
+        cls = task_class(target.task)
     except BaseException as exc:  # noqa: BLE001 - an import may raise anything, and must not end the server
         if isinstance(exc, TaskError):
             raise
-        raise TaskError(f"task {name!r} cannot be loaded: {type(exc).__name__} while importing it") from None
+        raise TaskError(f"task {target.task!r} cannot be loaded: {type(exc).__name__} while importing it") from None
+    if issubclass(cls, MnistTask):
+        if target.model and target.model not in MODELS:
+            raise InvalidSpec(f"model = {target.model!r}: the {target.task} task's models are {', '.join(MODELS)}")
+        if target.dataset and target.dataset not in DATASETS:
+            raise InvalidSpec(f"dataset = {target.dataset!r}: the {target.task} task's datasets are "
+                              f"{', '.join(DATASETS)}")
 
 
 class RunManager:
@@ -190,7 +198,7 @@ class RunManager:
     async def start(self, spec: cpb.RunSpec) -> RunLog:
         self._refuse_if_busy()
         run_id, target, settings = self.prepare(spec)
-        await asyncio.to_thread(_import_task, target.task)
+        await asyncio.to_thread(_import_task, target)
         self._refuse_if_busy()  # another StartRun may have started a run while the task loaded
         spec_json = json_format.MessageToDict(spec, preserving_proto_field_name=True)
         run_log = self.store.create(RunRecord(run_id=run_id, spec=spec_json, rounds=settings.rounds,

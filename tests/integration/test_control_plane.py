@@ -123,6 +123,8 @@ def test_settings_keys_that_argparse_would_expand_or_split_are_refused_and_write
     (cpb.RunSpec(transfer=cpb.TransferSettings(compression="int8", compress_global_model=True)),
      "compress_global_model goes with compression fp16 or bf16"),
     (cpb.RunSpec(preset="fast"), "preset = 'fast'"),
+    (cpb.RunSpec(model="resnet-9000"), "model = 'resnet-9000': the mnist task's models are reference-cnn"),
+    (cpb.RunSpec(dataset="imagenet"), "dataset = 'imagenet': the mnist task's datasets are"),
 ])
 def test_numbers_and_sizes_out_of_range_are_invalid_argument_naming_the_field(server, digits_cluster, spec, field):
     api = stub(server.address)
@@ -188,6 +190,27 @@ def test_importing_an_allowed_task_does_not_block_the_service(tmp_path):
             answered = time.monotonic() - began
             assert not start.done() and answered < 1.0, answered
             assert start.result().state == cpb.RUN_STATE_TRAINING
+    finally:
+        srv.stop()
+
+
+def test_calls_beyond_max_concurrent_rpcs_are_refused_while_the_others_run(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = Server(tmp_path / "state", "--allow-task", "tests.slow_task:SlowTask", "--max-concurrent-rpcs", "1").start()
+    try:
+        api = stub(srv.address)
+        with ThreadPoolExecutor(1) as pool:
+            start = pool.submit(api.StartRun, cpb.RunSpec(task="tests.slow_task:SlowTask", workers=["a=127.0.0.1:1"],
+                                                          timeouts=cpb.Timeouts(handshake_timeout=1)), timeout=30)
+            import time
+
+            time.sleep(0.5)  # StartRun is importing the task: the one call the server takes at a time
+            with pytest.raises(grpc.RpcError) as err:
+                api.ListRuns(cpb.ListRunsRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert start.result().state == cpb.RUN_STATE_TRAINING
+        assert [r.run_id for r in api.ListRuns(cpb.ListRunsRequest(), timeout=10).runs]  # answered once it is free
     finally:
         srv.stop()
 
