@@ -3,7 +3,6 @@ that was training and at most the one before it, still being evaluated (README: 
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 from dataclasses import dataclass, field

@@ -5,7 +5,6 @@ nothing may be created or written, and the service must answer afterwards."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -91,7 +90,7 @@ def test_settings_keys_that_argparse_would_expand_or_split_are_refused_and_write
         {"latest": str(outside / "metrics.jsonl")},  # ... to --latest-link: a symlink over another file
         {"lr=0.1 --output-dir": str(outside)},  # '=' inside the key
         {"lr": f"--output-dir={outside}"},  # a value that looks like an option
-        {"local-batches": f"5 --token-file /etc/hostname"},
+        {"local-batches": "5 --token-file /etc/hostname"},
         {"token": "/etc/hostname"},  # a prefix of --token-file
         {"tls-server": "evil"},
         {"--help": "true"},
