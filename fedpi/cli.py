@@ -35,12 +35,18 @@ def apply_env_defaults(parser: argparse.ArgumentParser, skip: set[str] = frozens
         if value is None:
             continue
         if isinstance(action, argparse._StoreTrueAction):
-            action.default = value.strip().lower() in ("1", "true", "yes", "on")
+            flag = value.strip().lower()
+            if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                parser.error(f"{name}={value!r} is not a valid value for {flags[0]}: use true or false")
+            action.default = flag in ("1", "true", "yes", "on")
             continue
         try:
             action.default = action.type(value) if action.type else value
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             parser.error(f"{name}={value!r} is not a valid value for {flags[0]}: {exc}")
+        if action.choices is not None and action.default not in action.choices:
+            parser.error(f"{name}={value!r} is not a valid value for {flags[0]}: choose from "
+                         f"{', '.join(map(str, action.choices))}")
         action.required = False
 
 

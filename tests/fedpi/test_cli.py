@@ -23,6 +23,24 @@ def test_worker_flags_come_from_the_environment(monkeypatch):
     assert (args.port, args.partition_index, args.no_download) == (6000, 2, True)
 
 
+@pytest.mark.parametrize("variable, value, phrase", [
+    ("FEDPI_NO_DOWNLOAD", "maybe", "FEDPI_NO_DOWNLOAD='maybe' is not a valid value for --no-download: use true or false"),
+    ("FEDPI_LOG_FORMAT", "fancy", "FEDPI_LOG_FORMAT='fancy' is not a valid value for --log-format: choose from"),
+    ("FEDPI_PORT", "http", "FEDPI_PORT='http' is not a valid value for --port"),
+])
+def test_a_variable_a_flag_would_refuse_is_refused(monkeypatch, capsys, variable, value, phrase):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exit_:
+        worker_args([])
+    assert exit_.value.code == 2 and phrase in capsys.readouterr().err
+
+
+def test_a_run_setting_from_the_environment_is_checked_by_the_settings_model(monkeypatch):
+    monkeypatch.setenv("FEDPI_MAX_UPDATE_RATIO", "nan")
+    with pytest.raises(SettingsError, match="max_update_ratio = 'nan': Input should be a finite number"):
+        settings(["train"])
+
+
 def test_command_line_beats_environment(monkeypatch):
     monkeypatch.setenv("FEDPI_PORT", "6000")
     assert worker_args(["--port", "7000"]).port == 7000
