@@ -194,11 +194,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m coordinator_servi
         target = target_of(args) if args.command == "train" else None
     except ValueError as exc:
         args.parser.error(f"{args.command}: {exc}")
-    observer = _observers(args, settings.training.batch_size)
     if args.threads:
         torch.set_num_threads(args.threads)
-    freeze_startup_objects()
     try:
+        observer = _observers(args, settings.training.batch_size)
+        freeze_startup_objects()
         place = place_of(args)
         if args.command == "train":
             asyncio.run(launch.train(target, settings, place, observer, resume=args.resume))

@@ -32,7 +32,10 @@ class PrometheusObserver(RunObserver):
         self.present = Gauge("fedpi_workers_present", "Workers that passed the handshake and take part", registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # one line naming the port, not a traceback
+            raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
 
     def run_started(self, rounds: int, first_round: int, workers: Sequence[str]) -> None:
         self.rounds_planned.set(rounds)

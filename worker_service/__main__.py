@@ -150,13 +150,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m worker_service") 
     servicer.warning = warning
     if warning:
         log.warning("worker_insecure", warning=warning)
-    if args.metrics_port:
-        servicer.metrics.serve(args.metrics_port, args.host)
-        log.info("metrics_serving", url=f"http://{args.host}:{args.metrics_port}/metrics")
-    health_address = f"{args.host}:{args.health_port}" if args.health_port else None
-    freeze_startup_objects()
-    asyncio.run(serve(servicer, f"{args.host}:{args.port}", grace=args.grace, security=security,
-                      health_address=health_address))
+    try:
+        if args.metrics_port:
+            servicer.metrics.serve(args.metrics_port, args.host)
+            log.info("metrics_serving", url=f"http://{args.host}:{args.metrics_port}/metrics")
+        health_address = f"{args.host}:{args.health_port}" if args.health_port else None
+        freeze_startup_objects()
+        asyncio.run(serve(servicer, f"{args.host}:{args.port}", grace=args.grace, security=security,
+                          health_address=health_address))
+    except OSError as exc:  # a port that is taken, an address this machine does not have
+        log.error("worker_failed_to_start", reason=str(exc))
+        return 2
     return 0
 
 

@@ -31,7 +31,10 @@ class WorkerMetrics:
         self.info.labels(worker_id=worker_id).set(1)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # one line naming the port, not a traceback
+            raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
 
     def count(self, method: str, code: grpc.StatusCode | int) -> None:
         if isinstance(code, int):  # grpc.aio may report a code by its number
