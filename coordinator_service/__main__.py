@@ -1,11 +1,5 @@
-"""fedpi coordinator.
-
-  python -m coordinator_service train --workers alice=10.0.0.11:50051,bob=10.0.0.12:50051 --rounds 10
-  python -m coordinator_service demo --rounds 5       # three local workers on 127.0.0.1, then the same training
-  python -m coordinator_service demo --task breast-cancer   # another task (`tasks` lists the installed ones)
-  python -m coordinator_service tasks
-  python -m coordinator_service serve --state-dir results   # a long-running coordinator: runs through its gRPC API
-"""
+"""fedpi's coordinator: `fedpi train|demo|tasks|serve` (also `python -m coordinator_service ...`); its command lines
+are in coordinator_service/cli.py."""
 
 from __future__ import annotations
 
@@ -30,72 +24,17 @@ from coordinator_service.metrics import PrometheusObserver
 from coordinator_service.observe import Observers, RunObserver
 from coordinator_service.progress import LiveProgress
 from coordinator_service.rounds import RoundFailed
-from coordinator_service.serve_cli import add_serve_arguments, worker_security_arguments
+from coordinator_service.cli import parse_args
 from coordinator_service.runspec import InvalidSpec, RunTarget, parse_address, parse_workers
 from coordinator_service.training import HandshakeFailed
 from coordinator_service.worker_client import DiscoveryFailed
 from fedpi import data as datasets
 from fedpi import task as tasks
-from fedpi.cli import add_task_arguments, apply_env_defaults, freeze_startup_objects
+from fedpi.cli import freeze_startup_objects
 from fedpi.mnist_task import MnistTask
-from fedpi.logs import LOG_FORMATS, configure_logging, wants_console
+from fedpi.logs import configure_logging, wants_console
 
 log = structlog.get_logger()
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=list(run_settings.PRESETS), default="default",
-                   help="a starting configuration that FEDPI_* variables and flags override: default (measured, "
-                        "README: Learning) or seed (fedpi's first configuration: plain SGD, lr 0.01)")
-    # The coordinator evaluates on the task's held-out test set; workers load their own shards.
-    add_task_arguments(p, default_dataset="auto")
-    run_settings.add_arguments(p)
-    p.add_argument("--encoding", choices=("raw", "zlib"), help=argparse.SUPPRESS)  # before --compression
-    p.add_argument("--resume", action="store_true",
-                   help="continue from checkpoint.pt in --output-dir after the last completed round")
-    p.add_argument("--output-dir", default="runs/latest",
-                   help="model.pt, metrics.jsonl and checkpoint.pt (after every round) go here")
-    p.add_argument("--latest-link", help="also point this symlink at --output-dir (e.g. results/latest)")
-    p.add_argument("--keep-round-models", type=int, default=0,
-                   help="also keep the global model of the last N rounds in --output-dir/rounds/")
-    worker_security_arguments(p.add_argument_group("security (see README: Threat model)"))
-    p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: torch's default)")
-    p.add_argument("--metrics-port", type=int, default=0,
-                   help="serve Prometheus metrics at http://--metrics-host:PORT/metrics while training (0: off)")
-    p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server listens on")
-    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
-
-
-def parse_args(argv: list[str] | None = None, prog: str = "python -m coordinator_service") -> argparse.Namespace:
-    """`prog`: how the user called this (the `fedpi` command passes its own name), for --help and errors."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train on running workers")
-    train.add_argument("--workers", help="NAME=HOST:PORT,... (a bare HOST:PORT is named after itself)")
-    train.add_argument("--workers-dns", help="instead of --workers: HOST:PORT whose DNS name resolves to every worker "
-                                             "(a Kubernetes headless Service)")
-    train.add_argument("--expect-workers", type=int, default=0, help="with --workers-dns: how many to wait for")
-    train.add_argument("--discovery-timeout", type=float, default=600.0,
-                       help="with --workers-dns: seconds to wait for --expect-workers to appear")
-    _common(train)
-    demo = sub.add_parser("demo", help="start local workers on 127.0.0.1 and train on them")
-    demo.add_argument("--local-workers", type=int, default=3, help="how many local workers to start")
-    demo.add_argument("--worker-threads", type=int, default=1, help="torch threads per local worker")
-    demo.add_argument("--startup-timeout", type=float, default=120.0,
-                      help="seconds the local workers get to start serving (more on slow or emulated CPUs)")
-    demo.add_argument("--partition-scheme", choices=datasets.PARTITION_SCHEMES, default="iid")
-    demo.add_argument("--partition-alpha", type=float, default=datasets.DEFAULT_DIRICHLET_ALPHA,
-                      help="with --partition-scheme dirichlet: the concentration (0.1: few classes per worker)")
-    _common(demo)
-    sub.add_parser("tasks", help="list the installed tasks (the fedpi.tasks entry-point group)")
-    add_serve_arguments(sub.add_parser("serve", help="serve the fedpi.v1.Coordinator control API: start, watch, "
-                                                     "stop and resume runs, fetch their models"))
-    # Run settings take their FEDPI_* variables through the settings model (run_settings.env_layer), the rest here.
-    apply_env_defaults(p, skip=set(run_settings.FIELDS))
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    args.parser = p
-    return args
-
 
 def settings_of(args: argparse.Namespace) -> run_settings.RunSettings:
     """defaults < --preset < FEDPI_* < flags, checked as a whole."""
@@ -181,8 +120,11 @@ def list_tasks() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m coordinator_service") -> int:
-    args = parse_args(argv, prog)
+def main(argv: list[str] | None = None, prog: str = "fedpi") -> int:
+    return run(parse_args(argv, prog))
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "tasks":
         return list_tasks()
     if args.command == "serve":
@@ -193,7 +135,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m coordinator_servi
         settings = settings_of(args)
         target = target_of(args) if args.command == "train" else None
     except ValueError as exc:
-        args.parser.error(f"{args.command}: {exc}")
+        print(f"fedpi {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

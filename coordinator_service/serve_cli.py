@@ -20,69 +20,11 @@ from coordinator_service.metrics import PrometheusObserver
 from coordinator_service.observe import RunObserver
 from coordinator_service.runspec import InvalidSpec, RunTarget, WorkerPolicy
 from fedpi.auth import ServerSecurity, exposure
-from fedpi.cli import add_task_arguments, read_secret
-from fedpi.logs import LOG_FORMATS, configure_logging
+from fedpi.cli import read_secret
+from fedpi.logs import configure_logging
 from fedpi.task import DEFAULT_TASK, installed
 
 log = structlog.get_logger()
-
-
-def worker_security_arguments(g) -> None:
-    """How the coordinator proves itself to workers and checks them: `train`'s, `demo`'s and `serve`'s."""
-    g.add_argument("--token-file", help="file holding the bearer token workers require")
-    g.add_argument("--tls-ca", help="CA certificate to verify workers with; turns TLS on")
-    g.add_argument("--tls-cert", help="client certificate, for workers that require mutual TLS")
-    g.add_argument("--tls-key", help="private key of --tls-cert")
-    g.add_argument("--tls-server-name", help="name on the workers' certificates when dialling them by IP address")
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address the control API listens on; beyond loopback it needs --api-token-file with TLS, "
-                        "mutual TLS, or --insecure")
-    p.add_argument("--port", type=int, default=50050)
-    p.add_argument("--insecure", action="store_true",
-                   help="allow what is unsafe beyond loopback: no authentication, a token in plaintext (shown in "
-                        "the log and in every ListRuns)")
-    p.add_argument("--state-dir", default="coordinator-state",
-                   help="every run's record, events, metrics, checkpoints and models go under STATE_DIR/runs/")
-    p.add_argument("--keep-round-models", type=int, default=5,
-                   help="keep the global model of each run's last N rounds (GetModel with a round)")
-    p.add_argument("--keep-runs", type=int, default=100,
-                   help="keep the newest N finished runs and delete older ones (0: keep every run)")
-    p.add_argument("--latest-link", help="point this symlink at each run's directory when it starts")
-    g = p.add_argument_group("defaults of every run (a RunSpec's fields win; run settings come from FEDPI_* "
-                             "variables, e.g. FEDPI_LR)")
-    add_task_arguments(g, default_dataset="auto")
-    g.add_argument("--preset", choices=list(run_settings.PRESETS), default="default",
-                   help="the run settings' starting configuration")
-    g.add_argument("--workers", help="NAME=HOST:PORT,... for runs that name none")
-    g.add_argument("--workers-dns", help="HOST:PORT resolving to every worker, for runs that name none")
-    g.add_argument("--expect-workers", type=int, default=0, help="with --workers-dns: how many to wait for")
-    g.add_argument("--discovery-timeout", type=float, default=600.0,
-                   help="with workers_dns: seconds a run waits for its workers to appear")
-    g = p.add_argument_group("what runs may use")
-    g.add_argument("--allow-task", default="",
-                   help="tasks a RunSpec may name besides the installed ones (fedpi tasks) and --task: "
-                        "NAME or package.module:Class, comma-separated")
-    g.add_argument("--allow-workers", default="",
-                   help="hosts runs may reach besides --workers / --workers-dns: IP addresses, CIDR networks and DNS "
-                        "names, comma-separated (e.g. 10.0.0.0/24,fedpi-worker; default: loopback only)")
-    g.add_argument("--max-workers-per-run", type=int, default=64, help="the most workers one run may name")
-    g = p.add_argument_group("the control API's own security (operators)")
-    g.add_argument("--api-token-file", help="operators must send this bearer token (file contents)")
-    g.add_argument("--api-tls-cert", help="serve the API over TLS with this certificate")
-    g.add_argument("--api-tls-key", help="private key of --api-tls-cert")
-    g.add_argument("--api-client-ca", help="require operator certificates signed by this CA (mutual TLS)")
-    g.add_argument("--api-client-identity", help="with mutual TLS: the only certificate name allowed to call")
-    g.add_argument("--max-concurrent-rpcs", type=int, default=64, help="calls served at once; more are refused")
-    g.add_argument("--max-watchers", type=int, default=16, help="WatchRun streams open at once")
-    worker_security_arguments(
-        p.add_argument_group("how runs reach the workers (the same flags as `train`; never part of a RunSpec)"))
-    p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: torch's default)")
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics of the runs (0: off)")
-    p.add_argument("--metrics-host", default="127.0.0.1")
-    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
 
 
 def api_security(args: argparse.Namespace) -> tuple[ServerSecurity, str]:

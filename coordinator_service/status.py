@@ -7,14 +7,8 @@ import asyncio
 import json
 import sys
 
-from google.protobuf.json_format import MessageToDict
-from rich.console import Console
-from rich.table import Table
-
-from coordinator_service.worker_client import WorkerClient, WorkerError, discover, parse_workers
-from generated.fedpi.v1 import worker_pb2 as pb
-
-STATES = {pb.WORKER_STATE_IDLE: "idle", pb.WORKER_STATE_TRAINING: "training"}
+# What answers a person's question needs (grpc, rich) is imported when it is asked, so --help answers at once.
+STATES = {1: "idle", 2: "training"}  # worker.proto's WorkerState, by number
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,9 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def gather_info(workers: list[tuple[str, str]], security, timeout: float) -> list[tuple[str, str, object]]:
-    """(name, address, WorkerInfo or the error) for every worker, asked at once."""
+    """(name, address, WorkerInfo or the error) for every worker, asked at once, once: a refused port answers at
+    once."""
+    from coordinator_service.worker_client import WorkerClient, WorkerError
+
     async def ask(name: str, address: str):
-        client = WorkerClient(name, address, rpc_timeout=timeout, security=security)
+        client = WorkerClient(name, address, rpc_timeout=timeout, security=security, retry=False)
         try:
             return name, address, await client.get_info()
         except WorkerError as exc:
@@ -42,7 +39,11 @@ async def gather_info(workers: list[tuple[str, str]], security, timeout: float) 
     return await asyncio.gather(*(ask(n, a) for n, a in workers))
 
 
-def table(rows: list[tuple[str, str, object]]) -> Table:
+def table(rows: list[tuple[str, str, object]]):
+    from rich.table import Table
+
+    from generated.fedpi.v1 import worker_pb2 as pb
+
     t = Table(title="fedpi workers")
     for column in ("worker", "address", "id", "state", "round", "model", "shard", "protocol", "fedpi", "torch",
                    "arch"):
@@ -59,6 +60,12 @@ def table(rows: list[tuple[str, str, object]]) -> Table:
 
 
 async def _main(args: argparse.Namespace, security) -> int:
+    from google.protobuf.json_format import MessageToDict
+    from rich.console import Console
+
+    from coordinator_service.worker_client import discover, parse_workers
+    from generated.fedpi.v1 import worker_pb2 as pb
+
     if bool(args.workers) == bool(args.workers_dns):
         raise ValueError("give either --workers NAME=HOST:PORT,... or --workers-dns HOST:PORT")
     workers = parse_workers(args.workers) if args.workers else await discover(args.workers_dns, 1, args.timeout)
@@ -73,18 +80,29 @@ async def _main(args: argparse.Namespace, security) -> int:
         for name, _, info in rows:
             if not isinstance(info, pb.WorkerInfo):
                 console.print(f"{name}: {info}", highlight=False)
+            elif info.warning:
+                console.print(f"{name}: warning: {info.warning}", highlight=False)
     return 0 if all(isinstance(i, pb.WorkerInfo) for _, _, i in rows) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedpi.cli import Parser
+
+    p = Parser(prog="fedpi status", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     from coordinator_service.launch import client_security  # the same flags and checks as training
 
-    p = argparse.ArgumentParser(prog="fedpi status", description=__doc__)
-    add_arguments(p)
-    args = p.parse_args(argv)
     try:
         return asyncio.run(_main(args, client_security(args.token_file, args.tls_ca, args.tls_cert, args.tls_key,
                                                         args.tls_server_name)))
     except ValueError as exc:
         print(f"fedpi status: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fedpi status --json | head`
+        from fedpi.cli import broken_pipe
+
+        return broken_pipe()

@@ -43,17 +43,18 @@ _SERVICE_CONFIG = json.dumps({"methodConfig": [{
 MINIMUM_WORKER_PROTOCOL = "1.1"
 
 
-def channel_options(keepalive_seconds: float = 30.0) -> list[tuple[str, object]]:
+def channel_options(keepalive_seconds: float = 30.0, retry: bool = True) -> list[tuple[str, object]]:
     """Keepalive pings keep a quiet connection (a 10-minute Train on a slow Pi) open through NATs and idle timeouts,
-    and find a dead peer within keepalive + 10 s. Workers accept pings this often (worker_service.server)."""
-    return [
+    and find a dead peer within keepalive + 10 s. Workers accept pings this often (worker_service.server). Without
+    `retry` (a person asking, `fedpi status`) a refused connection is an answer at once."""
+    options: list[tuple[str, object]] = [
         ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", _SERVICE_CONFIG),
     ]
+    return options + ([("grpc.enable_retries", 1), ("grpc.service_config", _SERVICE_CONFIG)] if retry
+                      else [("grpc.enable_retries", 0)])
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def translate(worker: str, method: str, exc: grpc.aio.AioRpcError) -> WorkerErro
 
 class WorkerClient:
     def __init__(self, name: str, address: str, *, rpc_timeout: float = 30.0, idle_timeout: float = 120.0,
-                 keepalive_seconds: float = 30.0, security: ClientSecurity = ClientSecurity()):
+                 keepalive_seconds: float = 30.0, security: ClientSecurity = ClientSecurity(), retry: bool = True):
         self.name = name
         self.address = address
         self.rpc_timeout = rpc_timeout
@@ -199,7 +200,7 @@ class WorkerClient:
         self._metadata = security.metadata
         self._security = security
         self._keepalive_seconds = keepalive_seconds
-        self._use(security.channel(address, channel_options(keepalive_seconds)))
+        self._use(security.channel(address, channel_options(keepalive_seconds, retry)))
         self._verified_id: str | None = None  # the worker id this channel's certificate check is bound to
         self.info: pb.WorkerInfo | None = None  # from the last handshake
 

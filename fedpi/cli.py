@@ -3,11 +3,62 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import os
 import resource
 
+from fedpi import names
+
 ENV_PREFIX = "FEDPI_"
+
+
+def broken_pipe() -> int:
+    """The reader went away (`fedpi status --json | head`): stop writing, quietly, as other tools do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # so that the interpreter's last flush of stdout cannot fail either
+    return 0
+
+
+def version_line() -> str:
+    from fedpi import __version__
+    from fedpi.protocol import PROTOCOL_VERSION
+
+    return f"fedpi {__version__} (protocol {PROTOCOL_VERSION})"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every option's default in its help."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with fedpi's manners: every --help ends with the version and shows the defaults; a mistake is one
+    line saying what was wrong and the closest valid choice, not the whole usage; no prefix matching of options
+    (`--out` is not `--output-dir`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("epilog", version_line())
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        hint = self._closest(message)
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n{self.prog} --help lists every option\n")
+
+    def _closest(self, message: str) -> str:
+        if message.startswith("unrecognized arguments: "):
+            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for word in message.removeprefix("unrecognized arguments: ").split():
+                flag = word.split("=", 1)[0]
+                if flag.startswith("-") and (close := difflib.get_close_matches(flag, options, n=1)):
+                    return f" (did you mean {close[0]}?)"
+        if message.startswith("argument ") and "invalid choice: " in message:
+            given = message.split("invalid choice: ", 1)[1].split("'")[1] if "'" in message else ""
+            choices = [c for a in self._actions for c in (a.choices or ())]
+            if given and (close := difflib.get_close_matches(given, [str(c) for c in choices], n=1)):
+                return f" (did you mean {close[0]}?)"
+        return ""
 
 
 def env_name(flag: str) -> str:
@@ -63,17 +114,12 @@ def read_secret(path: str, flag: str) -> str:
 
 def add_task_arguments(parser: argparse.ArgumentParser, default_dataset: str) -> None:
     """--task and the options every task gets (--data-dir, --no-download), and the built-in task's own."""
-    # Imported here: this module is also used where torch is not installed (make certs).
-    from fedpi import data as datasets
-    from fedpi.models import DEFAULT_MODEL, MODELS
-    from fedpi.task import DEFAULT_TASK
-
-    parser.add_argument("--task", default=DEFAULT_TASK,
+    parser.add_argument("--task", default=names.DEFAULT_TASK,
                         help="what to train: a task name from `fedpi tasks` or package.module:TaskClass "
                              "(README: Your own model and data)")
-    parser.add_argument("--model", choices=list(MODELS), default=None,
-                        help=f"the built-in mnist task's model (default {DEFAULT_MODEL})")
-    parser.add_argument("--dataset", choices=datasets.DATASETS, default=None,
+    parser.add_argument("--model", choices=names.MODEL_NAMES, default=None,
+                        help=f"the built-in mnist task's model (default {names.DEFAULT_MODEL})")
+    parser.add_argument("--dataset", choices=names.DATASETS, default=None,
                         help=f"the built-in mnist task's data (default {default_dataset})")
     parser.set_defaults(default_dataset=default_dataset)
     parser.add_argument("--data-dir", default="data", help="where the task reads (or downloads) its data")

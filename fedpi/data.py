@@ -21,9 +21,7 @@ import torch
 
 log = structlog.get_logger()
 
-DATASETS = ("auto", "mnist", "fashion-mnist", "mnist-10k", "digits-5k")
-PARTITION_SCHEMES = ("iid", "contiguous", "labels", "dirichlet")
-DEFAULT_DIRICHLET_ALPHA = 0.5
+from fedpi.names import DATASETS, DEFAULT_DIRICHLET_ALPHA, PARTITION_SCHEMES  # noqa: E402,F401 - re-exported
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 _IDX_FILES = {

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedpi.names import DEFAULT_MODEL, MODEL_NAMES  # noqa: F401 - DEFAULT_MODEL re-exported
+
 
 class ReferenceCNN(nn.Module):
     """The classic MNIST CNN of the PySyft websocket example: 431,080 parameters, about 1.7 MB in float32."""
@@ -47,7 +49,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "reference-cnn": ReferenceCNN,
     "large-mlp": LargeMLP,
 }
-DEFAULT_MODEL = "reference-cnn"
+assert tuple(MODELS) == MODEL_NAMES, "fedpi/names.py lists the models the command lines offer"
 
 
 def build_model(name: str, seed: int = 0) -> nn.Module:

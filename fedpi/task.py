@@ -40,7 +40,7 @@ from fedpi import data as datasets
 from fedpi import serde
 
 ENTRY_POINT_GROUP = "fedpi.tasks"
-DEFAULT_TASK = "mnist"
+from fedpi.names import DEFAULT_TASK  # noqa: E402,F401 - re-exported
 
 
 class TaskError(Exception):

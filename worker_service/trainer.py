@@ -16,7 +16,7 @@ from fedpi.task import Task, batch_of
 
 # Most batches one Train may ask for unless the worker is started with another --max-local-batches: about a day of
 # training on a Pi 4 with the reference CNN, and a bound on what a request can make a worker do.
-DEFAULT_MAX_LOCAL_BATCHES = 100_000
+from fedpi.names import DEFAULT_MAX_LOCAL_BATCHES  # noqa: E402,F401 - re-exported
 MAX_LOCAL_SECONDS = 86_400.0
 
 

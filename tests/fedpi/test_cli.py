@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from coordinator_service import launch
-from coordinator_service.__main__ import parse_args as coordinator_args
+from coordinator_service.cli import parse_args as coordinator_args
 from coordinator_service.__main__ import settings_of
 from coordinator_service.settings import SettingsError
-from worker_service.__main__ import parse_args as worker_args
+from worker_service.cli import parse_args as worker_args
 
 
 def settings(argv: list[str]):
@@ -112,12 +114,100 @@ def test_the_fedpi_command_names_itself_in_help(command, usage, capsys):
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith(usage)
 
 
-def test_the_fedpi_command_lists_its_subcommands(capsys):
-    from fedpi_cli import COMMANDS, main as fedpi
+def _commands() -> dict:
+    import argparse
 
-    assert fedpi([]) == 2
+    from fedpi_cli import build_parser
+
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_the_fedpi_command_lists_its_subcommands(capsys):
+    from fedpi_cli import main as fedpi
+
+    with pytest.raises(SystemExit) as exit_:
+        fedpi(["--help"])
     out = capsys.readouterr().out
-    assert all(f"fedpi {c}" in out for c in COMMANDS)
+    assert exit_.value.code == 0 and all(f"\n    {c} " in out for c in _commands())
+
+
+def test_version(capsys):
+    from fedpi import __version__
+    from fedpi.protocol import PROTOCOL_VERSION
+    from fedpi_cli import main as fedpi
+
+    with pytest.raises(SystemExit) as exit_:
+        fedpi(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"fedpi {__version__} (protocol {PROTOCOL_VERSION})\n"
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["trian"], "fedpi: error: argument COMMAND: invalid choice: 'trian'"),
+    (["train", "--lrr", "0.1"], "fedpi train: error: unrecognized arguments: --lrr 0.1 (did you mean --lr?)"),
+    (["train", "--compression", "fp61"], "(did you mean fp16?)"),
+    (["runs", "lsit"], "(did you mean list?)"),
+    (["serve", "--out", "x"], "unrecognized arguments: --out x"),  # no prefix matching: --out is not --output-dir
+])
+def test_a_mistake_is_one_line_with_the_closest_choice_not_the_whole_help(capsys, argv, said):
+    from fedpi_cli import main as fedpi
+
+    with pytest.raises(SystemExit) as exit_:
+        fedpi(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and said in err and "usage:" not in err and len(err.splitlines()) == 2, err
+
+
+def test_every_command_and_option_has_a_line_and_shows_its_default():
+    def walk(parser, path):
+        for action in parser._actions:
+            if action.dest in ("help", "version") or action.help == "==SUPPRESS==":
+                continue
+            if hasattr(action, "choices") and isinstance(action.choices, dict):  # subcommands
+                for name, sub in action.choices.items():
+                    assert sub.description, f"{path} {name} has no description"
+                    walk(sub, f"{path} {name}")
+                assert all(c.help for c in action._choices_actions), f"{path}: a subcommand without a line"
+                continue
+            text = re.sub(r"\s*\[env FEDPI_[A-Z_]+\]$", "", action.help or "")  # the variable's name alone says nothing
+            assert text, f"{path} {action.option_strings or action.dest} has no help"
+            formatted = parser._get_formatter()._expand_help(action)
+            if action.option_strings and action.default not in (None, False, "==SUPPRESS==", "") \
+                    and not isinstance(action.default, list):
+                assert "default" in formatted, f"{path} {action.option_strings} does not show its default"
+
+    for name, parser in _commands().items():
+        walk(parser, f"fedpi {name}")
+
+
+def test_help_imports_neither_torch_nor_grpc():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fedpi_cli import main\n"
+            "for argv in (['--help'], ['train', '--help'], ['worker', '--help'], ['runs', 'list', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'grpc', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]"
+
+
+def test_global_options_go_before_or_after_the_runs_subcommand():
+    from fedpi_cli import build_parser
+
+    for argv in (["runs", "--coordinator", "h:1", "list"], ["runs", "list", "--coordinator", "h:1"],
+                 ["runs", "start", "--coordinator", "h:1", "--token-file", "t", "--rounds", "2"]):
+        assert build_parser().parse_args(argv).coordinator == "h:1"
+    assert build_parser().parse_args(["runs", "list"]).coordinator == "127.0.0.1:50050"
+
+
+@pytest.mark.parametrize("shell, marker", [("bash", "complete"), ("zsh", "compdef"), ("fish", "complete")])
+def test_shell_completion_scripts(capsys, shell, marker):
+    from fedpi_cli import main as fedpi
+
+    assert fedpi(["completion", shell]) == 0
+    assert marker in capsys.readouterr().out
 
 
 def test_the_task_comes_from_fedpi_task_and_the_built_in_task_takes_model_and_dataset(monkeypatch):
