@@ -148,11 +148,26 @@ def _print(data, output: str) -> None:
         print(yaml.safe_dump(data, sort_keys=False).rstrip())
 
 
+HEADER = f"{'RUN':<24} {'STATE':<12} {'ROUND':<8} {'ACCURACY':>8}  {'WORKERS':<16} STARTED (UTC)     ERROR"
+
+
+def _workers(run) -> str:
+    """'3/3', or '2/3 1 refused': of the workers the run knows, how many trained in its last round."""
+    if not run.workers:
+        return "-"
+    trained = sum(w.state == "trained" for w in run.workers)
+    others: dict[str, int] = {}
+    for w in run.workers:
+        if w.state != "trained":
+            others[w.state] = others.get(w.state, 0) + 1
+    return " ".join([f"{trained}/{len(run.workers)}", *(f"{n} {state}" for state, n in others.items())])
+
+
 def _row(run) -> str:
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(run.started_at)) if run.started_at else ""
     accuracy = f"{run.test_accuracy:.2%}" if run.round else "-"
     return (f"{run.run_id:<24} {STATE_NAMES[run.state]:<12} {run.round:>3}/{run.rounds:<4} {accuracy:>8}  "
-            f"{started}  {run.error}").rstrip()
+            f"{_workers(run):<16} {started}  {run.error}").rstrip()
 
 
 async def _watch(stub, run_id: str, from_start: bool, metadata) -> int:
@@ -237,7 +252,7 @@ async def _list(stub, output: str, metadata, timeout: float) -> int:
     while True:
         runs = await stub.ListRuns(cpb.ListRunsRequest(page_token=token), metadata=metadata, timeout=timeout)
         if output == "table" and not token:
-            print(f"{'RUN':<24} {'STATE':<12} {'ROUND':<8} {'ACCURACY':>8}  STARTED (UTC)     ERROR")
+            print(HEADER)
         warning = warning or runs.warning
         for r in runs.runs:
             if output == "table":

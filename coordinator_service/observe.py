@@ -12,6 +12,7 @@ from generated.fedpi.v1 import worker_pb2 as pb
 
 if TYPE_CHECKING:
     from coordinator_service.rounds import RoundReport
+    from coordinator_service.strategy import Failure
 
 log = structlog.get_logger()
 
@@ -25,6 +26,8 @@ class RunObserver:
     def run_started(self, rounds: int, first_round: int, workers: Sequence[str]) -> None: ...
 
     def workers_present(self, workers: Sequence[str]) -> None: ...
+
+    def workers_away(self, away: Sequence[Failure]) -> None: ...
 
     def round_started(self, number: int, workers: Sequence[str]) -> None: ...
 
@@ -57,6 +60,9 @@ class Observers(RunObserver):
 
     def workers_present(self, workers):
         self._each("workers_present", workers)
+
+    def workers_away(self, away):
+        self._each("workers_away", away)
 
     def round_started(self, number, workers):
         self._each("round_started", number, workers)

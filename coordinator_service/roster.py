@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import structlog
 
+from coordinator_service.strategy import Failure
 from coordinator_service.worker_client import (
     Expected,
     WorkerClient,
@@ -39,9 +40,16 @@ class Roster:
         self._active: set[str] = set()
         self._from_dns: set[str] = set()  # addresses found by DNS: named by the worker id they report
         self._numbers: dict[str, int] = {}  # worker name -> stable number (seeds its batch order)
+        self._away: dict[str, Failure] = {}  # by address: why a known worker takes no part now
         for name, address in workers:
             self.clients[address] = make_client(name, address)
             self._numbers[name] = len(self._numbers)
+
+    @property
+    def away(self) -> list[Failure]:
+        """Every known worker that takes no part now, and why: refused at the handshake (another task, version or
+        credentials) or unavailable (not answering)."""
+        return [f for a, f in self._away.items() if a in self.clients and a not in self._active]
 
     @property
     def active(self) -> list[WorkerClient]:
@@ -68,6 +76,7 @@ class Roster:
         client = self.clients.pop(address)
         self._from_dns.discard(address)
         self._active.discard(address)
+        self._away.pop(address, None)
         log.info("worker_forgotten", worker=client.name, address=address, reason=reason)
         await client.close()
 
@@ -84,10 +93,12 @@ class Roster:
             if isinstance(info, (WorkerIncompatible, WorkerRefusedUs)):
                 # Needs a person: another version, model or credentials. Said loudly, and tried again next round.
                 log.error("worker_handshake_failed", worker=client.name, address=client.address, reason=str(info))
+                self._away[client.address] = Failure(client.name, "refused", str(info))
                 continue
             if isinstance(info, (WorkerError, asyncio.TimeoutError)):
                 reason = str(info) or f"no answer within {self.handshake_timeout:.0f} s"
                 log.info("worker_unavailable", worker=client.name, address=client.address, reason=reason)
+                self._away[client.address] = Failure(client.name, "unavailable", reason)
                 continue
             if isinstance(info, BaseException):
                 raise info
@@ -106,6 +117,7 @@ class Roster:
                             coordinator_version=self.expected.task_version,
                             note="the models match, so they train together")
             self._active.add(client.address)
+            self._away.pop(client.address, None)
             joined.append(client)
         return joined
 

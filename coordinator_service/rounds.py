@@ -103,6 +103,8 @@ class RoundReport:
     round: int
     workers: list[WorkerRound] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    # Workers the run knows that took no part in the round, and why (phase "refused" or "unavailable").
+    absent: list[Failure] = field(default_factory=list)
     test_loss: float | None = None  # None: the task gives the coordinator no test data
     test_accuracy: float | None = None
     evaluation_seconds: float = 0.0  # of test_loss / test_accuracy: while the next round trains, unless sequential
@@ -146,6 +148,7 @@ class RoundReport:
                 for w in self.workers
             },
             "failures": [asdict(f) for f in self.failures],
+            "absent": [asdict(f) for f in self.absent],
         }
 
 

@@ -56,12 +56,17 @@ class RunRecord:
     ended_at: float = 0.0
     target: dict = field(default_factory=dict)  # the RunTarget it trains (runspec.RunTarget.as_dict)
     settings: dict = field(default_factory=dict)  # its resolved RunSettings, grouped; a resumed run keeps them
+    away: list[dict] = field(default_factory=list)  # workers the run knows that take no part now, and why
 
     def to_proto(self, summary: bool = False) -> cpb.Run:
         last = self.last_round or {}
+        # Every worker the run was told about: trained or dropped in the last round, or away and why.
         workers = [cpb.WorkerStatus(name=name, state="trained") for name in last.get("workers", {})]
         workers += [cpb.WorkerStatus(name=f["worker"], state="dropped", reason=f"{f['phase']}: {f['reason']}")
                     for f in last.get("failures", [])]
+        shown = {w.name for w in workers}
+        workers += [cpb.WorkerStatus(name=f["worker"], state=f["phase"], reason=f["reason"])
+                    for f in self.away if f["worker"] not in shown]
         run = cpb.Run(
             run_id=self.run_id, state=STATES[self.state], round=self.round, rounds=self.rounds,
             test_accuracy=last.get("test_accuracy", 0.0), test_loss=last.get("test_loss", 0.0), workers=workers,

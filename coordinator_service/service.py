@@ -115,11 +115,18 @@ class RunProgress(RunObserver):
         self.log.record.rounds, self.log.record.round = rounds, first_round - 1
         self.log.save()
 
+    def workers_away(self, away):
+        record = self.log.record
+        now = [{"worker": f.worker, "phase": f.phase, "reason": f.reason} for f in away]
+        if now != record.away:
+            record.away = now
+            self.log.save()
+
     def round_finished(self, report):
         record = self.log.record
         record.round, record.last_round = report.round, report.as_event()
         record.failures += [{"round": report.round, "worker": f.worker, "phase": f.phase, "reason": f.reason}
-                            for f in report.failures]
+                            for f in [*report.failures, *report.absent]]
         self.log.save()
 
     def round_failed(self, number, reason):

@@ -98,6 +98,7 @@ def describe(cfg: RunConfig, strategy: Strategy) -> dict:
     token are in use)."""
     settings = {k: v for k, v in vars(strategy).items() if isinstance(v, (int, float, str, bool))}
     return {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "task": cfg.task.describe(), "model": cfg.task.architecture, "dataset": cfg.task.data_name, "rounds": cfg.rounds,
         "workers": cfg.workers_dns or [name for name, _ in cfg.workers], "min_workers": cfg.min_workers,
         "strategy": type(strategy).__name__, **settings, "aggregation": str(cfg.aggregation),
@@ -151,6 +152,7 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
     reports: list[RoundReport] = []
     try:
         await roster.admit()
+        observer.workers_away(roster.away)
         if len(roster.active) < cfg.min_workers:
             raise HandshakeFailed(
                 f"only {len(roster.active)} of {len(roster.clients)} workers passed the handshake, need "
@@ -292,6 +294,7 @@ async def _run_round_with_retries(cfg: RunConfig, roster: Roster, runner: RoundR
     for attempt in range(cfg.round_retries + 1):
         joined = await roster.admit()
         observer.workers_present([c.name for c in roster.active])
+        observer.workers_away(roster.away)
         if joined and (server_round > 1 or attempt):
             log.info("workers_rejoined", round=server_round, workers=[c.name for c in joined])
         try:
@@ -308,5 +311,6 @@ async def _run_round_with_retries(cfg: RunConfig, roster: Roster, runner: RoundR
             continue
         for failure in report.failures:
             roster.drop(failure.worker)
+        report.absent = roster.away
         return report
     raise AssertionError("unreachable")

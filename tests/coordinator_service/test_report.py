@@ -26,11 +26,13 @@ def _run_dir(tmp_path, rounds: int = 20):
         workers = [WorkerRound(n, samples=3200, train_seconds=2.0 + i / 10, bytes_sent=1_724_320,
                                bytes_received=1_724_320) for i, n in enumerate(names)]
         failures = [Failure("bob", "train", "UNAVAILABLE")] if r == 5 else []
-        report = RoundReport(r, workers=workers, failures=failures, test_accuracy=1 - 0.5 / r, test_loss=1 / r,
-                             wall_seconds=2.5)
+        absent = [Failure("dave", "refused", "task tiny 1.0, coordinator trains mnist")] if r <= 3 else []
+        report = RoundReport(r, workers=workers, failures=failures, absent=absent, test_accuracy=1 - 0.5 / r,
+                             test_loss=1 / r, wall_seconds=2.5)
         lines.append(json.dumps(report.as_event()))
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    (tmp_path / "config.json").write_text(json.dumps({"model": "reference-cnn", "rounds": rounds, "lr": 0.05}))
+    (tmp_path / "config.json").write_text(json.dumps({"started_at": "2026-12-06T05:30:00Z", "model": "reference-cnn",
+                                                      "dataset": "digits-5k", "rounds": rounds, "lr": 0.05}))
     return tmp_path
 
 
@@ -39,7 +41,11 @@ def test_the_report_is_one_self_contained_page(tmp_path):
     page = out.read_text()
     assert len(re.findall(r'<img id="\w+" alt="[^"]+" src="data:image/png;base64,', page)) == 3
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing to fetch
-    assert "97.50%" in page and "reference-cnn" in page and "worker failures" in page
+    assert "97.50%" in page and "reference-cnn" in page and "worker failures in rounds" in page
+    assert "2026-12-06 05:30:00 UTC" in page and "the offline fallback" in page  # when, and on what data
+    assert "<td>dave</td><td>refused</td><td>1-3</td><td>task tiny 1.0, coordinator trains mnist</td>" in page
+    assert "<td>bob</td><td>train</td><td>5</td><td>UNAVAILABLE</td>" in page
+    assert page.count("<tr><td>") >= 20  # a row per round
     assert {p.name for p in tmp_path.glob("*.png")} == {"accuracy.png", "workers.png", "timeline.png"}
 
 
