@@ -89,12 +89,13 @@ async def _demo(args: argparse.Namespace, settings: run_settings.RunSettings, pl
         await launch.run(cfg, launch.strategy(settings, len(workers)), test, observer)
 
 
-def _observers(args: argparse.Namespace, batch_size: int) -> Observers:
+def _observers(args: argparse.Namespace, settings: run_settings.RunSettings) -> Observers:
     """The live view on a terminal (the other log lines print above it), Prometheus metrics when asked for."""
     observers: list[RunObserver] = []
     if wants_console(args.log_format) and sys.stdout.isatty():
-        progress = LiveProgress(batch_size)
+        progress = LiveProgress(settings.training.batch_size, rounds=settings.rounds)
         configure_logging("console", file=progress.log_file(), drop=LiveProgress.SHOWN_EVENTS)
+        progress.start()  # at once: local workers and handshakes take a while
         observers.append(progress)
     else:
         configure_logging(args.log_format)
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        observer = _observers(args, settings.training.batch_size)
+        observer = _observers(args, settings)
         freeze_startup_objects()
         place = place_of(args)
         if args.command == "train":

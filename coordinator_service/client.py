@@ -171,10 +171,26 @@ def _row(run) -> str:
 
 
 async def _watch(stub, run_id: str, from_start: bool, metadata) -> int:
+    """The run's events to its end: on a terminal the live view `fedpi train` shows, else JSON lines."""
     from generated.fedpi.v1 import coordinator_pb2 as cpb
 
-    async for event in stub.WatchRun(cpb.WatchRunRequest(run_id=run_id, from_start=from_start), metadata=metadata):
-        print(event.json, flush=True)
+    view = None
+    if sys.stdout.isatty():
+        from coordinator_service.progress import EventView
+
+        run = await stub.GetRun(cpb.GetRunRequest(run_id=run_id), metadata=metadata)
+        settings = json.loads(run.settings_json) if run.settings_json else {}
+        view = EventView(batch_size=settings.get("training", {}).get("batch_size", 0), rounds=run.rounds or None)
+    try:
+        async for event in stub.WatchRun(cpb.WatchRunRequest(run_id=run_id, from_start=from_start),
+                                         metadata=metadata):
+            if view is None:
+                print(event.json, flush=True)
+            else:
+                view.feed(json.loads(event.json))
+    finally:
+        if view is not None:
+            view.close()
     run = await stub.GetRun(cpb.GetRunRequest(run_id=run_id), metadata=metadata)
     print(f"run {run.run_id} {STATE_NAMES[run.state]} after round {run.round} of {run.rounds}"
           + (f", test accuracy {run.test_accuracy:.2%}" if run.round else "") + (f": {run.error}" if run.error else ""),

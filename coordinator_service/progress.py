@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -49,17 +50,25 @@ class LiveProgress(RunObserver):
     # Log events this view shows itself; the rest still print, above it.
     SHOWN_EVENTS = frozenset({"round_started", "round_finished", "worker_train_finished", "worker_dropped"})
 
-    def __init__(self, batch_size: int, console: Console | None = None):
+    def __init__(self, batch_size: int, console: Console | None = None, rounds: int | None = None):
         self.batch_size = batch_size
         self.console = console or Console()
         self.lines: dict[str, _WorkerLine] = {}
         self.round = 0
-        self.bar = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("eta"), TimeRemainingColumn(), console=self.console)
-        self.task = self.bar.add_task("rounds", total=None)
+        self.status = "starting: waiting for the workers"
+        # The ETA follows the rounds done so far however long they take (rich's default forgets after 30 s).
+        self.bar = Progress(TextColumn("[bold]rounds"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+                            speed_estimate_period=7 * 86_400)
+        self.task = self.bar.add_task("rounds", total=rounds)
         self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False,
                          redirect_stdout=False)
         self._round_started = time.monotonic()
+
+    def start(self) -> None:
+        """Show the view now (the workers may take a while to start or answer), not only once training starts."""
+        if not self.live.is_started:
+            self.live.start()
 
     def log_file(self) -> _ConsoleFile:
         """A file for the log lines, printed above the live view instead of through it."""
@@ -70,39 +79,48 @@ class LiveProgress(RunObserver):
     def _render(self) -> Group:
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
         for column in ("worker", "state", "batches", "loss", "samples/s"):
-            table.add_column(column, justify="left" if column in ("worker", "state") else "right")
+            # A long reason is cut short here (the log line above the view has it whole): 100 columns hold the table.
+            table.add_column(column, justify="left" if column in ("worker", "state") else "right",
+                             **({"max_width": 48, "no_wrap": True, "overflow": "ellipsis"} if column == "state"
+                                else {"max_width": 20, "no_wrap": True, "overflow": "ellipsis"}))
         for name, line in self.lines.items():
             total = f"/{line.batches_total}" if line.batches_total else ""
             state = Text(line.state + (f" ({line.detail})" if line.detail else ""), style=_STYLES[line.state])
             table.add_row(name, state, f"{line.batches_done}{total}",
                           f"{line.loss:.4f}" if line.loss is not None else "",
                           f"{line.samples_per_second:.0f}" if line.samples_per_second else "")
-        header = Text(f"round {self.round}", style="bold") if self.round else Text("starting", style="dim")
+        header = Text(f"round {self.round}", style="bold") if self.round else Text(self.status, style="dim")
         return Group(self.bar, header, table)
 
     def _refresh(self) -> None:
         self.live.update(self._render())
 
-    def print_round(self, report: RoundReport) -> None:
-        moved = sum(w.bytes_sent + w.bytes_received for w in report.workers) / 1e6
-        failed = f"  dropped: {', '.join(f.worker for f in report.failures)}" if report.failures else ""
-        if report.test_accuracy is not None:
-            scores = f"accuracy {report.test_accuracy:7.2%}  loss {report.test_loss:.4f}"
-        elif report.federated_accuracy is not None:
-            scores = f"federated accuracy {report.federated_accuracy:7.2%}  loss {report.federated_loss:.4f}"
+    def print_round(self, event: dict) -> None:
+        """A finished round's row (from its round_finished event), within 100 columns but for who was dropped."""
+        workers = event.get("workers", {})
+        moved = sum(w["bytes_sent"] + w["bytes_received"] for w in workers.values()) / 1e6
+        missing = [f"{f['worker']} dropped ({f['phase']})" for f in event.get("failures", [])]
+        missing += [f"{f['worker']} {f['phase']}" for f in event.get("absent", [])]
+        if "test_accuracy" in event:
+            scores = f"accuracy {event['test_accuracy']:6.2%}  loss {event['test_loss']:.4f}"
+        elif "federated_accuracy" in event:
+            scores = f"federated {event['federated_accuracy']:6.2%}  loss {event['federated_loss']:.4f}"
         else:
-            scores = "not evaluated (the task has no test data: --federated-evaluation)"
+            scores = "not evaluated (no test data: --federated-evaluation)"
         self.console.print(
-            f"round {report.round:>3}  {scores}  "
-            f"wall {report.wall_seconds:6.2f} s  overhead {report.overhead_seconds:5.2f} s  "
-            f"moved {moved:7.1f} MB  workers {len(report.workers)}{failed}", highlight=False)
+            f"round {event['round']:>3}  {scores}  wall {event['wall_seconds']:.2f} s  "
+            f"overhead {event['overhead_seconds']:.2f} s  {moved:.1f} MB  {len(workers)} trained", highlight=False)
+        if missing:  # on a line of its own: the row stays within 100 columns
+            self.console.print(f"{'':11}{', '.join(missing)}", highlight=False)
 
     # -- hooks -------------------------------------------------------------------------------------------------
 
     def run_started(self, rounds: int, first_round: int, workers: Sequence[str]) -> None:
-        self.bar.update(self.task, total=rounds, completed=first_round - 1)
+        self.bar.reset(self.task, total=rounds, completed=first_round - 1)
         self.lines = {w: _WorkerLine() for w in workers}
-        self.live.start()
+        self.status = "starting the first round"
+        self.start()
+        self._refresh()
 
     def workers_present(self, workers: Sequence[str]) -> None:
         for w in workers:
@@ -130,8 +148,14 @@ class LiveProgress(RunObserver):
         self._refresh()
 
     def round_finished(self, report: RoundReport) -> None:
+        self.finished(report.as_event())
+
+    def finished(self, event: dict) -> None:
         self.bar.advance(self.task)
-        self.print_round(report)
+        self.print_round(event)
+        for name in event.get("workers", {}):
+            if name in self.lines:
+                self.lines[name].state, self.lines[name].detail = "done", ""
         self._refresh()
 
     def round_failed(self, number: int, reason: str) -> None:
@@ -139,3 +163,44 @@ class LiveProgress(RunObserver):
 
     def run_finished(self) -> None:
         self.live.stop()
+
+
+class EventView:
+    """The same view fed by a run's events instead of the round loop's hooks: `fedpi runs watch` on a terminal, from
+    what a `fedpi serve` sends (WatchRun)."""
+
+    def __init__(self, batch_size: int = 0, rounds: int | None = None, console: Console | None = None):
+        self.view = LiveProgress(batch_size=batch_size, console=console, rounds=rounds)
+        self.view.status = "waiting for the run's first events"
+        self.view.start()
+        self.view._refresh()
+
+    def feed(self, event: dict) -> None:
+        name, view = event.get("event"), self.view
+        if name == "training_started":
+            view.run_started(event["rounds"], event.get("first_round", 1), event.get("workers", []))
+        elif name == "round_started":
+            view.round_started(event["round"], event.get("workers", []))
+            for worker in event.get("workers", []):
+                view.worker_phase(worker, "sending")
+        elif name == "worker_progress":
+            progress = SimpleNamespace(**{k: event.get(k, 0) for k in ("batches_done", "batches_total",
+                                                                        "mean_loss", "seconds")})
+            view.worker_phase(event["worker"], "training")
+            view.worker_progress(event["worker"], progress)
+        elif name == "worker_train_finished":
+            view.worker_phase(event["worker"], "receiving")
+            line = view.lines[event["worker"]]
+            if event.get("seconds"):
+                line.samples_per_second = event.get("samples", 0) / event["seconds"]
+        elif name == "worker_dropped":
+            view.worker_phase(event["worker"], "dropped", f"{event.get('phase')}: {event.get('reason')}")
+        elif name == "round_finished":
+            view.finished(event)
+        elif name in ("round_retrying", "training_failed", "run_ended") or event.get("level") in ("warning", "error"):
+            detail = event.get("reason") or event.get("state") or ""
+            view.log_file().write(f"{name}{': ' + str(detail) if detail else ''}\n")
+
+    def close(self) -> None:
+        self.view.run_finished()
+

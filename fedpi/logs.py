@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TextIO
 
@@ -57,7 +58,10 @@ def configure_logging(fmt: str = "auto", level: str = "info", file: TextIO | Non
     global _console
     use_json = not wants_console(fmt)
     _console = not use_json
-    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    out = file or sys.stdout
+    # Colours only for a terminal: `--log-format console > file` or `| less` gets plain text. NO_COLOR is honoured.
+    colours = (file is not None or out.isatty()) and not os.environ.get("NO_COLOR")
+    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=colours)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -69,6 +73,6 @@ def configure_logging(fmt: str = "auto", level: str = "info", file: TextIO | Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=file or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=True,
     )

@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from coordinator_service.progress import LiveProgress
+from coordinator_service.progress import EventView, LiveProgress
 from coordinator_service.rounds import RoundReport, WorkerRound
 from coordinator_service.strategy import Failure
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -36,7 +36,7 @@ def test_the_live_view_shows_each_worker_the_round_bar_and_a_row_per_round():
     view.round_finished(report)
     view.run_finished()
     screen = console.export_text()
-    assert "round   1  accuracy  91.23%" in screen and "moved     2.0 MB" in screen and "dropped: bob" in screen
+    assert "round   1  accuracy 91.23%" in screen and "  2.0 MB" in screen and "bob dropped (train)" in screen
     assert "1/5" in screen
 
 
@@ -47,3 +47,66 @@ def test_log_lines_print_above_the_view():
     view.log_file().write("2026-11-26 [warning] worker_unavailable worker=bob\n")
     view.run_finished()
     assert "worker_unavailable worker=bob" in console.export_text()
+
+
+def _events(rounds: int = 10) -> list[dict]:
+    """What WatchRun sends for a run of three workers, two rounds of it."""
+    workers = ["alice", "bob", "charlie"]
+    out = [{"event": "training_started", "rounds": rounds, "first_round": 1, "workers": workers}]
+    for r in (1, 2):
+        out.append({"event": "round_started", "round": r, "workers": workers})
+        for w in workers:
+            out.append({"event": "worker_progress", "round": r, "worker": w, "batches_done": 25, "batches_total": 50,
+                        "mean_loss": 0.51234, "seconds": 1.0, "heartbeat": False})
+        out += [{"event": "worker_train_finished", "worker": w, "samples": 3200, "seconds": 2.0} for w in workers[:2]]
+        out.append({"event": "worker_dropped", "worker": "charlie", "phase": "train",
+                    "reason": "UNAVAILABLE: the worker went away mid-round, its update is lost for this round"})
+        w = {"samples": 3200, "train_seconds": 2.0, "bytes_sent": 1_724_320, "bytes_received": 1_724_320}
+        out.append({"event": "round_finished", "round": r, "test_accuracy": 0.9 + r / 100, "test_loss": 0.3,
+                    "wall_seconds": 2.5, "overhead_seconds": 0.03, "workers": {"alice": w, "bob": w},
+                    "failures": [{"worker": "charlie", "phase": "train", "reason": "UNAVAILABLE"}],
+                    "absent": [{"worker": "dave", "phase": "refused", "reason": "another task"}]})
+    return out
+
+
+def test_the_watch_view_is_the_train_view_fed_by_events_within_100_columns():
+    console = Console(file=io.StringIO(), record=True, force_terminal=True, width=100)
+    view = EventView(batch_size=64, rounds=10, console=console)
+
+    def screen() -> list[str]:  # what the live part shows now, as a 100-column terminal draws it
+        frame = Console(file=io.StringIO(), record=True, width=100)
+        frame.print(view.view._render())
+        return frame.export_text().splitlines()
+
+    assert "waiting for the run's first events" in screen()
+    events = _events()
+    for event in events[:6]:  # round 1 under way
+        view.feed(event)
+    now = screen()
+    assert "0/10" in now[0] and "round 1" in now and any("25/50" in line and "0.5123" in line for line in now)
+    for event in events[6:]:
+        view.feed(event)
+    now = screen()
+    assert "2/10" in now[0] and "-:--:--" not in now[0]  # an ETA from the second round on
+    assert any(line.startswith("charlie  dropped (train: UNAVAILABLE") and line.endswith("…") for line in now[2:]) \
+        or any("charlie" in line and "…" in line for line in now)
+    view.close()
+    printed = console.export_text()
+    assert "round   1  accuracy 91.00%" in printed and "round   2  accuracy 92.00%" in printed
+    assert all(len(line) <= 100 for line in now), now
+    # a round's row, as printed above the live part: within 100 columns, who did not train on a line of its own
+    rows = Console(file=io.StringIO(), record=True, width=100)
+    LiveProgress(batch_size=64, console=rows).print_round(events[-1])
+    assert rows.export_text().splitlines() == [
+        "round   2  accuracy 92.00%  loss 0.3000  wall 2.50 s  overhead 0.03 s  6.9 MB  2 trained",
+        "           charlie dropped (train), dave refused"]
+
+
+def test_the_train_view_shows_the_rounds_to_come_before_the_first():
+    console = _console()
+    view = LiveProgress(batch_size=64, console=console, rounds=10)
+    view.start()
+    view.live.refresh()
+    view.run_finished()
+    screen = console.export_text()
+    assert "0/10" in screen and "starting: waiting for the workers" in screen
