@@ -24,7 +24,6 @@ from coordinator_service.metrics import PrometheusObserver
 from coordinator_service.observe import Observers, RunObserver
 from coordinator_service.progress import LiveProgress
 from coordinator_service.rounds import RoundFailed
-from coordinator_service.cli import parse_args
 from coordinator_service.runspec import InvalidSpec, RunTarget, parse_address, parse_workers
 from coordinator_service.training import HandshakeFailed
 from coordinator_service.worker_client import DiscoveryFailed
@@ -37,11 +36,51 @@ from fedpi.logs import configure_logging, wants_console
 log = structlog.get_logger()
 
 def settings_of(args: argparse.Namespace) -> run_settings.RunSettings:
-    """defaults < --preset < FEDPI_* < flags, checked as a whole."""
+    """defaults < --preset < --config < FEDPI_* < flags, checked as a whole."""
+    return run_settings.merge(*(layer for _, layer in layers_of(args)))
+
+
+def layers_of(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """The run settings' sources, lowest first, each named as `fedpi config show` names it."""
     flags = run_settings.flag_layer(args)
-    if args.encoding:
+    if getattr(args, "encoding", None):
         flags.setdefault("compression", {"raw": "none", "zlib": "zlib"}[args.encoding])
-    return run_settings.merge(run_settings.preset_layer(args.preset), run_settings.env_layer(), flags)
+    return [(f"preset {args.preset}", run_settings.preset_layer(args.preset)),
+            (f"config {args.config}", getattr(args, "config_layer", {})),
+            ("env", run_settings.env_layer()), ("flag", flags)]
+
+
+def read_config(args: argparse.Namespace) -> None:
+    """--config: sets the options neither a flag nor the environment set, and keeps its run settings as a layer."""
+    from fedpi import config
+
+    args.config_layer = {}
+    if getattr(args, "config", None) and args.command == "config":  # it shows run settings; the rest is not its
+        args.config_layer = {k: v for k, v in config.load(args.config).items() if k in run_settings.FIELDS}
+    elif getattr(args, "config", None):
+        args.config_layer = config.apply(args.config, args.command_parser, args, args.argv, set(run_settings.FIELDS))
+
+
+def show_config(args: argparse.Namespace) -> int:
+    """`fedpi config show`: every run setting, its value and where it comes from."""
+    import json
+
+    layers = layers_of(args)
+    settings = run_settings.merge(*(layer for _, layer in layers))
+    sources = {}
+    for name, layer in layers:
+        for key in layer:
+            field = run_settings.canonical(key)
+            sources[field] = f"env FEDPI_{field.upper()}" if name == "env" else \
+                f"flag --{field.replace('_', '-')}" if name == "flag" else name
+    rows = [(k, v, sources.get(k, "default")) for k, v in settings.flat().items()]
+    if args.output == "json":
+        print(json.dumps({k: {"value": v, "source": s} for k, v, s in rows}, indent=2))
+    else:
+        print(f"{'SETTING':<24} {'VALUE':<14} SOURCE")
+        for k, v, s in rows:
+            print(f"{k:<24} {'' if v is None else str(v):<14} {s}")
+    return 0
 
 
 def target_of(args: argparse.Namespace) -> RunTarget:
@@ -122,12 +161,26 @@ def list_tasks() -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "fedpi") -> int:
-    return run(parse_args(argv, prog))
+    from coordinator_service.cli import build_parser
+    from fedpi_cli import _innermost
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    args.command_parser, args.argv = _innermost(parser, args), argv
+    return run(args)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "tasks":
         return list_tasks()
+    try:
+        read_config(args)
+        if args.command == "config":
+            return show_config(args)
+    except ValueError as exc:
+        print(f"fedpi {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     if args.command == "serve":
         from coordinator_service.serve_cli import serve_main
 

@@ -28,7 +28,14 @@ def worker_security_arguments(g) -> None:
     g.add_argument("--tls-server-name", help="name on the workers' certificates when dialling them by IP address")
 
 
+def config_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="a TOML file of options by their flags' names (lr = 0.1); FEDPI_* variables and flags "
+                        "override it [env FEDPI_CONFIG]")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
+    config_argument(p)
     p.add_argument("--preset", choices=list(run_settings.PRESETS), default="default",
                    help="a starting configuration that FEDPI_* variables and flags override: default (measured, "
                         "README: Learning) or seed (fedpi's first configuration: plain SGD, lr 0.01)")
@@ -82,6 +89,17 @@ def add_commands(sub) -> None:
     _common(demo)
     sub.add_parser("tasks", help="list the installed tasks (the fedpi.tasks entry-point group)",
                    description="List the installed tasks: name, version, where it comes from.")
+    config = sub.add_parser("config", help="show the run settings in effect and where each comes from",
+                            description="Show the run settings in effect, and where each comes from: default, "
+                                        "preset, config file, FEDPI_* variable or flag.")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND", parser_class=Parser)
+    show = config_sub.add_parser("show", help="print every run setting, its value and its source",
+                                 description="Print every run setting, its value and its source.")
+    config_argument(show)
+    show.add_argument("--preset", choices=list(run_settings.PRESETS), default="default",
+                      help="the starting configuration")
+    show.add_argument("-o", "--output", choices=("table", "json"), default="table", help="how to print them")
+    run_settings.add_arguments(show)
     add_serve_arguments(sub.add_parser(
         "serve", help="serve the coordinator's control API: start, watch, stop and resume runs, fetch their models",
         description="A long-running coordinator: operators start, watch, stop and resume runs through its gRPC "
@@ -97,6 +115,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "fedpi") -> argparse.N
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    config_argument(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address the control API listens on; beyond loopback it needs --api-token-file with TLS, "
                         "mutual TLS, or --insecure")

@@ -90,7 +90,7 @@ def serve_main(args: argparse.Namespace) -> int:
         worker_security = launch.client_security(args.token_file, args.tls_ca, args.tls_cert, args.tls_key,
                                                  args.tls_server_name)
         policy, defaults, worker_warning = server_runs(args, worker_security)
-        layer = run_settings.env_layer()
+        layer = {**getattr(args, "config_layer", {}), **run_settings.env_layer()}  # the file, then the environment
         run_settings.merge(run_settings.preset_layer(args.preset), layer)  # bad FEDPI_* settings stop us here
         config = ServerRuns(
             place=launch.RunPlace(output_dir=Path(args.state_dir), security=worker_security, data_dir=args.data_dir,

@@ -8,6 +8,7 @@
   fedpi tasks                                     the installed tasks (--task NAME on train, demo and worker)
   fedpi serve --state-dir results                 a long-running coordinator with a gRPC control API
   fedpi runs list|start|get|watch|stop|resume|model   talk to it (--coordinator HOST:PORT)
+  fedpi config show --config run.toml             the run settings in effect, and where each comes from
   fedpi completion bash|zsh|fish                  shell completion: eval "$(fedpi completion bash)"
 
 `fedpi COMMAND --help` describes each. The command lines are built without importing torch or grpc; a command
@@ -83,6 +84,15 @@ def _completion(shell: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `fedpi ... | head`: the reader has what it wanted
+        from fedpi.cli import broken_pipe
+
+        return broken_pipe()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     if argv is None:
         import argcomplete
@@ -91,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if extra:  # said by the command they were given to, with its closest option
         _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    args.command_parser, args.argv = _innermost(parser, args), sys.argv[1:] if argv is None else argv
     if args.command == "worker":
         from worker_service.__main__ import run
         return run(args)
     if args.command == "runs":
         from coordinator_service.client import run_command
         return run_command(args)
-    if args.command in ("train", "demo", "tasks", "serve"):
+    if args.command in ("train", "demo", "tasks", "serve", "config"):
         from coordinator_service.__main__ import run
         return run(args)
     if args.command == "status":

@@ -423,3 +423,17 @@ def test_the_operator_token_alone_is_refused_beyond_loopback_but_fine_on_it(tmp_
         assert runs.warning == ""
     finally:
         srv.stop()
+
+
+def test_serve_takes_run_defaults_from_its_config_file_under_the_environment(tmp_path):
+    config = tmp_path / "serve.toml"
+    config.write_text('lr = 0.2\nmomentum = 0.5\nkeep-runs = 7\n')
+    srv = Server(tmp_path / "state", "--config", str(config), env={"FEDPI_MOMENTUM": "0.6"}).start()
+    try:
+        api = stub(srv.address)
+        api.StartRun(cpb.RunSpec(run_id="c", workers=["a=127.0.0.1:1"], timeouts=cpb.Timeouts(handshake_timeout=1)),
+                     timeout=30)
+        training = json.loads(api.GetRun(cpb.GetRunRequest(run_id="c"), timeout=10).settings_json)["training"]
+        assert (training["lr"], training["momentum"]) == (0.2, 0.6)  # the file's, and the environment's over it
+    finally:
+        srv.stop()

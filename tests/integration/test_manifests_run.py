@@ -54,9 +54,9 @@ def mnist_dir(tmp_path_factory):
     return root
 
 
-def _materialise(doc: dict, root, secrets: dict[str, dict], data_dir) -> dict[str, str]:
-    """Each volume mount of the pod becomes a directory under `root`: Secrets get their files, the dataset volume
-    gets the digits. Returns {mountPath: local directory}."""
+def _materialise(doc: dict, root, secrets: dict[str, dict], data_dir, docs: list[dict] = ()) -> dict[str, str]:
+    """Each volume mount of the pod becomes a directory under `root`: Secrets get their files, ConfigMaps theirs, the
+    dataset volume gets the digits. Returns {mountPath: local directory}."""
     pod = doc["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     mapping = {}
@@ -66,6 +66,9 @@ def _materialise(doc: dict, root, secrets: dict[str, dict], data_dir) -> dict[st
         secret = volumes.get(mount["name"], {}).get("secret")
         for key, path in (secrets[secret["secretName"]].items() if secret else ()):
             (local / key).write_bytes(path.read_bytes())
+        config_map = volumes.get(mount["name"], {}).get("configMap")
+        for key, text in (find(docs, "ConfigMap", config_map["name"])["data"].items() if config_map else ()):
+            (local / key).write_text(text)
         mapping[mount["mountPath"]] = str(local)
     for f in data_dir.iterdir():  # the dataset cache volume, already filled
         (root / "data" / f.name).write_bytes(f.read_bytes())
@@ -111,9 +114,14 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
         asyncio.run(_all_serving([a.replace(f":{port}", f":{health_port}") for a in addresses], procs, tmp_path))
 
         env = _container_env(coordinator, docs, "fedpi-coordinator-x")
-        assert {"FEDPI_WORKERS_DNS", "FEDPI_ROUNDS", "FEDPI_EXPECT_WORKERS", "FEDPI_API_TLS_CERT"} <= env.keys()
+        assert {"FEDPI_WORKERS_DNS", "FEDPI_EXPECT_WORKERS", "FEDPI_API_TLS_CERT"} <= env.keys()
         del env["FEDPI_WORKERS_DNS"]
-        mapping = _materialise(coordinator, tmp_path / "coordinator", secrets, mnist_dir)
+        mapping = _materialise(coordinator, tmp_path / "coordinator", secrets, mnist_dir, docs)
+        run_config = tmp_path / "coordinator" / "etc/fedpi/config/fedpi.toml"
+        text = run_config.read_text()
+        assert "rounds = 14" in text
+        # the file's paths, too, as the pod sees them
+        run_config.write_text(re.sub(r'"(/[^"]*)"', lambda m: f'"{_localise({"p": m[1]}, mapping)["p"]}"', text))
         env = _localise(env, mapping)
         command = list(_localise(dict(enumerate(coordinator_container["command"])), mapping).values())
         # The workers hold 127.0.0.1.. 127.0.0.N, each with its metrics port; the coordinator's goes next to them.
@@ -144,7 +152,7 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
     # The worker's metrics port from the manifests' environment serves what it trained (counted before the result
     # is sent, so the figure is there whenever the coordinator has finished).
     assert re.search(rb"^fedpi_worker_batches_total [1-9]", scraped, re.M), scraped[-2000:]
-    latest = tmp_path / "coordinator" / env["FEDPI_LATEST_LINK"].split("/coordinator/", 1)[1]
+    latest = tmp_path / "coordinator" / "results" / "latest"  # fedpi.toml's latest-link
     assert latest.is_symlink() and latest.resolve() == results.resolve()
     started = [json.loads(line) for line in (tmp_path / "worker0.log").read_text().splitlines()
                if '"worker_started"' in line]

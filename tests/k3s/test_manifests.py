@@ -5,6 +5,7 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 
+from tests.conftest import ROOT
 from tests.k3s.conftest import OVERLAYS, find, find_all, render
 
 KUBERNETES_VERSION = "1.31.0"
@@ -114,7 +115,7 @@ def test_egress_the_coordinator_reaches_workers_and_dns_and_workers_only_dns():
     docs = render("pi")
     worker_labels = find_all(docs, "StatefulSet")[0]["spec"]["template"]["metadata"]["labels"]
     coordinator_labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    grpc_port = int(find(docs, "ConfigMap")["data"].get("FEDPI_WORKERS_DNS", ":50051").rsplit(":", 1)[1])
+    grpc_port = int(find(docs, "ConfigMap", "fedpi-config")["data"].get("FEDPI_WORKERS_DNS", ":50051").rsplit(":", 1)[1])
     coordinator = _policy(docs, "fedpi-coordinator-egress")
     assert coordinator["policyTypes"] == ["Egress"]
     assert coordinator["podSelector"]["matchLabels"].items() <= coordinator_labels.items()
@@ -137,7 +138,7 @@ def test_egress_the_coordinator_reaches_workers_and_dns_and_workers_only_dns():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_exposes_prometheus_metrics_where_the_config_says(overlay):
     docs = render(overlay)
-    port = int(find(docs, "ConfigMap")["data"]["FEDPI_METRICS_PORT"])
+    port = int(find(docs, "ConfigMap", "fedpi-config")["data"]["FEDPI_METRICS_PORT"])
     for doc in find_all(docs, "StatefulSet") + [find(docs, "Deployment")]:
         template = doc["spec"]["template"]
         annotations = template["metadata"]["annotations"]
@@ -195,10 +196,15 @@ def test_the_coordinator_is_one_service_that_keeps_its_runs_on_the_volume():
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["command"] == ["python", "-m", "coordinator_service", "serve", "--state-dir", "/results"]
+    assert container["command"] == ["python", "-m", "coordinator_service", "serve", "--state-dir", "/results",
+                                    "--config", "/etc/fedpi/config/fedpi.toml"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes[mounts["/results"]["name"]]["persistentVolumeClaim"]["claimName"] == "fedpi-results"
+    # the run settings' file is the ConfigMap made from k3s/base/fedpi.toml, mounted where the command reads it
+    assert volumes[mounts["/etc/fedpi/config"]["name"]]["configMap"]["name"].startswith("fedpi-run-config")
+    toml = find(docs, "ConfigMap", "fedpi-run-config")["data"]["fedpi.toml"]
+    assert toml == (ROOT / "k3s" / "base" / "fedpi.toml").read_text()
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["FEDPI_API_CLIENT_IDENTITY"] == "fedpi-operator"
     assert volumes[mounts["/etc/fedpi/operator"]["name"]]["secret"]["secretName"] == "fedpi-operator-token"
