@@ -176,7 +176,7 @@ class RunStore:
         run_log = RunLog(directory, record)
         if record.state in ACTIVE:  # the coordinator went away while it trained
             record.state, record.ended_at = "interrupted", time.time()
-            record.error = "the coordinator stopped while this run trained (restart or crash); ResumeRun continues it"
+            record.error = "the coordinator stopped while this run trained (restart or crash); `fedpi runs resume` continues it"
             run_log.save()
         return run_log
 
@@ -207,7 +207,7 @@ class RunStore:
         if not RUN_ID.fullmatch(run_id):
             raise ValueError(f"run_id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-' (not first)")
         if run_id in self.logs:
-            raise FileExistsError(f"run {run_id} exists; ResumeRun continues it, or choose another run_id")
+            raise FileExistsError(f"run {run_id} exists; `fedpi runs resume {run_id}` continues it, or choose another run id")
         directory = self.root / run_id
         directory.mkdir()  # a new directory, or FileExistsError: a run never takes over what is there
         durable.fsync_directory(self.root)
@@ -219,7 +219,7 @@ class RunStore:
     def get(self, run_id: str) -> RunLog:
         if run_id not in self.logs:
             known = ", ".join(sorted(self.logs)[-5:]) or "none yet"
-            raise UnknownRun(f"no run {run_id[:80]!r} on this coordinator (latest: {known}); ListRuns shows them all")
+            raise UnknownRun(f"no run {run_id[:80]!r} on this coordinator (latest: {known}); `fedpi runs list` shows them all")
         return self.logs[run_id]
 
     def newest_first(self) -> list[RunLog]:

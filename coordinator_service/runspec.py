@@ -200,9 +200,10 @@ def settings_layer(spec: cpb.RunSpec) -> dict[str, Any]:
 
 # What the old settings map accepted that is not a run setting now, and where it went.
 REPLACEMENTS = {
-    "task": "RunSpec.task", "model": "RunSpec.model", "dataset": "RunSpec.dataset", "rounds": "RunSpec.rounds",
-    "workers": "RunSpec.workers", "workers_dns": "RunSpec.workers_dns", "expect_workers": "RunSpec.expect_workers",
-    "preset": "RunSpec.preset",
+    "task": "the task field (fedpi runs start --task)", "model": "the model field (--model)",
+    "dataset": "the dataset field (--dataset)", "workers": "the workers field (--workers)",
+    "workers_dns": "the workers_dns field (--workers-dns)", "expect_workers": "the expect_workers field "
+    "(--expect-workers)", "preset": "the preset field (--preset)",
 }
 
 

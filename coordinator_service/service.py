@@ -184,7 +184,7 @@ class RunManager:
         """The run a spec asks for: its id, target and settings; InvalidSpec, SettingsError or NotAllowed else."""
         run_id = runspec.run_id_of(spec)
         if run_id in self.store.logs:
-            raise FileExistsError(f"run {run_id} exists; ResumeRun continues it, or choose another run_id")
+            raise FileExistsError(f"run {run_id} exists; `fedpi runs resume {run_id}` continues it, or choose another run id")
         target = runspec.target_of(spec).with_defaults(self.config.defaults).checked(self.config.max_workers)
         self._check_task(target.task)
         self.config.workers.check(target)
@@ -200,7 +200,7 @@ class RunManager:
         if self.active is not None:
             run = self.active.log.record
             raise Busy(f"run {run.run_id} is training (round {run.round} of {run.rounds}); one run trains at a time: "
-                       f"StopRun it or wait until it ends")
+                       f"stop it (`fedpi runs stop {run.run_id}`) or wait until it ends")
 
     async def start(self, spec: cpb.RunSpec) -> RunLog:
         self._refuse_if_busy()

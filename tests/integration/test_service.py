@@ -217,7 +217,7 @@ def test_a_coordinator_killed_mid_run_comes_back_with_the_run_interrupted_and_re
     ({"no-such-flag": "1"}, True, "settings['no-such-flag'] is not a run setting"),
     ({"lr": "fast"}, True, "lr = 'fast': Input should be a valid number"),
     ({}, False, "the run names no workers"),
-    ({"task": "x"}, True, "settings['task']: set RunSpec.task instead"),
+    ({"task": "x"}, True, "settings['task']: set the task field (fedpi runs start --task) instead"),
 ])
 def test_a_spec_that_cannot_run_is_invalid_argument(server, digits_cluster, settings, workers, phrase):
     request = cpb.RunSpec(rounds=1, settings=settings, workers=digits_cluster.spec.split(",") if workers else [])
