@@ -153,9 +153,10 @@ class LiveProgress(RunObserver):
     def finished(self, event: dict) -> None:
         self.bar.advance(self.task)
         self.print_round(event)
-        for name in event.get("workers", {}):
-            if name in self.lines:
-                self.lines[name].state, self.lines[name].detail = "done", ""
+        if event["round"] == self.round:  # not when the next round is already under way (its evaluation overlaps)
+            for name in event.get("workers", {}):
+                if name in self.lines:
+                    self.lines[name].state, self.lines[name].detail = "done", ""
         self._refresh()
 
     def round_failed(self, number: int, reason: str) -> None:
@@ -174,6 +175,7 @@ class EventView:
         self.view.status = "waiting for the run's first events"
         self.view.start()
         self.view._refresh()
+        self._said: set[str] = set()
 
     def feed(self, event: dict) -> None:
         name, view = event.get("event"), self.view
@@ -199,7 +201,10 @@ class EventView:
             view.finished(event)
         elif name in ("round_retrying", "training_failed", "run_ended") or event.get("level") in ("warning", "error"):
             detail = event.get("reason") or event.get("state") or ""
-            view.log_file().write(f"{name}{': ' + str(detail) if detail else ''}\n")
+            line = f"{name}{': ' + str(detail) if detail else ''}"
+            if line not in self._said:  # a worker refused before every round is said once
+                self._said.add(line)
+                view.log_file().write(line + "\n")
 
     def close(self) -> None:
         self.view.run_finished()

@@ -110,3 +110,15 @@ def test_the_train_view_shows_the_rounds_to_come_before_the_first():
     view.run_finished()
     screen = console.export_text()
     assert "0/10" in screen and "starting: waiting for the workers" in screen
+
+
+def test_a_round_finishing_while_the_next_trains_leaves_the_next_round_s_lines_alone():
+    view = EventView(batch_size=64, rounds=3, console=_console())
+    events = _events()
+    round_2 = events.index(next(e for e in events if e["event"] == "round_started" and e["round"] == 2))
+    finished_1 = next(e for e in events if e["event"] == "round_finished")
+    for event in [e for e in events[:round_2] if e is not finished_1] + events[round_2:round_2 + 2]:
+        view.feed(event)
+    view.feed(finished_1)  # round 1's evaluation ends while round 2 trains
+    assert view.view.lines["alice"].state == "training"
+    view.close()
