@@ -123,11 +123,14 @@ def _date(seconds: float) -> str:
         .replace("+00:00", "Z")
 
 
-def as_dict(run) -> dict:
-    """A Run as plain data for -o json|yaml: states by name, times as dates, the JSON fields parsed."""
+def as_dict(run, summary: bool = False) -> dict:
+    """A Run as plain data for -o json|yaml: states by name, times as dates, the JSON fields parsed. A summary (what
+    ListRuns sends) leaves out what it does not carry, rather than show it empty."""
     from google.protobuf import json_format
 
     out = json_format.MessageToDict(run, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for field in ("spec", "failures", "last_round_json", "settings_json") if summary else ():
+        out.pop(field, None)
     out["state"] = STATE_NAMES[run.state]
     out["started_at"], out["ended_at"] = _date(run.started_at), _date(run.ended_at)
     for field, name in (("last_round_json", "last_round"), ("settings_json", "settings")):
@@ -274,7 +277,7 @@ async def _list(stub, output: str, metadata, timeout: float) -> int:
             if output == "table":
                 print(_row(r))
             else:
-                rows.append(as_dict(r))
+                rows.append(as_dict(r, summary=True))
         token = runs.next_page_token
         if not token:
             break

@@ -82,6 +82,8 @@ def _workers_figure(plt, rounds, workers):
     fig, (seconds, speed) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name in workers:
         points = [(r["round"], r["workers"][name]) for r in rounds if name in r["workers"]]
+        if not points:  # refused or away throughout: nothing to draw, no legend entry
+            continue
         xs = [x for x, _ in points]
         seconds.plot(xs, [w["train_seconds"] for _, w in points], marker=".", label=name)
         speed.plot(xs, [w["samples"] / w["train_seconds"] if w["train_seconds"] else 0 for _, w in points],

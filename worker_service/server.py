@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedpi import wire
+from fedpi.ports import check_free
 from fedpi.protocol import SERVICE_NAME
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
@@ -36,6 +37,7 @@ MAX_CONCURRENT_RPCS = 32
 
 
 def _listen(server: grpc.aio.Server, address: str, security: ServerSecurity) -> int:
+    check_free(address)
     try:
         port = server.add_secure_port(address, security.credentials()) if security.tls \
             else server.add_insecure_port(address)

@@ -25,6 +25,7 @@ def test_a_second_worker_on_a_taken_port_fails_and_the_first_keeps_every_call(wo
     port = first.address.rsplit(":", 1)[1]
     proc = _worker("intruder", "--port", port)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    assert "add_port" not in proc.stderr  # no gRPC C-core log line before ours
     assert f"cannot listen on 127.0.0.1:{port}: is another process using the port?" in proc.stdout
     with grpc.insecure_channel(first.address) as channel:
         stub = pb_grpc.WorkerStub(channel)

@@ -1,0 +1,28 @@
+"""A listening port is one process's: find out before gRPC does, so that a taken port is one clear line, not a
+C-core log line followed by a traceback."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+
+def check_free(address: str) -> None:
+    """Raise OSError naming HOST:PORT if another process listens there (port 0 and unresolvable hosts: left to the
+    server, which reports them itself)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not port.isdigit() or int(port) == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:  # no SO_REUSEADDR / SO_REUSEPORT: a listener makes it fail
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(f"cannot listen on {address}: is another process using the port?") from None
+            raise OSError(f"cannot listen on {address}: {exc.strerror}") from None
