@@ -264,3 +264,45 @@ def test_compression_flags_choose_each_direction(flags, updates, model):
 def test_compressing_the_global_model_is_refused_unless_half_precision(compression):
     with pytest.raises(SettingsError, match="goes with compression fp16 or bf16"):
         settings(["train", "--workers", "a=h:1", "--compression", compression, "--compress-global-model"])
+
+
+def test_every_help_ends_with_the_version(capsys):
+    from fedpi.cli import version_line
+    from fedpi_cli import main as fedpi
+
+    for argv in (["--help"], ["train", "--help"], ["worker", "--help"], ["runs", "list", "--help"]):
+        with pytest.raises(SystemExit):
+            fedpi(argv)
+        assert capsys.readouterr().out.rstrip().endswith(version_line())
+
+
+def test_console_logs_carry_no_colour_codes_into_a_pipe():
+    import subprocess
+    import sys
+
+    code = ("from fedpi.logs import configure_logging\nimport structlog\n"
+            "configure_logging('console')\nstructlog.get_logger().warning('hello', worker='bob')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "hello" in out and "worker=bob" in out and "\x1b[" not in out
+
+
+def test_status_into_a_closed_pipe_and_on_a_refused_port_answers_at_once_and_quietly():
+    import subprocess
+    import time
+
+    start = time.monotonic()
+    # 400 refused workers: more JSON than a pipe holds, so writing goes on after `head` has gone
+    workers = ",".join(f"w{i}=127.0.0.1:1" for i in range(400))
+    proc = subprocess.run(["bash", "-c", f"python -m fedpi_cli status --workers {workers} --timeout 60 --json | "
+                                         f"head -c 1"],
+                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                            "PATH": _venv_path()})
+    assert time.monotonic() - start < 30  # not the 60 s timeout: a refused port is an answer
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def _venv_path() -> str:
+    import os
+    import sys
+
+    return f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
