@@ -33,7 +33,7 @@ from coordinator_service.runspec import InvalidSpec, NotAllowed, RunTarget, Work
 from coordinator_service.training import ROUND_MODELS, HandshakeFailed, RunStopped
 from coordinator_service.worker_client import DiscoveryFailed
 from fedpi import serde
-from fedpi.ports import check_free
+from fedpi.ports import listen
 from fedpi.auth import AuthInterceptor, ServerSecurity
 from fedpi.data import DATASETS, DatasetUnavailable
 from fedpi.logs import add_sink, remove_sink
@@ -420,14 +420,7 @@ async def serve(manager: RunManager, address: str, security: ServerSecurity, gra
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    check_free(address)
-    try:
-        port = server.add_secure_port(address, security.credentials()) if security.tls \
-            else server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise OSError(f"cannot listen on {address}: is another process using the port?")
+    port = listen(server, address, security.credentials() if security.tls else None)
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -26,3 +26,16 @@ def check_free(address: str) -> None:
             if exc.errno == errno.EADDRINUSE:
                 raise OSError(f"cannot listen on {address}: is another process using the port?") from None
             raise OSError(f"cannot listen on {address}: {exc.strerror}") from None
+
+
+def listen(server, address: str, credentials=None) -> int:
+    """Add `address` to a grpc.aio server (TLS with `credentials`), or raise OSError in one line naming it."""
+    check_free(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials is not None \
+            else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: is another process using the port?")
+    return port

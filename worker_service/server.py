@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedpi import wire
-from fedpi.ports import check_free
+from fedpi.ports import listen
 from fedpi.protocol import SERVICE_NAME
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
@@ -37,15 +37,7 @@ MAX_CONCURRENT_RPCS = 32
 
 
 def _listen(server: grpc.aio.Server, address: str, security: ServerSecurity) -> int:
-    check_free(address)
-    try:
-        port = server.add_secure_port(address, security.credentials()) if security.tls \
-            else server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise OSError(f"cannot listen on {address}: is another process using the port?")
-    return port
+    return listen(server, address, security.credentials() if security.tls else None)
 
 
 class _Registration:
