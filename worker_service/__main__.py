@@ -18,6 +18,7 @@ import torch
 from fedpi import data as datasets
 from fedpi import task as tasks
 from fedpi.cli import freeze_startup_objects, make_task, read_secret
+from fedpi.ports import check_free
 from fedpi.logs import configure_logging
 from fedpi.auth import ServerSecurity, exposure
 from worker_service.servicer import Limits, WorkerServicer
@@ -90,8 +91,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         security = build_security(args)
         warning = exposure_warning(args, security)
+        for port in (args.port, args.health_port, args.metrics_port):  # a taken port, said before the data loads
+            if port:
+                check_free(f"{args.host}:{port}")
         servicer = build_servicer(args)
-    except (datasets.DatasetUnavailable, tasks.TaskError, ValueError) as exc:
+    except (datasets.DatasetUnavailable, tasks.TaskError, ValueError, OSError) as exc:
         log.error("worker_failed_to_start", reason=str(exc))
         return 2
     servicer.warning = warning
