@@ -19,7 +19,10 @@ def check_free(address: str) -> None:
     except socket.gaierror:
         return
     family, kind, proto, _, sockaddr = infos[0]
-    with socket.socket(family, kind, proto) as probe:  # no SO_REUSEADDR / SO_REUSEPORT: a listener makes it fail
+    with socket.socket(family, kind, proto) as probe:
+        # SO_REUSEADDR as gRPC sets it: connections of a process that just ended (TIME_WAIT) do not count, a listener
+        # does. Never SO_REUSEPORT, which would let the probe share a listener's port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(sockaddr)
         except OSError as exc:
