@@ -12,6 +12,7 @@ from fedpi.ports import check_free
 
 def test_a_listener_holds_its_port_and_a_lingering_connection_does_not():
     listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's listeners are
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     port = listener.getsockname()[1]
