@@ -112,6 +112,14 @@ class Trainer:
 
     def train(self, cfg: TrainConfig, progress: Progress, cancelled: threading.Event,
               progress_every: float = 2.0) -> TrainOutcome:
+        # A task's own randomness (dropout, augmentation) draws from the round's seed, as the batch order does: the
+        # same round trains the same way twice. The process's generator is restored afterwards.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return self._train(cfg, progress, cancelled, progress_every)
+
+    def _train(self, cfg: TrainConfig, progress: Progress, cancelled: threading.Event,
+               progress_every: float) -> TrainOutcome:
         cfg.validate(len(self.data.train), self.max_batches)
         total = cfg.total_batches(len(self.data.train), self.max_batches)
         # With a time budget the number of batches is not known in advance: progress reports 0 as the total.
