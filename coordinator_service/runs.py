@@ -19,7 +19,6 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -252,6 +251,3 @@ class RunStore:
             durable.fsync_directory(self.root)
             log.info("runs_removed", runs=removed, kept=keep, reason="--keep-runs")
         return removed
-
-    def __iter__(self) -> Iterator[RunLog]:
-        return iter(self.logs.values())

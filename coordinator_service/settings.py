@@ -13,7 +13,7 @@ a credential or a host: those are the server's alone and have no field here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -306,10 +306,10 @@ def parse_value(name: str, text: str) -> Any:
     return text.strip()
 
 
-def changed(settings: RunSettings, names: Iterable[str] | None = None) -> dict[str, Any]:
+def changed(settings: RunSettings) -> dict[str, Any]:
     """The settings that differ from the defaults (for logs and records)."""
     base = RunSettings().flat()
-    return {k: v for k, v in settings.flat().items() if (names is None or k in names) and base[k] != v}
+    return {k: v for k, v in settings.flat().items() if base[k] != v}
 
 
 # -- command-line flags --------------------------------------------------------------------------------------------
