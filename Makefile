@@ -92,7 +92,7 @@ render:  ## print the manifests `make deploy` would apply
 
 # Certificates need only `cryptography`, in a small venv of their own: not torch and the rest of the dev tools.
 CERTS_VENV ?= .venv-certs
-CERTS_PY = PYTHONPATH=. $(CERTS_VENV)/bin/python -m fedpi.certs --out $(CERTS) --workers $(WORKERS) --namespace $(NAMESPACE)
+CERTS_PY = PYTHONPATH=. $(CERTS_VENV)/bin/python -m fedpi.net.certs --out $(CERTS) --workers $(WORKERS) --namespace $(NAMESPACE)
 
 $(CERTS_VENV)/.stamp:
 	$(PYTHON) -m venv $(CERTS_VENV)

@@ -16,72 +16,25 @@ from pathlib import Path
 import structlog
 import torch
 
-from coordinator_service import launch
+from coordinator_service.control import launch
 from coordinator_service import settings as run_settings
-from coordinator_service.checkpoint import CheckpointMismatch
+from coordinator_service.engine.checkpoint import CheckpointMismatch
+from coordinator_service.cli import build_parser, read_config, settings_of, show_config
 from coordinator_service.local import demo_cluster
-from coordinator_service.metrics import PrometheusObserver
-from coordinator_service.observe import Observers, RunObserver
-from coordinator_service.progress import LiveProgress
-from coordinator_service.rounds import RoundFailed
-from coordinator_service.runspec import InvalidSpec, RunTarget, parse_address, parse_workers
-from coordinator_service.training import HandshakeFailed
-from coordinator_service.worker_client import DiscoveryFailed
+from coordinator_service.observe.metrics import PrometheusObserver
+from coordinator_service.engine.observer import Observers, RunObserver
+from coordinator_service.observe.progress import LiveProgress
+from coordinator_service.engine.rounds import RoundFailed
+from coordinator_service.control.runspec import InvalidSpec, RunTarget, parse_address, parse_workers
+from coordinator_service.engine.training import HandshakeFailed
+from coordinator_service.engine.worker_client import DiscoveryFailed
 from fedpi import data as datasets
 from fedpi import task as tasks
-from fedpi.cli import freeze_startup_objects
+from fedpi.runtime import freeze_startup_objects
 from fedpi.mnist_task import MnistTask
 from fedpi.logs import configure_logging, wants_console
 
 log = structlog.get_logger()
-
-def settings_of(args: argparse.Namespace) -> run_settings.RunSettings:
-    """defaults < --preset < --config < FEDPI_* < flags, checked as a whole."""
-    return run_settings.merge(*(layer for _, layer in layers_of(args)))
-
-
-def layers_of(args: argparse.Namespace) -> list[tuple[str, dict]]:
-    """The run settings' sources, lowest first, each named as `fedpi config show` names it."""
-    flags = run_settings.flag_layer(args)
-    if getattr(args, "encoding", None):
-        flags.setdefault("compression", {"raw": "none", "zlib": "zlib"}[args.encoding])
-    return [(f"preset {args.preset}", run_settings.preset_layer(args.preset)),
-            (f"config {args.config}", getattr(args, "config_layer", {})),
-            ("env", run_settings.env_layer()), ("flag", flags)]
-
-
-def read_config(args: argparse.Namespace) -> None:
-    """--config: sets the options neither a flag nor the environment set, and keeps its run settings as a layer."""
-    from fedpi import config
-
-    args.config_layer = {}
-    if getattr(args, "config", None) and args.command == "config":  # it shows run settings; the rest is not its
-        args.config_layer = {k: v for k, v in config.load(args.config).items() if k in run_settings.FIELDS}
-    elif getattr(args, "config", None):
-        args.config_layer = config.apply(args.config, args.command_parser, args, args.argv, set(run_settings.FIELDS))
-
-
-def show_config(args: argparse.Namespace) -> int:
-    """`fedpi config show`: every run setting, its value and where it comes from."""
-    import json
-
-    layers = layers_of(args)
-    settings = run_settings.merge(*(layer for _, layer in layers))
-    sources = {}
-    for name, layer in layers:
-        for key in layer:
-            field = run_settings.canonical(key)
-            sources[field] = f"env FEDPI_{field.upper()}" if name == "env" else \
-                f"flag --{field.replace('_', '-')}" if name == "flag" else name
-    rows = [(k, v, sources.get(k, "default")) for k, v in settings.flat().items()]
-    if args.output == "json":
-        print(json.dumps({k: {"value": v, "source": s} for k, v, s in rows}, indent=2))
-    else:
-        print(f"{'SETTING':<24} {'VALUE':<14} SOURCE")
-        for k, v, s in rows:
-            print(f"{k:<24} {'' if v is None else str(v):<14} {s}")
-    return 0
-
 
 def target_of(args: argparse.Namespace) -> RunTarget:
     """`train`'s task and workers, from its flags."""
@@ -161,13 +114,12 @@ def list_tasks() -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "fedpi") -> int:
-    from coordinator_service.cli import build_parser
-    from fedpi_cli import _innermost
+    from fedpi.cli import innermost
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    args.command_parser, args.argv = _innermost(parser, args), argv
+    args.command_parser, args.argv = innermost(parser, args), argv
     return run(args)
 
 

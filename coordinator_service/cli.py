@@ -164,3 +164,51 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
                    help="json (the default when stdout is not a terminal) or console (with the live view on a "
                         "terminal)")
+
+
+def settings_of(args: argparse.Namespace) -> run_settings.RunSettings:
+    """defaults < --preset < --config < FEDPI_* < flags, checked as a whole."""
+    return run_settings.merge(*(layer for _, layer in layers_of(args)))
+
+
+def layers_of(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """The run settings' sources, lowest first, each named as `fedpi config show` names it."""
+    flags = run_settings.flag_layer(args)
+    if getattr(args, "encoding", None):
+        flags.setdefault("compression", {"raw": "none", "zlib": "zlib"}[args.encoding])
+    return [(f"preset {args.preset}", run_settings.preset_layer(args.preset)),
+            (f"config {args.config}", getattr(args, "config_layer", {})),
+            ("env", run_settings.env_layer()), ("flag", flags)]
+
+
+def read_config(args: argparse.Namespace) -> None:
+    """--config: sets the options neither a flag nor the environment set, and keeps its run settings as a layer."""
+    from fedpi import config
+
+    args.config_layer = {}
+    if getattr(args, "config", None) and args.command == "config":  # it shows run settings; the rest is not its
+        args.config_layer = {k: v for k, v in config.load(args.config).items() if k in run_settings.FIELDS}
+    elif getattr(args, "config", None):
+        args.config_layer = config.apply(args.config, args.command_parser, args, args.argv, set(run_settings.FIELDS))
+
+
+def show_config(args: argparse.Namespace) -> int:
+    """`fedpi config show`: every run setting, its value and where it comes from."""
+    import json
+
+    layers = layers_of(args)
+    settings = run_settings.merge(*(layer for _, layer in layers))
+    sources = {}
+    for name, layer in layers:
+        for key in layer:
+            field = run_settings.canonical(key)
+            sources[field] = f"env FEDPI_{field.upper()}" if name == "env" else \
+                f"flag --{field.replace('_', '-')}" if name == "flag" else name
+    rows = [(k, v, sources.get(k, "default")) for k, v in settings.flat().items()]
+    if args.output == "json":
+        print(json.dumps({k: {"value": v, "source": s} for k, v, s in rows}, indent=2))
+    else:
+        print(f"{'SETTING':<24} {'VALUE':<14} SOURCE")
+        for k, v, s in rows:
+            print(f"{k:<24} {'' if v is None else str(v):<14} {s}")
+    return 0

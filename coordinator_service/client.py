@@ -93,7 +93,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _channel(args: argparse.Namespace):
-    from coordinator_service.worker_client import ClientSecurity
+    from coordinator_service.engine.worker_client import ClientSecurity
 
     path = lambda value: Path(value) if value else None  # noqa: E731
     security = ClientSecurity(ca_file=path(args.tls_ca), cert_file=path(args.tls_cert), key_file=path(args.tls_key),
@@ -179,7 +179,7 @@ async def _watch(stub, run_id: str, from_start: bool, metadata) -> int:
 
     view = None
     if sys.stdout.isatty():
-        from coordinator_service.progress import EventView
+        from coordinator_service.observe.progress import EventView
 
         run = await stub.GetRun(cpb.GetRunRequest(run_id=run_id), metadata=metadata)
         settings = json.loads(run.settings_json) if run.settings_json else {}
@@ -203,7 +203,7 @@ async def _watch(stub, run_id: str, from_start: bool, metadata) -> int:
 
 async def _model(stub, args, metadata) -> int:
     """Download, check the digest and the manifest as a worker would, save as a state_dict."""
-    from fedpi import serde
+    from fedpi.weights import serde
     from generated.fedpi.v1 import coordinator_pb2 as cpb
 
     stream = stub.GetModel(cpb.GetModelRequest(run_id=args.run_id, round=args.round), metadata=metadata)
@@ -230,8 +230,8 @@ async def _model(stub, args, metadata) -> int:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from fedpi.cli import read_secret
-    from fedpi.protocol import AUTH_METADATA_KEY
+    from fedpi.runtime import read_secret
+    from fedpi.net.protocol import AUTH_METADATA_KEY
     from generated.fedpi.v1 import coordinator_pb2 as cpb
     from generated.fedpi.v1 import coordinator_pb2_grpc as cpb_grpc
 

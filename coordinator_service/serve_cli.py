@@ -14,13 +14,13 @@ from pathlib import Path
 import structlog
 import torch
 
-from coordinator_service import launch, runspec
+from coordinator_service.control import launch, runspec
 from coordinator_service import settings as run_settings
-from coordinator_service.metrics import PrometheusObserver
-from coordinator_service.observe import RunObserver
-from coordinator_service.runspec import InvalidSpec, RunTarget, WorkerPolicy
-from fedpi.auth import ServerSecurity, exposure
-from fedpi.cli import read_secret
+from coordinator_service.observe.metrics import PrometheusObserver
+from coordinator_service.engine.observer import RunObserver
+from coordinator_service.control.runspec import InvalidSpec, RunTarget, WorkerPolicy
+from fedpi.net.auth import ServerSecurity, exposure
+from fedpi.runtime import read_secret
 from fedpi.logs import configure_logging
 from fedpi.task import DEFAULT_TASK, installed
 
@@ -79,8 +79,8 @@ def allowed_tasks(args: argparse.Namespace) -> frozenset[str]:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from coordinator_service.runs import RunStore
-    from coordinator_service.service import RunManager, ServerRuns, serve
+    from coordinator_service.control.runs import RunStore
+    from coordinator_service.control.service import RunManager, ServerRuns, serve
 
     configure_logging(args.log_format)
     if args.threads:

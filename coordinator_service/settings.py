@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from coordinator_service.rule import Aggregation, parse_aggregation
+from coordinator_service.policy.rules import Aggregation, parse_aggregation
 
 MAX_WORKERS = 256  # no run names more workers than this; `serve --max-workers-per-run` can lower it
 MIB = 1 << 20

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def gather_info(workers: list[tuple[str, str]], security, timeout: float) -> list[tuple[str, str, object]]:
     """(name, address, WorkerInfo or the error) for every worker, asked at once, once: a refused port answers at
     once."""
-    from coordinator_service.worker_client import WorkerClient, WorkerError
+    from coordinator_service.engine.worker_client import WorkerClient, WorkerError
 
     async def ask(name: str, address: str):
         client = WorkerClient(name, address, rpc_timeout=timeout, security=security, retry=False)
@@ -63,7 +63,7 @@ async def _main(args: argparse.Namespace, security) -> int:
     from google.protobuf.json_format import MessageToDict
     from rich.console import Console
 
-    from coordinator_service.worker_client import discover, parse_workers
+    from coordinator_service.engine.worker_client import discover, parse_workers
     from generated.fedpi.v1 import worker_pb2 as pb
 
     if bool(args.workers) == bool(args.workers_dns):
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator_service.launch import client_security  # the same flags and checks as training
+    from coordinator_service.control.launch import client_security  # the same flags and checks as training
 
     try:
         return asyncio.run(_main(args, client_security(args.token_file, args.tls_ca, args.tls_cert, args.tls_key,

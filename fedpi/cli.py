@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import gc
 import os
-import resource
 
 from fedpi import names
 
@@ -22,7 +20,7 @@ def broken_pipe() -> int:
 
 def version_line() -> str:
     from fedpi import __version__
-    from fedpi.protocol import PROTOCOL_VERSION
+    from fedpi.net.protocol import PROTOCOL_VERSION
 
     return f"fedpi {__version__} (protocol {PROTOCOL_VERSION})"
 
@@ -101,15 +99,6 @@ def apply_env_defaults(parser: argparse.ArgumentParser, skip: set[str] = frozens
         action.required = False
 
 
-def read_secret(path: str, flag: str) -> str:
-    """A token from a file (a mounted Kubernetes Secret), stripped; a clear error if missing or empty."""
-    try:
-        value = open(path, encoding="utf-8").read().strip()
-    except OSError as exc:
-        raise ValueError(f"{flag} {path}: {exc.strerror}") from None
-    if not value:
-        raise ValueError(f"{flag} {path} is empty")
-    return value
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, default_dataset: str) -> None:
@@ -129,45 +118,17 @@ def add_task_arguments(parser: argparse.ArgumentParser, default_dataset: str) ->
 
 def make_task(args: argparse.Namespace):
     """The task named by --task, built from the parsed arguments."""
+    from fedpi.task import build_task
+
     return build_task(args.task, data_dir=args.data_dir, download=not args.no_download, model=args.model,
                       dataset=args.dataset or args.default_dataset, given_dataset=args.dataset)
 
 
-def build_task(name: str, *, data_dir: str, download: bool, model: str | None, dataset: str | None,
-               given_dataset: str | None = None):
-    """The task `name`; the built-in task takes `model` and `dataset`, another one warns that it ignores them."""
-    import structlog
-
-    from fedpi.mnist_task import MnistTask
-    from fedpi.models import DEFAULT_MODEL
-    from fedpi.task import load_task, task_class
-
-    options = {"data_dir": data_dir, "download": download}
-    if issubclass(task_class(name), MnistTask):
-        options.update(model=model or DEFAULT_MODEL, dataset=dataset or "auto")
-    elif model or given_dataset:
-        structlog.get_logger().warning(
-            "task_options_ignored", task=name, model=model, dataset=given_dataset,
-            reason="--model and --dataset (FEDPI_MODEL, FEDPI_DATASET) choose the built-in mnist task's model and "
-                   "data; this task builds its own")
-    return load_task(name, **options)
-
-
-def freeze_startup_objects() -> None:
-    """Move everything imported so far (torch alone is hundreds of thousands of objects) out of the garbage
-    collector's sight. Without this, the collections that streaming's short-lived objects trigger walk all of it:
-    over a tenth of the coordinator's CPU time on a large model."""
-    gc.collect()
-    gc.freeze()
-
-
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """A process's peak resident memory (this one's by default). From /proc where there is one: getrusage's figure
-    also counts, after fork and exec, what the parent process held at the fork."""
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that parsed the last command word of `args`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if chosen in action.choices:
+                return innermost(action.choices[chosen], args)
+    return parser

@@ -37,7 +37,7 @@ from torch.utils.data import Subset, TensorDataset
 from torch.utils.data import default_collate
 
 from fedpi import data as datasets
-from fedpi import serde
+from fedpi.weights import serde
 
 ENTRY_POINT_GROUP = "fedpi.tasks"
 from fedpi.names import DEFAULT_TASK  # noqa: E402,F401 - re-exported
@@ -313,3 +313,22 @@ def load_partition(task: Task, partition: Partition) -> tuple[Any, Any]:
     if len(train) == 0:
         raise TaskError(f"task {task.name!r}: partition {partition.describe()} holds no training samples")
     return train, test
+
+
+def build_task(name: str, *, data_dir: str, download: bool, model: str | None, dataset: str | None,
+               given_dataset: str | None = None):
+    """The task `name`; the built-in task takes `model` and `dataset`, another one warns that it ignores them."""
+    import structlog
+
+    from fedpi.mnist_task import MnistTask
+    from fedpi.models import DEFAULT_MODEL
+
+    options = {"data_dir": data_dir, "download": download}
+    if issubclass(task_class(name), MnistTask):
+        options.update(model=model or DEFAULT_MODEL, dataset=dataset or "auto")
+    elif model or given_dataset:
+        structlog.get_logger().warning(
+            "task_options_ignored", task=name, model=model, dataset=given_dataset,
+            reason="--model and --dataset (FEDPI_MODEL, FEDPI_DATASET) choose the built-in mnist task's model and "
+                   "data; this task builds its own")
+    return load_task(name, **options)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedpi.cli import Parser, version_line
+from fedpi.cli import Parser, innermost, version_line
 
 SHELLS = ("bash", "zsh", "fish")
 
@@ -52,20 +52,10 @@ def build_parser() -> Parser:
     return p
 
 
-def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
-    """The (sub)command parser that parsed the last command word of `args`."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            chosen = getattr(args, action.dest, None)
-            if chosen in action.choices:
-                return _innermost(action.choices[chosen], args)
-    return parser
-
-
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from coordinator_service.report import ReportUnavailable, write_report
+    from coordinator_service.observe.report import ReportUnavailable, write_report
 
     try:
         out = write_report(Path(args.run_dir))
@@ -100,8 +90,8 @@ def _main(argv: list[str] | None) -> int:
         argcomplete.autocomplete(parser)  # answers a shell's completion request and exits; otherwise nothing
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if extra:  # said by the command they were given to, with its closest option
-        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
-    args.command_parser, args.argv = _innermost(parser, args), sys.argv[1:] if argv is None else argv
+        innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    args.command_parser, args.argv = innermost(parser, args), sys.argv[1:] if argv is None else argv
     if args.command == "worker":
         from worker_service.__main__ import run
         return run(args)

@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 
 from coordinator_service.local import LocalCluster, LocalWorker, demo_cluster
-from fedpi import serde
+from fedpi.weights import serde
 from fedpi.models import build_model
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 from coordinator_service.local import LocalCluster, demo_cluster
-from coordinator_service.worker_client import Expected, WorkerClient, upload_digest
-from fedpi import serde
+from coordinator_service.engine.worker_client import Expected, WorkerClient, upload_digest
+from fedpi.weights import serde
 from fedpi.mnist_task import MnistTask
 from fedpi.task import initial_model
-from fedpi.cli import peak_rss_mb
+from fedpi.runtime import peak_rss_mb
 from generated.fedpi.v1 import worker_pb2 as pb
 from tests import pilan
 from tests.conftest import ROOT, SHARED_MNIST
@@ -84,7 +84,7 @@ def raw_tcp(nbytes: int, host: str = "127.0.0.1", connect: str | None = None, pr
 
 HASHING = """
 import os, time
-from fedpi.serde import DIGESTS, DIGESTS_BEFORE_1_6, fastest_digest
+from fedpi.weights.serde import DIGESTS, DIGESTS_BEFORE_1_6, fastest_digest
 data = os.urandom(105_000_000)
 for name, digest in DIGESTS.items():
     start = time.perf_counter(); digest(data).digest(); print(name, time.perf_counter() - start)
@@ -178,7 +178,7 @@ async def _transfers_alone(cluster: LocalCluster, model: str, repeats: int = 8) 
 
 def bare_torch_rss_mb() -> float:
     """Peak RSS of a Python that only imports torch: the floor under every fedpi process."""
-    out = subprocess.run([sys.executable, "-c", "import torch; from fedpi.cli import peak_rss_mb; print(peak_rss_mb())"],
+    out = subprocess.run([sys.executable, "-c", "import torch; from fedpi.runtime import peak_rss_mb; print(peak_rss_mb())"],
                          capture_output=True, text=True, check=True, timeout=300, cwd=ROOT).stdout
     return float(out)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator_service.local import free_port, wait_serving
-from coordinator_service.worker_client import Expected, WorkerClient
+from coordinator_service.engine.worker_client import Expected, WorkerClient
 from fedpi.mnist_task import MnistTask
 from fedpi.task import initial_model
 from fedpi.data import write_idx

@@ -17,10 +17,11 @@ import torch
 
 from fedpi import data as datasets
 from fedpi import task as tasks
-from fedpi.cli import freeze_startup_objects, make_task, read_secret
-from fedpi.ports import check_free
+from fedpi.cli import make_task
+from fedpi.runtime import freeze_startup_objects, read_secret
+from fedpi.net.ports import check_free
 from fedpi.logs import configure_logging
-from fedpi.auth import ServerSecurity, exposure
+from fedpi.net.auth import ServerSecurity, exposure
 from worker_service.servicer import Limits, WorkerServicer
 from worker_service.cli import parse_args
 from worker_service.server import serve

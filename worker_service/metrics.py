@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from fedpi.handlers import wrap_handler
+from fedpi.net.handlers import wrap_handler
 
 
 class WorkerMetrics:

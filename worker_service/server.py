@@ -10,12 +10,12 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fedpi import wire
-from fedpi.ports import listen
-from fedpi.protocol import SERVICE_NAME
+from fedpi.weights import wire
+from fedpi.net.ports import listen
+from fedpi.net.protocol import SERVICE_NAME
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
-from fedpi.auth import AuthInterceptor, ServerSecurity
+from fedpi.net.auth import AuthInterceptor, ServerSecurity
 from worker_service.metrics import MetricsInterceptor
 from worker_service.servicer import WorkerServicer
 
@@ -51,7 +51,7 @@ class _Registration:
 
 
 def _add_worker_service(servicer: WorkerServicer, server: grpc.aio.Server) -> None:
-    """The generated handlers, but weight streams are read and written by fedpi.wire: data chunks arrive as views
+    """The generated handlers, but weight streams are read and written by fedpi.weights.wire: data chunks arrive as views
     of what gRPC received and leave with one copy fewer."""
     caught = _Registration()
     pb_grpc.add_WorkerServicer_to_server(servicer, caught)

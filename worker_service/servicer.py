@@ -14,11 +14,11 @@ import structlog
 import torch
 
 import fedpi
-from fedpi import compression, serde
+from fedpi.weights import compression, serde
 from fedpi.data import Dataset
 from fedpi.models import parameter_count
 from fedpi.task import Task, fingerprint
-from fedpi.protocol import (
+from fedpi.net.protocol import (
     MIN_TRANSFER_BYTES_PER_SECOND,
     PROTOCOL_VERSION,
     VERSION_METADATA_KEY,

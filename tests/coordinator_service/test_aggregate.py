@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator_service.aggregate import WeightedSum
-from fedpi import serde
+from coordinator_service.engine.aggregate import WeightedSum
+from fedpi.weights import serde
 
 
 def _states(n: int) -> list[dict[str, torch.Tensor]]:

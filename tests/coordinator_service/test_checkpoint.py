@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator_service import checkpoint
-from coordinator_service.worker_client import ClientSecurity
-from fedpi.auth import ServerSecurity
+from coordinator_service.engine import checkpoint
+from coordinator_service.engine.worker_client import ClientSecurity
+from fedpi.net.auth import ServerSecurity
 
 
 class _Payload:

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from coordinator_service import checkpoint
-from coordinator_service.observe import RunObserver
-from coordinator_service.rounds import RoundReport
-from coordinator_service.server_opt import ServerOptimizer
-from coordinator_service.training import RoundFinisher, RunConfig
+from coordinator_service.engine import checkpoint
+from coordinator_service.engine.observer import RunObserver
+from coordinator_service.engine.rounds import RoundReport
+from coordinator_service.policy.server_opt import ServerOptimizer
+from coordinator_service.engine.training import RoundFinisher, RunConfig
 
 
 class SlowTask(SimpleNamespace):

@@ -6,9 +6,9 @@ import io
 
 from rich.console import Console
 
-from coordinator_service.progress import EventView, LiveProgress
-from coordinator_service.rounds import RoundReport, WorkerRound
-from coordinator_service.strategy import Failure
+from coordinator_service.observe.progress import EventView, LiveProgress
+from coordinator_service.engine.rounds import RoundReport, WorkerRound
+from coordinator_service.policy.strategy import Failure
 from generated.fedpi.v1 import worker_pb2 as pb
 
 

@@ -10,9 +10,9 @@ import subprocess
 
 import pytest
 
-from coordinator_service.report import ReportUnavailable, write_report
-from coordinator_service.rounds import RoundReport, WorkerRound
-from coordinator_service.strategy import Failure
+from coordinator_service.observe.report import ReportUnavailable, write_report
+from coordinator_service.engine.rounds import RoundReport, WorkerRound
+from coordinator_service.policy.strategy import Failure
 from fedpi_cli import main as fedpi
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

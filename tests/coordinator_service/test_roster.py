@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from coordinator_service import roster as roster_module
-from coordinator_service.roster import Roster
-from coordinator_service.worker_client import Expected, WorkerUnavailable
+from coordinator_service.engine import roster as roster_module
+from coordinator_service.engine.roster import Roster
+from coordinator_service.engine.worker_client import Expected, WorkerUnavailable
 from generated.fedpi.v1 import worker_pb2 as pb
 
 

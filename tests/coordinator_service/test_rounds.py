@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from coordinator_service.robust import Aggregation, parse_aggregation, reduce_coordinates
-from coordinator_service.rounds import RoundFailed, RoundRunner, TransferSettings
-from coordinator_service.server_opt import ServerOptimizer, ServerOptimizerConfig
-from coordinator_service.strategy import FedAvg
-from coordinator_service.worker_client import WorkerUnavailable
-from fedpi import serde
+from coordinator_service.engine.robust import Aggregation, parse_aggregation, reduce_coordinates
+from coordinator_service.engine.rounds import RoundFailed, RoundRunner, TransferSettings
+from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
+from coordinator_service.policy.strategy import FedAvg
+from coordinator_service.engine.worker_client import WorkerUnavailable
+from fedpi.weights import serde
 from generated.fedpi.v1 import worker_pb2 as pb
 
 ARCH = "tiny"

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from coordinator_service import launch, runspec
-from coordinator_service.runs import RunRecord, RunStore
-from coordinator_service.runspec import InvalidSpec, NotAllowed, RunTarget, WorkerPolicy
-from coordinator_service.service import RunManager, ServerRuns, TooMany
+from coordinator_service.control import launch, runspec
+from coordinator_service.control.runs import RunRecord, RunStore
+from coordinator_service.control.runspec import InvalidSpec, NotAllowed, RunTarget, WorkerPolicy
+from coordinator_service.control.service import RunManager, ServerRuns, TooMany
 from coordinator_service.settings import SettingsError
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 

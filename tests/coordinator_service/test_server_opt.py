@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from coordinator_service import checkpoint
-from coordinator_service.server_opt import ServerOptimizer, ServerOptimizerConfig
+from coordinator_service.engine import checkpoint
+from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
 from tests.coordinator_service.test_rounds import FakeWorker, _runner, tiny_model
 
 

@@ -8,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from coordinator_service.rounds import RoundRunner, TransferSettings
-from coordinator_service.strategy import FedAvg, FedNova
+from coordinator_service.engine.rounds import RoundRunner, TransferSettings
+from coordinator_service.policy.strategy import FedAvg, FedNova
 from generated.fedpi.v1 import worker_pb2 as pb
 from tests.coordinator_service.test_rounds import ARCH, FakeWorker, tiny_model
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from coordinator_service.worker_client import DiscoveryFailed, discover, parse_workers
+from coordinator_service.engine.worker_client import DiscoveryFailed, discover, parse_workers
 from generated.fedpi.v1 import worker_pb2 as pb
 
 
@@ -37,7 +37,7 @@ def test_discovery_needs_a_port():
 
 
 def test_the_handshake_compares_task_and_manifest_and_knows_older_workers():
-    from coordinator_service.worker_client import Expected
+    from coordinator_service.engine.worker_client import Expected
 
     ours = Expected("tiny", "tiny", "1.0", "aaaa", "tiny")
     same = pb.WorkerInfo(protocol_version="1.4", model_architecture="tiny", task="tiny", task_version="1.1",

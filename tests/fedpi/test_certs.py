@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from fedpi import certs
+from fedpi.net import certs
 
 
 def _names(path: Path) -> set[str]:

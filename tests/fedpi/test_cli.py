@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from coordinator_service import launch
+from coordinator_service.control import launch
 from coordinator_service.cli import parse_args as coordinator_args
-from coordinator_service.__main__ import settings_of
+from coordinator_service.cli import settings_of
 from coordinator_service.settings import SettingsError
 from worker_service.cli import parse_args as worker_args
 
@@ -90,7 +90,7 @@ def test_settings_out_of_range_are_refused_naming_the_setting(flags, phrase):
 
 
 def test_strategy_and_aggregation_compose_or_say_why_not():
-    from coordinator_service.strategy import FedAvg, FedNova
+    from coordinator_service.policy.strategy import FedAvg, FedNova
 
     assert type(launch.strategy(settings(["demo", "--local-seconds", "5"]), 3)) is FedNova
     assert type(launch.strategy(settings(["demo", "--local-seconds", "5", "--strategy", "fedavg"]), 3)) is FedAvg
@@ -135,7 +135,7 @@ def test_the_fedpi_command_lists_its_subcommands(capsys):
 
 def test_version(capsys):
     from fedpi import __version__
-    from fedpi.protocol import PROTOCOL_VERSION
+    from fedpi.net.protocol import PROTOCOL_VERSION
     from fedpi_cli import main as fedpi
 
     with pytest.raises(SystemExit) as exit_:
@@ -254,7 +254,7 @@ def test_fedpi_tasks_lists_the_installed_tasks(capsys):
     (["--encoding", "zlib"], "zlib", "zlib"),  # the flag before --compression
 ])
 def test_compression_flags_choose_each_direction(flags, updates, model):
-    from fedpi.compression import NAMES
+    from fedpi.weights.compression import NAMES
 
     transfer = launch.transfer(settings(["train", "--workers", "a=h:1", *flags]))
     assert (NAMES[transfer.encoding], NAMES[transfer.model_encoding]) == (updates, model)

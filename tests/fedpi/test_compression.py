@@ -8,7 +8,7 @@ import pytest
 import torch
 import xxhash
 
-from fedpi import compression, serde
+from fedpi.weights import compression, serde
 from generated.fedpi.v1 import worker_pb2 as pb
 
 ARCH = "tiny"

@@ -29,8 +29,8 @@ def test_each_run_setting_comes_from_the_highest_source_and_says_which(tmp_path,
 
 def test_other_options_come_from_the_file_unless_a_flag_or_the_environment_sets_them(tmp_path, monkeypatch):
     from coordinator_service.cli import build_parser
-    from coordinator_service.__main__ import read_config
-    from fedpi_cli import _innermost
+    from coordinator_service.cli import read_config
+    from fedpi.cli import innermost
 
     config = tmp_path / "run.toml"
     config.write_text('output-dir = "from-file"\nlatest-link = "file-link"\nno-download = true\n')
@@ -39,7 +39,7 @@ def test_other_options_come_from_the_file_unless_a_flag_or_the_environment_sets_
         argv = ["train", "--config", str(config), *argv]
         parser = build_parser()
         args = parser.parse_args(argv)
-        args.command_parser, args.argv = _innermost(parser, args), argv
+        args.command_parser, args.argv = innermost(parser, args), argv
         read_config(args)
         return args
 

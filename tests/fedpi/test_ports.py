@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from fedpi.ports import check_free
+from fedpi.net.ports import check_free
 
 
 def test_a_listener_holds_its_port_and_a_lingering_connection_does_not():

@@ -1,6 +1,6 @@
 import pytest
 
-from fedpi.protocol import ProtocolMismatch, check_compatible
+from fedpi.net.protocol import ProtocolMismatch, check_compatible
 
 
 def test_same_major_is_compatible():

@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from fedpi import serde
+from fedpi.weights import serde
 from generated.fedpi.v1 import worker_pb2 as pb
 
 ALL_DTYPES = [getattr(torch, n) for n in serde._DTYPES]

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from torch.utils.data import Subset, TensorDataset
 
 from fedpi import data as datasets
-from fedpi import serde
+from fedpi.weights import serde
 from fedpi import task as tasks
 from fedpi.mnist_task import MnistTask
 from fedpi.task import Partition, TaskError, batch_of, fingerprint, initial_model, load_partition, task_class

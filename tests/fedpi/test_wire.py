@@ -8,7 +8,7 @@ import pytest
 import torch
 from google.protobuf.message import DecodeError
 
-from fedpi import serde, wire
+from fedpi.weights import serde, wire
 from generated.fedpi.v1 import worker_pb2 as pb
 
 

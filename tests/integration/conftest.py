@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from coordinator_service.local import LocalCluster, LocalWorker
-from fedpi.protocol import PROTOCOL_VERSION, VERSION_METADATA_KEY
+from fedpi.net.protocol import PROTOCOL_VERSION, VERSION_METADATA_KEY
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coordinator_service import settings as run_settings
-from coordinator_service.runspec import RUN_ID
+from coordinator_service.control.runspec import RUN_ID
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 from tests.integration.test_control_plane import Listener, files
 from tests.integration.test_service import Server, stub

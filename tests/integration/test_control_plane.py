@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from coordinator_service.local import free_port
-from fedpi import certs
+from fedpi.net import certs
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from coordinator_service.local import LocalWorker
-from fedpi import serde
+from fedpi.weights import serde
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from tests.integration.conftest import DIGITS, METADATA, start_cluster

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedpi import serde
+from fedpi.weights import serde
 from fedpi.models import build_model
 from generated.fedpi.v1 import worker_pb2 as pb
 from tests.integration.conftest import METADATA

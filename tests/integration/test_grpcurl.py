@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpi.protocol import PROTOCOL_VERSION
+from fedpi.net.protocol import PROTOCOL_VERSION
 
 
 def grpcurl(*args: str, stdin: str | None = None) -> str:
@@ -78,7 +78,7 @@ def test_health_check(address):
 def test_secured_worker_with_the_readme_flags(tmp_path):
     """The README's grpcurl line for a deployed worker: mutual TLS, -servername, the token header."""
     from coordinator_service.local import LocalWorker
-    from fedpi import certs
+    from fedpi.net import certs
     from tests.integration.conftest import DIGITS, start_cluster
 
     certs.make_all(tmp_path, workers=1)
@@ -111,7 +111,7 @@ def secure_grpcurl(*args: str, ok: bool = True) -> str:
 
 
 def test_grpcurl_reads_the_weights_as_they_are_written(address):
-    """Data chunks are encoded by hand (fedpi.wire): another protobuf implementation (grpcurl's, in Go) must read them
+    """Data chunks are encoded by hand (fedpi.weights.wire): another protobuf implementation (grpcurl's, in Go) must read them
     as the header describes, and its digest must match what it read."""
     messages = _objects(grpcurl("-d", '{"chunk_size": 100000}', address, "fedpi.v1.Worker/GetWeights"))
     header, chunks = messages[0]["header"], [m["data"] for m in messages[1:]]

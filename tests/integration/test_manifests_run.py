@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 
 from coordinator_service.local import free_port, wait_serving
-from fedpi import certs
+from fedpi.net import certs
 from fedpi.data import load_dataset, write_idx
 from tests.conftest import ROOT
 from tests.k3s.conftest import find, find_all, render

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from coordinator_service.local import LocalWorker
-from coordinator_service.report import write_report
+from coordinator_service.observe.report import write_report
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 from tests.conftest import ROOT
 from tests.integration.conftest import DIGITS, start_cluster

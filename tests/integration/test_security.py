@@ -7,8 +7,8 @@ import json
 import grpc
 import pytest
 
-from fedpi import certs
-from fedpi.protocol import PROTOCOL_VERSION, VERSION_METADATA_KEY
+from fedpi.net import certs
+from fedpi.net.protocol import PROTOCOL_VERSION, VERSION_METADATA_KEY
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from coordinator_service.local import free_port, wait_serving
-from fedpi import certs, serde
+from fedpi.net import certs
+from fedpi.weights import serde
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 from generated.fedpi.v1 import coordinator_pb2_grpc as cpb_grpc
 from tests.conftest import ROOT

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from fedpi.protocol import PROTOCOL_VERSION
+from fedpi.net.protocol import PROTOCOL_VERSION
 from tests.conftest import ROOT
 
 

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from coordinator_service.strategy import FedAvg
+from coordinator_service.policy.strategy import FedAvg
 from fedpi.data import load_dataset, shard
 from fedpi.models import build_model, evaluate
 from tests.conftest import ROOT

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from coordinator_service.local import LocalWorker
-from coordinator_service.worker_client import WorkerClient, WorkerTimeout
+from coordinator_service.engine.worker_client import WorkerClient, WorkerTimeout
 from tests.integration.conftest import DIGITS, METADATA, start_cluster
 from tests.integration.test_worker_rpc import _code, _digest, _payload
 from generated.fedpi.v1 import worker_pb2 as pb

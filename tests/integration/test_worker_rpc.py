@@ -12,10 +12,10 @@ import torch
 from xxhash import xxh3_128_hexdigest
 
 from coordinator_service.local import LocalWorker
-from fedpi import serde
+from fedpi.weights import serde
 from fedpi.data import load_dataset
 from fedpi.models import build_model, evaluate
-from fedpi.protocol import PROTOCOL_VERSION
+from fedpi.net.protocol import PROTOCOL_VERSION
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from tests.integration.conftest import DIGITS, METADATA, start_cluster

@@ -17,7 +17,7 @@ def _dry_run(target: str, *variables: str) -> str:
 
 
 @pytest.mark.parametrize("target, expected", [
-    ("deploy", ["fedpi.certs", "--print-secrets", "| kubectl apply -f -",
+    ("deploy", ["fedpi.net.certs", "--print-secrets", "| kubectl apply -f -",
                 "rollout status statefulset/fedpi-worker-$i", "rollout status deployment/fedpi-coordinator"]),
     ("train", ["port-forward service/fedpi-coordinator 50050:50050", "fedpi runs --coordinator 127.0.0.1:50050",
                "--tls-cert certs/operator.crt", "--token-file certs/operator-token", "start", "--watch"]),

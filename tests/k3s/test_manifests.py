@@ -166,7 +166,7 @@ def test_credentials_come_from_secrets_mounted_where_the_config_points():
 def test_secrets_from_make_certs_validate_and_match_the_mounts(tmp_path):
     import yaml
 
-    from fedpi import certs
+    from fedpi.net import certs
 
     certs.make_all(tmp_path, workers=3)
     secrets = list(yaml.safe_load_all(certs.secrets_yaml(tmp_path, "lab", workers=3)))

@@ -8,7 +8,7 @@ import grpc
 import pytest
 import torch
 
-from fedpi import serde, wire
+from fedpi.weights import serde, wire
 from fedpi.data import Dataset, Split
 from fedpi.models import build_model
 from generated.fedpi.v1 import worker_pb2 as pb

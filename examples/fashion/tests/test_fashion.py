@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fedpi import data as datasets
-from fedpi import serde
+from fedpi.weights import serde
 from fedpi.task import Partition, initial_model, task_class
 from fedpi_fashion import FashionMobileNetTask
 

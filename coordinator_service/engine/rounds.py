@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import structlog
 import torch
 
-from coordinator_service.aggregate import (
+from coordinator_service.engine.aggregate import (
     DeltaFold,
     NonFiniteAggregate,
     UpdateCheck,
@@ -33,11 +33,11 @@ from coordinator_service.aggregate import (
     is_float,
     model_norm,
 )
-from coordinator_service.observe import RunObserver
-from coordinator_service.robust import Aggregation, CoordinateReducer, StepFailed
-from coordinator_service.server_opt import ServerOptimizer
-from coordinator_service.strategy import Failure, Strategy
-from coordinator_service.worker_client import (
+from coordinator_service.engine.observer import RunObserver
+from coordinator_service.engine.robust import Aggregation, CoordinateReducer, StepFailed
+from coordinator_service.policy.server_opt import ServerOptimizer
+from coordinator_service.policy.strategy import Failure, Strategy
+from coordinator_service.engine.worker_client import (
     WorkerClient,
     WorkerError,
     WorkerIncompatible,
@@ -47,8 +47,8 @@ from coordinator_service.worker_client import (
     speaks,
     upload_digest,
 )
-from fedpi import compression, serde
-from fedpi.protocol import ProtocolMismatch, check_minimum
+from fedpi.weights import compression, serde
+from fedpi.net.protocol import ProtocolMismatch, check_minimum
 from generated.fedpi.v1 import worker_pb2 as pb
 
 log = structlog.get_logger()

@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 import structlog
 
-from fedpi.protocol import AUTH_METADATA_KEY
-from fedpi.handlers import wrap_handler
+from fedpi.net.protocol import AUTH_METADATA_KEY
+from fedpi.net.handlers import wrap_handler
 
 log = structlog.get_logger()
 

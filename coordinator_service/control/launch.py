@@ -10,17 +10,17 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator_service.observe import RunObserver
-from coordinator_service.rounds import TransferSettings
-from coordinator_service.runspec import RunTarget  # noqa: F401 - also for callers
-from coordinator_service.server_opt import ServerOptimizerConfig
+from coordinator_service.engine.observer import RunObserver
+from coordinator_service.engine.rounds import TransferSettings
+from coordinator_service.control.runspec import RunTarget  # noqa: F401 - also for callers
+from coordinator_service.policy.server_opt import ServerOptimizerConfig
 from coordinator_service.settings import RunSettings
-from coordinator_service.strategy import STRATEGIES, FedAvg
-from coordinator_service.training import RunConfig, run
-from coordinator_service.worker_client import ClientSecurity, discover
-from fedpi import compression
-from fedpi.cli import build_task, read_secret
-from fedpi.task import Task
+from coordinator_service.policy.strategy import STRATEGIES, FedAvg
+from coordinator_service.engine.training import RunConfig, run
+from coordinator_service.engine.worker_client import ClientSecurity, discover
+from fedpi.weights import compression
+from fedpi.runtime import read_secret
+from fedpi.task import Task, build_task
 from generated.fedpi.v1 import worker_pb2 as pb
 
 COMPRESSION = {name: encoding for encoding, name in compression.NAMES.items()}

@@ -1,6 +1,6 @@
 """`coordinator serve`: the coordinator as a long-running gRPC service (fedpi.v1.Coordinator). Operators start,
 watch, stop and resume training runs and fetch their models; each run is a `train` run, with the same flags and
-the same code, in its own directory under --state-dir (see coordinator_service.runs).
+the same code, in its own directory under --state-dir (see coordinator_service.control.runs).
 
 One run trains at a time: the workers hold one model each. A StartRun while a run trains is refused with ABORTED,
 naming that run, rather than queued: the operator decides whether to stop it or wait.
@@ -23,18 +23,18 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coordinator_service import launch, runspec
+from coordinator_service.control import launch, runspec
 from coordinator_service import settings as run_settings
-from coordinator_service.checkpoint import CheckpointMismatch
-from coordinator_service.observe import Observers, RunObserver
-from coordinator_service.rounds import RoundFailed
-from coordinator_service.runs import RESUMABLE, RunLog, RunRecord, RunStore, UnknownRun
-from coordinator_service.runspec import InvalidSpec, NotAllowed, RunTarget, WorkerPolicy
-from coordinator_service.training import ROUND_MODELS, HandshakeFailed, RunStopped
-from coordinator_service.worker_client import DiscoveryFailed
-from fedpi import serde
-from fedpi.ports import listen
-from fedpi.auth import AuthInterceptor, ServerSecurity
+from coordinator_service.engine.checkpoint import CheckpointMismatch
+from coordinator_service.engine.observer import Observers, RunObserver
+from coordinator_service.engine.rounds import RoundFailed
+from coordinator_service.control.runs import RESUMABLE, RunLog, RunRecord, RunStore, UnknownRun
+from coordinator_service.control.runspec import InvalidSpec, NotAllowed, RunTarget, WorkerPolicy
+from coordinator_service.engine.training import ROUND_MODELS, HandshakeFailed, RunStopped
+from coordinator_service.engine.worker_client import DiscoveryFailed
+from fedpi.weights import serde
+from fedpi.net.ports import listen
+from fedpi.net.auth import AuthInterceptor, ServerSecurity
 from fedpi.data import DATASETS, DatasetUnavailable
 from fedpi.logs import add_sink, remove_sink
 from fedpi.mnist_task import MnistTask

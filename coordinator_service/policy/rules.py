@@ -1,5 +1,5 @@
 """An aggregation rule by name and parameter (`--aggregation median`, `trimmed-mean:1`, `clipped:2.5`), without
-torch: the settings model and the command lines check rules by it; coordinator_service.robust computes them."""
+torch: the settings model and the command lines check rules by it; coordinator_service.engine.robust computes them."""
 
 from __future__ import annotations
 

@@ -16,22 +16,23 @@ from pathlib import Path
 import structlog
 import torch
 
-from coordinator_service import checkpoint
-from coordinator_service.observe import RunObserver
-from coordinator_service.roster import HandshakeFailed, Roster
-from coordinator_service.robust import Aggregation
-from coordinator_service.server_opt import ServerOptimizer, ServerOptimizerConfig
-from coordinator_service.rounds import (
+from coordinator_service.engine import checkpoint
+from coordinator_service.engine.observer import RunObserver
+from coordinator_service.engine.roster import HandshakeFailed, Roster
+from coordinator_service.engine.robust import Aggregation
+from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
+from coordinator_service.engine.rounds import (
     DEFAULT_MAX_UPDATE_RATIO,
     RoundFailed,
     RoundReport,
     RoundRunner,
     TransferSettings,
 )
-from coordinator_service.strategy import Strategy
-from coordinator_service.worker_client import ClientSecurity, Expected, WorkerClient
-from fedpi import compression, durable
-from fedpi.cli import peak_rss_mb
+from coordinator_service.policy.strategy import Strategy
+from coordinator_service.engine.worker_client import ClientSecurity, Expected, WorkerClient
+from fedpi.weights import compression
+from fedpi import durable
+from fedpi.runtime import peak_rss_mb
 from fedpi.data import Split
 from fedpi.logs import is_console
 from fedpi.models import parameter_count

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from fedpi.serde import MalformedStream, NonFiniteWeights, TensorMeta, WeightsError, all_finite
+from fedpi.weights.serde import MalformedStream, NonFiniteWeights, TensorMeta, WeightsError, all_finite
 
 
 class UpdateOutOfRange(WeightsError):

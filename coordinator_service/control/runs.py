@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 from google.protobuf import json_format
 
-from coordinator_service.runspec import RUN_ID
+from coordinator_service.control.runspec import RUN_ID
 from fedpi import durable
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 

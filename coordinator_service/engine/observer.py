@@ -11,8 +11,8 @@ import structlog
 from generated.fedpi.v1 import worker_pb2 as pb
 
 if TYPE_CHECKING:
-    from coordinator_service.rounds import RoundReport
-    from coordinator_service.strategy import Failure
+    from coordinator_service.engine.rounds import RoundReport
+    from coordinator_service.policy.strategy import Failure
 
 log = structlog.get_logger()
 

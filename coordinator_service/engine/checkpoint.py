@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedpi import durable, serde
+from fedpi import durable
+
+from fedpi.weights import serde
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

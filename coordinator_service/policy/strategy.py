@@ -1,6 +1,6 @@
 """Round strategies: which workers train, what each is asked to do, how much its update weighs, and whether a round
-counts. How the updates are combined is the aggregation rule's business (coordinator_service.robust), and how the
-aggregate becomes the next model the server optimizer's (coordinator_service.server_opt)."""
+counts. How the updates are combined is the aggregation rule's business (coordinator_service.engine.robust), and how the
+aggregate becomes the next model the server optimizer's (coordinator_service.policy.server_opt)."""
 
 from __future__ import annotations
 

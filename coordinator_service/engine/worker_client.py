@@ -15,9 +15,9 @@ import grpc
 import structlog
 import torch
 
-from fedpi import serde, wire
+from fedpi.weights import serde, wire
 from fedpi.task import Task, fingerprint
-from fedpi.protocol import (
+from fedpi.net.protocol import (
     AUTH_METADATA_KEY,
     MIN_TRANSFER_BYTES_PER_SECOND,
     PROTOCOL_VERSION,

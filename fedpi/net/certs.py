@@ -1,4 +1,4 @@
-"""python -m fedpi.certs --out certs --workers 3 [--names alice,bob,charlie] [--san 192.168.1.21 ...]
+"""python -m fedpi.net.certs --out certs --workers 3 [--names alice,bob,charlie] [--san 192.168.1.21 ...]
 
 Creates what a secured fedpi deployment needs, in --out:
   ca.crt, ca.key                 a private certificate authority (keep ca.key offline)
@@ -164,7 +164,7 @@ def secrets_yaml(out: Path, namespace: str, workers: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedpi.certs", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m fedpi.net.certs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="certs", help="directory to write into")
     p.add_argument("--workers", type=int, default=3, help="how many worker certificates (fedpi-worker-0, ...)")

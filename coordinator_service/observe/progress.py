@@ -14,8 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from coordinator_service.observe import RunObserver
-from coordinator_service.rounds import RoundReport
+from coordinator_service.engine.observer import RunObserver
+from coordinator_service.engine.rounds import RoundReport
 from generated.fedpi.v1 import worker_pb2 as pb
 
 _STYLES = {"waiting": "dim", "sending": "cyan", "training": "yellow", "receiving": "cyan", "done": "green",

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 import xxhash
 
-from fedpi import compression, wire
+from fedpi.weights import compression, wire
 from generated.fedpi.v1 import worker_pb2 as pb
 
 # Received chunks are read through read-only views, never written: torch's warning about that does not apply.

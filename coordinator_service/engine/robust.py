@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
-from coordinator_service.aggregate import Segmenter, UpdateCheck, accumulator_dtype
-from fedpi.serde import MalformedStream, TensorMeta
+from coordinator_service.engine.aggregate import Segmenter, UpdateCheck, accumulator_dtype
+from fedpi.weights.serde import MalformedStream, TensorMeta
 
-from coordinator_service.rule import AGGREGATIONS, Aggregation, parse_aggregation  # noqa: E402,F401 - re-exported
+from coordinator_service.policy.rules import AGGREGATIONS, Aggregation, parse_aggregation  # noqa: E402,F401 - re-exported
 
 
 def reduce_coordinates(stack: torch.Tensor, trim: int | None) -> torch.Tensor:

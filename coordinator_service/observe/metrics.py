@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from coordinator_service.observe import RunObserver
-from coordinator_service.rounds import RoundReport
+from coordinator_service.engine.observer import RunObserver
+from coordinator_service.engine.rounds import RoundReport
 
 
 class PrometheusObserver(RunObserver):

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import structlog
 
-from coordinator_service.strategy import Failure
-from coordinator_service.worker_client import (
+from coordinator_service.policy.strategy import Failure
+from coordinator_service.engine.worker_client import (
     Expected,
     WorkerClient,
     WorkerError,
