@@ -16,25 +16,26 @@ from pathlib import Path
 import structlog
 import torch
 
-from coordinator_service.control import launch
 from coordinator_service import settings as run_settings
-from coordinator_service.engine.checkpoint import CheckpointMismatch
 from coordinator_service.cli import build_parser, read_config, settings_of, show_config
-from coordinator_service.local import demo_cluster
-from coordinator_service.observe.metrics import PrometheusObserver
-from coordinator_service.engine.observer import Observers, RunObserver
-from coordinator_service.observe.progress import LiveProgress
-from coordinator_service.engine.rounds import RoundFailed
+from coordinator_service.control import launch
 from coordinator_service.control.runspec import InvalidSpec, RunTarget, parse_address, parse_workers
+from coordinator_service.engine.checkpoint import CheckpointMismatch
+from coordinator_service.engine.observer import Observers, RunObserver
+from coordinator_service.engine.rounds import RoundFailed
 from coordinator_service.engine.training import HandshakeFailed
 from coordinator_service.engine.worker_client import DiscoveryFailed
+from coordinator_service.local import demo_cluster
+from coordinator_service.observe.metrics import PrometheusObserver
+from coordinator_service.observe.progress import LiveProgress
 from fedpi import data as datasets
 from fedpi import task as tasks
-from fedpi.runtime import freeze_startup_objects
-from fedpi.mnist_task import MnistTask
 from fedpi.logs import configure_logging, wants_console
+from fedpi.mnist_task import MnistTask
+from fedpi.runtime import freeze_startup_objects
 
 log = structlog.get_logger()
+
 
 def target_of(args: argparse.Namespace) -> RunTarget:
     """`train`'s task and workers, from its flags."""
@@ -47,8 +48,14 @@ def target_of(args: argparse.Namespace) -> RunTarget:
         dns = parse_address(args.workers_dns, "--workers-dns") if args.workers_dns else None
     except InvalidSpec as exc:
         raise ValueError(str(exc)) from None
-    return RunTarget(task=args.task, model=args.model or "", dataset=args.dataset or "", workers=workers,
-                     workers_dns=dns, expect_workers=args.expect_workers)
+    return RunTarget(
+        task=args.task,
+        model=args.model or "",
+        dataset=args.dataset or "",
+        workers=workers,
+        workers_dns=dns,
+        expect_workers=args.expect_workers,
+    )
 
 
 def place_of(args: argparse.Namespace) -> launch.RunPlace:
@@ -56,20 +63,37 @@ def place_of(args: argparse.Namespace) -> launch.RunPlace:
     if security.token and not security.tls:
         log.warning("token_sent_in_clear", hint="without --tls-ca the bearer token crosses the network unencrypted")
     return launch.RunPlace(
-        output_dir=Path(args.output_dir), security=security, data_dir=args.data_dir, download=not args.no_download,
-        default_dataset=args.default_dataset, latest_link=Path(args.latest_link) if args.latest_link else None,
-        keep_round_models=args.keep_round_models, discovery_timeout=getattr(args, "discovery_timeout", 600.0))
+        output_dir=Path(args.output_dir),
+        security=security,
+        data_dir=args.data_dir,
+        download=not args.no_download,
+        default_dataset=args.default_dataset,
+        latest_link=Path(args.latest_link) if args.latest_link else None,
+        keep_round_models=args.keep_round_models,
+        discovery_timeout=getattr(args, "discovery_timeout", 600.0),
+    )
 
 
-async def _demo(args: argparse.Namespace, settings: run_settings.RunSettings, place: launch.RunPlace,
-                observer: RunObserver) -> None:
+async def _demo(
+    args: argparse.Namespace, settings: run_settings.RunSettings, place: launch.RunPlace, observer: RunObserver
+) -> None:
     # Load the data once, here, so the workers need not each try (and race) to download it.
     target = RunTarget(task=args.task, model=args.model or "", dataset=args.dataset or "")
     task = launch.make_task(target, place)
     test = task.test_data()
-    worker_args = ["--task", args.task, "--data-dir", args.data_dir, "--no-download",
-                   "--partition-scheme", args.partition_scheme, "--partition-alpha", str(args.partition_alpha),
-                   "--threads", str(args.worker_threads)]
+    worker_args = [
+        "--task",
+        args.task,
+        "--data-dir",
+        args.data_dir,
+        "--no-download",
+        "--partition-scheme",
+        args.partition_scheme,
+        "--partition-alpha",
+        str(args.partition_alpha),
+        "--threads",
+        str(args.worker_threads),
+    ]
     if isinstance(task, MnistTask):
         worker_args += ["--model", task.architecture, "--dataset", task.data_name]
     log_dir = place.output_dir / "workers"
@@ -153,8 +177,16 @@ def run(args: argparse.Namespace) -> int:
             asyncio.run(launch.train(target, settings, place, observer, resume=args.resume))
         else:
             asyncio.run(_demo(args, settings, place, observer))
-    except (HandshakeFailed, RoundFailed, DiscoveryFailed, CheckpointMismatch, datasets.DatasetUnavailable,
-            tasks.TaskError, ValueError, OSError) as exc:
+    except (
+        HandshakeFailed,
+        RoundFailed,
+        DiscoveryFailed,
+        CheckpointMismatch,
+        datasets.DatasetUnavailable,
+        tasks.TaskError,
+        ValueError,
+        OSError,
+    ) as exc:
         log.error("training_failed", reason=str(exc))
         return 1
     except KeyboardInterrupt:

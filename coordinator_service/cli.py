@@ -29,35 +29,59 @@ def worker_security_arguments(g) -> None:
 
 
 def config_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE",
-                   help="a TOML file of options by their flags' names (lr = 0.1); FEDPI_* variables and flags "
-                        "override it [env FEDPI_CONFIG]")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML file of options by their flags' names (lr = 0.1); FEDPI_* variables and flags "
+        "override it [env FEDPI_CONFIG]",
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     config_argument(p)
-    p.add_argument("--preset", choices=list(run_settings.PRESETS), default="default",
-                   help="a starting configuration that FEDPI_* variables and flags override: default (measured, "
-                        "README: Learning) or seed (fedpi's first configuration: plain SGD, lr 0.01)")
+    p.add_argument(
+        "--preset",
+        choices=list(run_settings.PRESETS),
+        default="default",
+        help="a starting configuration that FEDPI_* variables and flags override: default (measured, "
+        "README: Learning) or seed (fedpi's first configuration: plain SGD, lr 0.01)",
+    )
     # The coordinator evaluates on the task's held-out test set; workers load their own shards.
     add_task_arguments(p, default_dataset="auto")
     run_settings.add_arguments(p)
     p.add_argument("--encoding", choices=("raw", "zlib"), help=argparse.SUPPRESS)  # before --compression
-    p.add_argument("--resume", action="store_true",
-                   help="continue from checkpoint.pt in --output-dir after the last completed round")
-    p.add_argument("--output-dir", default="runs/latest",
-                   help="model.pt, metrics.jsonl and checkpoint.pt (after every round) go here")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from checkpoint.pt in --output-dir after the last completed round",
+    )
+    p.add_argument(
+        "--output-dir",
+        default="runs/latest",
+        help="model.pt, metrics.jsonl and checkpoint.pt (after every round) go here",
+    )
     p.add_argument("--latest-link", help="also point this symlink at --output-dir (e.g. results/latest)")
-    p.add_argument("--keep-round-models", type=int, default=0,
-                   help="also keep the global model of the last N rounds in --output-dir/rounds/")
+    p.add_argument(
+        "--keep-round-models",
+        type=int,
+        default=0,
+        help="also keep the global model of the last N rounds in --output-dir/rounds/",
+    )
     worker_security_arguments(p.add_argument_group("security (see README: Threat model)"))
     p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: torch's default)")
-    p.add_argument("--metrics-port", type=int, default=0,
-                   help="serve Prometheus metrics at http://--metrics-host:PORT/metrics while training (0: off)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="serve Prometheus metrics at http://--metrics-host:PORT/metrics while training (0: off)",
+    )
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server listens on")
-    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
-                   help="json (the default when stdout is not a terminal) or console (with the live view on a "
-                        "terminal)")
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="auto",
+        help="json (the default when stdout is not a terminal) or console (with the live view on a terminal)",
+    )
 
 
 def build_parser(prog: str = "fedpi") -> Parser:
@@ -70,40 +94,75 @@ def add_commands(sub) -> None:
     """train, demo, tasks and serve, as subcommands of `sub` (the `fedpi` command's, or this module's own)."""
     train = sub.add_parser("train", help="train on running workers", description="Train on running workers.")
     train.add_argument("--workers", help="NAME=HOST:PORT,... (a bare HOST:PORT is named after itself)")
-    train.add_argument("--workers-dns", help="instead of --workers: HOST:PORT whose DNS name resolves to every worker "
-                                             "(a Kubernetes headless Service)")
+    train.add_argument(
+        "--workers-dns",
+        help="instead of --workers: HOST:PORT whose DNS name resolves to every worker (a Kubernetes headless Service)",
+    )
     train.add_argument("--expect-workers", type=int, default=0, help="with --workers-dns: how many to wait for")
-    train.add_argument("--discovery-timeout", type=float, default=600.0,
-                       help="with --workers-dns: seconds to wait for --expect-workers to appear")
+    train.add_argument(
+        "--discovery-timeout",
+        type=float,
+        default=600.0,
+        help="with --workers-dns: seconds to wait for --expect-workers to appear",
+    )
     _common(train)
-    demo = sub.add_parser("demo", help="start local workers on 127.0.0.1 and train on them",
-                          description="Start local workers on 127.0.0.1 and train on them (what `make run` does).")
+    demo = sub.add_parser(
+        "demo",
+        help="start local workers on 127.0.0.1 and train on them",
+        description="Start local workers on 127.0.0.1 and train on them (what `make run` does).",
+    )
     demo.add_argument("--local-workers", type=int, default=3, help="how many local workers to start")
     demo.add_argument("--worker-threads", type=int, default=1, help="torch threads per local worker")
-    demo.add_argument("--startup-timeout", type=float, default=120.0,
-                      help="seconds the local workers get to start serving (more on slow or emulated CPUs)")
-    demo.add_argument("--partition-scheme", choices=names.PARTITION_SCHEMES, default="iid",
-                      help="how the data is cut among the local workers")
-    demo.add_argument("--partition-alpha", type=float, default=names.DEFAULT_DIRICHLET_ALPHA,
-                      help="with --partition-scheme dirichlet: the concentration (0.1: few classes per worker)")
+    demo.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the local workers get to start serving (more on slow or emulated CPUs)",
+    )
+    demo.add_argument(
+        "--partition-scheme",
+        choices=names.PARTITION_SCHEMES,
+        default="iid",
+        help="how the data is cut among the local workers",
+    )
+    demo.add_argument(
+        "--partition-alpha",
+        type=float,
+        default=names.DEFAULT_DIRICHLET_ALPHA,
+        help="with --partition-scheme dirichlet: the concentration (0.1: few classes per worker)",
+    )
     _common(demo)
-    sub.add_parser("tasks", help="list the installed tasks (the fedpi.tasks entry-point group)",
-                   description="List the installed tasks: name, version, where it comes from.")
-    config = sub.add_parser("config", help="show the run settings in effect and where each comes from",
-                            description="Show the run settings in effect, and where each comes from: default, "
-                                        "preset, config file, FEDPI_* variable or flag.")
+    sub.add_parser(
+        "tasks",
+        help="list the installed tasks (the fedpi.tasks entry-point group)",
+        description="List the installed tasks: name, version, where it comes from.",
+    )
+    config = sub.add_parser(
+        "config",
+        help="show the run settings in effect and where each comes from",
+        description="Show the run settings in effect, and where each comes from: default, "
+        "preset, config file, FEDPI_* variable or flag.",
+    )
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND", parser_class=Parser)
-    show = config_sub.add_parser("show", help="print every run setting, its value and its source",
-                                 description="Print every run setting, its value and its source.")
+    show = config_sub.add_parser(
+        "show",
+        help="print every run setting, its value and its source",
+        description="Print every run setting, its value and its source.",
+    )
     config_argument(show)
-    show.add_argument("--preset", choices=list(run_settings.PRESETS), default="default",
-                      help="the starting configuration")
+    show.add_argument(
+        "--preset", choices=list(run_settings.PRESETS), default="default", help="the starting configuration"
+    )
     show.add_argument("-o", "--output", choices=("table", "json"), default="table", help="how to print them")
     run_settings.add_arguments(show)
-    add_serve_arguments(sub.add_parser(
-        "serve", help="serve the coordinator's control API: start, watch, stop and resume runs, fetch their models",
-        description="A long-running coordinator: operators start, watch, stop and resume runs through its gRPC "
-                    "API (fedpi runs), each run in its own directory under --state-dir."))
+    add_serve_arguments(
+        sub.add_parser(
+            "serve",
+            help="serve the coordinator's control API: start, watch, stop and resume runs, fetch their models",
+            description="A long-running coordinator: operators start, watch, stop and resume runs through its gRPC "
+            "API (fedpi runs), each run in its own directory under --state-dir.",
+        )
+    )
     # Run settings take their FEDPI_* variables through the settings model (run_settings.env_layer), the rest here.
     for parser in sub.choices.values():
         apply_env_defaults(parser, skip=set(run_settings.FIELDS))
@@ -116,37 +175,69 @@ def parse_args(argv: list[str] | None = None, prog: str = "fedpi") -> argparse.N
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     config_argument(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address the control API listens on; beyond loopback it needs --api-token-file with TLS, "
-                        "mutual TLS, or --insecure")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address the control API listens on; beyond loopback it needs --api-token-file with TLS, "
+        "mutual TLS, or --insecure",
+    )
     p.add_argument("--port", type=int, default=50050, help="port the control API listens on")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow what is unsafe beyond loopback: no authentication, a token in plaintext (shown in "
-                        "the log and in every ListRuns)")
-    p.add_argument("--state-dir", default="coordinator-state",
-                   help="every run's record, events, metrics, checkpoints and models go under STATE_DIR/runs/")
-    p.add_argument("--keep-round-models", type=int, default=5,
-                   help="keep the global model of each run's last N rounds (GetModel with a round)")
-    p.add_argument("--keep-runs", type=int, default=100,
-                   help="keep the newest N finished runs and delete older ones (0: keep every run)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow what is unsafe beyond loopback: no authentication, a token in plaintext (shown in "
+        "the log and in every ListRuns)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default="coordinator-state",
+        help="every run's record, events, metrics, checkpoints and models go under STATE_DIR/runs/",
+    )
+    p.add_argument(
+        "--keep-round-models",
+        type=int,
+        default=5,
+        help="keep the global model of each run's last N rounds (GetModel with a round)",
+    )
+    p.add_argument(
+        "--keep-runs",
+        type=int,
+        default=100,
+        help="keep the newest N finished runs and delete older ones (0: keep every run)",
+    )
     p.add_argument("--latest-link", help="point this symlink at each run's directory when it starts")
-    g = p.add_argument_group("defaults of every run (a RunSpec's fields win; run settings come from FEDPI_* "
-                             "variables, e.g. FEDPI_LR)")
+    g = p.add_argument_group(
+        "defaults of every run (a RunSpec's fields win; run settings come from FEDPI_* variables, e.g. FEDPI_LR)"
+    )
     add_task_arguments(g, default_dataset="auto")
-    g.add_argument("--preset", choices=list(run_settings.PRESETS), default="default",
-                   help="the run settings' starting configuration")
+    g.add_argument(
+        "--preset",
+        choices=list(run_settings.PRESETS),
+        default="default",
+        help="the run settings' starting configuration",
+    )
     g.add_argument("--workers", help="NAME=HOST:PORT,... for runs that name none")
     g.add_argument("--workers-dns", help="HOST:PORT resolving to every worker, for runs that name none")
     g.add_argument("--expect-workers", type=int, default=0, help="with --workers-dns: how many to wait for")
-    g.add_argument("--discovery-timeout", type=float, default=600.0,
-                   help="with workers_dns: seconds a run waits for its workers to appear")
+    g.add_argument(
+        "--discovery-timeout",
+        type=float,
+        default=600.0,
+        help="with workers_dns: seconds a run waits for its workers to appear",
+    )
     g = p.add_argument_group("what runs may use")
-    g.add_argument("--allow-task", default="",
-                   help="tasks a RunSpec may name besides the installed ones (fedpi tasks) and --task: "
-                        "NAME or package.module:Class, comma-separated")
-    g.add_argument("--allow-workers", default="",
-                   help="hosts runs may reach besides --workers / --workers-dns: IP addresses, CIDR networks and DNS "
-                        "names, comma-separated (e.g. 10.0.0.0/24,fedpi-worker; default: loopback only)")
+    g.add_argument(
+        "--allow-task",
+        default="",
+        help="tasks a RunSpec may name besides the installed ones (fedpi tasks) and --task: "
+        "NAME or package.module:Class, comma-separated",
+    )
+    g.add_argument(
+        "--allow-workers",
+        default="",
+        help="hosts runs may reach besides --workers / --workers-dns: IP addresses, CIDR networks and DNS "
+        "names, comma-separated (e.g. 10.0.0.0/24,fedpi-worker; default: loopback only)",
+    )
     g.add_argument("--max-workers-per-run", type=int, default=64, help="the most workers one run may name")
     g = p.add_argument_group("the control API's own security (operators)")
     g.add_argument("--api-token-file", help="operators must send this bearer token (file contents)")
@@ -157,13 +248,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-concurrent-rpcs", type=int, default=64, help="calls served at once; more are refused")
     g.add_argument("--max-watchers", type=int, default=16, help="WatchRun streams open at once")
     worker_security_arguments(
-        p.add_argument_group("how runs reach the workers (the same flags as `train`; never part of a RunSpec)"))
+        p.add_argument_group("how runs reach the workers (the same flags as `train`; never part of a RunSpec)")
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: torch's default)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics of the runs (0: off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server listens on")
-    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
-                   help="json (the default when stdout is not a terminal) or console (with the live view on a "
-                        "terminal)")
+    p.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="auto",
+        help="json (the default when stdout is not a terminal) or console (with the live view on a terminal)",
+    )
 
 
 def settings_of(args: argparse.Namespace) -> run_settings.RunSettings:
@@ -176,9 +271,12 @@ def layers_of(args: argparse.Namespace) -> list[tuple[str, dict]]:
     flags = run_settings.flag_layer(args)
     if getattr(args, "encoding", None):
         flags.setdefault("compression", {"raw": "none", "zlib": "zlib"}[args.encoding])
-    return [(f"preset {args.preset}", run_settings.preset_layer(args.preset)),
-            (f"config {args.config}", getattr(args, "config_layer", {})),
-            ("env", run_settings.env_layer()), ("flag", flags)]
+    return [
+        (f"preset {args.preset}", run_settings.preset_layer(args.preset)),
+        (f"config {args.config}", getattr(args, "config_layer", {})),
+        ("env", run_settings.env_layer()),
+        ("flag", flags),
+    ]
 
 
 def read_config(args: argparse.Namespace) -> None:
@@ -202,8 +300,13 @@ def show_config(args: argparse.Namespace) -> int:
     for name, layer in layers:
         for key in layer:
             field = run_settings.canonical(key)
-            sources[field] = f"env FEDPI_{field.upper()}" if name == "env" else \
-                f"flag --{field.replace('_', '-')}" if name == "flag" else name
+            sources[field] = (
+                f"env FEDPI_{field.upper()}"
+                if name == "env"
+                else f"flag --{field.replace('_', '-')}"
+                if name == "flag"
+                else name
+            )
     rows = [(k, v, sources.get(k, "default")) for k, v in settings.flat().items()]
     if args.output == "json":
         print(json.dumps({k: {"value": v, "source": s} for k, v, s in rows}, indent=2))

@@ -21,8 +21,15 @@ from pathlib import Path
 
 from fedpi.cli import Parser
 
-STATE_NAMES = {0: "unspecified", 1: "queued", 2: "training", 3: "finished", 4: "failed", 5: "stopped",
-               6: "interrupted"}  # coordinator.proto's RunState, by number (grpc is imported only to call)
+STATE_NAMES = {
+    0: "unspecified",
+    1: "queued",
+    2: "training",
+    3: "finished",
+    4: "failed",
+    5: "stopped",
+    6: "interrupted",
+}  # coordinator.proto's RunState, by number (grpc is imported only to call)
 OUTPUTS = ("table", "json", "yaml")
 
 
@@ -30,15 +37,22 @@ def _connection_arguments(p: argparse.ArgumentParser, suppress: bool) -> None:
     """--coordinator and the credentials: before the subcommand (`fedpi runs --coordinator H:P list`) or after it
     (`fedpi runs list --coordinator H:P`), where users put them."""
     default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)  # noqa: E731
-    p.add_argument("--coordinator", default=default(os.environ.get("FEDPI_COORDINATOR", "127.0.0.1:50050")),
-                   help="HOST:PORT of the control API [env FEDPI_COORDINATOR]")
+    p.add_argument(
+        "--coordinator",
+        default=default(os.environ.get("FEDPI_COORDINATOR", "127.0.0.1:50050")),
+        help="HOST:PORT of the control API [env FEDPI_COORDINATOR]",
+    )
     p.add_argument("--token-file", default=default(None), help="the operator token (the server's --api-token-file)")
-    p.add_argument("--tls-ca", default=default(None), help="CA that signed the coordinator's API certificate; turns "
-                                                           "TLS on")
+    p.add_argument(
+        "--tls-ca", default=default(None), help="CA that signed the coordinator's API certificate; turns TLS on"
+    )
     p.add_argument("--tls-cert", default=default(None), help="operator certificate, when the API requires mutual TLS")
     p.add_argument("--tls-key", default=default(None), help="private key of --tls-cert")
-    p.add_argument("--tls-server-name", default=default(None),
-                   help="name on the coordinator's certificate, when dialling it by address")
+    p.add_argument(
+        "--tls-server-name",
+        default=default(None),
+        help="name on the coordinator's certificate, when dialling it by address",
+    )
     p.add_argument("--timeout", type=float, default=default(30.0), help="seconds for each call but watch and model")
 
 
@@ -53,9 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     listing = command("list", "every run, newest first")
     listing.add_argument("-o", "--output", choices=OUTPUTS, default="table", help="how to print the runs")
-    for name, text in (("get", "one run's whole record"), ("watch", "follow a run's events to its end"),
-                       ("stop", "stop a training run"), ("resume", "continue a stopped, failed or interrupted run"),
-                       ("model", "download a run's model, its digest checked")):
+    for name, text in (
+        ("get", "one run's whole record"),
+        ("watch", "follow a run's events to its end"),
+        ("stop", "stop a training run"),
+        ("resume", "continue a stopped, failed or interrupted run"),
+        ("model", "download a run's model, its digest checked"),
+    ):
         cmd = command(name, text)
         cmd.add_argument("run_id", help="the run's id (fedpi runs list)")
         if name == "get":
@@ -63,8 +81,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if name == "watch":
             cmd.add_argument("--from-start", action="store_true", help="every event so far first")
         if name == "stop":
-            cmd.add_argument("--abandon-round", action="store_true",
-                             help="stop at once, losing the round in progress (default: after it)")
+            cmd.add_argument(
+                "--abandon-round",
+                action="store_true",
+                help="stop at once, losing the round in progress (default: after it)",
+            )
         if name == "resume":
             cmd.add_argument("--watch", action="store_true", help="then follow the run to its end")
         if name == "model":
@@ -80,9 +101,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     start.add_argument("--workers-dns", default="", help="HOST:PORT resolving to every worker")
     start.add_argument("--expect-workers", type=int, default=0, help="with --workers-dns: how many to wait for")
     start.add_argument("--preset", default="", help="the run settings' starting configuration (default, seed)")
-    start.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
-                       help="a run setting (the names of `fedpi train --help`'s setting flags), e.g. --set lr=0.1 "
-                            "--set federated-evaluation=true")
+    start.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="a run setting (the names of `fedpi train --help`'s setting flags), e.g. --set lr=0.1 "
+        "--set federated-evaluation=true",
+    )
     start.add_argument("--watch", action="store_true", help="then follow the run to its end")
 
 
@@ -96,8 +122,12 @@ def _channel(args: argparse.Namespace):
     from coordinator_service.engine.worker_client import ClientSecurity
 
     path = lambda value: Path(value) if value else None  # noqa: E731
-    security = ClientSecurity(ca_file=path(args.tls_ca), cert_file=path(args.tls_cert), key_file=path(args.tls_key),
-                              server_name=args.tls_server_name)
+    security = ClientSecurity(
+        ca_file=path(args.tls_ca),
+        cert_file=path(args.tls_cert),
+        key_file=path(args.tls_key),
+        server_name=args.tls_server_name,
+    )
     return security.channel(args.coordinator, [])
 
 
@@ -110,17 +140,25 @@ def _spec(args: argparse.Namespace):
         if not sep:
             raise ValueError(f"--set {item!r}: use FLAG=VALUE, e.g. --set lr=0.1")
         settings[key.strip()] = value.strip()
-    return cpb.RunSpec(run_id=args.run_id, task=args.task, model=args.model, dataset=args.dataset, rounds=args.rounds,
-                       workers=[w for w in args.workers.split(",") if w], workers_dns=args.workers_dns,
-                       expect_workers=args.expect_workers, settings=settings, preset=args.preset)
+    return cpb.RunSpec(
+        run_id=args.run_id,
+        task=args.task,
+        model=args.model,
+        dataset=args.dataset,
+        rounds=args.rounds,
+        workers=[w for w in args.workers.split(",") if w],
+        workers_dns=args.workers_dns,
+        expect_workers=args.expect_workers,
+        settings=settings,
+        preset=args.preset,
+    )
 
 
 def _date(seconds: float) -> str:
     """An epoch time as an ISO 8601 date in UTC ('' for 0: not yet)."""
     if not seconds:
         return ""
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds") \
-        .replace("+00:00", "Z")
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def as_dict(run, summary: bool = False) -> dict:
@@ -169,8 +207,10 @@ def _workers(run) -> str:
 def _row(run) -> str:
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(run.started_at)) if run.started_at else ""
     accuracy = f"{run.test_accuracy:.2%}" if run.round else "-"
-    return (f"{run.run_id:<24} {STATE_NAMES[run.state]:<12} {run.round:>3}/{run.rounds:<4} {accuracy:>8}  "
-            f"{_workers(run):<16} {started}  {run.error}").rstrip()
+    return (
+        f"{run.run_id:<24} {STATE_NAMES[run.state]:<12} {run.round:>3}/{run.rounds:<4} {accuracy:>8}  "
+        f"{_workers(run):<16} {started}  {run.error}"
+    ).rstrip()
 
 
 async def _watch(stub, run_id: str, from_start: bool, metadata) -> int:
@@ -185,8 +225,7 @@ async def _watch(stub, run_id: str, from_start: bool, metadata) -> int:
         settings = json.loads(run.settings_json) if run.settings_json else {}
         view = EventView(batch_size=settings.get("training", {}).get("batch_size", 0), rounds=run.rounds or None)
     try:
-        async for event in stub.WatchRun(cpb.WatchRunRequest(run_id=run_id, from_start=from_start),
-                                         metadata=metadata):
+        async for event in stub.WatchRun(cpb.WatchRunRequest(run_id=run_id, from_start=from_start), metadata=metadata):
             if view is None:
                 print(event.json, flush=True)
             else:
@@ -195,9 +234,12 @@ async def _watch(stub, run_id: str, from_start: bool, metadata) -> int:
         if view is not None:
             view.close()
     run = await stub.GetRun(cpb.GetRunRequest(run_id=run_id), metadata=metadata)
-    print(f"run {run.run_id} {STATE_NAMES[run.state]} after round {run.round} of {run.rounds}"
-          + (f", test accuracy {run.test_accuracy:.2%}" if run.round else "") + (f": {run.error}" if run.error else ""),
-          file=sys.stderr)
+    print(
+        f"run {run.run_id} {STATE_NAMES[run.state]} after round {run.round} of {run.rounds}"
+        + (f", test accuracy {run.test_accuracy:.2%}" if run.round else "")
+        + (f": {run.error}" if run.error else ""),
+        file=sys.stderr,
+    )
     return 0 if run.state == cpb.RUN_STATE_FINISHED else 1
 
 
@@ -224,19 +266,22 @@ async def _model(stub, args, metadata) -> int:
     import torch
 
     torch.save(state, args.output)
-    print(f"{args.output}: run {args.run_id} round {header.round}, model {header.model_architecture}, "
-          f"{len(payload) / 1e6:.1f} MB, {header.digest}")
+    print(
+        f"{args.output}: run {args.run_id} round {header.round}, model {header.model_architecture}, "
+        f"{len(payload) / 1e6:.1f} MB, {header.digest}"
+    )
     return 0
 
 
 async def run(args: argparse.Namespace) -> int:
-    from fedpi.runtime import read_secret
     from fedpi.net.protocol import AUTH_METADATA_KEY
+    from fedpi.runtime import read_secret
     from generated.fedpi.v1 import coordinator_pb2 as cpb
     from generated.fedpi.v1 import coordinator_pb2_grpc as cpb_grpc
 
-    metadata = ((AUTH_METADATA_KEY, f"Bearer {read_secret(args.token_file, '--token-file')}"),) \
-        if args.token_file else ()
+    metadata = (
+        ((AUTH_METADATA_KEY, f"Bearer {read_secret(args.token_file, '--token-file')}"),) if args.token_file else ()
+    )
     async with _channel(args) as channel:
         stub = cpb_grpc.CoordinatorStub(channel)
         t = args.timeout
@@ -249,8 +294,9 @@ async def run(args: argparse.Namespace) -> int:
         if args.runs_command == "watch":
             return await _watch(stub, args.run_id, args.from_start, metadata)
         if args.runs_command == "stop":
-            run = await stub.StopRun(cpb.StopRunRequest(run_id=args.run_id, abandon_round=args.abandon_round),
-                                     metadata=metadata, timeout=t)
+            run = await stub.StopRun(
+                cpb.StopRunRequest(run_id=args.run_id, abandon_round=args.abandon_round), metadata=metadata, timeout=t
+            )
             print(f"run {run.run_id}: stopping " + ("now" if args.abandon_round else f"after round {run.round + 1}"))
             return 0
         if args.runs_command == "model":
@@ -303,8 +349,11 @@ def run_command(args: argparse.Namespace) -> int:
         return broken_pipe()
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            print(f"fedpi runs {args.runs_command}: cannot reach a coordinator at {args.coordinator}: is `fedpi serve` "
-                  f"running there? (--coordinator HOST:PORT or FEDPI_COORDINATOR; {exc.details()})", file=sys.stderr)
+            print(
+                f"fedpi runs {args.runs_command}: cannot reach a coordinator at {args.coordinator}: is `fedpi serve` "
+                f"running there? (--coordinator HOST:PORT or FEDPI_COORDINATOR; {exc.details()})",
+                file=sys.stderr,
+            )
         else:
             print(f"fedpi runs {args.runs_command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

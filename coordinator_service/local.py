@@ -24,8 +24,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def wait_serving(address: str, process: subprocess.Popen | None, timeout: float = 120.0,
-                       log_path: Path | None = None) -> None:
+async def wait_serving(
+    address: str, process: subprocess.Popen | None, timeout: float = 120.0, log_path: Path | None = None
+) -> None:
     """Wait until the worker's health service says SERVING; fail early if its process died."""
     deadline = time.monotonic() + timeout
     async with grpc.aio.insecure_channel(address) as channel:
@@ -48,8 +49,16 @@ async def wait_serving(address: str, process: subprocess.Popen | None, timeout: 
 class LocalWorker:
     """One `python -m worker_service` process on 127.0.0.1, its output in a log file."""
 
-    def __init__(self, name: str, args: Sequence[str], log_dir: Path, port: int | None = None,
-                 env: dict[str, str] | None = None, health_port: bool = False, module: str = "worker_service"):
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        log_dir: Path,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        health_port: bool = False,
+        module: str = "worker_service",
+    ):
         """`health_port`: serve health on a second, plaintext port and wait on that (for TLS workers). `module` runs
         another entry point with the worker's flags (tests use one that misbehaves)."""
         self.name = name
@@ -57,8 +66,20 @@ class LocalWorker:
         self.address = f"127.0.0.1:{self.port}"
         self.health_address = f"127.0.0.1:{free_port()}" if health_port else self.address
         self.log_path = log_dir / f"{name}.log"
-        self.argv = [sys.executable, "-m", module, "--id", name, "--host", "127.0.0.1",
-                     "--port", str(self.port), "--log-format", "json", *args]
+        self.argv = [
+            sys.executable,
+            "-m",
+            module,
+            "--id",
+            name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-format",
+            "json",
+            *args,
+        ]
         if health_port:
             self.argv += ["--health-port", self.health_address.rsplit(":", 1)[1]]
         self.env = {**os.environ, **(env or {})}
@@ -123,6 +144,6 @@ class LocalCluster:
 
 def demo_cluster(count: int, worker_args: Sequence[str], log_dir: Path) -> LocalCluster:
     names = [DEMO_NAMES[i] if i < len(DEMO_NAMES) else f"worker{i}" for i in range(count)]
-    return LocalCluster([
-        LocalWorker(name, [*worker_args, "--partition", f"{i}/{count}"], log_dir) for i, name in enumerate(names)
-    ])
+    return LocalCluster(
+        [LocalWorker(name, [*worker_args, "--partition", f"{i}/{count}"], log_dir) for i, name in enumerate(names)]
+    )

@@ -14,14 +14,14 @@ from pathlib import Path
 import structlog
 import torch
 
-from coordinator_service.control import launch, runspec
 from coordinator_service import settings as run_settings
-from coordinator_service.observe.metrics import PrometheusObserver
-from coordinator_service.engine.observer import RunObserver
+from coordinator_service.control import launch, runspec
 from coordinator_service.control.runspec import InvalidSpec, RunTarget, WorkerPolicy
+from coordinator_service.engine.observer import RunObserver
+from coordinator_service.observe.metrics import PrometheusObserver
+from fedpi.logs import configure_logging
 from fedpi.net.auth import ServerSecurity, exposure
 from fedpi.runtime import read_secret
-from fedpi.logs import configure_logging
 from fedpi.task import DEFAULT_TASK, installed
 
 log = structlog.get_logger()
@@ -37,11 +37,21 @@ def api_security(args: argparse.Namespace) -> tuple[ServerSecurity, str]:
     path = lambda value: Path(value) if value else None  # noqa: E731
     security = ServerSecurity(
         token=read_secret(args.api_token_file, "--api-token-file") if args.api_token_file else None,
-        cert_file=path(args.api_tls_cert), key_file=path(args.api_tls_key),
-        client_ca_file=path(args.api_client_ca), client_identity=args.api_client_identity,
-        client_role="an operator", server_role="coordinator", token_flag="fedpi runs --token-file")
-    problem = exposure(args.host, args.port, security, token_hint="add --api-tls-cert and --api-tls-key",
-                       auth_hint="add --api-token-file with --api-tls-cert/--api-tls-key, or --api-client-ca")
+        cert_file=path(args.api_tls_cert),
+        key_file=path(args.api_tls_key),
+        client_ca_file=path(args.api_client_ca),
+        client_identity=args.api_client_identity,
+        client_role="an operator",
+        server_role="coordinator",
+        token_flag="fedpi runs --token-file",
+    )
+    problem = exposure(
+        args.host,
+        args.port,
+        security,
+        token_hint="add --api-tls-cert and --api-tls-key",
+        auth_hint="add --api-token-file with --api-tls-cert/--api-tls-key, or --api-client-ca",
+    )
     if not problem:
         return security, ""
     if not args.insecure:
@@ -56,8 +66,14 @@ def server_runs(args: argparse.Namespace, worker_security) -> tuple[runspec.Work
         dns = runspec.parse_address(args.workers_dns, "--workers-dns") if args.workers_dns else None
     except InvalidSpec as exc:
         raise ValueError(str(exc)) from None
-    defaults = RunTarget(task=args.task, model=args.model or "", dataset=args.dataset or "", workers=workers,
-                         workers_dns=dns, expect_workers=args.expect_workers)
+    defaults = RunTarget(
+        task=args.task,
+        model=args.model or "",
+        dataset=args.dataset or "",
+        workers=workers,
+        workers_dns=dns,
+        expect_workers=args.expect_workers,
+    )
     given = [w for w in args.allow_workers.split(",") if w.strip()]
     policy = (WorkerPolicy.parse(given) if given else runspec.LOOPBACK).including(defaults)
     beyond_loopback = bool(policy.names - {"localhost"}) or any(not n.is_loopback for n in policy.networks)
@@ -87,20 +103,33 @@ def serve_main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         security, api_warning = api_security(args)
-        worker_security = launch.client_security(args.token_file, args.tls_ca, args.tls_cert, args.tls_key,
-                                                 args.tls_server_name)
+        worker_security = launch.client_security(
+            args.token_file, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name
+        )
         policy, defaults, worker_warning = server_runs(args, worker_security)
         layer = {**getattr(args, "config_layer", {}), **run_settings.env_layer()}  # the file, then the environment
         run_settings.merge(run_settings.preset_layer(args.preset), layer)  # bad FEDPI_* settings stop us here
         config = ServerRuns(
-            place=launch.RunPlace(output_dir=Path(args.state_dir), security=worker_security, data_dir=args.data_dir,
-                                  download=not args.no_download, default_dataset=args.default_dataset,
-                                  latest_link=Path(args.latest_link) if args.latest_link else None,
-                                  keep_round_models=args.keep_round_models,
-                                  discovery_timeout=args.discovery_timeout),
-            defaults=defaults, preset=args.preset, layer=layer, allowed_tasks=allowed_tasks(args), workers=policy,
-            max_workers=min(args.max_workers_per_run, run_settings.MAX_WORKERS), keep_runs=args.keep_runs,
-            max_watchers=args.max_watchers, warning="; ".join(filter(None, (api_warning, worker_warning))))
+            place=launch.RunPlace(
+                output_dir=Path(args.state_dir),
+                security=worker_security,
+                data_dir=args.data_dir,
+                download=not args.no_download,
+                default_dataset=args.default_dataset,
+                latest_link=Path(args.latest_link) if args.latest_link else None,
+                keep_round_models=args.keep_round_models,
+                discovery_timeout=args.discovery_timeout,
+            ),
+            defaults=defaults,
+            preset=args.preset,
+            layer=layer,
+            allowed_tasks=allowed_tasks(args),
+            workers=policy,
+            max_workers=min(args.max_workers_per_run, run_settings.MAX_WORKERS),
+            keep_runs=args.keep_runs,
+            max_watchers=args.max_watchers,
+            warning="; ".join(filter(None, (api_warning, worker_warning))),
+        )
         observers: list[RunObserver] = []
         if args.metrics_port:
             metrics = PrometheusObserver()

@@ -41,17 +41,30 @@ class LocalTraining(_Group):
 
     local_batches: int = Field(50, ge=1, le=100_000, description="batches per worker per round")
     local_epochs: int = Field(0, ge=0, le=1_000, description="epochs per round instead of local_batches (0: off)")
-    local_seconds: float = Field(0.0, ge=0, le=DAY, description="seconds: instead of local_batches, every worker "
-                                 "trains for this long (mixed clusters; aggregated with FedNova unless strategy says "
-                                 "otherwise)")
+    local_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=DAY,
+        description="seconds: instead of local_batches, every worker "
+        "trains for this long (mixed clusters; aggregated with FedNova unless strategy says "
+        "otherwise)",
+    )
     batch_size: int = Field(64, ge=1, le=65_536, description="samples per batch")
     lr: float = Field(0.05, gt=0, le=100, description="SGD learning rate of the workers")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of the workers (fresh each round)")
     lr_decay: float = Field(1.0, gt=0, le=1, description="the local learning rate of round r is lr x this^(r-1)")
-    proximal_mu: float = Field(0.0, ge=0, le=1_000, description="FedProx: workers add mu/2 * ||w - w_global||^2 to "
-                               "their loss (0: plain FedAvg)")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="seeds the initial model, every worker's batch order and "
-                      "the choice of workers per round")
+    proximal_mu: float = Field(
+        0.0,
+        ge=0,
+        le=1_000,
+        description="FedProx: workers add mu/2 * ||w - w_global||^2 to their loss (0: plain FedAvg)",
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**31 - 1,
+        description="seeds the initial model, every worker's batch order and the choice of workers per round",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> LocalTraining:
@@ -63,12 +76,18 @@ class LocalTraining(_Group):
 class Sampling(_Group):
     """Which workers train in a round, and how many must finish it."""
 
-    fraction: float = Field(1.0, gt=0, le=1, description="share of the present workers that train each round (a "
-                            "seeded choice per round)")
-    workers_per_round: int = Field(0, ge=0, le=MAX_WORKERS, description="instead of fraction: how many workers "
-                                   "train each round (0: off)")
-    min_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="quorum: a round counts if this many workers "
-                             "finish it (0: a majority of the round's workers)")
+    fraction: float = Field(
+        1.0, gt=0, le=1, description="share of the present workers that train each round (a seeded choice per round)"
+    )
+    workers_per_round: int = Field(
+        0, ge=0, le=MAX_WORKERS, description="instead of fraction: how many workers train each round (0: off)"
+    )
+    min_workers: int = Field(
+        0,
+        ge=0,
+        le=MAX_WORKERS,
+        description="quorum: a round counts if this many workers finish it (0: a majority of the round's workers)",
+    )
 
     @model_validator(mode="after")
     def _one_sample(self) -> Sampling:
@@ -81,13 +100,22 @@ class AggregationSettings(_Group):
     """How the round's updates are combined."""
 
     strategy: Literal["auto", "fedavg", "fednova"] = Field(
-        "auto", description="fedavg, or fednova (normalises updates by their local steps); auto: fednova with "
-                            "local_seconds, else fedavg")
-    aggregation: str = Field("fedavg", max_length=32, description="fedavg | median | trimmed-mean[:k] | "
-                             "clipped[:norm] (README: Robust aggregation)")
+        "auto",
+        description="fedavg, or fednova (normalises updates by their local steps); auto: fednova with "
+        "local_seconds, else fedavg",
+    )
+    aggregation: str = Field(
+        "fedavg",
+        max_length=32,
+        description="fedavg | median | trimmed-mean[:k] | clipped[:norm] (README: Robust aggregation)",
+    )
     unweighted: bool = Field(False, description="plain mean instead of weighting by samples")
-    max_update_ratio: float = Field(10.0, ge=1, le=1e6, description="refuse an update further (L2) from the global "
-                                    "model than this many times the model's norm")
+    max_update_ratio: float = Field(
+        10.0,
+        ge=1,
+        le=1e6,
+        description="refuse an update further (L2) from the global model than this many times the model's norm",
+    )
 
     @field_validator("aggregation")
     @classmethod
@@ -103,9 +131,14 @@ class ServerOptimizerSettings(_Group):
     """How the aggregate becomes the next global model (README: Server optimizers)."""
 
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
-        "fedavg", description="fedavg takes the aggregate; the others step towards it")
-    server_lr: float | None = Field(None, gt=0, le=100, description="server learning rate (default: 1.0 for "
-                                    "fedavg and fedavgm, 0.01 for the adaptive ones)")
+        "fedavg", description="fedavg takes the aggregate; the others step towards it"
+    )
+    server_lr: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="server learning rate (default: 1.0 for fedavg and fedavgm, 0.01 for the adaptive ones)",
+    )
     server_momentum: float = Field(0.9, ge=0, lt=1, description="server beta1 (fedavgm's momentum)")
     server_beta2: float = Field(0.99, ge=0, lt=1, description="second-moment decay of fedadam / fedyogi")
     server_tau: float = Field(1e-3, gt=0, le=1, description="adaptivity of fedadam / fedyogi / fedadagrad")
@@ -116,27 +149,34 @@ class ServerOptimizerSettings(_Group):
 
 
 class Evaluation(_Group):
-    federated_evaluation: bool = Field(False, description="after every round, each worker also evaluates the new "
-                                       "model on its local test split")
-    sequential_evaluation: bool = Field(False, description="evaluate each round's model before the next round "
-                                        "starts, not while it trains")
+    federated_evaluation: bool = Field(
+        False, description="after every round, each worker also evaluates the new model on its local test split"
+    )
+    sequential_evaluation: bool = Field(
+        False, description="evaluate each round's model before the next round starts, not while it trains"
+    )
 
 
 class Transfer(_Group):
     """How weights cross the network."""
 
-    chunk_size: int = Field(MIB, ge=1024, le=4 * MIB, description="bytes per weight chunk (workers accept up to "
-                            "4 MiB by default)")
+    chunk_size: int = Field(
+        MIB, ge=1024, le=4 * MIB, description="bytes per weight chunk (workers accept up to 4 MiB by default)"
+    )
     compression: Literal["none", "zlib", "fp16", "bf16", "int8"] = Field(
-        "none", description="how workers send their updates: zlib (lossless, the global model too), fp16 / bf16 "
-                            "(half the bytes), int8 (deltas with error feedback, a quarter); README: Compression")
+        "none",
+        description="how workers send their updates: zlib (lossless, the global model too), fp16 / bf16 "
+        "(half the bytes), int8 (deltas with error feedback, a quarter); README: Compression",
+    )
     compress_global_model: bool = Field(False, description="with fp16 / bf16: send the global model that way too")
 
     @model_validator(mode="after")
     def _global_model_compression(self) -> Transfer:
         if self.compress_global_model and self.compression not in ("fp16", "bf16"):
-            raise ValueError(f"compress_global_model goes with compression fp16 or bf16, not {self.compression} "
-                             f"(zlib always compresses the global model; int8 deltas need it exact on both sides)")
+            raise ValueError(
+                f"compress_global_model goes with compression fp16 or bf16, not {self.compression} "
+                f"(zlib always compresses the global model; int8 deltas need it exact on both sides)"
+            )
         return self
 
 
@@ -144,16 +184,21 @@ class Timeouts(_Group):
     """How long the coordinator waits, and how often it tries again. All in seconds but the retry count."""
 
     round_timeout: float = Field(3600.0, ge=1, le=7 * DAY, description="seconds a worker may take for one round")
-    idle_timeout: float = Field(120.0, ge=1, le=DAY, description="seconds without training progress before a "
-                                "worker counts as hung")
+    idle_timeout: float = Field(
+        120.0, ge=1, le=DAY, description="seconds without training progress before a worker counts as hung"
+    )
     rpc_timeout: float = Field(30.0, ge=0.1, le=3600, description="seconds: deadline of short calls")
-    handshake_timeout: float = Field(10.0, ge=0.1, le=3600, description="seconds an absent worker gets to answer "
-                                     "before each round (dropped workers rejoin this way)")
+    handshake_timeout: float = Field(
+        10.0,
+        ge=0.1,
+        le=3600,
+        description="seconds an absent worker gets to answer before each round (dropped workers rejoin this way)",
+    )
     round_retries: int = Field(2, ge=0, le=100, description="times a round that misses its quorum is tried again")
-    retry_backoff: float = Field(5.0, ge=0, le=3600, description="seconds before the first retry of a round; "
-                                 "doubles with each further retry")
-    keepalive: float = Field(30.0, ge=1, le=3600, description="seconds between keepalive pings on quiet "
-                             "connections")
+    retry_backoff: float = Field(
+        5.0, ge=0, le=3600, description="seconds before the first retry of a round; doubles with each further retry"
+    )
+    keepalive: float = Field(30.0, ge=1, le=3600, description="seconds between keepalive pings on quiet connections")
 
 
 class RunSettings(_Group):
@@ -171,8 +216,10 @@ class RunSettings(_Group):
     @model_validator(mode="after")
     def _compatible(self) -> RunSettings:
         if self.strategy_name == "fednova" and self.aggregation.rule.coordinate_wise:
-            raise ValueError(f"strategy fednova weighs every update by its local steps; aggregation "
-                             f"{self.aggregation.aggregation} ignores weights: use fedavg or clipped")
+            raise ValueError(
+                f"strategy fednova weighs every update by its local steps; aggregation "
+                f"{self.aggregation.aggregation} ignores weights: use fedavg or clipped"
+            )
         return self
 
     @property
@@ -192,7 +239,8 @@ class RunSettings(_Group):
 # -- where each field lives ----------------------------------------------------------------------------------------
 
 GROUPS: dict[str, type[_Group]] = {
-    name: info.annotation for name, info in RunSettings.model_fields.items()
+    name: info.annotation
+    for name, info in RunSettings.model_fields.items()
     if isinstance(info.annotation, type) and issubclass(info.annotation, _Group)
 }
 #: setting -> its group (None: a field of RunSettings itself)
@@ -315,9 +363,14 @@ def changed(settings: RunSettings) -> dict[str, Any]:
 # -- command-line flags --------------------------------------------------------------------------------------------
 
 GROUP_TITLES = {
-    None: "run", "training": "local training (sent to every worker each round)", "sampling": "sampling and quorum",
-    "aggregation": "aggregation", "server": "server optimizer", "evaluation": "evaluation",
-    "transfer": "transfer", "timeouts": "timeouts and retries",
+    None: "run",
+    "training": "local training (sent to every worker each round)",
+    "sampling": "sampling and quorum",
+    "aggregation": "aggregation",
+    "server": "server optimizer",
+    "evaluation": "evaluation",
+    "transfer": "transfer",
+    "timeouts": "timeouts and retries",
 }
 
 
@@ -341,8 +394,11 @@ def add_arguments(parser) -> None:
         elif choices := getattr(info.annotation, "__args__", None) if _is_literal(info.annotation) else None:
             options["choices"] = choices
         else:
-            options["metavar"] = "SECONDS" if "seconds" in (info.description or "") and info.annotation is not int \
+            options["metavar"] = (
+                "SECONDS"
+                if "seconds" in (info.description or "") and info.annotation is not int
                 else ("N" if info.annotation is int else "X")
+            )
         groups[group].add_argument(flag, **options)
 
 

@@ -17,9 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds each worker gets to answer")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     g = p.add_argument_group("security (as for training)")
-    for flag, text in (("--token-file", "bearer token file"), ("--tls-ca", "CA to verify workers with"),
-                       ("--tls-cert", "client certificate (mutual TLS)"), ("--tls-key", "its key"),
-                       ("--tls-server-name", "name on the workers' certificates when dialling by IP")):
+    for flag, text in (
+        ("--token-file", "bearer token file"),
+        ("--tls-ca", "CA to verify workers with"),
+        ("--tls-cert", "client certificate (mutual TLS)"),
+        ("--tls-key", "its key"),
+        ("--tls-server-name", "name on the workers' certificates when dialling by IP"),
+    ):
         g.add_argument(flag, help=text)
 
 
@@ -36,6 +40,7 @@ async def gather_info(workers: list[tuple[str, str]], security, timeout: float) 
             return name, address, exc
         finally:
             await client.close()
+
     return await asyncio.gather(*(ask(n, a) for n, a in workers))
 
 
@@ -45,17 +50,26 @@ def table(rows: list[tuple[str, str, object]]):
     from generated.fedpi.v1 import worker_pb2 as pb
 
     t = Table(title="fedpi workers")
-    for column in ("worker", "address", "id", "state", "round", "model", "shard", "protocol", "fedpi", "torch",
-                   "arch"):
+    for column in ("worker", "address", "id", "state", "round", "model", "shard", "protocol", "fedpi", "torch", "arch"):
         t.add_column(column)
     for name, address, info in rows:
         if not isinstance(info, pb.WorkerInfo):
             t.add_row(name, address, "", "[red]unreachable[/red]", *[""] * 7)
             continue
         shard = f"{info.train_samples}/{info.test_samples} {info.dataset} {info.partition}"
-        t.add_row(name, address, info.worker_id, STATES.get(info.state, "?"), str(info.weights_round),
-                  info.model_architecture, shard, info.protocol_version, info.software_version, info.torch_version,
-                  info.cpu_architecture)
+        t.add_row(
+            name,
+            address,
+            info.worker_id,
+            STATES.get(info.state, "?"),
+            str(info.weights_round),
+            info.model_architecture,
+            shard,
+            info.protocol_version,
+            info.software_version,
+            info.torch_version,
+            info.cpu_architecture,
+        )
     return t
 
 
@@ -71,8 +85,19 @@ async def _main(args: argparse.Namespace, security) -> int:
     workers = parse_workers(args.workers) if args.workers else await discover(args.workers_dns, 1, args.timeout)
     rows = await gather_info(workers, security, args.timeout)
     if args.json:
-        print(json.dumps([{"worker": n, "address": a, **(MessageToDict(i) if isinstance(i, pb.WorkerInfo)
-                                                         else {"error": str(i)})} for n, a, i in rows], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "worker": n,
+                        "address": a,
+                        **(MessageToDict(i) if isinstance(i, pb.WorkerInfo) else {"error": str(i)}),
+                    }
+                    for n, a, i in rows
+                ],
+                indent=2,
+            )
+        )
     else:
         # Piped (a file, `less`, a test): wide enough for every column, not 80 characters.
         console = Console() if sys.stdout.isatty() else Console(width=220)
@@ -97,8 +122,11 @@ def run(args: argparse.Namespace) -> int:
     from coordinator_service.control.launch import client_security  # the same flags and checks as training
 
     try:
-        return asyncio.run(_main(args, client_security(args.token_file, args.tls_ca, args.tls_cert, args.tls_key,
-                                                        args.tls_server_name)))
+        return asyncio.run(
+            _main(
+                args, client_security(args.token_file, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+            )
+        )
     except ValueError as exc:
         print(f"fedpi status: {exc}", file=sys.stderr)
         return 2

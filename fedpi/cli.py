@@ -94,34 +94,52 @@ def apply_env_defaults(parser: argparse.ArgumentParser, skip: set[str] = frozens
         except (ValueError, TypeError) as exc:
             parser.error(f"{name}={value!r} is not a valid value for {flags[0]}: {exc}")
         if action.choices is not None and action.default not in action.choices:
-            parser.error(f"{name}={value!r} is not a valid value for {flags[0]}: choose from "
-                         f"{', '.join(map(str, action.choices))}")
+            parser.error(
+                f"{name}={value!r} is not a valid value for {flags[0]}: choose from "
+                f"{', '.join(map(str, action.choices))}"
+            )
         action.required = False
-
-
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, default_dataset: str) -> None:
     """--task and the options every task gets (--data-dir, --no-download), and the built-in task's own."""
-    parser.add_argument("--task", default=names.DEFAULT_TASK,
-                        help="what to train: a task name from `fedpi tasks` or package.module:TaskClass "
-                             "(README: Your own model and data)")
-    parser.add_argument("--model", choices=names.MODEL_NAMES, default=None,
-                        help=f"the built-in mnist task's model (default {names.DEFAULT_MODEL})")
-    parser.add_argument("--dataset", choices=names.DATASETS, default=None,
-                        help=f"the built-in mnist task's data (default {default_dataset})")
+    parser.add_argument(
+        "--task",
+        default=names.DEFAULT_TASK,
+        help="what to train: a task name from `fedpi tasks` or package.module:TaskClass "
+        "(README: Your own model and data)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=names.MODEL_NAMES,
+        default=None,
+        help=f"the built-in mnist task's model (default {names.DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=names.DATASETS,
+        default=None,
+        help=f"the built-in mnist task's data (default {default_dataset})",
+    )
     parser.set_defaults(default_dataset=default_dataset)
     parser.add_argument("--data-dir", default="data", help="where the task reads (or downloads) its data")
-    parser.add_argument("--no-download", action="store_true", default=False,
-                        help="never download; read local files only")
+    parser.add_argument(
+        "--no-download", action="store_true", default=False, help="never download; read local files only"
+    )
 
 
 def make_task(args: argparse.Namespace):
     """The task named by --task, built from the parsed arguments."""
     from fedpi.task import build_task
 
-    return build_task(args.task, data_dir=args.data_dir, download=not args.no_download, model=args.model,
-                      dataset=args.dataset or args.default_dataset, given_dataset=args.dataset)
+    return build_task(
+        args.task,
+        data_dir=args.data_dir,
+        download=not args.no_download,
+        model=args.model,
+        dataset=args.dataset or args.default_dataset,
+        given_dataset=args.dataset,
+    )
 
 
 def innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:

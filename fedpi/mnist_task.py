@@ -19,8 +19,9 @@ class MnistTask(Task):
     name = "mnist"
     version = fedpi.__version__
 
-    def __init__(self, data_dir="data", download: bool = True, model: str = models.DEFAULT_MODEL,
-                 dataset: str = "auto"):
+    def __init__(
+        self, data_dir="data", download: bool = True, model: str = models.DEFAULT_MODEL, dataset: str = "auto"
+    ):
         super().__init__(data_dir, download)
         if model not in models.MODELS:
             raise ValueError(f"unknown model {model!r}; choose one of: {', '.join(models.MODELS)}")
@@ -46,8 +47,9 @@ class MnistTask(Task):
         return full
 
     def load_data(self, partition: Partition) -> tuple[Any, Any]:
-        shard = datasets.shard(self._load(), partition.index, partition.count, partition.scheme, partition.seed,
-                               partition.alpha)
+        shard = datasets.shard(
+            self._load(), partition.index, partition.count, partition.scheme, partition.seed, partition.alpha
+        )
         return shard.train, shard.test
 
     def test_data(self) -> Any:

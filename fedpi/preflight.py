@@ -27,8 +27,11 @@ opt.step()
 """
 
 # ARM "CPU part" numbers of the boards fedpi runs on.
-_ARM_PARTS = {"0xd03": "Cortex-A53 (Raspberry Pi 3)", "0xd08": "Cortex-A72 (Raspberry Pi 4)",
-              "0xd0b": "Cortex-A76 (Raspberry Pi 5)"}
+_ARM_PARTS = {
+    "0xd03": "Cortex-A53 (Raspberry Pi 3)",
+    "0xd08": "Cortex-A72 (Raspberry Pi 4)",
+    "0xd0b": "Cortex-A76 (Raspberry Pi 5)",
+}
 EXIT_UNSUPPORTED = 3
 
 
@@ -75,9 +78,11 @@ def check(timeout: float = 600.0) -> str | None:
         cpu = describe_cpu(Path("/proc/cpuinfo").read_text(errors="replace"))
     except OSError:
         cpu = "unknown CPU"
-    return (f"fedpi cannot train here: torch {torch_version()} {how} on this CPU ({cpu}). Use a fedpi image built "
-            f"with a torch that supports it (torch 2.9.1 for a Raspberry Pi 4, see README: Supported boards), or try "
-            f"OMP_NUM_THREADS=1.")
+    return (
+        f"fedpi cannot train here: torch {torch_version()} {how} on this CPU ({cpu}). Use a fedpi image built "
+        f"with a torch that supports it (torch 2.9.1 for a Raspberry Pi 4, see README: Supported boards), or try "
+        f"OMP_NUM_THREADS=1."
+    )
 
 
 def run_if_asked() -> None:

@@ -33,8 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Subset, TensorDataset
-from torch.utils.data import default_collate
+from torch.utils.data import Subset, TensorDataset, default_collate
 
 from fedpi import data as datasets
 from fedpi.weights import serde
@@ -217,18 +216,23 @@ def check_wire_dtypes(task_name: str, state_dict: Mapping[str, torch.Tensor]) ->
         raise TaskError(f"task {task_name!r}: the model has no parameters or buffers to train")
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor):
-            raise TaskError(f"task {task_name!r}: state_dict entry {name!r} is a {type(tensor).__name__}, not a "
-                            f"tensor; fedpi sends tensors only")
+            raise TaskError(
+                f"task {task_name!r}: state_dict entry {name!r} is a {type(tensor).__name__}, not a "
+                f"tensor; fedpi sends tensors only"
+            )
         try:
             serde.dtype_name(tensor.dtype)
         except serde.UnsupportedDtype:
             raise TaskError(
                 f"task {task_name!r}: state_dict entry {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
                 f"which fedpi's wire format cannot carry (it carries {', '.join(serde.supported_dtypes())}); convert "
-                f"it, or keep it out of the state_dict (register_buffer(..., persistent=False))") from None
+                f"it, or keep it out of the state_dict (register_buffer(..., persistent=False))"
+            ) from None
         if tensor.is_sparse or tensor.layout != torch.strided:
-            raise TaskError(f"task {task_name!r}: state_dict entry {name!r} is a {tensor.layout} tensor; fedpi sends "
-                            f"dense tensors only")
+            raise TaskError(
+                f"task {task_name!r}: state_dict entry {name!r} is a {tensor.layout} tensor; fedpi sends "
+                f"dense tensors only"
+            )
 
 
 def fingerprint(manifest: list[serde.TensorMeta]) -> str:
@@ -261,7 +265,9 @@ def task_class(spec: str) -> type[Task]:
         try:
             module = import_module(module_name)
         except Exception as exc:
-            raise TaskError(f"--task {spec}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from exc
+            raise TaskError(
+                f"--task {spec}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
         cls = getattr(module, attr, None)
         if cls is None:
             raise TaskError(f"--task {spec}: module {module_name!r} has no {attr!r}")
@@ -273,14 +279,17 @@ def task_class(spec: str) -> type[Task]:
             cls = ep.load()
         except Exception as exc:
             package = f" (package {ep.dist.name} {ep.dist.version})" if ep.dist else ""
-            raise TaskError(f"task {spec!r} = {ep.value}{package} failed to import: "
-                            f"{type(exc).__name__}: {exc}") from exc
+            raise TaskError(
+                f"task {spec!r} = {ep.value}{package} failed to import: {type(exc).__name__}: {exc}"
+            ) from exc
         return _checked(spec, cls)
     if spec in _builtin():
         return _builtin()[spec]
     known = sorted({*entry_points, *_builtin()})
-    raise TaskError(f"unknown task {spec!r}; installed: {', '.join(known)}. Install the package that provides it, "
-                    f"or name the class directly: --task package.module:TaskClass")
+    raise TaskError(
+        f"unknown task {spec!r}; installed: {', '.join(known)}. Install the package that provides it, "
+        f"or name the class directly: --task package.module:TaskClass"
+    )
 
 
 def _checked(spec: str, cls: Any) -> type[Task]:
@@ -308,15 +317,24 @@ def load_partition(task: Task, partition: Partition) -> tuple[Any, Any]:
     except (datasets.DatasetUnavailable, TaskError):
         raise
     except Exception as exc:
-        raise TaskError(f"task {task.name!r}: loading the data of partition {partition.describe()} failed: "
-                        f"{type(exc).__name__}: {exc}") from exc
+        raise TaskError(
+            f"task {task.name!r}: loading the data of partition {partition.describe()} failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     if len(train) == 0:
         raise TaskError(f"task {task.name!r}: partition {partition.describe()} holds no training samples")
     return train, test
 
 
-def build_task(name: str, *, data_dir: str, download: bool, model: str | None, dataset: str | None,
-               given_dataset: str | None = None):
+def build_task(
+    name: str,
+    *,
+    data_dir: str,
+    download: bool,
+    model: str | None,
+    dataset: str | None,
+    given_dataset: str | None = None,
+):
     """The task `name`; the built-in task takes `model` and `dataset`, another one warns that it ignores them."""
     import structlog
 
@@ -328,7 +346,11 @@ def build_task(name: str, *, data_dir: str, download: bool, model: str | None, d
         options.update(model=model or DEFAULT_MODEL, dataset=dataset or "auto")
     elif model or given_dataset:
         structlog.get_logger().warning(
-            "task_options_ignored", task=name, model=model, dataset=given_dataset,
+            "task_options_ignored",
+            task=name,
+            model=model,
+            dataset=given_dataset,
             reason="--model and --dataset (FEDPI_MODEL, FEDPI_DATASET) choose the built-in mnist task's model and "
-                   "data; this task builds its own")
+            "data; this task builds its own",
+        )
     return load_task(name, **options)

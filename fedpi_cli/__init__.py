@@ -34,20 +34,33 @@ def build_parser() -> Parser:
     p = Parser(prog="fedpi", description=__doc__)
     p.add_argument("-V", "--version", action="version", version=version_line(), help="print fedpi's version")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    worker = sub.add_parser("worker", help="a worker: serves the fedpi.v1.Worker service on this device",
-                            description=worker_cli.__doc__)
+    worker = sub.add_parser(
+        "worker", help="a worker: serves the fedpi.v1.Worker service on this device", description=worker_cli.__doc__
+    )
     worker_cli.add_arguments(worker)
     coordinator_cli.add_commands(sub)
-    status.add_arguments(sub.add_parser("status", help="every worker's GetInfo as a table (or --json)",
-                                        description=status.__doc__))
-    report = sub.add_parser("report", help="report.html with plots from a run's metrics",
-                            description="Write report.html (and PNGs) into a run directory.")
+    status.add_arguments(
+        sub.add_parser("status", help="every worker's GetInfo as a table (or --json)", description=status.__doc__)
+    )
+    report = sub.add_parser(
+        "report",
+        help="report.html with plots from a run's metrics",
+        description="Write report.html (and PNGs) into a run directory.",
+    )
     report.add_argument("run_dir", help="a training run's --output-dir (holds metrics.jsonl)")
-    client.add_arguments(sub.add_parser("runs", help="start, watch, stop and resume runs of a `fedpi serve`, fetch "
-                                                     "their models", description=client.__doc__))
-    completion = sub.add_parser("completion", help="print the shell completion script for bash, zsh or fish",
-                                description='Shell completion. bash: eval "$(fedpi completion bash)" in ~/.bashrc; '
-                                            'zsh: the same in ~/.zshrc; fish: fedpi completion fish | source')
+    client.add_arguments(
+        sub.add_parser(
+            "runs",
+            help="start, watch, stop and resume runs of a `fedpi serve`, fetch their models",
+            description=client.__doc__,
+        )
+    )
+    completion = sub.add_parser(
+        "completion",
+        help="print the shell completion script for bash, zsh or fish",
+        description='Shell completion. bash: eval "$(fedpi completion bash)" in ~/.bashrc; '
+        "zsh: the same in ~/.zshrc; fish: fedpi completion fish | source",
+    )
     completion.add_argument("shell", choices=SHELLS, help="your shell")
     return p
 
@@ -94,15 +107,19 @@ def _main(argv: list[str] | None) -> int:
     args.command_parser, args.argv = innermost(parser, args), sys.argv[1:] if argv is None else argv
     if args.command == "worker":
         from worker_service.__main__ import run
+
         return run(args)
     if args.command == "runs":
         from coordinator_service.client import run_command
+
         return run_command(args)
     if args.command in ("train", "demo", "tasks", "serve", "config"):
         from coordinator_service.__main__ import run
+
         return run(args)
     if args.command == "status":
         from coordinator_service.status import run
+
         return run(args)
     if args.command == "completion":
         return _completion(args.shell)

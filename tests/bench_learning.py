@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator_service.local import LocalCluster, LocalWorker
-from tests import pilan
 from fedpi.data import DEBIAN_FASHION_MNIST
+from tests import pilan
 from tests.conftest import ROOT, SHARED_MNIST
-
 
 
 @dataclass(frozen=True)
@@ -43,18 +42,22 @@ class Setting:
 STRATEGIES = (
     Setting("FedAvg (seed config)", ("--preset", "seed")),
     Setting("FedAvg (defaults)", ()),
-    Setting("FedAvgM (local momentum 0.5, lr 0.02)", ("--momentum", "0.5", "--lr", "0.02",
-                                                      "--server-optimizer", "fedavgm")),
-    Setting("FedAvgM, 10 local batches", ("--momentum", "0.5", "--lr", "0.02", "--local-batches", "10",
-                                          "--server-optimizer", "fedavgm")),
+    Setting(
+        "FedAvgM (local momentum 0.5, lr 0.02)", ("--momentum", "0.5", "--lr", "0.02", "--server-optimizer", "fedavgm")
+    ),
+    Setting(
+        "FedAvgM, 10 local batches",
+        ("--momentum", "0.5", "--lr", "0.02", "--local-batches", "10", "--server-optimizer", "fedavgm"),
+    ),
     Setting("FedAdam", ("--server-optimizer", "fedadam")),
     Setting("FedProx", ("--proximal-mu", "0.01")),
 )
 PARTITIONS = (
     Setting("iid, 20 rounds", ("--partition-scheme", "iid", "--rounds", "20")),
     Setting("labels, 40 rounds", ("--partition-scheme", "labels", "--rounds", "40")),
-    Setting("dirichlet 0.1, 40 rounds", ("--partition-scheme", "dirichlet", "--partition-alpha", "0.1",
-                                         "--rounds", "40")),
+    Setting(
+        "dirichlet 0.1, 40 rounds", ("--partition-scheme", "dirichlet", "--partition-alpha", "0.1", "--rounds", "40")
+    ),
 )
 
 
@@ -68,12 +71,21 @@ class Data:
 
 
 DATASETS = {
-    "mnist-10k": Data("MNIST, 8,000 / 2,000 real digits", ("--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST)),
-                      0.95, (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(), f"no MNIST digits at {SHARED_MNIST}"),
-    "fashion-mnist": Data("Fashion-MNIST, 60,000 / 10,000", ("--dataset", "fashion-mnist"), 0.85,
-                          (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file()
-                          or (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte").is_file(),
-                          "Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)"),
+    "mnist-10k": Data(
+        "MNIST, 8,000 / 2,000 real digits",
+        ("--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST)),
+        0.95,
+        (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
+        f"no MNIST digits at {SHARED_MNIST}",
+    ),
+    "fashion-mnist": Data(
+        "Fashion-MNIST, 60,000 / 10,000",
+        ("--dataset", "fashion-mnist"),
+        0.85,
+        (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file()
+        or (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte").is_file(),
+        "Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)",
+    ),
 }
 
 
@@ -83,9 +95,26 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _demo(out: Path, *args: str, timeout: float = 3600) -> list[dict]:
-    proc = subprocess.run([sys.executable, "-m", "coordinator_service", "demo", "--local-workers", "3",
-                           "--no-download", "--output-dir", str(out), "--log-format", "json", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator_service",
+            "demo",
+            "--local-workers",
+            "3",
+            "--no-download",
+            "--output-dir",
+            str(out),
+            "--log-format",
+            "json",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode:
         sys.exit(f"learning benchmark failed ({' '.join(args)}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return _metrics(out)
@@ -101,8 +130,10 @@ def bench_table(tmp: Path, datasets: list[str]) -> None:
         if not data.available:
             print(f"learning  {key} skipped: {data.missing}")
             continue
-        print(f"\n{data.name}, 3 workers, 50 local batches of 64 per round unless the row says otherwise; final "
-              f"test accuracy (first round at >= {data.target:.0%})\n")
+        print(
+            f"\n{data.name}, 3 workers, 50 local batches of 64 per round unless the row says otherwise; final "
+            f"test accuracy (first round at >= {data.target:.0%})\n"
+        )
         print("| strategy | " + " | ".join(p.name for p in PARTITIONS) + " |")
         print("|---|" + "---|" * len(PARTITIONS))
         for strategy in STRATEGIES:
@@ -120,17 +151,50 @@ BOARDS = (("pi4-a", 15), ("pi4-b", 15), ("pi5", 30))  # name, % of one core (pil
 
 
 def _pi_workers(tmp: Path) -> list[LocalWorker]:
-    return [pilan.pi_worker(i, name, ["--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST), "--no-download",
-                                      "--partition", f"{i - 1}/{len(BOARDS)}", "--threads", "1"], tmp)
-            for i, (name, _) in enumerate(BOARDS, 1)]
+    return [
+        pilan.pi_worker(
+            i,
+            name,
+            [
+                "--dataset",
+                "mnist-10k",
+                "--data-dir",
+                str(SHARED_MNIST),
+                "--no-download",
+                "--partition",
+                f"{i - 1}/{len(BOARDS)}",
+                "--threads",
+                "1",
+            ],
+            tmp,
+        )
+        for i, (name, _) in enumerate(BOARDS, 1)
+    ]
 
 
 def _timed_run(tmp: Path, name: str, spec: str, minutes: float, *args: str) -> list[dict]:
     """Train until `minutes` of wall clock have passed, then stop the coordinator (its metrics stay)."""
     out = tmp / name
-    cmd = [sys.executable, "-m", "coordinator_service", "train", "--workers", spec, "--rounds", "10000",
-           "--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST), "--no-download", "--output-dir", str(out),
-           "--log-format", "json", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "coordinator_service",
+        "train",
+        "--workers",
+        spec,
+        "--rounds",
+        "10000",
+        "--dataset",
+        "mnist-10k",
+        "--data-dir",
+        str(SHARED_MNIST),
+        "--no-download",
+        "--output-dir",
+        str(out),
+        "--log-format",
+        "json",
+        *args,
+    ]
     with (tmp / f"{name}.log").open("w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -161,26 +225,38 @@ def bench_mixed(tmp: Path, minutes: float) -> None:
     with pilan.lan(len(BOARDS), cpu_pct=BOARDS[0][1]):
         for i, (_, pct) in enumerate(BOARDS, 1):
             pilan.set_cpu_share(i, pct)
-        settings = (Setting("50 batches per round, FedAvg", ()),
-                    Setting("--local-seconds 5, FedNova", ("--local-seconds", "5")))
-        print(f"\nmixed cluster on pilan (100 Mbit/s): {', '.join(f'{n} {p}% CPU' for n, p in BOARDS)}; "
-              f"MNIST 8,000 / 2,000 iid; {minutes:g} minutes each\n")
+        settings = (
+            Setting("50 batches per round, FedAvg", ()),
+            Setting("--local-seconds 5, FedNova", ("--local-seconds", "5")),
+        )
+        print(
+            f"\nmixed cluster on pilan (100 Mbit/s): {', '.join(f'{n} {p}% CPU' for n, p in BOARDS)}; "
+            f"MNIST 8,000 / 2,000 iid; {minutes:g} minutes each\n"
+        )
         marks = [m for m in (1, 2, 5) if m < minutes] + [minutes]
-        print("| local work | rounds | median round wall | batches per round (pi4 / pi5) | test accuracy after "
-              + " / ".join(f"{m:g}" for m in marks) + " min of rounds |")
+        print(
+            "| local work | rounds | median round wall | batches per round (pi4 / pi5) | test accuracy after "
+            + " / ".join(f"{m:g}" for m in marks)
+            + " min of rounds |"
+        )
         print("|---|---|---|---|---|")
         for setting in settings:
             with LocalCluster(_pi_workers(tmp / "workers")) as cluster:
                 asyncio.run(cluster.wait_serving(timeout=300))
                 spec = ",".join(f"{w.name}={w.address}" for w in cluster.workers)
-                metrics = _timed_run(tmp, setting.name.split(",")[0].replace(" ", "_"), spec, minutes,
-                                     *setting.args)
+                metrics = _timed_run(tmp, setting.name.split(",")[0].replace(" ", "_"), spec, minutes, *setting.args)
             walls = [m["wall_seconds"] for m in metrics]
-            batches = [statistics.median(m["workers"][n]["batches"] for m in metrics if n in m["workers"])
-                       for n in ("pi4-a", "pi5")]
-            print(f"| {setting.name} | {len(metrics)} | {statistics.median(walls):.1f} s | "
-                  f"{batches[0]:.0f} / {batches[1]:.0f} | "
-                  + " / ".join(_accuracy_at(metrics, m * 60) for m in marks) + " |", flush=True)
+            batches = [
+                statistics.median(m["workers"][n]["batches"] for m in metrics if n in m["workers"])
+                for n in ("pi4-a", "pi5")
+            ]
+            print(
+                f"| {setting.name} | {len(metrics)} | {statistics.median(walls):.1f} s | "
+                f"{batches[0]:.0f} / {batches[1]:.0f} | "
+                + " / ".join(_accuracy_at(metrics, m * 60) for m in marks)
+                + " |",
+                flush=True,
+            )
 
 
 def main() -> None:

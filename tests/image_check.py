@@ -59,8 +59,22 @@ def torchvision_wheel(torch_version: str) -> Path:
     found = sorted((ROOT / "wheels").glob(f"torchvision-0.{minor + 15}.*-cp311-*x86_64.whl"))
     if found:
         return found[-1]
-    sh(sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version",
-       "3.11", "--platform", "manylinux_2_28_x86_64", "-d", str(ROOT / "wheels"), f"torchvision==0.{minor + 15}.*")
+    sh(
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.11",
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "-d",
+        str(ROOT / "wheels"),
+        f"torchvision==0.{minor + 15}.*",
+    )
     return torchvision_wheel(torch_version)
 
 
@@ -73,8 +87,12 @@ def build(eng: list[str], platform: str, tag: str, torch_wheel: str | None) -> f
             shutil.copy(torch_wheel, copied)
         version = Path(torch_wheel).name.split("-")[1]
         vision = torchvision_wheel(version)
-        args += ["--build-arg", "TORCH_WHEELS=1",
-                 "--build-arg", f"TORCH_SPEC=torch=={version} torchvision=={vision.name.split('-')[1]}"]
+        args += [
+            "--build-arg",
+            "TORCH_WHEELS=1",
+            "--build-arg",
+            f"TORCH_SPEC=torch=={version} torchvision=={vision.name.split('-')[1]}",
+        ]
     started = time.monotonic()
     sh(*args, str(ROOT), capture=False)
     print(f"image-test  built {tag} for {platform} in {time.monotonic() - started:.0f} s")
@@ -110,30 +128,87 @@ def check_task_image(eng: list[str], platform: str, tag: str) -> None:
     workers and a coordinator in one container of it, with the manifests' restrictions, train two rounds."""
     task_tag = f"{tag}-tabular"
     started = time.monotonic()
-    sh(*eng, "build", *shlex.split(os.environ.get("PODMAN_BUILD_FLAGS", "")), "--platform", platform,
-       "--build-arg", f"FEDPI_IMAGE={tag}", "-t", task_tag, str(ROOT / "examples" / "tabular"), capture=False)
-    listed = sh(*eng, "run", *RUN_ARGS, "--rm", "--entrypoint", "python", task_tag, "-m", "coordinator_service", "tasks")
+    sh(
+        *eng,
+        "build",
+        *shlex.split(os.environ.get("PODMAN_BUILD_FLAGS", "")),
+        "--platform",
+        platform,
+        "--build-arg",
+        f"FEDPI_IMAGE={tag}",
+        "-t",
+        task_tag,
+        str(ROOT / "examples" / "tabular"),
+        capture=False,
+    )
+    listed = sh(
+        *eng, "run", *RUN_ARGS, "--rm", "--entrypoint", "python", task_tag, "-m", "coordinator_service", "tasks"
+    )
     assert "breast-cancer" in listed, listed
     with tempfile.TemporaryDirectory() as empty:
-        run = run_container(eng, task_tag, f"fedpi-image-test-task-{free_port()}", Path(empty), [
-            "coordinator_service", "demo", "--rounds", "2", "--output-dir", "/tmp/run", "--log-format", "json",
-            "--startup-timeout", "900"],  # three workers starting at once under qemu take minutes
-            detach=False)
+        run = run_container(
+            eng,
+            task_tag,
+            f"fedpi-image-test-task-{free_port()}",
+            Path(empty),
+            [
+                "coordinator_service",
+                "demo",
+                "--rounds",
+                "2",
+                "--output-dir",
+                "/tmp/run",
+                "--log-format",
+                "json",
+                "--startup-timeout",
+                "900",
+            ],  # three workers starting at once under qemu take minutes
+            detach=False,
+        )
     finished = [e for e in events(run.stdout) if e.get("event") == "round_finished"]
     if run.returncode or len(finished) != 2:
         sys.exit(f"image-test: the breast-cancer task image failed:\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
-    print(f"image-test  {task_tag} (FROM the image, FEDPI_TASK=breast-cancer) built and trained 2 rounds in "
-          f"{time.monotonic() - started:.0f} s: test accuracy {finished[-1]['test_accuracy']:.4f}")
+    print(
+        f"image-test  {task_tag} (FROM the image, FEDPI_TASK=breast-cancer) built and trained 2 rounds in "
+        f"{time.monotonic() - started:.0f} s: test accuracy {finished[-1]['test_accuracy']:.4f}"
+    )
 
 
-def run_container(eng: list[str], tag: str, name: str, data: Path, command: list[str],
-                  detach: bool, results: Path | None = None) -> subprocess.CompletedProcess:
+def run_container(
+    eng: list[str], tag: str, name: str, data: Path, command: list[str], detach: bool, results: Path | None = None
+) -> subprocess.CompletedProcess:
     mounts = ["-v", f"{data}:/data:ro"] + (["-v", f"{results}:/results"] if results else [])
-    return subprocess.run([*eng, "run", *RUN_ARGS, *(["-d"] if detach else []), "--rm", "--name", name,
-                           "--network", "host",
-                           "--read-only", "--tmpfs", "/tmp", "--user", USER, "--cap-drop", "ALL",
-                           "--security-opt", "no-new-privileges", *mounts, "--entrypoint", "python", tag, "-m",
-                           *command], capture_output=True, text=True, timeout=1800)
+    return subprocess.run(
+        [
+            *eng,
+            "run",
+            *RUN_ARGS,
+            *(["-d"] if detach else []),
+            "--rm",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+            "--user",
+            USER,
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            *mounts,
+            "--entrypoint",
+            "python",
+            tag,
+            "-m",
+            *command,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
 
 
 def rss_mb(eng: list[str], name: str) -> float:
@@ -194,39 +269,104 @@ def main() -> None:
         port, health = free_port(), free_port()
         worker = f"fedpi-image-test-worker-{port}"
         started = time.monotonic()
-        proc = run_container(eng, tag, worker, data, [
-            "worker_service", "--id", "pi-1", "--host", "127.0.0.1", "--port", str(port), "--health-port", str(health),
-            "--dataset", "mnist", "--no-download", "--partition", "0/1"], detach=True)
+        proc = run_container(
+            eng,
+            tag,
+            worker,
+            data,
+            [
+                "worker_service",
+                "--id",
+                "pi-1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--health-port",
+                str(health),
+                "--dataset",
+                "mnist",
+                "--no-download",
+                "--partition",
+                "0/1",
+            ],
+            detach=True,
+        )
         if proc.returncode:
             sys.exit(f"image-test: the worker container did not start:\n{proc.stderr}")
         try:
             asyncio.run(wait_serving(f"127.0.0.1:{health}", None, timeout=900))
-            print(f"image-test  worker container SERVING {time.monotonic() - started:.1f} s after start, "
-                  f"RSS {rss_mb(eng, worker):.0f} MB")
+            print(
+                f"image-test  worker container SERVING {time.monotonic() - started:.1f} s after start, "
+                f"RSS {rss_mb(eng, worker):.0f} MB"
+            )
             services = grpcurl(f"127.0.0.1:{port}", "list")
             assert "fedpi.v1.Worker" in services and "grpc.health.v1.Health" in services, services
             assert json.loads(grpcurl(f"127.0.0.1:{health}", "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
             info = json.loads(grpcurl(f"127.0.0.1:{port}", "fedpi.v1.Worker/GetInfo"))
-            print(f"image-test  grpcurl list: {', '.join(services.split())}; health SERVING; worker torch "
-                  f"{info['torch_version']} on {info['cpu_architecture']}")
-            coordinator = run_container(eng, tag, f"fedpi-image-test-coordinator-{port}", data, [
-                "coordinator_service", "train", "--workers", f"pi-1=127.0.0.1:{port}", "--rounds", "1",
-                "--dataset", "mnist", "--no-download", "--local-batches", "5", "--output-dir", "/results/run",
-                "--log-format", "json"], detach=False, results=results)
+            print(
+                f"image-test  grpcurl list: {', '.join(services.split())}; health SERVING; worker torch "
+                f"{info['torch_version']} on {info['cpu_architecture']}"
+            )
+            coordinator = run_container(
+                eng,
+                tag,
+                f"fedpi-image-test-coordinator-{port}",
+                data,
+                [
+                    "coordinator_service",
+                    "train",
+                    "--workers",
+                    f"pi-1=127.0.0.1:{port}",
+                    "--rounds",
+                    "1",
+                    "--dataset",
+                    "mnist",
+                    "--no-download",
+                    "--local-batches",
+                    "5",
+                    "--output-dir",
+                    "/results/run",
+                    "--log-format",
+                    "json",
+                ],
+                detach=False,
+                results=results,
+            )
             finished = [e for e in events(coordinator.stdout) if e.get("event") == "round_finished"]
             if coordinator.returncode or not finished:
-                sys.exit(f"image-test: the coordinator container failed:\n{coordinator.stdout[-3000:]}"
-                         f"{coordinator.stderr[-2000:]}")
-            print(f"image-test  coordinator container finished round 1: wall {finished[0]['wall_seconds']:.2f} s, "
-                  f"samples {finished[0]['samples']}; {results}/run/model.pt written: "
-                  f"{(results / 'run' / 'model.pt').is_file()}")
-            host = run_coordinator("train", "--workers", f"pi-1=127.0.0.1:{port}", "--rounds", "1", "--dataset",
-                                   "mnist", "--data-dir", str(data), "--no-download", "--local-batches", "5",
-                                   "--output-dir", str(tmp / "host"), timeout=1800)
+                sys.exit(
+                    f"image-test: the coordinator container failed:\n{coordinator.stdout[-3000:]}"
+                    f"{coordinator.stderr[-2000:]}"
+                )
+            print(
+                f"image-test  coordinator container finished round 1: wall {finished[0]['wall_seconds']:.2f} s, "
+                f"samples {finished[0]['samples']}; {results}/run/model.pt written: "
+                f"{(results / 'run' / 'model.pt').is_file()}"
+            )
+            host = run_coordinator(
+                "train",
+                "--workers",
+                f"pi-1=127.0.0.1:{port}",
+                "--rounds",
+                "1",
+                "--dataset",
+                "mnist",
+                "--data-dir",
+                str(data),
+                "--no-download",
+                "--local-batches",
+                "5",
+                "--output-dir",
+                str(tmp / "host"),
+                timeout=1800,
+            )
             if host.returncode:
                 sys.exit(f"image-test: this machine's coordinator failed:\n{host.stdout[-3000:]}")
-            print(f"image-test  coordinator with torch {torch.__version__} (this machine) and worker with torch "
-                  f"{info['torch_version']} (the image) finished a round")
+            print(
+                f"image-test  coordinator with torch {torch.__version__} (this machine) and worker with torch "
+                f"{info['torch_version']} (the image) finished a round"
+            )
         finally:
             sh(*eng, "stop", "-t", "15", worker, check=False)
     check_task_image(eng, args.platform, tag)

@@ -1,6 +1,6 @@
 """Inside an image (e.g. on an emulated Pi CPU): start a worker on loopback with random digits, and train once.
 
-  python /check/train_once.py   (this file mounted alone, not tests/, whose folders would shadow the packages)
+python /check/train_once.py   (this file mounted alone, not tests/, whose folders would shadow the packages)
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator_service.local import free_port, wait_serving
 from coordinator_service.engine.worker_client import Expected, WorkerClient
+from coordinator_service.local import free_port, wait_serving
+from fedpi.data import write_idx
 from fedpi.mnist_task import MnistTask
 from fedpi.task import initial_model
-from fedpi.data import write_idx
 from generated.fedpi.v1 import worker_pb2 as pb
 
 
@@ -30,8 +30,11 @@ async def train(address: str) -> None:
         info = await client.handshake(Expected.of(task, initial_model(task)))
         started = time.monotonic()
         result = await client.train(pb.TrainRequest(round=0, local_batches=5, batch_size=32, learning_rate=0.01))
-        print(f"Train finished on {info.cpu_architecture} with torch {info.torch_version}: {result.batches} batches, "
-              f"{result.samples} samples, loss {result.mean_loss:.3f}, {time.monotonic() - started:.1f} s", flush=True)
+        print(
+            f"Train finished on {info.cpu_architecture} with torch {info.torch_version}: {result.batches} batches, "
+            f"{result.samples} samples, loss {result.mean_loss:.3f}, {time.monotonic() - started:.1f} s",
+            flush=True,
+        )
     finally:
         await client.close()
 
@@ -43,9 +46,25 @@ def main() -> int:
         write_idx(data / f"{prefix}-images-idx3-ubyte.gz", gen.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", gen.integers(0, 10, n, dtype=np.uint8))
     port = free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "worker_service", "--host", "127.0.0.1", "--port", str(port),
-                               "--dataset", "mnist", "--data-dir", str(data), "--no-download", "--log-format", "json"],
-                              env=os.environ)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker_service",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(data),
+            "--no-download",
+            "--log-format",
+            "json",
+        ],
+        env=os.environ,
+    )
     started = time.monotonic()
     try:
         asyncio.run(wait_serving(f"127.0.0.1:{port}", worker, timeout=900))

@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     if kind not in ATTACKS:
         sys.exit(f"unknown attack {kind!r}; choose from {', '.join(ATTACKS)}")
     install(kind, float(factor or 10))
-    return worker_main.main(argv[:at] + argv[at + 2:])
+    return worker_main.main(argv[:at] + argv[at + 2 :])
 
 
 if __name__ == "__main__":

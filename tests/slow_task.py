@@ -1,4 +1,5 @@
-"""A task whose module takes seconds to import (a heavy package would): the control API must keep answering meanwhile."""
+"""A task whose module takes seconds to import (a heavy package would): the control API must keep answering
+meanwhile."""
 
 import time
 

@@ -12,9 +12,18 @@ from tests.conftest import ROOT
 def test_generated_code_is_up_to_date(tmp_path):
     protos = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "proto").rglob("*.proto"))
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-Igenerated=proto", f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", *protos],
-        cwd=ROOT, check=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Igenerated=proto",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            *protos,
+        ],
+        cwd=ROOT,
+        check=True,
     )
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
     assert fresh, "protoc produced nothing"

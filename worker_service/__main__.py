@@ -18,13 +18,13 @@ import torch
 from fedpi import data as datasets
 from fedpi import task as tasks
 from fedpi.cli import make_task
-from fedpi.runtime import freeze_startup_objects, read_secret
-from fedpi.net.ports import check_free
 from fedpi.logs import configure_logging
 from fedpi.net.auth import ServerSecurity, exposure
-from worker_service.servicer import Limits, WorkerServicer
+from fedpi.net.ports import check_free
+from fedpi.runtime import freeze_startup_objects, read_secret
 from worker_service.cli import parse_args
 from worker_service.server import serve
+from worker_service.servicer import Limits, WorkerServicer
 
 log = structlog.get_logger()
 MIB = 1 << 20
@@ -41,14 +41,29 @@ def build_servicer(args: argparse.Namespace) -> WorkerServicer:
     task = make_task(args)
     model = tasks.initial_model(task)
     train, test = tasks.load_partition(task, partition)
-    log.info("task_loaded", task=task.describe(), dataset=task.data_name, partition=partition.describe(),
-             train_samples=len(train), test_samples=len(test))
+    log.info(
+        "task_loaded",
+        task=task.describe(),
+        dataset=task.data_name,
+        partition=partition.describe(),
+        train_samples=len(train),
+        test_samples=len(test),
+    )
     return WorkerServicer(
-        worker_id=args.id, model_name=task.architecture, model=model,
-        data=datasets.Dataset(task.data_name, train, test), partition=partition.describe(), task=task,
-        limits=Limits(max_chunk_bytes=args.max_chunk_mb * MIB, max_payload_bytes=args.max_payload_mb * MIB,
-                      max_local_batches=args.max_local_batches, upload_grace=args.upload_grace),
-        train_delay=args.train_delay, progress_every=args.progress_interval,
+        worker_id=args.id,
+        model_name=task.architecture,
+        model=model,
+        data=datasets.Dataset(task.data_name, train, test),
+        partition=partition.describe(),
+        task=task,
+        limits=Limits(
+            max_chunk_bytes=args.max_chunk_mb * MIB,
+            max_payload_bytes=args.max_payload_mb * MIB,
+            max_local_batches=args.max_local_batches,
+            upload_grace=args.upload_grace,
+        ),
+        train_delay=args.train_delay,
+        progress_every=args.progress_interval,
     )
 
 
@@ -62,7 +77,9 @@ def build_security(args: argparse.Namespace) -> ServerSecurity:
     path = lambda value: Path(value) if value else None  # noqa: E731
     security = ServerSecurity(
         token=read_secret(args.token_file, "--token-file") if args.token_file else None,
-        cert_file=path(args.tls_cert), key_file=path(args.tls_key), client_ca_file=path(args.tls_client_ca),
+        cert_file=path(args.tls_cert),
+        key_file=path(args.tls_key),
+        client_ca_file=path(args.tls_client_ca),
         client_identity=args.client_identity,
     )
     for f in (security.cert_file, security.key_file, security.client_ca_file):
@@ -73,8 +90,13 @@ def build_security(args: argparse.Namespace) -> ServerSecurity:
 
 def exposure_warning(args: argparse.Namespace, security: ServerSecurity) -> str:
     """'' when serving safely; what is unsafe when --insecure allows it; ValueError when it does not."""
-    problem = exposure(args.host, args.port, security, token_hint="add --tls-cert and --tls-key",
-                       auth_hint="add --token-file with --tls-cert/--tls-key, or --tls-client-ca")
+    problem = exposure(
+        args.host,
+        args.port,
+        security,
+        token_hint="add --tls-cert and --tls-key",
+        auth_hint="add --token-file with --tls-cert/--tls-key, or --tls-client-ca",
+    )
     if problem and not args.insecure:
         raise ValueError(f"refusing to serve: {problem}; or pass --insecure to accept that")
     return f"--insecure: {problem}" if problem else ""
@@ -108,8 +130,11 @@ def run(args: argparse.Namespace) -> int:
             log.info("metrics_serving", url=f"http://{args.host}:{args.metrics_port}/metrics")
         health_address = f"{args.host}:{args.health_port}" if args.health_port else None
         freeze_startup_objects()
-        asyncio.run(serve(servicer, f"{args.host}:{args.port}", grace=args.grace, security=security,
-                          health_address=health_address))
+        asyncio.run(
+            serve(
+                servicer, f"{args.host}:{args.port}", grace=args.grace, security=security, health_address=health_address
+            )
+        )
     except OSError as exc:  # a port that is taken, an address this machine does not have
         log.error("worker_failed_to_start", reason=str(exc))
         return 2

@@ -18,10 +18,12 @@ class WorkerMetrics:
     def __init__(self, worker_id: str = "", registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.rpcs = Counter("fedpi_worker_rpcs", "Calls served, by method and final gRPC status code",
-                            ["method", "code"], registry=r)
-        self.uploads_refused = Counter("fedpi_worker_uploads_refused", "SetWeights uploads refused, by status code",
-                                       ["code"], registry=r)
+        self.rpcs = Counter(
+            "fedpi_worker_rpcs", "Calls served, by method and final gRPC status code", ["method", "code"], registry=r
+        )
+        self.uploads_refused = Counter(
+            "fedpi_worker_uploads_refused", "SetWeights uploads refused, by status code", ["code"], registry=r
+        )
         self.train_seconds = Counter("fedpi_worker_train_seconds", "Seconds spent training", registry=r)
         self.batches = Counter("fedpi_worker_batches", "Training batches completed", registry=r)
         self.samples = Counter("fedpi_worker_samples", "Training samples processed", registry=r)

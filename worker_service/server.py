@@ -10,12 +10,12 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fedpi.weights import wire
+from fedpi.net.auth import AuthInterceptor, ServerSecurity
 from fedpi.net.ports import listen
 from fedpi.net.protocol import SERVICE_NAME
+from fedpi.weights import wire
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
-from fedpi.net.auth import AuthInterceptor, ServerSecurity
 from worker_service.metrics import MetricsInterceptor
 from worker_service.servicer import WorkerServicer
 
@@ -51,29 +51,39 @@ class _Registration:
 
 
 def _add_worker_service(servicer: WorkerServicer, server: grpc.aio.Server) -> None:
-    """The generated handlers, but weight streams are read and written by fedpi.weights.wire: data chunks arrive as views
-    of what gRPC received and leave with one copy fewer."""
+    """The generated handlers, but weight streams are read and written by fedpi.weights.wire:
+    data chunks arrive as views of what gRPC received and leave with one copy fewer."""
     caught = _Registration()
     pb_grpc.add_WorkerServicer_to_server(servicer, caught)
     handlers = dict(caught.handlers)
     handlers["SetWeights"] = grpc.stream_unary_rpc_method_handler(
-        servicer.SetWeights, request_deserializer=wire.from_wire,
-        response_serializer=handlers["SetWeights"].response_serializer)
+        servicer.SetWeights,
+        request_deserializer=wire.from_wire,
+        response_serializer=handlers["SetWeights"].response_serializer,
+    )
     handlers["GetWeights"] = grpc.unary_stream_rpc_method_handler(
-        servicer.GetWeights, request_deserializer=handlers["GetWeights"].request_deserializer,
-        response_serializer=wire.to_wire)
+        servicer.GetWeights,
+        request_deserializer=handlers["GetWeights"].request_deserializer,
+        response_serializer=wire.to_wire,
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(caught.service, handlers),))
     server.add_registered_method_handlers(caught.service, handlers)
 
 
-async def create_server(servicer: WorkerServicer, address: str, security: ServerSecurity = ServerSecurity(),
-                        health_address: str | None = None) -> tuple[list[grpc.aio.Server], int, health.aio.HealthServicer]:
+async def create_server(
+    servicer: WorkerServicer,
+    address: str,
+    security: ServerSecurity = ServerSecurity(),
+    health_address: str | None = None,
+) -> tuple[list[grpc.aio.Server], int, health.aio.HealthServicer]:
     """The worker's server (plus, if asked, a plaintext server with only the health service, for kubelet probes,
     which cannot speak TLS). Returns the servers, the main port and the health servicer."""
     # Metrics outermost, so that calls refused by authentication are counted too.
-    server = grpc.aio.server(options=SERVER_OPTIONS,
-                             interceptors=[MetricsInterceptor(servicer.metrics), AuthInterceptor(security)],
-                             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS,
+        interceptors=[MetricsInterceptor(servicer.metrics), AuthInterceptor(security)],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
     _add_worker_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -91,17 +101,31 @@ async def create_server(servicer: WorkerServicer, address: str, security: Server
     return servers, port, health_servicer
 
 
-async def serve(servicer: WorkerServicer, address: str, grace: float = 10.0,
-                security: ServerSecurity = ServerSecurity(), health_address: str | None = None) -> None:
+async def serve(
+    servicer: WorkerServicer,
+    address: str,
+    grace: float = 10.0,
+    security: ServerSecurity = ServerSecurity(),
+    health_address: str | None = None,
+) -> None:
     servers, port, health_servicer = await create_server(servicer, address, security, health_address)
     for server in servers:
         await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("worker_started", address=address, port=port, model=servicer.model_name,
-             dataset=servicer.data.name, train_samples=len(servicer.data.train), partition=servicer.partition,
-             tls=security.tls, mutual_tls=security.client_ca_file is not None, token=security.token is not None,
-             health_address=health_address)
+    log.info(
+        "worker_started",
+        address=address,
+        port=port,
+        model=servicer.model_name,
+        dataset=servicer.data.name,
+        train_samples=len(servicer.data.train),
+        partition=servicer.partition,
+        tls=security.tls,
+        mutual_tls=security.client_ca_file is not None,
+        token=security.token is not None,
+        health_address=health_address,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -14,10 +14,8 @@ import structlog
 import torch
 
 import fedpi
-from fedpi.weights import compression, serde
 from fedpi.data import Dataset
 from fedpi.models import parameter_count
-from fedpi.task import Task, fingerprint
 from fedpi.net.protocol import (
     MIN_TRANSFER_BYTES_PER_SECOND,
     PROTOCOL_VERSION,
@@ -25,6 +23,8 @@ from fedpi.net.protocol import (
     ProtocolMismatch,
     check_compatible,
 )
+from fedpi.task import Task, fingerprint
+from fedpi.weights import compression, serde
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from worker_service.metrics import WorkerMetrics
@@ -89,9 +89,20 @@ class TooManyDownloads(Exception):
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
-    def __init__(self, *, worker_id: str, model_name: str, model: torch.nn.Module, data: Dataset,
-                 partition: str, limits: Limits = Limits(), progress_every: float = 2.0, train_delay: float = 0.0,
-                 metrics: WorkerMetrics | None = None, task: Task | None = None):
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        model_name: str,
+        model: torch.nn.Module,
+        data: Dataset,
+        partition: str,
+        limits: Limits = Limits(),
+        progress_every: float = 2.0,
+        train_delay: float = 0.0,
+        metrics: WorkerMetrics | None = None,
+        task: Task | None = None,
+    ):
         self.worker_id = worker_id
         self.warning = ""  # what is unsafe about how this worker serves (--insecure), for GetInfo
         self.model_name = model_name
@@ -192,8 +203,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             warning=self.warning,
         )
 
-    async def SetWeights(self, request_iterator: AsyncIterator[pb.WeightsChunk],
-                         context: grpc.aio.ServicerContext) -> pb.SetWeightsResponse:
+    async def SetWeights(
+        self, request_iterator: AsyncIterator[pb.WeightsChunk], context: grpc.aio.ServicerContext
+    ) -> pb.SetWeightsResponse:
         start = time.perf_counter()
         try:
             self._check_protocol(context)
@@ -215,16 +227,26 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         except (serde.WeightsError, ProtocolMismatch, Busy) as exc:
             await self._abort(context, exc, "SetWeights")
         seconds = time.perf_counter() - start
-        log.info("weights_installed", round=self.weights_round, round_id=self.weights_round_id, bytes=reader.received,
-                 seconds=round(seconds, 3))
+        log.info(
+            "weights_installed",
+            round=self.weights_round,
+            round_id=self.weights_round_id,
+            bytes=reader.received,
+            seconds=round(seconds, 3),
+        )
         return pb.SetWeightsResponse(round=self.weights_round, bytes_received=reader.received, seconds=seconds)
 
-    async def _receive(self, request_iterator: AsyncIterator[pb.WeightsChunk]
-                       ) -> tuple[serde.StreamReader, dict[str, torch.Tensor], bytearray]:
+    async def _receive(
+        self, request_iterator: AsyncIterator[pb.WeightsChunk]
+    ) -> tuple[serde.StreamReader, dict[str, torch.Tensor], bytearray]:
         """Read and check a whole upload within its deadline: upload_grace for the header, then time for its size."""
         limits = self.limits
-        reader = serde.StreamReader(architecture=self.model_name, expected=self.manifest,
-                                    max_chunk_bytes=limits.max_chunk_bytes, max_payload_bytes=limits.max_payload_bytes)
+        reader = serde.StreamReader(
+            architecture=self.model_name,
+            expected=self.manifest,
+            max_chunk_bytes=limits.max_chunk_bytes,
+            max_payload_bytes=limits.max_payload_bytes,
+        )
         assembler = serde.Assembler(reader, self._upload_buffer)
         loop = asyncio.get_running_loop()
         allowed = limits.upload_grace
@@ -242,7 +264,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise serde.UploadTimedOut(
                 f"SetWeights stream took longer than the {allowed:.0f} s its size allows "
                 f"({reader.received} of {reader.header.total_bytes if reader.header else '?'} bytes arrived); "
-                f"nothing was installed") from None
+                f"nothing was installed"
+            ) from None
         return reader, assembler.finish(), assembler.buffer
 
     def _install(self, state: dict[str, torch.Tensor], buffer: bytearray) -> None:
@@ -252,8 +275,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         is copied into instead."""
         live = self.model.state_dict(keep_vars=True)
         own = {id(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())}
-        if not all(id(t) in own and state[name].data_ptr() % state[name].element_size() == 0
-                   for name, t in live.items()):
+        if not all(
+            id(t) in own and state[name].data_ptr() % state[name].element_size() == 0 for name, t in live.items()
+        ):
             self._leave_snapshot()
             self.model.load_state_dict(state)
             self._upload_buffer = buffer
@@ -274,23 +298,32 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if request.round != self.weights_round:
             raise ProtocolMismatch(
                 f"worker {self.worker_id} holds the weights of round {self.weights_round}, asked to train "
-                f"round {request.round}: call SetWeights for round {request.round} first")
+                f"round {request.round}: call SetWeights for round {request.round} first"
+            )
         if request.round_id and request.round_id != self.weights_round_id:
             raise ProtocolMismatch(
                 f"worker {self.worker_id} holds the weights of round id {self.weights_round_id!r}, asked to train "
-                f"round id {request.round_id!r}: call SetWeights for that round first")
+                f"round id {request.round_id!r}: call SetWeights for that round first"
+            )
         if request.round_id and self.weights_trained:
             raise ProtocolMismatch(
                 f"worker {self.worker_id} already trained the weights of round id {request.round_id!r}; an update "
-                f"is one Train on freshly set weights: call SetWeights again")
+                f"is one Train on freshly set weights: call SetWeights again"
+            )
 
     async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> None:
         # Written with context.write rather than as a generator: a cancelled call then raises inside this coroutine,
         # and the `finally` below stops the training thread before the model lock is given up.
         cfg = TrainConfig(
-            local_batches=request.local_batches, local_epochs=request.local_epochs, batch_size=request.batch_size,
-            learning_rate=request.learning_rate, momentum=request.momentum, seed=request.seed,
-            evaluate=request.evaluate, proximal_mu=request.proximal_mu, local_seconds=request.local_seconds,
+            local_batches=request.local_batches,
+            local_epochs=request.local_epochs,
+            batch_size=request.batch_size,
+            learning_rate=request.learning_rate,
+            momentum=request.momentum,
+            seed=request.seed,
+            evaluate=request.evaluate,
+            proximal_mu=request.proximal_mu,
+            local_seconds=request.local_seconds,
         )
         try:
             self._check_protocol(context)
@@ -331,21 +364,39 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if failure is not None:
             await self._abort(context, failure, "Train")
         self.metrics.trained(outcome.train_seconds, outcome.batches, outcome.samples)
-        log.info("training_finished", round=request.round, samples=outcome.samples, loss=round(outcome.mean_loss, 4),
-                 accuracy=round(outcome.accuracy, 4), seconds=round(outcome.train_seconds, 3))
-        await context.write(pb.TrainUpdate(result=pb.TrainResult(
-            round=request.round, round_id=request.round_id, samples=outcome.samples, batches=outcome.batches,
-            mean_loss=outcome.mean_loss, accuracy=outcome.accuracy, train_seconds=outcome.train_seconds,
-            test_loss=outcome.test_loss, test_accuracy=outcome.test_accuracy, test_samples=outcome.test_samples,
-        )))
+        log.info(
+            "training_finished",
+            round=request.round,
+            samples=outcome.samples,
+            loss=round(outcome.mean_loss, 4),
+            accuracy=round(outcome.accuracy, 4),
+            seconds=round(outcome.train_seconds, 3),
+        )
+        await context.write(
+            pb.TrainUpdate(
+                result=pb.TrainResult(
+                    round=request.round,
+                    round_id=request.round_id,
+                    samples=outcome.samples,
+                    batches=outcome.batches,
+                    mean_loss=outcome.mean_loss,
+                    accuracy=outcome.accuracy,
+                    train_seconds=outcome.train_seconds,
+                    test_loss=outcome.test_loss,
+                    test_accuracy=outcome.test_accuracy,
+                    test_samples=outcome.test_samples,
+                )
+            )
+        )
 
     def _keep_base(self, keep: bool) -> None:
         """Before a Train whose update goes back as int8 deltas: keep the weights it starts from."""
         if not keep:
             self._base = None
             return
-        self._base = [t.detach().reshape(-1).clone() if t.is_floating_point() else None
-                      for t in self.model.state_dict().values()]
+        self._base = [
+            t.detach().reshape(-1).clone() if t.is_floating_point() else None for t in self.model.state_dict().values()
+        ]
         if self._residual is None:
             self._residual = [torch.zeros(len(t), dtype=torch.float32) if t is not None else None for t in self._base]
 
@@ -357,7 +408,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if request.round_id and request.round_id != self.weights_round_id:
                 raise ProtocolMismatch(
                     f"worker {self.worker_id} holds the weights of round id {self.weights_round_id!r}, asked to "
-                    f"evaluate round id {request.round_id!r}: call SetWeights for that round first")
+                    f"evaluate round id {request.round_id!r}: call SetWeights for that round first"
+                )
         except (ProtocolMismatch, Busy) as exc:
             await self._abort(context, exc, "Evaluate")
         start = time.perf_counter()
@@ -368,37 +420,55 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             finally:
                 self.evaluating = False
         seconds = time.perf_counter() - start
-        log.info("weights_evaluated", round=self.weights_round, round_id=self.weights_round_id, samples=samples,
-                 accuracy=round(accuracy, 4), seconds=round(seconds, 3))
-        return pb.EvaluateResult(round=self.weights_round, round_id=self.weights_round_id, loss=loss,
-                                 accuracy=accuracy, samples=samples, seconds=seconds)
+        log.info(
+            "weights_evaluated",
+            round=self.weights_round,
+            round_id=self.weights_round_id,
+            samples=samples,
+            accuracy=round(accuracy, 4),
+            seconds=round(seconds, 3),
+        )
+        return pb.EvaluateResult(
+            round=self.weights_round,
+            round_id=self.weights_round_id,
+            loss=loss,
+            accuracy=accuracy,
+            samples=samples,
+            seconds=seconds,
+        )
 
-    async def GetWeights(self, request: pb.GetWeightsRequest,
-                         context: grpc.aio.ServicerContext) -> None:
+    async def GetWeights(self, request: pb.GetWeightsRequest, context: grpc.aio.ServicerContext) -> None:
         # context.write, not a generator: a cancelled stream gives its download slot back at once.
         chunk_size = request.chunk_size or self.limits.default_chunk_bytes
         encoding = request.encoding or pb.CHUNK_ENCODING_RAW
         try:
             self._check_protocol(context)
             if not 0 < chunk_size <= self.limits.max_chunk_bytes:
-                raise ValueError(f"chunk_size must be between 1 and {self.limits.max_chunk_bytes} bytes, "
-                                 f"got {request.chunk_size}")
+                raise ValueError(
+                    f"chunk_size must be between 1 and {self.limits.max_chunk_bytes} bytes, got {request.chunk_size}"
+                )
             if encoding not in serde.SUPPORTED_ENCODINGS:
                 raise ValueError(f"unsupported chunk encoding {request.encoding}")
             if self._model_lock.locked():
                 raise Busy(self._busy_reason() + "; call GetWeights after Train has finished")
             if encoding == pb.CHUNK_ENCODING_INT8_DELTA and (self._base is None or not self.weights_trained):
-                raise ProtocolMismatch(f"worker {self.worker_id} has no int8 delta to send: its weights were not "
-                                       f"trained by a Train that asked for one (TrainRequest.update_encoding)")
+                raise ProtocolMismatch(
+                    f"worker {self.worker_id} has no int8 delta to send: its weights were not "
+                    f"trained by a Train that asked for one (TrainRequest.update_encoding)"
+                )
             if self._downloads >= self.limits.max_concurrent_downloads:
-                raise TooManyDownloads(f"worker {self.worker_id} already serves {self._downloads} GetWeights streams, "
-                                       f"its limit; retry when one has finished")
+                raise TooManyDownloads(
+                    f"worker {self.worker_id} already serves {self._downloads} GetWeights streams, "
+                    f"its limit; retry when one has finished"
+                )
             trailer = None
             if request.digest_in_trailer or encoding in compression.LOSSY:
                 trailer = serde.fastest_digest(request.digests or serde.DIGESTS_BEFORE_1_6)
                 if trailer is None:
-                    raise ValueError(f"none of the digests asked for ({', '.join(request.digests)}) is one this "
-                                     f"worker computes ({', '.join(serde.DIGESTS)})")
+                    raise ValueError(
+                        f"none of the digests asked for ({', '.join(request.digests)}) is one this "
+                        f"worker computes ({', '.join(serde.DIGESTS)})"
+                    )
         except (ValueError, ProtocolMismatch, Busy, TooManyDownloads) as exc:
             await self._abort(context, exc, "GetWeights")
         self._downloads += 1
@@ -420,12 +490,20 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         """The update as int8 deltas, quantised once (the residual moves on once per update) and chunk by chunk as
         the first fetch sends them: a second fetch, e.g. for clipping, replays the same bytes."""
         if self._int8 is None:
-            chunks = payload.chunks(chunk_size, pb.CHUNK_ENCODING_INT8_DELTA, trailer=trailer, base=self._base,
-                                    residual=self._residual, encoded=True)
+            chunks = payload.chunks(
+                chunk_size,
+                pb.CHUNK_ENCODING_INT8_DELTA,
+                trailer=trailer,
+                base=self._base,
+                residual=self._residual,
+                encoded=True,
+            )
             self._int8 = (chunk_size, Replay(chunks))
         if self._int8[0] != chunk_size:
-            raise ProtocolMismatch(f"this update was quantised in {self._int8[0]}-byte chunks (a scale per chunk); "
-                                   f"fetch it again with chunk_size={self._int8[0]}")
+            raise ProtocolMismatch(
+                f"this update was quantised in {self._int8[0]}-byte chunks (a scale per chunk); "
+                f"fetch it again with chunk_size={self._int8[0]}"
+            )
         return self._int8[1].replay()
 
     async def _current_snapshot(self) -> serde.WeightsPayload:
@@ -434,8 +512,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         async with self._model_lock:
             if self._snapshot is None:
                 self._snapshot = serde.WeightsPayload(
-                    self.model.state_dict(), round=self.weights_round, architecture=self.model_name,
-                    round_id=self.weights_round_id, trained=self.weights_trained)
+                    self.model.state_dict(),
+                    round=self.weights_round,
+                    architecture=self.model_name,
+                    round_id=self.weights_round_id,
+                    trained=self.weights_trained,
+                )
             return self._snapshot
 
     def _leave_snapshot(self) -> None:

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from fedpi.data import Dataset
-from fedpi.task import Task, batch_of
-
 
 # Most batches one Train may ask for unless the worker is started with another --max-local-batches: about a day of
 # training on a Pi 4 with the reference CNN, and a bound on what a request can make a worker do.
 from fedpi.names import DEFAULT_MAX_LOCAL_BATCHES  # noqa: E402,F401 - re-exported
+from fedpi.task import Task, batch_of
+
 MAX_LOCAL_SECONDS = 86_400.0
 
 
@@ -44,8 +44,9 @@ class TrainConfig:
 
     def validate(self, train_samples: int, max_batches: int = DEFAULT_MAX_LOCAL_BATCHES) -> None:
         if not 0 <= self.local_seconds <= MAX_LOCAL_SECONDS:  # NaN too
-            raise ValueError(f"local_seconds must be between 0 and {MAX_LOCAL_SECONDS:.0f} (a day), "
-                             f"got {self.local_seconds}")
+            raise ValueError(
+                f"local_seconds must be between 0 and {MAX_LOCAL_SECONDS:.0f} (a day), got {self.local_seconds}"
+            )
         if sum(x > 0 for x in (self.local_batches, self.local_epochs, self.local_seconds)) != 1:
             raise ValueError("set exactly one of local_batches, local_epochs and local_seconds to a positive number")
         if self.local_batches < 0 or self.local_epochs < 0:
@@ -63,7 +64,8 @@ class TrainConfig:
         if not self.local_seconds and self.total_batches(train_samples) > max_batches:
             raise ValueError(
                 f"the request asks for {self.total_batches(train_samples)} batches, more than this worker's limit of "
-                f"{max_batches} (GetInfo max_local_batches; the worker's --max-local-batches)")
+                f"{max_batches} (GetInfo max_local_batches; the worker's --max-local-batches)"
+            )
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,14 @@ def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, data: Dataset, batch_delay: float = 0.0,
-                 max_batches: int = DEFAULT_MAX_LOCAL_BATCHES, task: Task | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Dataset,
+        batch_delay: float = 0.0,
+        max_batches: int = DEFAULT_MAX_LOCAL_BATCHES,
+        task: Task | None = None,
+    ):
         self.model = model
         self.data = data
         self.task = task or _default_task()  # the loss of a batch and how a model is scored
@@ -110,16 +118,18 @@ class Trainer:
                 left -= 1
                 yield index
 
-    def train(self, cfg: TrainConfig, progress: Progress, cancelled: threading.Event,
-              progress_every: float = 2.0) -> TrainOutcome:
+    def train(
+        self, cfg: TrainConfig, progress: Progress, cancelled: threading.Event, progress_every: float = 2.0
+    ) -> TrainOutcome:
         # A task's own randomness (dropout, augmentation) draws from the round's seed, as the batch order does: the
         # same round trains the same way twice. The process's generator is restored afterwards.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             return self._train(cfg, progress, cancelled, progress_every)
 
-    def _train(self, cfg: TrainConfig, progress: Progress, cancelled: threading.Event,
-               progress_every: float) -> TrainOutcome:
+    def _train(
+        self, cfg: TrainConfig, progress: Progress, cancelled: threading.Event, progress_every: float
+    ) -> TrainOutcome:
         cfg.validate(len(self.data.train), self.max_batches)
         total = cfg.total_batches(len(self.data.train), self.max_batches)
         # With a time budget the number of batches is not known in advance: progress reports 0 as the total.
@@ -156,8 +166,9 @@ class Trainer:
         outcome = TrainOutcome(samples, batches, loss_sum / samples, correct / samples, seconds)
         if cfg.evaluate and len(self.data.test):
             loss, acc = self.task.evaluate(self.model, self.data.test)
-            outcome = TrainOutcome(**{**outcome.__dict__, "test_loss": loss, "test_accuracy": acc,
-                                      "test_samples": len(self.data.test)})
+            outcome = TrainOutcome(
+                **{**outcome.__dict__, "test_loss": loss, "test_accuracy": acc, "test_samples": len(self.data.test)}
+            )
         return outcome
 
     def _start_momentum_at_zero(self, optimizer: torch.optim.SGD, momentum: float) -> None:

@@ -20,7 +20,8 @@ class TrainingJob:
         self._fresh = asyncio.Event()
         self.cancelled = threading.Event()
         self.future: asyncio.Future[TrainOutcome] = self._loop.run_in_executor(
-            None, trainer.train, cfg, self._report, self.cancelled, progress_every)
+            None, trainer.train, cfg, self._report, self.cancelled, progress_every
+        )
 
     def _report(self, done: int, total: int, loss: float, seconds: float) -> None:  # the training thread
         msg = pb.TrainProgress(batches_done=done, batches_total=total, mean_loss=loss, seconds=seconds)

@@ -10,17 +10,17 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator_service.control.runspec import RunTarget  # noqa: F401 - also for callers
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.rounds import TransferSettings
-from coordinator_service.control.runspec import RunTarget  # noqa: F401 - also for callers
-from coordinator_service.policy.server_opt import ServerOptimizerConfig
-from coordinator_service.settings import RunSettings
-from coordinator_service.policy.strategy import STRATEGIES, FedAvg
 from coordinator_service.engine.training import RunConfig, run
 from coordinator_service.engine.worker_client import ClientSecurity, discover
-from fedpi.weights import compression
+from coordinator_service.policy.server_opt import ServerOptimizerConfig
+from coordinator_service.policy.strategy import STRATEGIES, FedAvg
+from coordinator_service.settings import RunSettings
 from fedpi.runtime import read_secret
 from fedpi.task import Task, build_task
+from fedpi.weights import compression
 from generated.fedpi.v1 import worker_pb2 as pb
 
 COMPRESSION = {name: encoding for encoding, name in compression.NAMES.items()}
@@ -40,22 +40,37 @@ class RunPlace:
     discovery_timeout: float = 600.0  # seconds to wait for workers_dns to name expect_workers workers
 
 
-def client_security(token_file: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
-                    tls_key: str | None = None, tls_server_name: str | None = None) -> ClientSecurity:
+def client_security(
+    token_file: str | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_server_name: str | None = None,
+) -> ClientSecurity:
     """How the coordinator reaches workers, from the files the operator named (--token-file, --tls-*)."""
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if tls_cert and not tls_ca:
         raise ValueError("mutual TLS (--tls-cert) needs --tls-ca to verify the workers")
     path = lambda value: Path(value) if value else None  # noqa: E731
-    return ClientSecurity(token=read_secret(token_file, "--token-file") if token_file else None,
-                          ca_file=path(tls_ca), cert_file=path(tls_cert), key_file=path(tls_key),
-                          server_name=tls_server_name)
+    return ClientSecurity(
+        token=read_secret(token_file, "--token-file") if token_file else None,
+        ca_file=path(tls_ca),
+        cert_file=path(tls_cert),
+        key_file=path(tls_key),
+        server_name=tls_server_name,
+    )
 
 
 def make_task(target: RunTarget, place: RunPlace) -> Task:
-    return build_task(target.task, data_dir=place.data_dir, download=place.download, model=target.model or None,
-                      dataset=target.dataset or place.default_dataset, given_dataset=target.dataset or None)
+    return build_task(
+        target.task,
+        data_dir=place.data_dir,
+        download=place.download,
+        model=target.model or None,
+        dataset=target.dataset or place.default_dataset,
+        given_dataset=target.dataset or None,
+    )
 
 
 def min_workers(settings: RunSettings, n_workers: int) -> int:
@@ -63,28 +78,42 @@ def min_workers(settings: RunSettings, n_workers: int) -> int:
     sampling = settings.sampling
     per_round = FedAvg(fraction=sampling.fraction, workers_per_round=sampling.workers_per_round).sample_size(n_workers)
     if sampling.min_workers > per_round:
-        raise ValueError(f"min_workers {sampling.min_workers} can never be met: only {per_round} of {n_workers} "
-                         f"workers train in a round (fraction / workers_per_round)")
+        raise ValueError(
+            f"min_workers {sampling.min_workers} can never be met: only {per_round} of {n_workers} "
+            f"workers train in a round (fraction / workers_per_round)"
+        )
     if settings.aggregation.rule.minimum_workers() > per_round:
-        raise ValueError(f"aggregation {settings.aggregation.aggregation} needs at least "
-                         f"{settings.aggregation.rule.minimum_workers()} workers a round; {per_round} train in one")
+        raise ValueError(
+            f"aggregation {settings.aggregation.aggregation} needs at least "
+            f"{settings.aggregation.rule.minimum_workers()} workers a round; {per_round} train in one"
+        )
     return sampling.min_workers or math.ceil((per_round + 1) / 2)
 
 
 def strategy(settings: RunSettings, n_workers: int) -> FedAvg:
     t = settings.training
     return STRATEGIES[settings.strategy_name](
-        local_batches=t.local_batches, local_epochs=t.local_epochs, local_seconds=t.local_seconds,
-        batch_size=t.batch_size, learning_rate=t.lr, momentum=t.momentum, seed=t.seed,
-        min_workers=min_workers(settings, n_workers), weighted=not settings.aggregation.unweighted,
-        lr_decay=t.lr_decay, proximal_mu=t.proximal_mu, fraction=settings.sampling.fraction,
-        workers_per_round=settings.sampling.workers_per_round)
+        local_batches=t.local_batches,
+        local_epochs=t.local_epochs,
+        local_seconds=t.local_seconds,
+        batch_size=t.batch_size,
+        learning_rate=t.lr,
+        momentum=t.momentum,
+        seed=t.seed,
+        min_workers=min_workers(settings, n_workers),
+        weighted=not settings.aggregation.unweighted,
+        lr_decay=t.lr_decay,
+        proximal_mu=t.proximal_mu,
+        fraction=settings.sampling.fraction,
+        workers_per_round=settings.sampling.workers_per_round,
+    )
 
 
 def server_optimizer(settings: RunSettings) -> ServerOptimizerConfig:
     s = settings.server
-    return ServerOptimizerConfig(name=s.server_optimizer, lr=s.effective_lr, beta1=s.server_momentum,
-                                 beta2=s.server_beta2, tau=s.server_tau)
+    return ServerOptimizerConfig(
+        name=s.server_optimizer, lr=s.effective_lr, beta1=s.server_momentum, beta2=s.server_beta2, tau=s.server_tau
+    )
 
 
 def transfer(settings: RunSettings) -> TransferSettings:
@@ -94,20 +123,43 @@ def transfer(settings: RunSettings) -> TransferSettings:
     return TransferSettings(chunk_size=t.chunk_size, encoding=encoding, model_encoding=model_encoding)
 
 
-def run_config(settings: RunSettings, place: RunPlace, workers: list[tuple[str, str]], task: Task,
-               workers_dns: str | None = None, resume: bool = False, stop: asyncio.Event | None = None) -> RunConfig:
+def run_config(
+    settings: RunSettings,
+    place: RunPlace,
+    workers: list[tuple[str, str]],
+    task: Task,
+    workers_dns: str | None = None,
+    resume: bool = False,
+    stop: asyncio.Event | None = None,
+) -> RunConfig:
     t = settings.timeouts
     return RunConfig(
-        workers=workers, task=task, rounds=settings.rounds, output_dir=place.output_dir,
-        min_workers=min_workers(settings, len(workers)), workers_dns=workers_dns, init_seed=settings.training.seed,
-        rpc_timeout=t.rpc_timeout, idle_timeout=t.idle_timeout, round_timeout=t.round_timeout,
-        handshake_timeout=t.handshake_timeout, round_retries=t.round_retries, retry_backoff=t.retry_backoff,
-        keepalive_seconds=t.keepalive, server_optimizer=server_optimizer(settings),
+        workers=workers,
+        task=task,
+        rounds=settings.rounds,
+        output_dir=place.output_dir,
+        min_workers=min_workers(settings, len(workers)),
+        workers_dns=workers_dns,
+        init_seed=settings.training.seed,
+        rpc_timeout=t.rpc_timeout,
+        idle_timeout=t.idle_timeout,
+        round_timeout=t.round_timeout,
+        handshake_timeout=t.handshake_timeout,
+        round_retries=t.round_retries,
+        retry_backoff=t.retry_backoff,
+        keepalive_seconds=t.keepalive,
+        server_optimizer=server_optimizer(settings),
         federated_evaluation=settings.evaluation.federated_evaluation,
-        sequential_evaluation=settings.evaluation.sequential_evaluation, resume=resume,
-        latest_link=place.latest_link, aggregation=settings.aggregation.rule,
-        max_update_ratio=settings.aggregation.max_update_ratio, transfer=transfer(settings),
-        security=place.security, keep_round_models=place.keep_round_models, stop=stop)
+        sequential_evaluation=settings.evaluation.sequential_evaluation,
+        resume=resume,
+        latest_link=place.latest_link,
+        aggregation=settings.aggregation.rule,
+        max_update_ratio=settings.aggregation.max_update_ratio,
+        transfer=transfer(settings),
+        security=place.security,
+        keep_round_models=place.keep_round_models,
+        stop=stop,
+    )
 
 
 async def workers_of(target: RunTarget, place: RunPlace) -> list[tuple[str, str]]:
@@ -117,13 +169,20 @@ async def workers_of(target: RunTarget, place: RunPlace) -> list[tuple[str, str]
     return await discover(str(target.workers_dns), target.expect_workers, place.discovery_timeout)
 
 
-async def train(target: RunTarget, settings: RunSettings, place: RunPlace, observer: RunObserver,
-                stop: asyncio.Event | None = None, resume: bool = False) -> None:
+async def train(
+    target: RunTarget,
+    settings: RunSettings,
+    place: RunPlace,
+    observer: RunObserver,
+    stop: asyncio.Event | None = None,
+    resume: bool = False,
+) -> None:
     """A whole run on running workers: `fedpi train`'s, and every run of the control API."""
     workers = await workers_of(target, place)
     # Off the event loop: a service keeps answering while a task loads its data.
     task = await asyncio.to_thread(make_task, target, place)
     test = await asyncio.to_thread(task.test_data)
     dns = str(target.workers_dns) if target.workers_dns else None
-    await run(run_config(settings, place, workers, task, dns, resume, stop), strategy(settings, len(workers)),
-              test, observer)
+    await run(
+        run_config(settings, place, workers, task, dns, resume, stop), strategy(settings, len(workers)), test, observer
+    )

@@ -61,15 +61,29 @@ class RunRecord:
         last = self.last_round or {}
         # Every worker the run was told about: trained or dropped in the last round, or away and why.
         workers = [cpb.WorkerStatus(name=name, state="trained") for name in last.get("workers", {})]
-        workers += [cpb.WorkerStatus(name=f["worker"], state="dropped", reason=f"{f['phase']}: {f['reason']}")
-                    for f in last.get("failures", [])]
+        workers += [
+            cpb.WorkerStatus(name=f["worker"], state="dropped", reason=f"{f['phase']}: {f['reason']}")
+            for f in last.get("failures", [])
+        ]
         shown = {w.name for w in workers}
-        workers += [cpb.WorkerStatus(name=f["worker"], state=f["phase"], reason=f["reason"])
-                    for f in self.away if f["worker"] not in shown]
+        workers += [
+            cpb.WorkerStatus(name=f["worker"], state=f["phase"], reason=f["reason"])
+            for f in self.away
+            if f["worker"] not in shown
+        ]
         run = cpb.Run(
-            run_id=self.run_id, state=STATES[self.state], round=self.round, rounds=self.rounds,
-            test_accuracy=last.get("test_accuracy", 0.0), test_loss=last.get("test_loss", 0.0), workers=workers,
-            error=self.error, started_at=self.started_at, ended_at=self.ended_at, resumable=self.state in RESUMABLE)
+            run_id=self.run_id,
+            state=STATES[self.state],
+            round=self.round,
+            rounds=self.rounds,
+            test_accuracy=last.get("test_accuracy", 0.0),
+            test_loss=last.get("test_loss", 0.0),
+            workers=workers,
+            error=self.error,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            resumable=self.state in RESUMABLE,
+        )
         if not summary:
             run.spec.CopyFrom(json_format.ParseDict(self.spec, cpb.RunSpec(), ignore_unknown_fields=True))
             run.last_round_json = json.dumps(last) if last else ""
@@ -144,8 +158,12 @@ def _recover_events(path: Path) -> int:
                 bad += 1
     size = path.stat().st_size
     if good_end < size:
-        log.warning("events_torn_line_dropped", file=str(path), bytes=size - good_end,
-                    hint="the coordinator stopped while writing this event; the events before it are kept")
+        log.warning(
+            "events_torn_line_dropped",
+            file=str(path),
+            bytes=size - good_end,
+            hint="the coordinator stopped while writing this event; the events before it are kept",
+        )
         with path.open("r+b") as f:
             f.truncate(good_end)
     if bad:
@@ -175,7 +193,9 @@ class RunStore:
         run_log = RunLog(directory, record)
         if record.state in ACTIVE:  # the coordinator went away while it trained
             record.state, record.ended_at = "interrupted", time.time()
-            record.error = "the coordinator stopped while this run trained (restart or crash); `fedpi runs resume` continues it"
+            record.error = (
+                "the coordinator stopped while this run trained (restart or crash); `fedpi runs resume` continues it"
+            )
             run_log.save()
         return run_log
 
@@ -189,9 +209,13 @@ class RunStore:
         directory.rename(target)
         durable.fsync_directory(self.root)
         self.unreadable.append(directory.name)
-        log.warning("run_unreadable", run_dir=str(directory), moved_to=str(target),
-                    reason=f"{type(exc).__name__}: {exc}"[:500],
-                    hint="the run's files are kept there; the coordinator carries on without it")
+        log.warning(
+            "run_unreadable",
+            run_dir=str(directory),
+            moved_to=str(target),
+            reason=f"{type(exc).__name__}: {exc}"[:500],
+            hint="the run's files are kept there; the coordinator carries on without it",
+        )
 
     def new_id(self) -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -206,7 +230,9 @@ class RunStore:
         if not RUN_ID.fullmatch(run_id):
             raise ValueError(f"run_id {run_id!r}: use 1-64 letters, digits, '.', '_' or '-' (not first)")
         if run_id in self.logs:
-            raise FileExistsError(f"run {run_id} exists; `fedpi runs resume {run_id}` continues it, or choose another run id")
+            raise FileExistsError(
+                f"run {run_id} exists; `fedpi runs resume {run_id}` continues it, or choose another run id"
+            )
         directory = self.root / run_id
         directory.mkdir()  # a new directory, or FileExistsError: a run never takes over what is there
         durable.fsync_directory(self.root)
@@ -218,7 +244,9 @@ class RunStore:
     def get(self, run_id: str) -> RunLog:
         if run_id not in self.logs:
             known = ", ".join(sorted(self.logs)[-5:]) or "none yet"
-            raise UnknownRun(f"no run {run_id[:80]!r} on this coordinator (latest: {known}); `fedpi runs list` shows them all")
+            raise UnknownRun(
+                f"no run {run_id[:80]!r} on this coordinator (latest: {known}); `fedpi runs list` shows them all"
+            )
         return self.logs[run_id]
 
     def newest_first(self) -> list[RunLog]:
@@ -233,7 +261,7 @@ class RunStore:
             if after not in ids:
                 raise ValueError(f"page_token {after[:80]!r} names no run on this coordinator; start without one")
             start = ids.index(after) + 1
-        page = runs[start:start + size]
+        page = runs[start : start + size]
         more = start + size < len(runs)
         return page, page[-1].record.run_id if page and more else ""
 

@@ -17,7 +17,9 @@ RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}(:[A-Za-z_][A-Za-z0-9_]{0,99})?")
 OPTION_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 MAX_SETTINGS = 64
 MAX_VALUE_CHARS = 256
 # The typed groups of RunSpec, each a message whose fields are run settings of the same names.
@@ -60,8 +62,10 @@ def parse_address(text: str, what: str) -> Address:
         except ValueError:
             raise InvalidSpec(f"{what} = {_shown(text)}: {_shown(host)} is not an IPv6 address") from None
     elif ":" in host or not (HOST_NAME.fullmatch(host) or _is_ip(host)):
-        raise InvalidSpec(f"{what} = {_shown(text)}: {_shown(host)} is not a host name or IP address "
-                          f"(IPv6 goes in brackets: [::1]:50051)")
+        raise InvalidSpec(
+            f"{what} = {_shown(text)}: {_shown(host)} is not a host name or IP address "
+            f"(IPv6 goes in brackets: [::1]:50051)"
+        )
     return Address(host.rstrip(".").lower() if not _is_ip(host) else host, int(port))
 
 
@@ -89,20 +93,27 @@ class RunTarget:
         """The server's defaults where this target says nothing (its workers only if it names none)."""
         names_workers = bool(self.workers or self.workers_dns)
         return RunTarget(
-            task=self.task or defaults.task, model=self.model or defaults.model,
+            task=self.task or defaults.task,
+            model=self.model or defaults.model,
             dataset=self.dataset or defaults.dataset,
             workers=self.workers if names_workers else defaults.workers,
             workers_dns=self.workers_dns if names_workers else defaults.workers_dns,
-            expect_workers=self.expect_workers or (0 if names_workers else defaults.expect_workers))
+            expect_workers=self.expect_workers or (0 if names_workers else defaults.expect_workers),
+        )
 
     def checked(self, max_workers: int) -> RunTarget:
         """Complete and within bounds, or InvalidSpec."""
         if bool(self.workers) == bool(self.workers_dns):
-            raise InvalidSpec("the run names no workers: set workers (NAME=HOST:PORT, ...) or workers_dns with "
-                              "expect_workers" if not self.workers else "workers and workers_dns exclude each other")
+            raise InvalidSpec(
+                "the run names no workers: set workers (NAME=HOST:PORT, ...) or workers_dns with expect_workers"
+                if not self.workers
+                else "workers and workers_dns exclude each other"
+            )
         if len(self.workers) > max_workers or self.expect_workers > max_workers:
-            raise InvalidSpec(f"the run names {max(len(self.workers), self.expect_workers)} workers; this coordinator "
-                              f"allows at most {max_workers} per run")
+            raise InvalidSpec(
+                f"the run names {max(len(self.workers), self.expect_workers)} workers; this coordinator "
+                f"allows at most {max_workers} per run"
+            )
         if self.workers_dns and self.expect_workers < 1:
             raise InvalidSpec("workers_dns needs expect_workers >= 1: how many workers to wait for")
         if not self.task:
@@ -114,16 +125,25 @@ class RunTarget:
         return len(self.workers) or self.expect_workers
 
     def as_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "model": self.model, "dataset": self.dataset,
-                "workers": [f"{name}={address}" for name, address in self.workers],
-                "workers_dns": str(self.workers_dns) if self.workers_dns else "", "expect_workers": self.expect_workers}
+        return {
+            "task": self.task,
+            "model": self.model,
+            "dataset": self.dataset,
+            "workers": [f"{name}={address}" for name, address in self.workers],
+            "workers_dns": str(self.workers_dns) if self.workers_dns else "",
+            "expect_workers": self.expect_workers,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunTarget:
-        return cls(task=data["task"], model=data["model"], dataset=data["dataset"],
-                   workers=parse_workers(data["workers"]),
-                   workers_dns=parse_address(data["workers_dns"], "workers_dns") if data["workers_dns"] else None,
-                   expect_workers=data["expect_workers"])
+        return cls(
+            task=data["task"],
+            model=data["model"],
+            dataset=data["dataset"],
+            workers=parse_workers(data["workers"]),
+            workers_dns=parse_address(data["workers_dns"], "workers_dns") if data["workers_dns"] else None,
+            expect_workers=data["expect_workers"],
+        )
 
 
 def parse_workers(items: list[str] | tuple[str, ...], what: str = "workers") -> tuple[tuple[str, Address], ...]:
@@ -171,7 +191,8 @@ def target_of(spec: cpb.RunSpec) -> RunTarget:
         dataset=_text(spec.dataset, "dataset", OPTION_NAME, "a dataset name such as mnist"),
         workers=parse_workers(list(spec.workers)),
         workers_dns=parse_address(spec.workers_dns, "workers_dns") if spec.workers_dns else None,
-        expect_workers=spec.expect_workers)
+        expect_workers=spec.expect_workers,
+    )
 
 
 def settings_layer(spec: cpb.RunSpec) -> dict[str, Any]:
@@ -200,10 +221,13 @@ def settings_layer(spec: cpb.RunSpec) -> dict[str, Any]:
 
 # What the old settings map accepted that is not a run setting now, and where it went.
 REPLACEMENTS = {
-    "task": "the task field (fedpi runs start --task)", "model": "the model field (--model)",
-    "dataset": "the dataset field (--dataset)", "workers": "the workers field (--workers)",
-    "workers_dns": "the workers_dns field (--workers-dns)", "expect_workers": "the expect_workers field "
-    "(--expect-workers)", "preset": "the preset field (--preset)",
+    "task": "the task field (fedpi runs start --task)",
+    "model": "the model field (--model)",
+    "dataset": "the dataset field (--dataset)",
+    "workers": "the workers field (--workers)",
+    "workers_dns": "the workers_dns field (--workers-dns)",
+    "expect_workers": "the expect_workers field (--expect-workers)",
+    "preset": "the preset field (--preset)",
 }
 
 
@@ -211,8 +235,10 @@ def _not_a_setting(key: str) -> str:
     name = key.strip().lstrip("-").replace("-", "_")
     if name in REPLACEMENTS:
         return f"settings[{_shown(key)}]: set {REPLACEMENTS[name]} instead"
-    return (f"settings[{_shown(key)}] is not a run setting (paths, credentials, outputs, data locations and "
-            f"ports are the server's own); run settings are: {', '.join(sorted(run_settings.FIELDS))}")
+    return (
+        f"settings[{_shown(key)}] is not a run setting (paths, credentials, outputs, data locations and "
+        f"ports are the server's own); run settings are: {', '.join(sorted(run_settings.FIELDS))}"
+    )
 
 
 def preset_of(spec: cpb.RunSpec) -> str:
@@ -239,8 +265,9 @@ class WorkerPolicy:
             except ValueError:
                 pass
             if not HOST_NAME.fullmatch(entry):
-                raise ValueError(f"--allow-workers {entry!r}: give an IP address, a CIDR network (10.0.0.0/24) or a "
-                                 f"DNS name")
+                raise ValueError(
+                    f"--allow-workers {entry!r}: give an IP address, a CIDR network (10.0.0.0/24) or a DNS name"
+                )
             names.add(entry.rstrip(".").lower())
         return cls(tuple(networks), frozenset(names))
 
@@ -256,16 +283,19 @@ class WorkerPolicy:
             hosts.append(("workers_dns", target.workers_dns))
         for what, address in hosts:
             if not self.allows(address):
-                raise NotAllowed(f"{what} = {address}: this coordinator may not reach {address.host} (allowed: "
-                                 f"{self.describe()}; the operator widens this with `fedpi serve --allow-workers`)")
+                raise NotAllowed(
+                    f"{what} = {address}: this coordinator may not reach {address.host} (allowed: "
+                    f"{self.describe()}; the operator widens this with `fedpi serve --allow-workers`)"
+                )
 
     def describe(self) -> str:
         return ", ".join([*map(str, self.networks), *sorted(self.names)]) or "nothing"
 
     def including(self, target: RunTarget) -> WorkerPolicy:
         """This policy and the hosts of `target` (the server's own defaults)."""
-        extra = WorkerPolicy.parse([a.host for _, a in target.workers]
-                                   + ([target.workers_dns.host] if target.workers_dns else []))
+        extra = WorkerPolicy.parse(
+            [a.host for _, a in target.workers] + ([target.workers_dns.host] if target.workers_dns else [])
+        )
         return WorkerPolicy(self.networks + extra.networks, self.names | extra.names)
 
 

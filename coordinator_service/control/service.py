@@ -23,23 +23,23 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coordinator_service.control import launch, runspec
 from coordinator_service import settings as run_settings
+from coordinator_service.control import launch, runspec
+from coordinator_service.control.runs import RESUMABLE, RunLog, RunRecord, RunStore, UnknownRun
+from coordinator_service.control.runspec import InvalidSpec, NotAllowed, RunTarget, WorkerPolicy
 from coordinator_service.engine.checkpoint import CheckpointMismatch
 from coordinator_service.engine.observer import Observers, RunObserver
 from coordinator_service.engine.rounds import RoundFailed
-from coordinator_service.control.runs import RESUMABLE, RunLog, RunRecord, RunStore, UnknownRun
-from coordinator_service.control.runspec import InvalidSpec, NotAllowed, RunTarget, WorkerPolicy
 from coordinator_service.engine.training import ROUND_MODELS, HandshakeFailed, RunStopped
 from coordinator_service.engine.worker_client import DiscoveryFailed
-from fedpi.weights import serde
-from fedpi.net.ports import listen
-from fedpi.net.auth import AuthInterceptor, ServerSecurity
 from fedpi.data import DATASETS, DatasetUnavailable
 from fedpi.logs import add_sink, remove_sink
 from fedpi.mnist_task import MnistTask
 from fedpi.models import MODELS
+from fedpi.net.auth import AuthInterceptor, ServerSecurity
+from fedpi.net.ports import listen
 from fedpi.task import TaskError, task_class
+from fedpi.weights import serde
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 from generated.fedpi.v1 import coordinator_pb2_grpc as cpb_grpc
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -48,8 +48,16 @@ log = structlog.get_logger()
 
 SERVICE = cpb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 # Failures a run can meet in the field (workers away, data missing): its state says why, without a traceback.
-EXPECTED_FAILURES = (ValueError, OSError, HandshakeFailed, RoundFailed, DiscoveryFailed, CheckpointMismatch,
-                     TaskError, DatasetUnavailable)
+EXPECTED_FAILURES = (
+    ValueError,
+    OSError,
+    HandshakeFailed,
+    RoundFailed,
+    DiscoveryFailed,
+    CheckpointMismatch,
+    TaskError,
+    DatasetUnavailable,
+)
 MAX_REQUEST_BYTES = 1 << 20  # a RunSpec is a few hundred bytes; nothing the API takes needs more
 DEFAULT_PAGE, MAX_PAGE = 50, 500
 
@@ -106,11 +114,19 @@ class RunProgress(RunObserver):
         self.round = number
 
     def worker_progress(self, worker, progress):
-        self.log.add_event({
-            "event": "worker_progress", "round": self.round, "worker": worker, "batches_done": progress.batches_done,
-            "batches_total": progress.batches_total, "mean_loss": round(progress.mean_loss, 4),
-            "seconds": round(progress.seconds, 3), "heartbeat": progress.heartbeat,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")})
+        self.log.add_event(
+            {
+                "event": "worker_progress",
+                "round": self.round,
+                "worker": worker,
+                "batches_done": progress.batches_done,
+                "batches_total": progress.batches_total,
+                "mean_loss": round(progress.mean_loss, 4),
+                "seconds": round(progress.seconds, 3),
+                "heartbeat": progress.heartbeat,
+                "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
+            }
+        )
 
     def run_started(self, rounds, first_round, workers):
         self.log.record.rounds, self.log.record.round = rounds, first_round - 1
@@ -126,8 +142,10 @@ class RunProgress(RunObserver):
     def round_finished(self, report):
         record = self.log.record
         record.round, record.last_round = report.round, report.as_event()
-        record.failures += [{"round": report.round, "worker": f.worker, "phase": f.phase, "reason": f.reason}
-                            for f in [*report.failures, *report.absent]]
+        record.failures += [
+            {"round": report.round, "worker": f.worker, "phase": f.phase, "reason": f.reason}
+            for f in [*report.failures, *report.absent]
+        ]
         self.log.save()
 
     def round_failed(self, number, reason):
@@ -148,15 +166,17 @@ def _import_task(target: RunTarget) -> None:
         if target.model and target.model not in MODELS:
             raise InvalidSpec(f"model = {target.model!r}: the {target.task} task's models are {', '.join(MODELS)}")
         if target.dataset and target.dataset not in DATASETS:
-            raise InvalidSpec(f"dataset = {target.dataset!r}: the {target.task} task's datasets are "
-                              f"{', '.join(DATASETS)}")
+            raise InvalidSpec(
+                f"dataset = {target.dataset!r}: the {target.task} task's datasets are {', '.join(DATASETS)}"
+            )
 
 
 class RunManager:
     """Runs, one at a time, as asyncio tasks of this process; their records and events in the store."""
 
-    def __init__(self, store: RunStore, config: ServerRuns, launch_run: Launch = launch.train,
-                 observers: list[RunObserver] = ()):
+    def __init__(
+        self, store: RunStore, config: ServerRuns, launch_run: Launch = launch.train, observers: list[RunObserver] = ()
+    ):
         self.store = store
         self.config = config
         self.launch = launch_run
@@ -177,21 +197,26 @@ class RunManager:
 
     def _check_task(self, name: str) -> None:
         if name not in self.config.allowed_tasks:
-            raise NotAllowed(f"task {name!r} is not allowed on this coordinator; allowed: "
-                             f"{', '.join(sorted(self.config.allowed_tasks))} (the operator adds tasks with "
-                             f"`fedpi serve --allow-task`, or by installing them)")
+            raise NotAllowed(
+                f"task {name!r} is not allowed on this coordinator; allowed: "
+                f"{', '.join(sorted(self.config.allowed_tasks))} (the operator adds tasks with "
+                f"`fedpi serve --allow-task`, or by installing them)"
+            )
 
     def prepare(self, spec: cpb.RunSpec) -> tuple[str, RunTarget, run_settings.RunSettings]:
         """The run a spec asks for: its id, target and settings; InvalidSpec, SettingsError or NotAllowed else."""
         run_id = runspec.run_id_of(spec)
         if run_id in self.store.logs:
-            raise FileExistsError(f"run {run_id} exists; `fedpi runs resume {run_id}` continues it, or choose another run id")
+            raise FileExistsError(
+                f"run {run_id} exists; `fedpi runs resume {run_id}` continues it, or choose another run id"
+            )
         target = runspec.target_of(spec).with_defaults(self.config.defaults).checked(self.config.max_workers)
         self._check_task(target.task)
         self.config.workers.check(target)
         preset = runspec.preset_of(spec) or self.config.preset
-        settings = run_settings.merge(run_settings.preset_layer(preset), self.config.layer,
-                                      runspec.settings_layer(spec))
+        settings = run_settings.merge(
+            run_settings.preset_layer(preset), self.config.layer, runspec.settings_layer(spec)
+        )
         launch.min_workers(settings, target.worker_count)  # a quorum the workers named can never meet
         return run_id or self.store.new_id(), target, settings
 
@@ -200,8 +225,10 @@ class RunManager:
     def _refuse_if_busy(self) -> None:
         if self.active is not None:
             run = self.active.log.record
-            raise Busy(f"run {run.run_id} is training (round {run.round} of {run.rounds}); one run trains at a time: "
-                       f"stop it (`fedpi runs stop {run.run_id}`) or wait until it ends")
+            raise Busy(
+                f"run {run.run_id} is training (round {run.round} of {run.rounds}); one run trains at a time: "
+                f"stop it (`fedpi runs stop {run.run_id}`) or wait until it ends"
+            )
 
     async def start(self, spec: cpb.RunSpec) -> RunLog:
         self._refuse_if_busy()
@@ -209,8 +236,15 @@ class RunManager:
         await asyncio.to_thread(_import_task, target)
         self._refuse_if_busy()  # another StartRun may have started a run while the task loaded
         spec_json = json_format.MessageToDict(spec, preserving_proto_field_name=True)
-        run_log = self.store.create(RunRecord(run_id=run_id, spec=spec_json, rounds=settings.rounds,
-                                              target=target.as_dict(), settings=settings.model_dump()))
+        run_log = self.store.create(
+            RunRecord(
+                run_id=run_id,
+                spec=spec_json,
+                rounds=settings.rounds,
+                target=target.as_dict(),
+                settings=settings.model_dump(),
+            )
+        )
         self._launch(run_log, target, settings, resume=False)
         return run_log
 
@@ -224,8 +258,9 @@ class RunManager:
             target = RunTarget.from_dict(record.target)
             settings = run_settings.RunSettings.model_validate(record.settings)
         else:  # a run recorded before settings were kept: its spec, read as a new one would be
-            _, target, settings = self.prepare(json_format.ParseDict({**record.spec, "run_id": ""}, cpb.RunSpec(),
-                                                                     ignore_unknown_fields=True))
+            _, target, settings = self.prepare(
+                json_format.ParseDict({**record.spec, "run_id": ""}, cpb.RunSpec(), ignore_unknown_fields=True)
+            )
         self._check_task(target.task)
         self.config.workers.check(target)
         record.error, record.ended_at = "", 0.0
@@ -260,22 +295,37 @@ class RunManager:
         task = asyncio.get_running_loop().create_task(self._execute(run_log, target, settings, place, stop, resume))
         self.active = ActiveRun(run_log, task, stop)
 
-    async def _execute(self, run_log: RunLog, target: RunTarget, settings: run_settings.RunSettings,
-                       place: launch.RunPlace, stop: asyncio.Event, resume: bool) -> None:
+    async def _execute(
+        self,
+        run_log: RunLog,
+        target: RunTarget,
+        settings: run_settings.RunSettings,
+        place: launch.RunPlace,
+        stop: asyncio.Event,
+        resume: bool,
+    ) -> None:
         record = run_log.record
         structlog.contextvars.bind_contextvars(run=record.run_id)
-        log.info("run_started", run_id=record.run_id, resume=resume, task=target.task,
-                 settings=run_settings.changed(settings))
+        log.info(
+            "run_started",
+            run_id=record.run_id,
+            resume=resume,
+            task=target.task,
+            settings=run_settings.changed(settings),
+        )
         state, error = "finished", ""
         try:
-            await self.launch(target, settings, place, Observers([RunProgress(run_log), *self.observers]), stop,
-                              resume)
+            await self.launch(target, settings, place, Observers([RunProgress(run_log), *self.observers]), stop, resume)
         except RunStopped as exc:
             state, error = "stopped", str(exc)
         except asyncio.CancelledError:
             state = self.active.ending or "interrupted"
-            error = ("stopped at once on request: the round in progress was abandoned; the last completed round is "
-                     "checkpointed" if state == "stopped" else "the coordinator stopped while this run trained")
+            error = (
+                "stopped at once on request: the round in progress was abandoned; the last completed round is "
+                "checkpointed"
+                if state == "stopped"
+                else "the coordinator stopped while this run trained"
+            )
         except Exception as exc:  # every failure ends the run, with its reason; the server carries on
             state, error = "failed", str(exc) or type(exc).__name__
             if not isinstance(exc, EXPECTED_FAILURES):
@@ -291,8 +341,10 @@ class RunManager:
         """The run's events, read from its file as they are written; the stream ends with the run."""
         run_log = self.store.get(run_id)
         if self.watchers >= self.config.max_watchers:
-            raise TooMany(f"{self.watchers} WatchRun streams are open, the most this coordinator serves at once; "
-                          f"close one, or try again later")
+            raise TooMany(
+                f"{self.watchers} WatchRun streams are open, the most this coordinator serves at once; "
+                f"close one, or try again later"
+            )
         self.watchers += 1
         try:
             offset = 0 if from_start else run_log.end_offset()
@@ -312,11 +364,15 @@ class RunManager:
         """The run's global model: after `round`, or the latest (the final model of a finished run)."""
         run_log = self.store.get(run_id)
         directory, record = run_log.directory, run_log.record
-        architecture = json.loads((directory / "config.json").read_text())["model"] \
-            if (directory / "config.json").is_file() else ""
+        architecture = (
+            json.loads((directory / "config.json").read_text())["model"]
+            if (directory / "config.json").is_file()
+            else ""
+        )
         if round == 0 and record.state == "finished" and (directory / "model.pt").is_file():
-            return serde.WeightsPayload(torch.load(directory / "model.pt", weights_only=True), round=record.round,
-                                        architecture=architecture)
+            return serde.WeightsPayload(
+                torch.load(directory / "model.pt", weights_only=True), round=record.round, architecture=architecture
+            )
         if round == 0 and (directory / "checkpoint.pt").is_file():
             ckpt = torch.load(directory / "checkpoint.pt", weights_only=True)
             return serde.WeightsPayload(ckpt["state_dict"], round=ckpt["round"], architecture=architecture)
@@ -324,17 +380,26 @@ class RunManager:
         if round and path.is_file():
             return serde.WeightsPayload(torch.load(path, weights_only=True), round=round, architecture=architecture)
         kept = sorted(int(p.stem.split("-")[1]) for p in (directory / ROUND_MODELS).glob("round-*.pt"))
-        raise UnknownRun(f"run {run_id} has no model for round {round or 'latest'}: "
-                         + (f"rounds kept: {', '.join(map(str, kept))} (and 0 for the latest)" if kept
-                            else "no round has completed yet"))
+        raise UnknownRun(
+            f"run {run_id} has no model for round {round or 'latest'}: "
+            + (
+                f"rounds kept: {', '.join(map(str, kept))} (and 0 for the latest)"
+                if kept
+                else "no round has completed yet"
+            )
+        )
 
 
 # What each refusal is, most specific first.
 REFUSALS = (
-    (UnknownRun, grpc.StatusCode.NOT_FOUND), (Busy, grpc.StatusCode.ABORTED),
-    (NotNow, grpc.StatusCode.FAILED_PRECONDITION), (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (NotAllowed, grpc.StatusCode.PERMISSION_DENIED), (TooMany, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (InvalidSpec, grpc.StatusCode.INVALID_ARGUMENT), (TaskError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownRun, grpc.StatusCode.NOT_FOUND),
+    (Busy, grpc.StatusCode.ABORTED),
+    (NotNow, grpc.StatusCode.FAILED_PRECONDITION),
+    (FileExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (NotAllowed, grpc.StatusCode.PERMISSION_DENIED),
+    (TooMany, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidSpec, grpc.StatusCode.INVALID_ARGUMENT),
+    (TaskError, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 
@@ -367,20 +432,28 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
     async def ListRuns(self, request, context):
         try:
             if not 0 <= request.page_size <= MAX_PAGE:
-                raise ValueError(f"page_size = {request.page_size}: allowed 0 (the default, {DEFAULT_PAGE}) to "
-                                 f"{MAX_PAGE}")
+                raise ValueError(
+                    f"page_size = {request.page_size}: allowed 0 (the default, {DEFAULT_PAGE}) to {MAX_PAGE}"
+                )
             page, next_token = self.manager.store.page(request.page_size or DEFAULT_PAGE, request.page_token)
         except Exception as exc:
             await self._abort(context, exc, "ListRuns")
             return
-        return cpb.Runs(runs=[run_log.record.to_proto(summary=True) for run_log in page], next_page_token=next_token,
-                        warning=self.manager.config.warning)
+        return cpb.Runs(
+            runs=[run_log.record.to_proto(summary=True) for run_log in page],
+            next_page_token=next_token,
+            warning=self.manager.config.warning,
+        )
 
     async def WatchRun(self, request, context):
         try:
             async for event in self.manager.watch(request.run_id, request.from_start):
-                yield cpb.RunEvent(run_id=request.run_id, sequence=event["sequence"], event=str(event.get("event")),
-                                   json=json.dumps(event, default=str))
+                yield cpb.RunEvent(
+                    run_id=request.run_id,
+                    sequence=event["sequence"],
+                    event=str(event.get("event")),
+                    json=json.dumps(event, default=str),
+                )
         except Exception as exc:
             await self._abort(context, exc, "WatchRun")
 
@@ -404,18 +477,24 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServicer):
             return
         chunk_size = request.chunk_size or serde.DEFAULT_CHUNK_BYTES
         if not 1024 <= chunk_size <= serde.DEFAULT_MAX_CHUNK_BYTES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"chunk_size must be between 1024 and {serde.DEFAULT_MAX_CHUNK_BYTES} bytes")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"chunk_size must be between 1024 and {serde.DEFAULT_MAX_CHUNK_BYTES} bytes",
+            )
         for chunk in payload.chunks(chunk_size, pb.CHUNK_ENCODING_RAW):
             yield chunk
 
 
-async def serve(manager: RunManager, address: str, security: ServerSecurity, grace: float = 30.0,
-                max_concurrent_rpcs: int = 64) -> None:
+async def serve(
+    manager: RunManager, address: str, security: ServerSecurity, grace: float = 30.0, max_concurrent_rpcs: int = 64
+) -> None:
     # One process per port (no SO_REUSEPORT: a second server on a taken port fails instead of sharing it), bounded
     # requests, and a bound on calls at once (more are RESOURCE_EXHAUSTED).
-    server = grpc.aio.server(interceptors=[AuthInterceptor(security)], maximum_concurrent_rpcs=max_concurrent_rpcs,
-                             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(security)],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+    )
     cpb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(manager), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -424,11 +503,21 @@ async def serve(manager: RunManager, address: str, security: ServerSecurity, gra
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    interrupted = [r.run_id for r in (l.record for l in manager.store.logs.values()) if r.state == "interrupted"]
-    log.info("coordinator_serving", address=address, port=port, state_dir=str(manager.store.state_dir),
-             runs=len(manager.store.logs), interrupted=interrupted, unreadable=manager.store.unreadable,
-             tls=security.tls, mutual_tls=security.client_ca_file is not None, token=security.token is not None,
-             workers_allowed=manager.config.workers.describe(), tasks_allowed=sorted(manager.config.allowed_tasks))
+    interrupted = [r.run_id for r in (log.record for log in manager.store.logs.values()) if r.state == "interrupted"]
+    log.info(
+        "coordinator_serving",
+        address=address,
+        port=port,
+        state_dir=str(manager.store.state_dir),
+        runs=len(manager.store.logs),
+        interrupted=interrupted,
+        unreadable=manager.store.unreadable,
+        tls=security.tls,
+        mutual_tls=security.client_ca_file is not None,
+        token=security.token is not None,
+        workers_allowed=manager.config.workers.describe(),
+        tasks_allowed=sorted(manager.config.allowed_tasks),
+    )
     if manager.config.warning:
         log.warning("coordinator_insecure", warning=manager.config.warning)
     stop = asyncio.Event()

@@ -108,8 +108,12 @@ class UpdateCheck:
     """Checks the runs of one update as they arrive: finite, and within `max_distance` (L2, floating-point
     tensors) of the global model it was trained from. Raises before an offending run is used."""
 
-    def __init__(self, manifest: Sequence[TensorMeta], reference: Sequence[torch.Tensor] | None = None,
-                 max_distance: float = math.inf):
+    def __init__(
+        self,
+        manifest: Sequence[TensorMeta],
+        reference: Sequence[torch.Tensor] | None = None,
+        max_distance: float = math.inf,
+    ):
         self.manifest = manifest
         self.reference = reference
         self.max_distance = max_distance
@@ -127,7 +131,9 @@ class UpdateCheck:
             return
         ref = self.reference[index][start : start + len(x)]
         # In the update's own precision (float32 at least): a distance that overflows is inf, and refused all the same.
-        work = x.dtype if x.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128) else torch.float32
+        work = (
+            x.dtype if x.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128) else torch.float32
+        )
         squared = float(torch.linalg.vector_norm(x.to(work) - ref.to(work))) ** 2
         if not math.isfinite(squared):
             # The global model is finite, so NaN or Inf here is either in the update or an overflowing distance.
@@ -135,10 +141,11 @@ class UpdateCheck:
                 raise NonFiniteWeights(f"{meta.name} holds NaN or Inf values; the update was rejected")
             squared = math.inf
         self.squared += squared
-        if self.squared > self.max_distance ** 2:
+        if self.squared > self.max_distance**2:
             raise UpdateOutOfRange(
                 f"the update lies more than {self.max_distance:.4g} (L2) from the global model it was trained from "
-                f"(reached in {meta.name}); refused before it entered the aggregate (see --max-update-ratio)")
+                f"(reached in {meta.name}); refused before it entered the aggregate (see --max-update-ratio)"
+            )
 
 
 class WeightedSum:

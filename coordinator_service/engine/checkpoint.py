@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from fedpi import durable
-
 from fedpi.weights import serde
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -35,8 +34,11 @@ class Checkpoint:
     def capture_rng() -> dict:
         # Plain types and tensors only, so that the file loads with torch.load(weights_only=True).
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        return {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+        return {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        }
 
     def restore_rng(self) -> None:
         torch.set_rng_state(self.rng["torch"])
@@ -64,9 +66,12 @@ def load(directory: Path, model: str) -> Checkpoint | None:
     try:
         ckpt = Checkpoint(**torch.load(path, weights_only=True))
     except (pickle.UnpicklingError, RuntimeError, TypeError) as exc:
-        raise CheckpointMismatch(f"{path} is not a fedpi checkpoint that loads as weights only ({exc}); "
-                                 f"move it away or use another --output-dir") from None
+        raise CheckpointMismatch(
+            f"{path} is not a fedpi checkpoint that loads as weights only ({exc}); "
+            f"move it away or use another --output-dir"
+        ) from None
     if ckpt.model != model:
-        raise CheckpointMismatch(f"{path} is a {ckpt.model!r} run, this run trains {model!r}: "
-                                 f"use another --output-dir or the same --model")
+        raise CheckpointMismatch(
+            f"{path} is a {ckpt.model!r} run, this run trains {model!r}: use another --output-dir or the same --model"
+        )
     return ckpt

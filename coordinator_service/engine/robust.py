@@ -18,9 +18,8 @@ from collections.abc import Sequence
 import torch
 
 from coordinator_service.engine.aggregate import Segmenter, UpdateCheck, accumulator_dtype
-from fedpi.weights.serde import MalformedStream, TensorMeta
-
 from coordinator_service.policy.rules import AGGREGATIONS, Aggregation, parse_aggregation  # noqa: E402,F401 - re-exported
+from fedpi.weights.serde import MalformedStream, TensorMeta
 
 
 def reduce_coordinates(stack: torch.Tensor, trim: int | None) -> torch.Tensor:
@@ -47,8 +46,9 @@ class CoordinateReducer:
     def __init__(self, manifest: Sequence[TensorMeta], checks: Sequence[UpdateCheck], trim: int | None):
         n = len(checks)
         if trim is not None and n <= 2 * trim:
-            raise ValueError(f"trimmed-mean drops {trim} value(s) at each end and needs more than {2 * trim} "
-                             f"updates, got {n}")
+            raise ValueError(
+                f"trimmed-mean drops {trim} value(s) at each end and needs more than {2 * trim} updates, got {n}"
+            )
         self.manifest = list(manifest)
         self.trim = trim
         self.checks = list(checks)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import structlog
 
-from coordinator_service.policy.strategy import Failure
 from coordinator_service.engine.worker_client import (
     Expected,
     WorkerClient,
@@ -21,6 +20,7 @@ from coordinator_service.engine.worker_client import (
     WorkerRefusedUs,
     resolve,
 )
+from coordinator_service.policy.strategy import Failure
 
 log = structlog.get_logger()
 
@@ -30,8 +30,15 @@ class HandshakeFailed(Exception):
 
 
 class Roster:
-    def __init__(self, make_client: Callable[[str, str], WorkerClient], *, expected: Expected,
-                 workers: list[tuple[str, str]] = (), dns: str | None = None, handshake_timeout: float = 10.0):
+    def __init__(
+        self,
+        make_client: Callable[[str, str], WorkerClient],
+        *,
+        expected: Expected,
+        workers: list[tuple[str, str]] = (),
+        dns: str | None = None,
+        handshake_timeout: float = 10.0,
+    ):
         self._make_client = make_client
         self.expected = expected
         self.dns = dns
@@ -104,18 +111,35 @@ class Roster:
                 raise info
             if info.worker_id and (client.address in self._from_dns or client.name == client.address):
                 await self._claim_name(client, info.worker_id)  # found by address: use the id it gives itself
-            log.info("worker_ready", worker=client.name, address=client.address, protocol=info.protocol_version,
-                     software=info.software_version, task=f"{info.task} {info.task_version}".strip(),
-                     dataset=info.dataset, partition=info.partition,
-                     train_samples=info.train_samples, arch=info.cpu_architecture, torch=info.torch_version,
-                     weights_round=info.weights_round)
+            log.info(
+                "worker_ready",
+                worker=client.name,
+                address=client.address,
+                protocol=info.protocol_version,
+                software=info.software_version,
+                task=f"{info.task} {info.task_version}".strip(),
+                dataset=info.dataset,
+                partition=info.partition,
+                train_samples=info.train_samples,
+                arch=info.cpu_architecture,
+                torch=info.torch_version,
+                weights_round=info.weights_round,
+            )
             if self.expected.dataset and info.dataset != self.expected.dataset:
-                log.warning("dataset_differs", worker=client.name, worker_dataset=info.dataset,
-                            coordinator_dataset=self.expected.dataset)
+                log.warning(
+                    "dataset_differs",
+                    worker=client.name,
+                    worker_dataset=info.dataset,
+                    coordinator_dataset=self.expected.dataset,
+                )
             if info.task_version and info.task_version != self.expected.task_version:
-                log.warning("task_version_differs", worker=client.name, worker_version=info.task_version,
-                            coordinator_version=self.expected.task_version,
-                            note="the models match, so they train together")
+                log.warning(
+                    "task_version_differs",
+                    worker=client.name,
+                    worker_version=info.task_version,
+                    coordinator_version=self.expected.task_version,
+                    note="the models match, so they train together",
+                )
             self._active.add(client.address)
             self._away.pop(client.address, None)
             joined.append(client)

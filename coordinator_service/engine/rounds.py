@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-from concurrent.futures import Future, ThreadPoolExecutor
 import time
 import uuid
 from collections import Counter, deque
-from functools import partial
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import structlog
 import torch
@@ -35,8 +35,6 @@ from coordinator_service.engine.aggregate import (
 )
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.robust import Aggregation, CoordinateReducer, StepFailed
-from coordinator_service.policy.server_opt import ServerOptimizer
-from coordinator_service.policy.strategy import Failure, Strategy
 from coordinator_service.engine.worker_client import (
     WorkerClient,
     WorkerError,
@@ -47,8 +45,10 @@ from coordinator_service.engine.worker_client import (
     speaks,
     upload_digest,
 )
-from fedpi.weights import compression, serde
+from coordinator_service.policy.server_opt import ServerOptimizer
+from coordinator_service.policy.strategy import Failure, Strategy
 from fedpi.net.protocol import ProtocolMismatch, check_minimum
+from fedpi.weights import compression, serde
 from generated.fedpi.v1 import worker_pb2 as pb
 
 log = structlog.get_logger()
@@ -126,8 +126,11 @@ class RoundReport:
     def as_event(self) -> dict:
         return {
             "round": self.round,
-            **({"test_accuracy": round(self.test_accuracy, 4),
-                "test_loss": round(self.test_loss, 4)} if self.test_accuracy is not None else {}),
+            **(
+                {"test_accuracy": round(self.test_accuracy, 4), "test_loss": round(self.test_loss, 4)}
+                if self.test_accuracy is not None
+                else {}
+            ),
             "wall_seconds": round(self.wall_seconds, 3),
             "overhead_seconds": round(self.overhead_seconds, 3),
             "aggregation_seconds": round(self.aggregation_seconds, 3),
@@ -135,9 +138,15 @@ class RoundReport:
             "aggregation": self.aggregation,
             "max_update_distance": round(self.max_update_distance, 4),
             "aggregate_scale": round(self.aggregate_scale, 4),
-            **({"federated_accuracy": round(self.federated_accuracy, 4),
-                "federated_loss": round(self.federated_loss, 4),
-                "federated_samples": self.federated_samples} if self.federated_accuracy is not None else {}),
+            **(
+                {
+                    "federated_accuracy": round(self.federated_accuracy, 4),
+                    "federated_loss": round(self.federated_loss, 4),
+                    "federated_samples": self.federated_samples,
+                }
+                if self.federated_accuracy is not None
+                else {}
+            ),
             "samples": sum(w.samples for w in self.workers),
             "workers": {
                 w.worker: {
@@ -204,11 +213,21 @@ class _Round:
 class RoundRunner:
     """Runs rounds against one global model, each with the workers present at its start."""
 
-    def __init__(self, *, model: torch.nn.Module, architecture: str, strategy: Strategy,
-                 transfer: TransferSettings = TransferSettings(), round_timeout: float = 3600.0,
-                 aggregation: Aggregation = Aggregation(), max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO,
-                 run_id: str | None = None, server_optimizer: ServerOptimizer | None = None,
-                 federated_evaluation: bool = False, observer: RunObserver | None = None):
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        architecture: str,
+        strategy: Strategy,
+        transfer: TransferSettings = TransferSettings(),
+        round_timeout: float = 3600.0,
+        aggregation: Aggregation = Aggregation(),
+        max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO,
+        run_id: str | None = None,
+        server_optimizer: ServerOptimizer | None = None,
+        federated_evaluation: bool = False,
+        observer: RunObserver | None = None,
+    ):
         self.model = model
         self.architecture = architecture
         self.strategy = strategy
@@ -224,15 +243,17 @@ class RoundRunner:
         self._cpu = ThreadPoolExecutor(1, thread_name_prefix="fedpi-weights")
         self._accumulators: list[torch.Tensor] | None = None
 
-    async def run_round(self, server_round: int, clients: Sequence[WorkerClient],
-                        index_of: Callable[[WorkerClient], int] | None = None) -> RoundReport:
+    async def run_round(
+        self, server_round: int, clients: Sequence[WorkerClient], index_of: Callable[[WorkerClient], int] | None = None
+    ) -> RoundReport:
         """One round. `index_of` gives each worker a stable number for its seed (default: its position)."""
         clients = list(clients)
         index_of = index_of or clients.index
         structlog.contextvars.bind_contextvars(round=server_round)
         try:
-            return await self._run_round(server_round, self.strategy.sample(server_round, clients, index_of),
-                                         index_of, present=len(clients))
+            return await self._run_round(
+                server_round, self.strategy.sample(server_round, clients, index_of), index_of, present=len(clients)
+            )
         finally:
             structlog.contextvars.unbind_contextvars("round")
 
@@ -251,6 +272,7 @@ class RoundRunner:
         """Queue one step of aggregation on the weights thread now (steps run in the order queued); its result is the
         time it worked, which the round counts rather than the time several workers' chunks waited in the queue. A
         plain future: the event loop is woken for it only if something waits for it before it is done."""
+
         def timed() -> float:
             t = time.perf_counter()
             step(*args)
@@ -276,11 +298,17 @@ class RoundRunner:
         this one)."""
         await rnd.sent.wait()
         digest = await self._off_loop(lambda: rnd.payload.digest)
-        log.info("round_started", workers=[c.name for c in clients], present=present, round_id=rnd.round_id,
-                 model_digest=digest)
+        log.info(
+            "round_started",
+            workers=[c.name for c in clients],
+            present=present,
+            round_id=rnd.round_id,
+            model_digest=digest,
+        )
 
-    async def _run_round(self, number: int, clients: list[WorkerClient],
-                         index_of: Callable[[WorkerClient], int], present: int) -> RoundReport:
+    async def _run_round(
+        self, number: int, clients: list[WorkerClient], index_of: Callable[[WorkerClient], int], present: int
+    ) -> RoundReport:
         start = time.perf_counter()
         rnd = await self._prepare(number)
         rnd.unsent = len(clients)
@@ -295,8 +323,9 @@ class RoundRunner:
         else:
             total = self._new_sum(rnd)
             steps = [self._train_and_fold(rnd, c, index_of(c), total) for c in clients]
-        outcomes = await asyncio.gather(*(asyncio.wait_for(s, self.round_timeout) for s in steps),
-                                        return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(asyncio.wait_for(s, self.round_timeout) for s in steps), return_exceptions=True
+        )
         await rnd.announced
         done, tainted = self._settle(rnd, clients, outcomes)
         if self.aggregation.coordinate_wise:
@@ -319,12 +348,15 @@ class RoundRunner:
         """The payload as each worker is sent it: one stream per encoding and digest, serialised once for all the
         workers that take it that way."""
         ways = {c.name: (offered(c, self.transfer.model_encoding), upload_digest(c)) for c in clients}
-        shared = {way: payload.broadcast(count, self.transfer.chunk_size, *way)
-                  for way, count in Counter(ways.values()).items()}
+        shared = {
+            way: payload.broadcast(count, self.transfer.chunk_size, *way)
+            for way, count in Counter(ways.values()).items()
+        }
         return {name: shared[way] for name, way in ways.items()}
 
-    async def _aggregate_coordinate_wise(self, rnd: _Round, done: list[Contribution],
-                                         clients: list[WorkerClient]) -> None:
+    async def _aggregate_coordinate_wise(
+        self, rnd: _Round, done: list[Contribution], clients: list[WorkerClient]
+    ) -> None:
         self._require_quorum(rnd, done, clients)
         flat = await self._coordinate_wise(rnd, done)
         self._require_quorum(rnd, done, clients)
@@ -332,8 +364,9 @@ class RoundRunner:
             self.observer.worker_phase(c.client.name, "done")
         self._install(rnd, flat)
 
-    async def _aggregate_weighted(self, rnd: _Round, done: list[Contribution], clients: list[WorkerClient],
-                                  total: WeightedSum, tainted: bool) -> None:
+    async def _aggregate_weighted(
+        self, rnd: _Round, done: list[Contribution], clients: list[WorkerClient], total: WeightedSum, tainted: bool
+    ) -> None:
         """FedAvg's sum (rebuilt if a failed worker left part of its update in it), clipped if asked, installed."""
         if tainted:
             total = await self._refold(rnd, done)
@@ -377,27 +410,36 @@ class RoundRunner:
         stats.samples, stats.train_seconds, stats.batches = result.samples, result.train_seconds, result.batches
         stats.train_loss, stats.train_accuracy = result.mean_loss, result.accuracy
         await rnd.announced  # round_started is logged before anything of its workers
-        log.info("worker_train_finished", worker=client.name, samples=result.samples,
-                 seconds=round(result.train_seconds, 3), loss=round(result.mean_loss, 4))
+        log.info(
+            "worker_train_finished",
+            worker=client.name,
+            samples=result.samples,
+            seconds=round(result.train_seconds, 3),
+            loss=round(result.mean_loss, 4),
+        )
         return Contribution(client, stats, result, self.strategy.weight(result))
 
-    def _check_result(self, rnd: _Round, client: WorkerClient, request: pb.TrainRequest,
-                      result: pb.TrainResult) -> None:
+    def _check_result(
+        self, rnd: _Round, client: WorkerClient, request: pb.TrainRequest, result: pb.TrainResult
+    ) -> None:
         if result.round_id != rnd.round_id:
-            raise WorkerRejected(client.name, f"Train answered for round id {result.round_id!r}, expected "
-                                              f"{rnd.round_id!r}; its update was refused")
+            raise WorkerRejected(
+                client.name,
+                f"Train answered for round id {result.round_id!r}, expected {rnd.round_id!r}; its update was refused",
+            )
         shard = client.info.train_samples if client.info is not None else 0
         max_batches = client.info.max_local_batches if client.info is not None else 0
         bound = self.strategy.max_samples(request, shard, max_batches)
         if not 0 < result.samples <= bound:
             raise WorkerRejected(
-                client.name, f"reported {result.samples} training samples, outside 1..{bound} (what the round asked "
-                             f"for: {_work_asked(request)} on a shard of {shard}); its update was refused")
+                client.name,
+                f"reported {result.samples} training samples, outside 1..{bound} (what the round asked "
+                f"for: {_work_asked(request)} on a shard of {shard}); its update was refused",
+            )
 
     # -- step 2: fold ------------------------------------------------------------------------------------------
 
-    async def _train_and_fold(self, rnd: _Round, client: WorkerClient, index: int,
-                              total: WeightedSum) -> Contribution:
+    async def _train_and_fold(self, rnd: _Round, client: WorkerClient, index: int, total: WeightedSum) -> Contribution:
         contribution = await self._train(rnd, client, index)
         rnd.folding.add(client.name)
         self.observer.worker_phase(client.name, "receiving")
@@ -415,9 +457,13 @@ class RoundRunner:
         t = time.perf_counter()
         payload, chunk_size = rnd.payload, self.transfer.chunk_size
         encoding = offered(c.client, self.transfer.encoding)
-        reader = serde.StreamReader(architecture=self.architecture, expected=payload.manifest,
-                                    max_payload_bytes=max(payload.total_bytes, 1), encodings=(encoding,),
-                                    base=rnd.reference if encoding == compression.INT8 else None)
+        reader = serde.StreamReader(
+            architecture=self.architecture,
+            expected=payload.manifest,
+            max_payload_bytes=max(payload.total_bytes, 1),
+            encodings=(encoding,),
+            base=rnd.reference if encoding == compression.INT8 else None,
+        )
         sizes = serde.piece_sizes(payload.manifest, chunk_size, encoding)
         stream = c.client.get_weights(chunk_size, encoding, payload.total_bytes, speaks(c.client, "1.5"))
         async for chunk in stream:
@@ -429,8 +475,10 @@ class RoundRunner:
                     _check_update_header(reader.header, rnd)
                 continue
             if len(raw) != next(sizes, 0):
-                raise serde.MalformedStream(f"chunk at offset {offset} holds {len(raw)} bytes, not what "
-                                            f"{chunk_size}-byte chunks of this encoding hold")
+                raise serde.MalformedStream(
+                    f"chunk at offset {offset} holds {len(raw)} bytes, not what "
+                    f"{chunk_size}-byte chunks of this encoding hold"
+                )
             yield raw
         reader.finish()
         if c.digest and reader.digest != c.digest:
@@ -480,8 +528,9 @@ class RoundRunner:
         norm = self.aggregation.clip_norm or statistics.median(distances)
         for c in [c for c in done if c.check.distance > norm]:
             scale = norm / c.check.distance
-            log.info("update_clipped", worker=c.client.name, distance=round(c.check.distance, 4),
-                     clip_norm=round(norm, 4))
+            log.info(
+                "update_clipped", worker=c.client.name, distance=round(c.check.distance, 4), clip_norm=round(norm, 4)
+            )
             fold = DeltaFold(total, c.weight * (scale - 1), self._check(rnd), rnd.reference)
             try:
                 async for raw in self._update_pieces(rnd, c):
@@ -489,8 +538,10 @@ class RoundRunner:
                 fold.finish()
             except (WorkerError, serde.WeightsError) as exc:
                 # Part of the correction is in the sum: what is there now is no longer any worker's update.
-                raise RoundFailed(f"round {rnd.number}: {c.client.name}'s update could not be fetched again to clip "
-                                  f"it ({exc})", rnd.report.failures) from exc
+                raise RoundFailed(
+                    f"round {rnd.number}: {c.client.name}'s update could not be fetched again to clip it ({exc})",
+                    rnd.report.failures,
+                ) from exc
 
     async def _coordinate_wise(self, rnd: _Round, done: list[Contribution]) -> list[torch.Tensor]:
         """Median or trimmed mean of every update, walked in step; a worker that breaks the walk is dropped and the
@@ -530,8 +581,9 @@ class RoundRunner:
 
     # -- step 3: settle ----------------------------------------------------------------------------------------
 
-    def _settle(self, rnd: _Round, clients: list[WorkerClient],
-                outcomes: list[Contribution | BaseException]) -> tuple[list[Contribution], bool]:
+    def _settle(
+        self, rnd: _Round, clients: list[WorkerClient], outcomes: list[Contribution | BaseException]
+    ) -> tuple[list[Contribution], bool]:
         """The workers that finished, and whether a failed one left part of its update in the sum."""
         done, tainted = [], False
         for client, outcome in zip(clients, outcomes):
@@ -557,7 +609,9 @@ class RoundRunner:
             reasons = "; ".join(f"{f.worker}: {f.reason}" for f in failures) or "no workers available"
             raise RoundFailed(
                 f"round {rnd.number}: {len(done)} of {len(clients)} workers finished, below the quorum "
-                f"(--min-workers) ({reasons}); the global model is unchanged", failures)
+                f"(--min-workers) ({reasons}); the global model is unchanged",
+                failures,
+            )
 
     # -- step 4: install ---------------------------------------------------------------------------------------
 
@@ -572,8 +626,10 @@ class RoundRunner:
         for meta, values in zip(rnd.payload.manifest, flat):
             # Finite in double precision is not enough: the model keeps its own dtype.
             if not (fits(values, meta.torch_dtype) if is_float(meta) else serde.all_finite(values)):
-                raise RoundFailed(f"round {rnd.number}: the aggregate of {meta.name} holds NaN or Inf; the global "
-                                  f"model is unchanged", rnd.report.failures)
+                raise RoundFailed(
+                    f"round {rnd.number}: the aggregate of {meta.name} holds NaN or Inf; the global model is unchanged",
+                    rnd.report.failures,
+                )
         install(rnd.payload.manifest, flat, self.model.state_dict())
 
     # -- after install: federated evaluation ------------------------------------------------------------------
@@ -581,11 +637,13 @@ class RoundRunner:
     async def _evaluate_federated(self, rnd: _Round, done: list[Contribution]) -> None:
         """Send the new global model to the round's workers and have each evaluate it on its local test split; the
         round reports the mean weighted by test samples. A worker that fails here keeps its update in the round."""
-        payload = serde.WeightsPayload(self.model.state_dict(), round=rnd.number, architecture=self.architecture,
-                                       round_id=f"{rnd.round_id}/eval")
+        payload = serde.WeightsPayload(
+            self.model.state_dict(), round=rnd.number, architecture=self.architecture, round_id=f"{rnd.round_id}/eval"
+        )
         sends = self._broadcasts(payload, [c.client for c in done])
-        outcomes = await asyncio.gather(*(self._evaluate_on(payload, sends[c.client.name], c) for c in done),
-                                        return_exceptions=True)
+        outcomes = await asyncio.gather(
+            *(self._evaluate_on(payload, sends[c.client.name], c) for c in done), return_exceptions=True
+        )
         for c, outcome in zip(done, outcomes):
             if isinstance(outcome, BaseException):
                 log.warning("worker_evaluation_failed", worker=c.client.name, reason=str(outcome))
@@ -622,8 +680,10 @@ def _work_asked(request: pb.TrainRequest) -> str:
 
 def _check_worker_supports(client: WorkerClient, request: pb.TrainRequest) -> None:
     """A field an older worker does not know would be ignored silently: refuse instead."""
-    needs = [("1.2", "FedProx (--proximal-mu)", request.proximal_mu),
-             ("1.3", "a time budget (--local-seconds)", request.local_seconds)]
+    needs = [
+        ("1.2", "FedProx (--proximal-mu)", request.proximal_mu),
+        ("1.3", "a time budget (--local-seconds)", request.local_seconds),
+    ]
     for minimum, feature, used in needs:
         if used and client.info is not None:
             try:
@@ -636,8 +696,10 @@ def _check_update_header(header: pb.WeightsHeader, rnd: _Round) -> None:
     if header.round_id != rnd.round_id or not header.trained:
         # E.g. a worker restarted after Train, or another coordinator's weights: not this round's update.
         what = "trained update" if header.trained else "untrained weights"
-        raise serde.MalformedStream(f"worker sent the {what} of round {header.round} (id {header.round_id!r}), "
-                                    f"expected the trained update of round {rnd.number} (id {rnd.round_id!r})")
+        raise serde.MalformedStream(
+            f"worker sent the {what} of round {header.round} (id {header.round_id!r}), "
+            f"expected the trained update of round {rnd.number} (id {rnd.round_id!r})"
+        )
 
 
 def _failure(worker: str, exc: BaseException, round_timeout: float) -> Failure:

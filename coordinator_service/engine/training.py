@@ -18,9 +18,8 @@ import torch
 
 from coordinator_service.engine import checkpoint
 from coordinator_service.engine.observer import RunObserver
-from coordinator_service.engine.roster import HandshakeFailed, Roster
 from coordinator_service.engine.robust import Aggregation
-from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
+from coordinator_service.engine.roster import HandshakeFailed, Roster
 from coordinator_service.engine.rounds import (
     DEFAULT_MAX_UPDATE_RATIO,
     RoundFailed,
@@ -28,15 +27,16 @@ from coordinator_service.engine.rounds import (
     RoundRunner,
     TransferSettings,
 )
-from coordinator_service.policy.strategy import Strategy
 from coordinator_service.engine.worker_client import ClientSecurity, Expected, WorkerClient
-from fedpi.weights import compression
+from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
+from coordinator_service.policy.strategy import Strategy
 from fedpi import durable
-from fedpi.runtime import peak_rss_mb
 from fedpi.data import Split
 from fedpi.logs import is_console
 from fedpi.models import parameter_count
+from fedpi.runtime import peak_rss_mb
 from fedpi.task import Task, initial_model
+from fedpi.weights import compression
 
 log = structlog.get_logger()
 
@@ -100,15 +100,24 @@ def describe(cfg: RunConfig, strategy: Strategy) -> dict:
     settings = {k: v for k, v in vars(strategy).items() if isinstance(v, (int, float, str, bool))}
     return {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "task": cfg.task.describe(), "model": cfg.task.architecture, "dataset": cfg.task.data_name, "rounds": cfg.rounds,
-        "workers": cfg.workers_dns or [name for name, _ in cfg.workers], "min_workers": cfg.min_workers,
-        "strategy": type(strategy).__name__, **settings, "aggregation": str(cfg.aggregation),
-        "server_optimizer": asdict(cfg.server_optimizer), "max_update_ratio": cfg.max_update_ratio,
-        "federated_evaluation": cfg.federated_evaluation, "chunk_size": cfg.transfer.chunk_size,
+        "task": cfg.task.describe(),
+        "model": cfg.task.architecture,
+        "dataset": cfg.task.data_name,
+        "rounds": cfg.rounds,
+        "workers": cfg.workers_dns or [name for name, _ in cfg.workers],
+        "min_workers": cfg.min_workers,
+        "strategy": type(strategy).__name__,
+        **settings,
+        "aggregation": str(cfg.aggregation),
+        "server_optimizer": asdict(cfg.server_optimizer),
+        "max_update_ratio": cfg.max_update_ratio,
+        "federated_evaluation": cfg.federated_evaluation,
+        "chunk_size": cfg.transfer.chunk_size,
         "compression": compression.NAMES[cfg.transfer.encoding],
         "global_model_encoding": compression.NAMES[cfg.transfer.model_encoding],
         "sequential_evaluation": cfg.sequential_evaluation,
-        "tls": cfg.security.tls, "token": cfg.security.token is not None,
+        "tls": cfg.security.tls,
+        "token": cfg.security.token is not None,
     }
 
 
@@ -116,8 +125,9 @@ def _write_metrics(path: Path, events: list[dict]) -> None:
     _write_atomically(path, lambda f: f.write("".join(json.dumps(e) + "\n" for e in events).encode()))
 
 
-async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
-              observer: RunObserver | None = None) -> list[RoundReport]:
+async def run(
+    cfg: RunConfig, strategy: Strategy, test_split: Split | None, observer: RunObserver | None = None
+) -> list[RoundReport]:
     observer = observer or RunObserver()
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.latest_link is not None:
@@ -135,20 +145,41 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
         metrics, first_round = ckpt.metrics, ckpt.round + 1
         log.info("training_resumed", from_round=ckpt.round, checkpoint=str(cfg.output_dir / checkpoint.CHECKPOINT_NAME))
     metrics_path = cfg.output_dir / "metrics.jsonl"
-    _write_atomically(cfg.output_dir / "config.json",
-                      lambda f: f.write((json.dumps(describe(cfg, strategy), indent=2) + "\n").encode()))
+    _write_atomically(
+        cfg.output_dir / "config.json",
+        lambda f: f.write((json.dumps(describe(cfg, strategy), indent=2) + "\n").encode()),
+    )
     _write_metrics(metrics_path, metrics)  # drops a round that was logged but never checkpointed
 
     def make_client(name: str, address: str) -> WorkerClient:
-        return WorkerClient(name, address, rpc_timeout=cfg.rpc_timeout, idle_timeout=cfg.idle_timeout,
-                            keepalive_seconds=cfg.keepalive_seconds, security=cfg.security)
+        return WorkerClient(
+            name,
+            address,
+            rpc_timeout=cfg.rpc_timeout,
+            idle_timeout=cfg.idle_timeout,
+            keepalive_seconds=cfg.keepalive_seconds,
+            security=cfg.security,
+        )
 
-    roster = Roster(make_client, expected=Expected.of(cfg.task, model), workers=cfg.workers, dns=cfg.workers_dns,
-                    handshake_timeout=cfg.handshake_timeout)
-    runner = RoundRunner(model=model, architecture=architecture, strategy=strategy, transfer=cfg.transfer,
-                         round_timeout=cfg.round_timeout, aggregation=cfg.aggregation,
-                         max_update_ratio=cfg.max_update_ratio, server_optimizer=server_optimizer,
-                         federated_evaluation=cfg.federated_evaluation, observer=observer)
+    roster = Roster(
+        make_client,
+        expected=Expected.of(cfg.task, model),
+        workers=cfg.workers,
+        dns=cfg.workers_dns,
+        handshake_timeout=cfg.handshake_timeout,
+    )
+    runner = RoundRunner(
+        model=model,
+        architecture=architecture,
+        strategy=strategy,
+        transfer=cfg.transfer,
+        round_timeout=cfg.round_timeout,
+        aggregation=cfg.aggregation,
+        max_update_ratio=cfg.max_update_ratio,
+        server_optimizer=server_optimizer,
+        federated_evaluation=cfg.federated_evaluation,
+        observer=observer,
+    )
     finisher = RoundFinisher(cfg, test_split, observer, metrics, metrics_path, server_optimizer)
     reports: list[RoundReport] = []
     try:
@@ -157,9 +188,17 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
         if len(roster.active) < cfg.min_workers:
             raise HandshakeFailed(
                 f"only {len(roster.active)} of {len(roster.clients)} workers passed the handshake, need "
-                f"{cfg.min_workers} (--min-workers); the worker_handshake_failed and worker_unavailable events say why")
-        log.info("training_started", task=cfg.task.describe(), model=architecture, parameters=parameter_count(model),
-                 rounds=cfg.rounds, first_round=first_round, workers=[c.name for c in roster.active])
+                f"{cfg.min_workers} (--min-workers); the worker_handshake_failed and worker_unavailable events say why"
+            )
+        log.info(
+            "training_started",
+            task=cfg.task.describe(),
+            model=architecture,
+            parameters=parameter_count(model),
+            rounds=cfg.rounds,
+            first_round=first_round,
+            workers=[c.name for c in roster.active],
+        )
         observer.run_started(cfg.rounds, first_round, [c.name for c in roster.active])
         for server_round in range(first_round, cfg.rounds + 1):
             report = await _run_round_with_retries(cfg, roster, runner, server_round, observer)
@@ -172,9 +211,14 @@ async def run(cfg: RunConfig, strategy: Strategy, test_split: Split | None,
         await finisher.drain()
         model_path = cfg.output_dir / "model.pt"
         _write_atomically(model_path, lambda p: torch.save(model.state_dict(), p))
-        log.info("training_finished", rounds=cfg.rounds, model_path=str(model_path), metrics_path=str(metrics_path),
-                 test_accuracy=metrics[-1].get("test_accuracy") if metrics else None,
-                 peak_rss_mb=round(peak_rss_mb(), 1))
+        log.info(
+            "training_finished",
+            rounds=cfg.rounds,
+            model_path=str(model_path),
+            metrics_path=str(metrics_path),
+            test_accuracy=metrics[-1].get("test_accuracy") if metrics else None,
+            peak_rss_mb=round(peak_rss_mb(), 1),
+        )
     except BaseException:
         await finisher.settle()  # a round that completed before the failure is still checkpointed and logged
         raise
@@ -209,8 +253,15 @@ class RoundFinisher:
     round's wall time holds transfers and aggregation only. At most one round waits, so memory holds at most one
     extra model. With `sequential_evaluation` each round is finished before the next one starts."""
 
-    def __init__(self, cfg: RunConfig, test_split: Split | None, observer: RunObserver, metrics: list[dict],
-                 metrics_path: Path, server_optimizer: ServerOptimizer):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        test_split: Split | None,
+        observer: RunObserver,
+        metrics: list[dict],
+        metrics_path: Path,
+        server_optimizer: ServerOptimizer,
+    ):
         self.cfg = cfg
         self.test_split = test_split
         self.observer = observer
@@ -226,8 +277,12 @@ class RoundFinisher:
         """Finish the previous round if it still is being evaluated, then start finishing this one."""
         await self.drain()
         sequential = self.cfg.sequential_evaluation
-        completed = _Completed(report, model if sequential else self._copy_of(model),
-                               checkpoint.Checkpoint.capture_rng(), copy.deepcopy(self.server_optimizer.state_dict()))
+        completed = _Completed(
+            report,
+            model if sequential else self._copy_of(model),
+            checkpoint.Checkpoint.capture_rng(),
+            copy.deepcopy(self.server_optimizer.state_dict()),
+        )
         self._pending = asyncio.create_task(self._finish(completed))
         if sequential:
             await self.drain()
@@ -260,7 +315,8 @@ class RoundFinisher:
         if self.test_split is not None:
             t = time.perf_counter()
             report.test_loss, report.test_accuracy = await asyncio.get_running_loop().run_in_executor(
-                self._evaluator, cfg.task.evaluate, done.model, self.test_split)
+                self._evaluator, cfg.task.evaluate, done.model, self.test_split
+            )
             report.evaluation_seconds = time.perf_counter() - t
         event = report.as_event()
         self.metrics.append(event)
@@ -273,9 +329,17 @@ class RoundFinisher:
     def _write(self, done: _Completed, event: dict) -> None:
         """The checkpoint (fsync'd), the metrics line, and the round's model if asked: off the event loop."""
         cfg, state = self.cfg, done.model.state_dict()
-        checkpoint.save(cfg.output_dir, checkpoint.Checkpoint(
-            round=done.report.round, model=cfg.task.architecture, state_dict=state, metrics=list(self.metrics),
-            rng=done.rng, server_optimizer=done.server_optimizer))
+        checkpoint.save(
+            cfg.output_dir,
+            checkpoint.Checkpoint(
+                round=done.report.round,
+                model=cfg.task.architecture,
+                state_dict=state,
+                metrics=list(self.metrics),
+                rng=done.rng,
+                server_optimizer=done.server_optimizer,
+            ),
+        )
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(event) + "\n")
         if cfg.keep_round_models:
@@ -290,8 +354,9 @@ def _keep_round_model(directory: Path, server_round: int, model: torch.nn.Module
         old.unlink()
 
 
-async def _run_round_with_retries(cfg: RunConfig, roster: Roster, runner: RoundRunner, server_round: int,
-                                  observer: RunObserver) -> RoundReport:
+async def _run_round_with_retries(
+    cfg: RunConfig, roster: Roster, runner: RoundRunner, server_round: int, observer: RunObserver
+) -> RoundReport:
     for attempt in range(cfg.round_retries + 1):
         joined = await roster.admit()
         observer.workers_present([c.name for c in roster.active])
@@ -306,9 +371,14 @@ async def _run_round_with_retries(cfg: RunConfig, roster: Roster, runner: RoundR
             observer.round_failed(server_round, str(exc))
             if attempt == cfg.round_retries:
                 raise
-            log.warning("round_retrying", round=server_round, attempt=attempt + 1, reason=str(exc),
-                        backoff_seconds=cfg.retry_backoff)
-            await asyncio.sleep(cfg.retry_backoff * (2 ** attempt))
+            log.warning(
+                "round_retrying",
+                round=server_round,
+                attempt=attempt + 1,
+                reason=str(exc),
+                backoff_seconds=cfg.retry_backoff,
+            )
+            await asyncio.sleep(cfg.retry_backoff * (2**attempt))
             continue
         for failure in report.failures:
             roster.drop(failure.worker)

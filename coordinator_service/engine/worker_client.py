@@ -15,8 +15,6 @@ import grpc
 import structlog
 import torch
 
-from fedpi.weights import serde, wire
-from fedpi.task import Task, fingerprint
 from fedpi.net.protocol import (
     AUTH_METADATA_KEY,
     MIN_TRANSFER_BYTES_PER_SECOND,
@@ -27,6 +25,8 @@ from fedpi.net.protocol import (
     check_compatible,
     check_minimum,
 )
+from fedpi.task import Task, fingerprint
+from fedpi.weights import serde, wire
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 
@@ -34,11 +34,22 @@ log = structlog.get_logger()
 
 # Transient UNAVAILABLE (a worker restarting, Wi-Fi hiccup) is retried by gRPC itself, with backoff, for the calls
 # that are safe to repeat. Never Train: a repeated Train would train twice, and a lost one is the round's business.
-_SERVICE_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{"service": SERVICE_NAME, "method": m} for m in ("GetInfo", "SetWeights", "GetWeights")],
-    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.5s", "maxBackoff": "5s", "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"]},
-}]})
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE_NAME, "method": m} for m in ("GetInfo", "SetWeights", "GetWeights")],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.5s",
+                    "maxBackoff": "5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 # Workers must echo round ids and mark heartbeats (protocol 1.1) for their updates to be trusted.
 MINIMUM_WORKER_PROTOCOL = "1.1"
 
@@ -53,8 +64,11 @@ def channel_options(keepalive_seconds: float = 30.0, retry: bool = True) -> list
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
-    return options + ([("grpc.enable_retries", 1), ("grpc.service_config", _SERVICE_CONFIG)] if retry
-                      else [("grpc.enable_retries", 0)])
+    return options + (
+        [("grpc.enable_retries", 1), ("grpc.service_config", _SERVICE_CONFIG)]
+        if retry
+        else [("grpc.enable_retries", 0)]
+    )
 
 
 @dataclass(frozen=True)
@@ -69,8 +83,13 @@ class Expected:
 
     @classmethod
     def of(cls, task: Task, model: torch.nn.Module) -> Expected:
-        return cls(task.architecture, task.name, task.version, fingerprint(serde.manifest_of(model.state_dict())),
-                   task.data_name)
+        return cls(
+            task.architecture,
+            task.name,
+            task.version,
+            fingerprint(serde.manifest_of(model.state_dict())),
+            task.data_name,
+        )
 
     def describe(self) -> str:
         return f"task {self.task} {self.task_version} (model {self.architecture}, manifest {self.fingerprint})"
@@ -79,24 +98,36 @@ class Expected:
         """Why `info`'s worker cannot train with us, or None."""
         if not info.task:  # before protocol 1.4: the built-in task, known by its model alone
             if self.task != "mnist":
-                return (f"worker speaks fedpi protocol {info.protocol_version}, which has no tasks; coordinator "
-                        f"trains {self.describe()}: upgrade the worker to a fedpi release that speaks "
-                        f"protocol {PROTOCOL_VERSION}")
+                return (
+                    f"worker speaks fedpi protocol {info.protocol_version}, which has no tasks; coordinator "
+                    f"trains {self.describe()}: upgrade the worker to a fedpi release that speaks "
+                    f"protocol {PROTOCOL_VERSION}"
+                )
             if info.model_architecture != self.architecture:
-                return (f"worker runs model {info.model_architecture!r}, coordinator trains {self.architecture!r}; "
-                        f"restart one of them with the same --model")
+                return (
+                    f"worker runs model {info.model_architecture!r}, coordinator trains {self.architecture!r}; "
+                    f"restart one of them with the same --model"
+                )
             return None
-        theirs = (f"task {info.task} {info.task_version} (model {info.model_architecture}, "
-                  f"manifest {info.manifest_fingerprint})")
+        theirs = (
+            f"task {info.task} {info.task_version} (model {info.model_architecture}, "
+            f"manifest {info.manifest_fingerprint})"
+        )
         if info.task != self.task:
-            return (f"worker runs {theirs}, coordinator trains {self.describe()}; start both with the same --task "
-                    f"(FEDPI_TASK)")
+            return (
+                f"worker runs {theirs}, coordinator trains {self.describe()}; start both with the same --task "
+                f"(FEDPI_TASK)"
+            )
         if info.model_architecture != self.architecture:  # the built-in task's --model
-            return (f"worker runs model {info.model_architecture!r}, coordinator trains {self.architecture!r} (task "
-                    f"{self.task}); restart one of them with the same --model")
+            return (
+                f"worker runs model {info.model_architecture!r}, coordinator trains {self.architecture!r} (task "
+                f"{self.task}); restart one of them with the same --model"
+            )
         if info.manifest_fingerprint != self.fingerprint:
-            return (f"worker runs {theirs}, coordinator trains {self.describe()}: their models differ (tensor names, "
-                    f"dtypes or shapes); install the same version of the task on both")
+            return (
+                f"worker runs {theirs}, coordinator trains {self.describe()}: their models differ (tensor names, "
+                f"dtypes or shapes); install the same version of the task on both"
+            )
         return None
 
 
@@ -179,8 +210,11 @@ def translate(worker: str, method: str, exc: grpc.aio.AioRpcError) -> WorkerErro
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return WorkerTimeout(worker, message)
     if code == grpc.StatusCode.UNIMPLEMENTED:
-        return WorkerIncompatible(worker, f"{method} is not served: the worker does not speak {SERVICE_NAME}. "
-                                          f"Upgrade it to a fedpi release that speaks protocol {PROTOCOL_VERSION}")
+        return WorkerIncompatible(
+            worker,
+            f"{method} is not served: the worker does not speak {SERVICE_NAME}. "
+            f"Upgrade it to a fedpi release that speaks protocol {PROTOCOL_VERSION}",
+        )
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return WorkerIncompatible(worker, message)
     if code == grpc.StatusCode.ABORTED:
@@ -191,8 +225,17 @@ def translate(worker: str, method: str, exc: grpc.aio.AioRpcError) -> WorkerErro
 
 
 class WorkerClient:
-    def __init__(self, name: str, address: str, *, rpc_timeout: float = 30.0, idle_timeout: float = 120.0,
-                 keepalive_seconds: float = 30.0, security: ClientSecurity = ClientSecurity(), retry: bool = True):
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        *,
+        rpc_timeout: float = 30.0,
+        idle_timeout: float = 120.0,
+        keepalive_seconds: float = 30.0,
+        security: ClientSecurity = ClientSecurity(),
+        retry: bool = True,
+    ):
         self.name = name
         self.address = address
         self.rpc_timeout = rpc_timeout
@@ -208,12 +251,17 @@ class WorkerClient:
         self._channel = channel
         self._stub = pb_grpc.WorkerStub(channel)
         # SetWeights takes messages serialised already: a Broadcast serialises the global model once for all workers.
-        self._set_weights = channel.stream_unary(f"/{SERVICE_NAME}/SetWeights", request_serializer=None,
-                                                 response_deserializer=pb.SetWeightsResponse.FromString)
+        self._set_weights = channel.stream_unary(
+            f"/{SERVICE_NAME}/SetWeights",
+            request_serializer=None,
+            response_deserializer=pb.SetWeightsResponse.FromString,
+        )
         # An update's data chunks arrive as views of what gRPC received, not copied out of a parsed message.
-        self._get_weights = channel.unary_stream(f"/{SERVICE_NAME}/GetWeights",
-                                                 request_serializer=pb.GetWeightsRequest.SerializeToString,
-                                                 response_deserializer=wire.from_wire)
+        self._get_weights = channel.unary_stream(
+            f"/{SERVICE_NAME}/GetWeights",
+            request_serializer=pb.GetWeightsRequest.SerializeToString,
+            response_deserializer=wire.from_wire,
+        )
 
     async def close(self) -> None:
         await self._channel.close()
@@ -249,13 +297,17 @@ class WorkerClient:
         channel = self._security.for_name(worker_id).channel(self.address, channel_options(self._keepalive_seconds))
         stub = pb_grpc.WorkerStub(channel)
         try:
-            await stub.GetInfo(pb.GetInfoRequest(), timeout=self.rpc_timeout, metadata=self._metadata,
-                               wait_for_ready=False)
+            await stub.GetInfo(
+                pb.GetInfoRequest(), timeout=self.rpc_timeout, metadata=self._metadata, wait_for_ready=False
+            )
         except grpc.aio.AioRpcError as exc:
             await channel.close()
-            raise WorkerRefusedUs(self.name, f"worker says it is {worker_id!r}, but its TLS certificate does not name "
-                                             f"{worker_id!r} ({exc.details()}); issue it a certificate of its own "
-                                             f"(make certs)") from None
+            raise WorkerRefusedUs(
+                self.name,
+                f"worker says it is {worker_id!r}, but its TLS certificate does not name "
+                f"{worker_id!r} ({exc.details()}); issue it a certificate of its own "
+                f"(make certs)",
+            ) from None
         await self._channel.close()
         self._use(channel)
         self._verified_id = worker_id
@@ -263,14 +315,16 @@ class WorkerClient:
     async def set_weights(self, stream: serde.Broadcast, total_bytes: int) -> int:
         """Install a payload of `total_bytes` on the worker, sent as `stream`; returns the bytes of chunk data sent."""
         try:
-            await self._set_weights(stream.receiver(), timeout=self._transfer_timeout(total_bytes),
-                                    metadata=self._metadata)
+            await self._set_weights(
+                stream.receiver(), timeout=self._transfer_timeout(total_bytes), metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
             raise translate(self.name, "SetWeights", exc) from None
         return stream.wire_bytes
 
-    async def train(self, request: pb.TrainRequest,
-                    on_progress: Callable[[pb.TrainProgress], None] | None = None) -> pb.TrainResult:
+    async def train(
+        self, request: pb.TrainRequest, on_progress: Callable[[pb.TrainProgress], None] | None = None
+    ) -> pb.TrainResult:
         """Train one round. There is no overall deadline (a slow Pi is not a dead one): a batch must finish at least
         every `idle_timeout` seconds instead. Heartbeats show the worker is alive but do not count as progress, so a
         training thread that hangs is caught here, not by the round timeout."""
@@ -282,11 +336,12 @@ class WorkerClient:
                 left = last_advance + self.idle_timeout - loop.time()
                 try:
                     update = await asyncio.wait_for(call.read(), max(left, 0.0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     call.cancel()
                     what = "no batch finished" if batches_done >= 0 else "no progress arrived"
-                    raise WorkerTimeout(self.name, f"Train: {what} for {self.idle_timeout:.0f} s "
-                                                   f"(--idle-timeout)") from None
+                    raise WorkerTimeout(
+                        self.name, f"Train: {what} for {self.idle_timeout:.0f} s (--idle-timeout)"
+                    ) from None
                 if update is grpc.aio.EOF:
                     raise WorkerRejected(self.name, "Train ended without a result")
                 if update.HasField("result"):
@@ -305,8 +360,11 @@ class WorkerClient:
         """Evaluate the installed weights (of `round_id`) on the worker's local test split. Evaluation makes no
         progress reports, so it gets the idle timeout as its deadline on top of the usual one."""
         try:
-            return await self._stub.Evaluate(pb.EvaluateRequest(round_id=round_id), metadata=self._metadata,
-                                             timeout=self.rpc_timeout + self.idle_timeout)
+            return await self._stub.Evaluate(
+                pb.EvaluateRequest(round_id=round_id),
+                metadata=self._metadata,
+                timeout=self.rpc_timeout + self.idle_timeout,
+            )
         except grpc.aio.AioRpcError as exc:
             raise translate(self.name, "Evaluate", exc) from None
 
@@ -315,15 +373,21 @@ class WorkerClient:
         records it as OK, not CANCELLED. A worker that does not end it in time is cancelled after all."""
         try:
             await asyncio.wait_for(call.code(), self.rpc_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
-    async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int,
-                          digest_in_trailer: bool = False) -> AsyncIterator[pb.WeightsChunk | wire.Data]:
+    async def get_weights(
+        self, chunk_size: int, encoding: int, expected_bytes: int, digest_in_trailer: bool = False
+    ) -> AsyncIterator[pb.WeightsChunk | wire.Data]:
         call = self._get_weights(
-            pb.GetWeightsRequest(chunk_size=chunk_size, encoding=encoding, digest_in_trailer=digest_in_trailer,
-                                 digests=list(serde.DIGESTS)),
-            timeout=self._transfer_timeout(expected_bytes), metadata=self._metadata,
+            pb.GetWeightsRequest(
+                chunk_size=chunk_size,
+                encoding=encoding,
+                digest_in_trailer=digest_in_trailer,
+                digests=list(serde.DIGESTS),
+            ),
+            timeout=self._transfer_timeout(expected_bytes),
+            metadata=self._metadata,
         )
         try:
             async for chunk in call:
@@ -389,7 +453,9 @@ def _join(host: str, port: str) -> str:
 def _split_target(target: str) -> tuple[str, str]:
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"--workers-dns needs HOST:PORT, e.g. fedpi-worker.fedpi.svc.cluster.local:50051; got {target!r}")
+        raise ValueError(
+            f"--workers-dns needs HOST:PORT, e.g. fedpi-worker.fedpi.svc.cluster.local:50051; got {target!r}"
+        )
     return host, port
 
 
@@ -415,8 +481,10 @@ async def discover(target: str, expect: int, timeout: float, interval: float = 2
         if len(found) >= expect:
             return found
         if time.monotonic() > deadline:
-            raise DiscoveryFailed(f"{host} resolves to {len(found)} worker(s) after {timeout:.0f} s, expected "
-                                  f"{expect}: are the worker pods Ready (kubectl get pods)?")
+            raise DiscoveryFailed(
+                f"{host} resolves to {len(found)} worker(s) after {timeout:.0f} s, expected "
+                f"{expect}: are the worker pods Ready (kubectl get pods)?"
+            )
         log.info("workers_waiting", dns=host, found=len(found), expected=expect)
         await asyncio.sleep(interval)
 

@@ -13,22 +13,29 @@ from coordinator_service.engine.rounds import RoundReport
 class PrometheusObserver(RunObserver):
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = r = registry or CollectorRegistry()
-        self.rounds_completed = Counter("fedpi_rounds_completed", "Rounds whose aggregate became the global model",
-                                        registry=r)
+        self.rounds_completed = Counter(
+            "fedpi_rounds_completed", "Rounds whose aggregate became the global model", registry=r
+        )
         self.rounds_failed = Counter("fedpi_rounds_failed", "Round attempts that missed their quorum", registry=r)
         self.rounds_planned = Gauge("fedpi_rounds_planned", "Rounds this run trains (--rounds)", registry=r)
         self.current_round = Gauge("fedpi_round", "The round training now (or last finished)", registry=r)
-        self.test_accuracy = Gauge("fedpi_test_accuracy", "Test accuracy of the global model after the last round",
-                                   registry=r)
+        self.test_accuracy = Gauge(
+            "fedpi_test_accuracy", "Test accuracy of the global model after the last round", registry=r
+        )
         self.test_loss = Gauge("fedpi_test_loss", "Test loss of the global model after the last round", registry=r)
         self.wall = Gauge("fedpi_round_wall_seconds", "Wall seconds of the last finished round", registry=r)
-        self.overhead = Gauge("fedpi_round_overhead_seconds",
-                              "Wall seconds of the last round beyond its slowest worker's training", registry=r)
+        self.overhead = Gauge(
+            "fedpi_round_overhead_seconds",
+            "Wall seconds of the last round beyond its slowest worker's training",
+            registry=r,
+        )
         self.bytes_sent = Counter("fedpi_bytes_sent", "Weight bytes sent to each worker", ["worker"], registry=r)
-        self.bytes_received = Counter("fedpi_bytes_received", "Weight bytes received from each worker", ["worker"],
-                                      registry=r)
-        self.failures = Counter("fedpi_worker_failures", "Workers dropped from a round, by phase",
-                                ["worker", "phase"], registry=r)
+        self.bytes_received = Counter(
+            "fedpi_bytes_received", "Weight bytes received from each worker", ["worker"], registry=r
+        )
+        self.failures = Counter(
+            "fedpi_worker_failures", "Workers dropped from a round, by phase", ["worker", "phase"], registry=r
+        )
         self.present = Gauge("fedpi_workers_present", "Workers that passed the handshake and take part", registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:

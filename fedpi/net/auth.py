@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 import structlog
 
-from fedpi.net.protocol import AUTH_METADATA_KEY
 from fedpi.net.handlers import wrap_handler
+from fedpi.net.protocol import AUTH_METADATA_KEY
 
 log = structlog.get_logger()
 
@@ -77,17 +77,20 @@ def _refusal(security: ServerSecurity, context: grpc.aio.ServicerContext) -> tup
         if scheme.lower() != "bearer" or not token:
             return grpc.StatusCode.UNAUTHENTICATED, (
                 f"missing bearer token: send metadata 'authorization: Bearer <token>' "
-                f"({security.client_role}: {security.token_flag}; grpcurl: -H 'authorization: Bearer ...')")
+                f"({security.client_role}: {security.token_flag}; grpcurl: -H 'authorization: Bearer ...')"
+            )
         if not hmac.compare_digest(token.encode(), security.token.encode()):
-            return grpc.StatusCode.UNAUTHENTICATED, (f"invalid bearer token: use the token this "
-                                                     f"{security.server_role} was given")
+            return grpc.StatusCode.UNAUTHENTICATED, (
+                f"invalid bearer token: use the token this {security.server_role} was given"
+            )
     if security.client_identity is not None:
         auth = context.auth_context()
         names = {n.decode() for key in ("x509_common_name", "x509_subject_alternative_name") for n in auth.get(key, ())}
         if security.client_identity not in names:
             return grpc.StatusCode.PERMISSION_DENIED, (
                 f"client certificate {sorted(names) or 'absent'} is not allowed: only "
-                f"{security.client_identity!r} ({security.client_role}) may call this {security.server_role}")
+                f"{security.client_identity!r} ({security.client_role}) may call this {security.server_role}"
+            )
     return None
 
 

@@ -3,12 +3,14 @@
 Creates what a secured fedpi deployment needs, in --out:
   ca.crt, ca.key                 a private certificate authority (keep ca.key offline)
   coordinator.crt, .key          CN fedpi-coordinator: the client certificate workers allow (--client-identity), and
-                                 the server certificate of the coordinator's control API (fedpi-coordinator.NAMESPACE.svc,
-                                 localhost, 127.0.0.1: `make train` reaches it through kubectl port-forward)
+                                 the server certificate of the coordinator's control API (its Service name
+                                 fedpi-coordinator.NAMESPACE.svc, localhost and 127.0.0.1: `make train` reaches it
+                                 through kubectl port-forward)
   operator.crt, .key             client certificate, CN fedpi-operator: who may use the control API (fedpi runs)
   fedpi-worker-0.crt, .key, ...  one server certificate per worker, naming only that worker's id (the k3s pod name,
-                                 or each of --names), its pod DNS names and fedpi-worker: the coordinator checks that a worker's
-                                 certificate names the id it reports, so one Pi's key cannot stand in for another's
+                                 or each of --names), its pod DNS names and fedpi-worker: the coordinator checks
+                                 that a worker's certificate names the id it reports, so one Pi's key cannot stand
+                                 in for another's
   token                          a random bearer token (the coordinator's, for workers)
   operator-token                 another, for the control API
 Certificates are valid from two days in the past: a Raspberry Pi has no real-time clock, and until NTP has synced
@@ -41,7 +43,9 @@ CLOCK_SKEW = datetime.timedelta(days=2)
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedpi"), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedpi"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
 
 
 def _san(names: list[str]) -> x509.SubjectAlternativeName:
@@ -62,24 +66,43 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def make_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     crt, key = out / "ca.crt", out / "ca.key"
     if crt.exists() and key.exists():
-        return (x509.load_pem_x509_certificate(crt.read_bytes()),
-                serialization.load_pem_private_key(key.read_bytes(), password=None))
+        return (
+            x509.load_pem_x509_certificate(crt.read_bytes()),
+            serialization.load_pem_private_key(key.read_bytes(), password=None),
+        )
     private = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(_name("fedpi CA")).issuer_name(_name("fedpi CA"))
-        .public_key(private.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + datetime.timedelta(days=3650))
+        x509.CertificateBuilder()
+        .subject_name(_name("fedpi CA"))
+        .issuer_name(_name("fedpi CA"))
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(private, hashes.SHA256())
     )
     _write(crt, cert.public_bytes(serialization.Encoding.PEM))
@@ -87,20 +110,34 @@ def make_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, private
 
 
-def issue(out: Path, stem: str, cn: str, names: list[str], ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
-          *, server: bool, client: bool) -> Path:
+def issue(
+    out: Path,
+    stem: str,
+    cn: str,
+    names: list[str],
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    *,
+    server: bool,
+    client: bool,
+) -> Path:
     """Sign a certificate for `cn` with SANs `names`; skip if stem.crt exists already."""
     crt = out / f"{stem}.crt"
     if crt.exists():
         return crt
     ca_cert, ca_key = ca
     private = ec.generate_private_key(ec.SECP256R1())
-    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
+        [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+    )
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
-        .public_key(private.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(_san([cn, *names]), critical=False)
@@ -116,18 +153,26 @@ def worker_names(workers: int, names: list[str] | None = None) -> list[str]:
     return list(names) if names else [f"{WORKER_SERVICE}-{i}" for i in range(workers)]
 
 
-def make_all(out: Path, workers: int, extra_sans: list[str] = (), namespace: str = "fedpi",
-             names: list[str] | None = None) -> None:
+def make_all(
+    out: Path, workers: int, extra_sans: list[str] = (), namespace: str = "fedpi", names: list[str] | None = None
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ca = make_ca(out)
     local = ["localhost", "127.0.0.1", *extra_sans]
-    api = [f"{COORDINATOR_IDENTITY}.{namespace}", f"{COORDINATOR_IDENTITY}.{namespace}.svc",
-           f"{COORDINATOR_IDENTITY}.{namespace}.svc.cluster.local", *local]
+    api = [
+        f"{COORDINATOR_IDENTITY}.{namespace}",
+        f"{COORDINATOR_IDENTITY}.{namespace}.svc",
+        f"{COORDINATOR_IDENTITY}.{namespace}.svc.cluster.local",
+        *local,
+    ]
     issue(out, "coordinator", COORDINATOR_IDENTITY, api, ca, server=True, client=True)
     issue(out, "operator", OPERATOR_IDENTITY, [], ca, server=False, client=True)
     for name in worker_names(workers, names):
-        pod = [f"{name}.{WORKER_SERVICE}", f"{name}.{WORKER_SERVICE}.{namespace}.svc",
-               f"{name}.{WORKER_SERVICE}.{namespace}.svc.cluster.local"]
+        pod = [
+            f"{name}.{WORKER_SERVICE}",
+            f"{name}.{WORKER_SERVICE}.{namespace}.svc",
+            f"{name}.{WORKER_SERVICE}.{namespace}.svc.cluster.local",
+        ]
         # WORKER_SERVICE too: the coordinator dials workers by IP before it knows who answers, expecting that name
         # (--tls-server-name); it then reconnects expecting the worker id the worker reports, which only this
         # certificate names.
@@ -142,9 +187,16 @@ def secret_files(out: Path, workers: int) -> dict[str, dict[str, Path]]:
     TLS Secret per worker pod, so that each Pi holds only its own key."""
     secrets_ = {"fedpi-token": {"token": out / "token"}, "fedpi-operator-token": {"token": out / "operator-token"}}
     for name in worker_names(workers):
-        secrets_[f"{name}-tls"] = {"ca.crt": out / "ca.crt", "tls.crt": out / f"{name}.crt", "tls.key": out / f"{name}.key"}
-    secrets_["fedpi-coordinator-tls"] = {"ca.crt": out / "ca.crt", "tls.crt": out / "coordinator.crt",
-                                         "tls.key": out / "coordinator.key"}
+        secrets_[f"{name}-tls"] = {
+            "ca.crt": out / "ca.crt",
+            "tls.crt": out / f"{name}.crt",
+            "tls.key": out / f"{name}.key",
+        }
+    secrets_["fedpi-coordinator-tls"] = {
+        "ca.crt": out / "ca.crt",
+        "tls.crt": out / "coordinator.crt",
+        "tls.key": out / "coordinator.key",
+    }
     return secrets_
 
 
@@ -156,24 +208,35 @@ def secrets_yaml(out: Path, namespace: str, workers: int) -> str:
     docs = []
     for name, files in secret_files(out, workers).items():
         data = {key: base64.b64encode(path.read_bytes()).decode() for key, path in files.items()}
-        secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                  "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "fedpi"}},
-                  "data": data}
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "fedpi"}},
+            "data": data,
+        }
         docs.append(json.dumps(secret, indent=2))  # JSON is YAML
     return "\n---\n".join(docs) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fedpi.net.certs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fedpi.net.certs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="certs", help="directory to write into")
     p.add_argument("--workers", type=int, default=3, help="how many worker certificates (fedpi-worker-0, ...)")
-    p.add_argument("--names", help="comma-separated worker ids to issue certificates for instead (workers run "
-                                   "outside Kubernetes with --id NAME)")
+    p.add_argument(
+        "--names",
+        help="comma-separated worker ids to issue certificates for instead (workers run "
+        "outside Kubernetes with --id NAME)",
+    )
     p.add_argument("--san", action="append", default=[], help="extra DNS name or IP for worker certificates")
     p.add_argument("--namespace", default="fedpi", help="Kubernetes namespace the worker certificate is valid in")
-    p.add_argument("--print-secrets", action="store_true",
-                   help="then print them as Kubernetes Secrets of --namespace (YAML, for kubectl apply -f -)")
+    p.add_argument(
+        "--print-secrets",
+        action="store_true",
+        help="then print them as Kubernetes Secrets of --namespace (YAML, for kubectl apply -f -)",
+    )
     args = p.parse_args(argv)
     names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
     make_all(Path(args.out), args.workers, args.san, args.namespace, names)

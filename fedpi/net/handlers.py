@@ -12,29 +12,35 @@ Around = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager]
 
 
 def wrap_handler(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMethodHandler:
-    kwargs = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
+    kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
     if handler.unary_unary:
+
         async def unary_unary(request, context):
             async with around(context):
                 return await handler.unary_unary(request, context)
+
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
     if handler.unary_stream:
+
         async def unary_stream(request, context):
             async with around(context):
                 async for response in _responses(handler.unary_stream(request, context)):
                     yield response
+
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kwargs)
     if handler.stream_unary:
+
         async def stream_unary(requests, context):
             async with around(context):
                 return await handler.stream_unary(requests, context)
+
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
 
     async def stream_stream(requests, context):
         async with around(context):
             async for response in _responses(handler.stream_stream(requests, context)):
                 yield response
+
     return grpc.stream_stream_rpc_method_handler(stream_stream, **kwargs)
 
 

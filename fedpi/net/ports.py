@@ -35,8 +35,11 @@ def listen(server, address: str, credentials=None) -> int:
     """Add `address` to a grpc.aio server (TLS with `credentials`), or raise OSError in one line naming it."""
     check_free(address)
     try:
-        port = server.add_secure_port(address, credentials) if credentials is not None \
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
             else server.add_insecure_port(address)
+        )
     except RuntimeError:
         port = 0
     if port == 0:

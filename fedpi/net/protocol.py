@@ -24,7 +24,8 @@ def _major(version: str) -> int:
         return int(version.split(".", 1)[0])
     except ValueError:
         raise ProtocolMismatch(
-            f"unreadable protocol version {version!r}; expected MAJOR.MINOR, e.g. {PROTOCOL_VERSION}") from None
+            f"unreadable protocol version {version!r}; expected MAJOR.MINOR, e.g. {PROTOCOL_VERSION}"
+        ) from None
 
 
 def check_compatible(*, coordinator: str, worker: str) -> None:
@@ -35,7 +36,8 @@ def check_compatible(*, coordinator: str, worker: str) -> None:
     raise ProtocolMismatch(
         f"protocol mismatch: coordinator speaks fedpi protocol {coordinator}, worker speaks {worker} "
         f"(this side is fedpi {fedpi.__version__}); upgrade the {older} to a fedpi release that speaks "
-        f"protocol {max(coordinator, worker, key=_major)}, or run a {newer} that speaks {min(coordinator, worker, key=_major)}"
+        f"protocol {max(coordinator, worker, key=_major)}, or run a {newer} that speaks "
+        f"{min(coordinator, worker, key=_major)}"
     )
 
 
@@ -51,4 +53,5 @@ def check_minimum(version: str, minimum: str, needed_for: str) -> None:
     if (_major(version), _minor(version)) < (_major(minimum), _minor(minimum)):
         raise ProtocolMismatch(
             f"the worker speaks fedpi protocol {version}, older than {minimum}, which this coordinator needs for "
-            f"{needed_for}; upgrade the worker to a fedpi release that speaks protocol {PROTOCOL_VERSION}")
+            f"{needed_for}; upgrade the worker to a fedpi release that speaks protocol {PROTOCOL_VERSION}"
+        )

@@ -64,8 +64,9 @@ def dequantize(q: torch.Tensor, scale: float, base: torch.Tensor, dtype: torch.d
     return torch.mul(q.to(dtype), scale).add_(base.to(dtype))
 
 
-def encode(x: torch.Tensor, encoding: int, base: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None) -> tuple[bytes, torch.Tensor]:
+def encode(
+    x: torch.Tensor, encoding: int, base: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> tuple[bytes, torch.Tensor]:
     """One piece (flat, one tensor's elements) -> (wire bytes, the values the receiver will decode).
 
     For int8, `base` is the same piece of the weights the update was trained from and `residual` the error carried
@@ -95,9 +96,11 @@ def decode(data: bytes, dtype: torch.dtype, encoding: int, base: torch.Tensor | 
     if encoding in _NARROW:
         return _frombuffer(data, _NARROW[encoding]).to(dtype)
     if len(data) <= _SCALE.size:
-        raise ValueError(f"an int8 chunk holds a {_SCALE.size}-byte scale and at least one value, got {len(data)} bytes")
+        raise ValueError(
+            f"an int8 chunk holds a {_SCALE.size}-byte scale and at least one value, got {len(data)} bytes"
+        )
     (scale,) = _SCALE.unpack_from(data)
-    q = _frombuffer(memoryview(data)[_SCALE.size:], torch.int8)
+    q = _frombuffer(memoryview(data)[_SCALE.size :], torch.int8)
     if base is None or len(base) != len(q):
         raise ValueError(f"int8 chunk of {len(q)} values does not fit the tensor it continues")
     return dequantize(q, scale, base, dtype)

@@ -44,9 +44,23 @@ MODEL_ENCODINGS = (pb.CHUNK_ENCODING_RAW, pb.CHUNK_ENCODING_ZLIB, compression.FP
 _DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
     for name in (
-        "float64", "float32", "float16", "bfloat16", "complex128", "complex64",
-        "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool",
-        "float8_e4m3fn", "float8_e5m2",
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "complex128",
+        "complex64",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+        "float8_e4m3fn",
+        "float8_e5m2",
     )
     if hasattr(torch, name)
 }
@@ -196,8 +210,15 @@ class WeightsPayload:
     Its sha256 digest is computed on first use; a stream with its digest in a trailer hashes as it sends instead.
     """
 
-    def __init__(self, state_dict: Mapping[str, torch.Tensor], *, round: int, architecture: str,
-                 round_id: str = "", trained: bool = False):
+    def __init__(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        round: int,
+        architecture: str,
+        round_id: str = "",
+        trained: bool = False,
+    ):
         self.round = round
         self.round_id = round_id
         self.trained = trained
@@ -226,15 +247,26 @@ class WeightsPayload:
             trained=self.trained,
         )
 
-    def broadcast(self, receivers: int, chunk_size: int = DEFAULT_CHUNK_BYTES, encoding: int = pb.CHUNK_ENCODING_RAW,
-                  trailer: str | None = None) -> Broadcast:
+    def broadcast(
+        self,
+        receivers: int,
+        chunk_size: int = DEFAULT_CHUNK_BYTES,
+        encoding: int = pb.CHUNK_ENCODING_RAW,
+        trailer: str | None = None,
+    ) -> Broadcast:
         """The stream of `chunks`, serialised once for `receivers` receivers."""
-        return Broadcast(functools.partial(self.chunks, chunk_size, encoding, trailer=trailer, encoded=True),
-                         receivers)
+        return Broadcast(functools.partial(self.chunks, chunk_size, encoding, trailer=trailer, encoded=True), receivers)
 
-    def chunks(self, chunk_size: int = DEFAULT_CHUNK_BYTES, encoding: int = pb.CHUNK_ENCODING_RAW, *,
-               trailer: str | None = None, base: Sequence[torch.Tensor] | None = None,
-               residual: Sequence[torch.Tensor | None] | None = None, encoded: bool = False) -> OutgoingStream:
+    def chunks(
+        self,
+        chunk_size: int = DEFAULT_CHUNK_BYTES,
+        encoding: int = pb.CHUNK_ENCODING_RAW,
+        *,
+        trailer: str | None = None,
+        base: Sequence[torch.Tensor] | None = None,
+        residual: Sequence[torch.Tensor | None] | None = None,
+        encoded: bool = False,
+    ) -> OutgoingStream:
         """The stream: header, data chunks, and with `trailer` (a name in DIGESTS) a trailer holding the digest,
         which lossy encodings always send (their digest is of the decoded values). `base` and `residual` (flat, in
         manifest order) are what int8 deltas are taken from and the error fed back into them. `encoded`: messages as
@@ -262,14 +294,18 @@ class WeightsPayload:
         starts = [0]
         for m in self.manifest:
             starts.append(starts[-1] + m.nbytes)
-        for p in compression.pieces([m.numel for m in self.manifest], [m.torch_dtype for m in self.manifest],
-                                    chunk_size, encoding):
+        for p in compression.pieces(
+            [m.numel for m in self.manifest], [m.torch_dtype for m in self.manifest], chunk_size, encoding
+        ):
             span = slice(p.start, p.start + p.count)
             of_base = base[p.index] if base is not None else None
             carried = residual[p.index] if residual is not None else None
-            data, decoded = compression.encode(self._flat[p.index][span], encoding,
-                                               of_base[span] if of_base is not None else None,
-                                               carried[span] if carried is not None else None)
+            data, decoded = compression.encode(
+                self._flat[p.index][span],
+                encoding,
+                of_base[span] if of_base is not None else None,
+                carried[span] if carried is not None else None,
+            )
             offset = starts[p.index] + p.start * self.manifest[p.index].itemsize
             yield _Chunk(offset, [data], [compression.raw_view(decoded)], len(data))
 
@@ -285,8 +321,9 @@ class OutgoingStream:
     """One stream of a payload (an iterator of WeightsChunk, or with `encoded` of their bytes on the wire), counting
     the chunk data bytes it has produced."""
 
-    def __init__(self, payload: WeightsPayload, data: Iterator[_Chunk], encoding: int, trailer: str | None,
-                 encoded: bool = False):
+    def __init__(
+        self, payload: WeightsPayload, data: Iterator[_Chunk], encoding: int, trailer: str | None, encoded: bool = False
+    ):
         self.wire_bytes = 0
         self._messages = self._stream(payload, data, encoding, trailer, encoded)
 
@@ -296,8 +333,9 @@ class OutgoingStream:
     def __next__(self) -> pb.WeightsChunk | bytes:
         return next(self._messages)
 
-    def _stream(self, payload: WeightsPayload, data: Iterator[_Chunk], encoding: int, trailer: str | None,
-                encoded: bool) -> Iterator[pb.WeightsChunk | bytes]:
+    def _stream(
+        self, payload: WeightsPayload, data: Iterator[_Chunk], encoding: int, trailer: str | None, encoded: bool
+    ) -> Iterator[pb.WeightsChunk | bytes]:
         out = wire.to_wire if encoded else (lambda message: message)
         hasher = DIGESTS[trailer]() if trailer else None
         yield out(pb.WeightsChunk(header=payload.header(encoding, digest=f"{trailer}:" if trailer else None)))
@@ -451,14 +489,17 @@ class StreamReader:
                 f"--model {self.architecture}"
             )
         if header.encoding not in self.encodings:
-            raise MalformedStream(f"chunk encoding {header.encoding} is unknown or not accepted here (accepted: "
-                                  f"{', '.join(compression.NAMES.get(e, str(e)) for e in self.encodings[1:])})")
+            raise MalformedStream(
+                f"chunk encoding {header.encoding} is unknown or not accepted here (accepted: "
+                f"{', '.join(compression.NAMES.get(e, str(e)) for e in self.encodings[1:])})"
+            )
         if header.encoding == compression.INT8 and self.base is None:
             raise MalformedStream("int8 deltas need the weights they are a delta from, which this receiver lacks")
         algorithm, _, hex_digest = header.digest.partition(":")
         if algorithm not in DIGESTS:
-            raise MalformedStream(f"digest must be '<algorithm>:<hex>' with algorithm {' or '.join(DIGESTS)}, got "
-                                  f"{header.digest[:80]!r}")
+            raise MalformedStream(
+                f"digest must be '<algorithm>:<hex>' with algorithm {' or '.join(DIGESTS)}, got {header.digest[:80]!r}"
+            )
         manifest = [_meta_from_proto(s) for s in header.tensors]
         total = sum(m.nbytes for m in manifest)
         if header.total_bytes != total:
@@ -488,11 +529,14 @@ class StreamReader:
         if not self._trailer_expected:
             raise MalformedStream("trailer in a stream whose header carried its digest (or a second trailer)")
         if self.received != self.header.total_bytes:
-            raise MalformedStream(f"trailer after {self.received} of {self.header.total_bytes} bytes: it must come "
-                                  f"last")
+            raise MalformedStream(
+                f"trailer after {self.received} of {self.header.total_bytes} bytes: it must come last"
+            )
         if not trailer.digest.startswith(self.digest) or trailer.digest == self.digest:
-            raise MalformedStream(f"the trailer's digest {trailer.digest[:80]!r} is not the {self.digest[:-1]} "
-                                  f"digest the header announced")
+            raise MalformedStream(
+                f"the trailer's digest {trailer.digest[:80]!r} is not the {self.digest[:-1]} "
+                f"digest the header announced"
+            )
         self.digest = trailer.digest
 
     def _accept_data(self, data: pb.WeightsData | wire.Data) -> bytes | memoryview:
@@ -507,9 +551,7 @@ class StreamReader:
             )
         raw = self._decode_piece(sent) if self.header.encoding in compression.LOSSY else self._decode(sent)
         if self.received + len(raw) > self.header.total_bytes:
-            raise PayloadTooLarge(
-                f"stream carries more than the {self.header.total_bytes} bytes its header announced"
-            )
+            raise PayloadTooLarge(f"stream carries more than the {self.header.total_bytes} bytes its header announced")
         self.received += len(raw)
         self.wire_bytes += len(sent)
         self._hash.update(raw)
@@ -548,8 +590,10 @@ class StreamReader:
         except ValueError as exc:
             raise MalformedStream(f"{meta.name}: chunk at element {self._element}: {exc}") from None
         if not 0 < len(values) <= left:
-            raise MalformedStream(f"{meta.name}: a chunk of {len(values)} elements at element {self._element} does "
-                                  f"not fit the {left} left in the tensor (a lossy chunk holds one tensor's elements)")
+            raise MalformedStream(
+                f"{meta.name}: a chunk of {len(values)} elements at element {self._element} does "
+                f"not fit the {left} left in the tensor (a lossy chunk holds one tensor's elements)"
+            )
         self._element += len(values)
         return compression.raw_view(values)
 
@@ -578,9 +622,7 @@ def _check_manifest(got: Sequence[TensorMeta], expected: Sequence[TensorMeta]) -
         raise ManifestMismatch(f"tensor names differ from the model's: {detail}")
     for g, w in zip(got, expected):
         if g.dtype != w.dtype or g.shape != w.shape:
-            raise ManifestMismatch(
-                f"{g.name}: expected {w.dtype}{list(w.shape)}, got {g.dtype}{list(g.shape)}"
-            )
+            raise ManifestMismatch(f"{g.name}: expected {w.dtype}{list(w.shape)}, got {g.dtype}{list(g.shape)}")
 
 
 def is_header(chunk: pb.WeightsChunk | wire.Data) -> bool:
@@ -666,8 +708,9 @@ def state_dict_from_payload(header: pb.WeightsHeader, payload: bytes | bytearray
     manifest = [_meta_from_proto(spec) for spec in header.tensors]
     expected = sum(m.nbytes for m in manifest)
     if expected != len(payload) or header.total_bytes != len(payload):
-        raise MalformedStream(f"received {len(payload)} bytes; the header announces {header.total_bytes} and its "
-                              f"tensors hold {expected}")
+        raise MalformedStream(
+            f"received {len(payload)} bytes; the header announces {header.total_bytes} and its tensors hold {expected}"
+        )
     digest = DIGEST_PREFIX + hashlib.sha256(payload).hexdigest()
     if digest != header.digest:
         raise DigestMismatch(f"payload digest {digest} does not match the header's {header.digest}")

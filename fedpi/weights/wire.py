@@ -40,7 +40,9 @@ def encode_data(offset: int, pieces: Sequence[bytes | memoryview]) -> bytes:
     """The wire bytes of WeightsChunk(data=WeightsData(offset, data=the pieces joined)), with one copy of the pieces.
     Default values are left out, as protobuf leaves them out."""
     size = sum(len(p) for p in pieces)
-    inner = (bytes((_OFFSET,)) + _varint(offset) if offset else b"") + (bytes((_BYTES,)) + _varint(size) if size else b"")
+    inner = (bytes((_OFFSET,)) + _varint(offset) if offset else b"") + (
+        bytes((_BYTES,)) + _varint(size) if size else b""
+    )
     return b"".join((bytes((_DATA,)), _varint(len(inner) + size), inner, *pieces))
 
 

@@ -101,7 +101,7 @@ def test_the_mean_does_not_depend_on_the_order_updates_arrive_in():
     """Summed in double precision, the same float32 updates give the same float32 model, bit for bit, whatever order
     they are folded in: a run repeats, and a resumed run ends where an uninterrupted one does."""
     gen = torch.Generator().manual_seed(0)
-    updates = [({"w": torch.randn(20_000, generator=gen) * 10 ** i}, 1000 + 317 * i) for i in range(-1, 3)]
+    updates = [({"w": torch.randn(20_000, generator=gen) * 10**i}, 1000 + 317 * i) for i in range(-1, 3)]
     manifest = serde.manifest_of(updates[0][0])
     means = []
     for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):

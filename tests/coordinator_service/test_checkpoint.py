@@ -16,8 +16,13 @@ class _Payload:
 
 
 def _ckpt(state) -> checkpoint.Checkpoint:
-    return checkpoint.Checkpoint(round=2, model="m", state_dict=state, metrics=[{"round": 1, "test_accuracy": 0.5}],
-                                 rng=checkpoint.Checkpoint.capture_rng())
+    return checkpoint.Checkpoint(
+        round=2,
+        model="m",
+        state_dict=state,
+        metrics=[{"round": 1, "test_accuracy": 0.5}],
+        rng=checkpoint.Checkpoint.capture_rng(),
+    )
 
 
 def test_a_checkpoint_round_trips_with_weights_only(tmp_path):
@@ -32,8 +37,10 @@ def test_a_checkpoint_round_trips_with_weights_only(tmp_path):
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     target = __import__("pathlib").Path("/tmp/fedpi-checkpoint-exploit")
     target.unlink(missing_ok=True)
-    torch.save({"round": 1, "model": "m", "state_dict": {}, "metrics": [], "rng": _Payload()},
-               tmp_path / checkpoint.CHECKPOINT_NAME)
+    torch.save(
+        {"round": 1, "model": "m", "state_dict": {}, "metrics": [], "rng": _Payload()},
+        tmp_path / checkpoint.CHECKPOINT_NAME,
+    )
     with pytest.raises(checkpoint.CheckpointMismatch, match="weights only"):
         checkpoint.load(tmp_path, "m")
     assert not target.exists()

@@ -13,8 +13,8 @@ import torch
 from coordinator_service.engine import checkpoint
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.rounds import RoundReport
-from coordinator_service.policy.server_opt import ServerOptimizer
 from coordinator_service.engine.training import RoundFinisher, RunConfig
+from coordinator_service.policy.server_opt import ServerOptimizer
 
 
 class SlowTask(SimpleNamespace):
@@ -42,8 +42,9 @@ class Finished(RunObserver):
 
 def _finisher(tmp_path, sequential: bool):
     task = SlowTask()
-    cfg = RunConfig(workers=[], task=task, rounds=3, output_dir=tmp_path, min_workers=1,
-                    sequential_evaluation=sequential)
+    cfg = RunConfig(
+        workers=[], task=task, rounds=3, output_dir=tmp_path, min_workers=1, sequential_evaluation=sequential
+    )
     observer = Finished()
     return RoundFinisher(cfg, "test split", observer, [], tmp_path / "metrics.jsonl", ServerOptimizer()), task, observer
 

@@ -6,8 +6,8 @@ import io
 
 from rich.console import Console
 
-from coordinator_service.observe.progress import EventView, LiveProgress
 from coordinator_service.engine.rounds import RoundReport, WorkerRound
+from coordinator_service.observe.progress import EventView, LiveProgress
 from coordinator_service.policy.strategy import Failure
 from generated.fedpi.v1 import worker_pb2 as pb
 
@@ -29,10 +29,14 @@ def test_the_live_view_shows_each_worker_the_round_bar_and_a_row_per_round():
     assert "round 1" in screen and "0/5" in screen
     assert "alice" in screen and "20/50" in screen and "0.2500" in screen and "640" in screen  # 20 x 64 / 2 s
     assert "dropped (train: UNAVAILABLE)" in screen and "not sampled" in screen
-    report = RoundReport(1, workers=[WorkerRound("alice", bytes_sent=1_000_000, bytes_received=1_000_000,
-                                                 train_seconds=3.0)],
-                         failures=[Failure("bob", "train", "UNAVAILABLE")], test_accuracy=0.9123, test_loss=0.3,
-                         wall_seconds=3.5)
+    report = RoundReport(
+        1,
+        workers=[WorkerRound("alice", bytes_sent=1_000_000, bytes_received=1_000_000, train_seconds=3.0)],
+        failures=[Failure("bob", "train", "UNAVAILABLE")],
+        test_accuracy=0.9123,
+        test_loss=0.3,
+        wall_seconds=3.5,
+    )
     view.round_finished(report)
     view.run_finished()
     screen = console.export_text()
@@ -56,16 +60,41 @@ def _events(rounds: int = 10) -> list[dict]:
     for r in (1, 2):
         out.append({"event": "round_started", "round": r, "workers": workers})
         for w in workers:
-            out.append({"event": "worker_progress", "round": r, "worker": w, "batches_done": 25, "batches_total": 50,
-                        "mean_loss": 0.51234, "seconds": 1.0, "heartbeat": False})
+            out.append(
+                {
+                    "event": "worker_progress",
+                    "round": r,
+                    "worker": w,
+                    "batches_done": 25,
+                    "batches_total": 50,
+                    "mean_loss": 0.51234,
+                    "seconds": 1.0,
+                    "heartbeat": False,
+                }
+            )
         out += [{"event": "worker_train_finished", "worker": w, "samples": 3200, "seconds": 2.0} for w in workers[:2]]
-        out.append({"event": "worker_dropped", "worker": "charlie", "phase": "train",
-                    "reason": "UNAVAILABLE: the worker went away mid-round, its update is lost for this round"})
+        out.append(
+            {
+                "event": "worker_dropped",
+                "worker": "charlie",
+                "phase": "train",
+                "reason": "UNAVAILABLE: the worker went away mid-round, its update is lost for this round",
+            }
+        )
         w = {"samples": 3200, "train_seconds": 2.0, "bytes_sent": 1_724_320, "bytes_received": 1_724_320}
-        out.append({"event": "round_finished", "round": r, "test_accuracy": 0.9 + r / 100, "test_loss": 0.3,
-                    "wall_seconds": 2.5, "overhead_seconds": 0.03, "workers": {"alice": w, "bob": w},
-                    "failures": [{"worker": "charlie", "phase": "train", "reason": "UNAVAILABLE"}],
-                    "absent": [{"worker": "dave", "phase": "refused", "reason": "another task"}]})
+        out.append(
+            {
+                "event": "round_finished",
+                "round": r,
+                "test_accuracy": 0.9 + r / 100,
+                "test_loss": 0.3,
+                "wall_seconds": 2.5,
+                "overhead_seconds": 0.03,
+                "workers": {"alice": w, "bob": w},
+                "failures": [{"worker": "charlie", "phase": "train", "reason": "UNAVAILABLE"}],
+                "absent": [{"worker": "dave", "phase": "refused", "reason": "another task"}],
+            }
+        )
     return out
 
 
@@ -88,8 +117,9 @@ def test_the_watch_view_is_the_train_view_fed_by_events_within_100_columns():
         view.feed(event)
     now = screen()
     assert "2/10" in now[0] and "-:--:--" not in now[0]  # an ETA from the second round on
-    assert any(line.startswith("charlie  dropped (train: UNAVAILABLE") and line.endswith("…") for line in now[2:]) \
-        or any("charlie" in line and "…" in line for line in now)
+    assert any(
+        line.startswith("charlie  dropped (train: UNAVAILABLE") and line.endswith("…") for line in now[2:]
+    ) or any("charlie" in line and "…" in line for line in now)
     view.close()
     printed = console.export_text()
     assert "round   1  accuracy 91.00%" in printed and "round   2  accuracy 92.00%" in printed
@@ -99,7 +129,8 @@ def test_the_watch_view_is_the_train_view_fed_by_events_within_100_columns():
     LiveProgress(batch_size=64, console=rows).print_round(events[-1])
     assert rows.export_text().splitlines() == [
         "round   2  accuracy 92.00%  loss 0.3000  wall 2.50 s  overhead 0.03 s  6.9 MB  2 trained",
-        "           charlie dropped (train), dave refused"]
+        "           charlie dropped (train), dave refused",
+    ]
 
 
 def test_the_train_view_shows_the_rounds_to_come_before_the_first():
@@ -117,7 +148,7 @@ def test_a_round_finishing_while_the_next_trains_leaves_the_next_round_s_lines_a
     events = _events()
     round_2 = events.index(next(e for e in events if e["event"] == "round_started" and e["round"] == 2))
     finished_1 = next(e for e in events if e["event"] == "round_finished")
-    for event in [e for e in events[:round_2] if e is not finished_1] + events[round_2:round_2 + 2]:
+    for event in [e for e in events[:round_2] if e is not finished_1] + events[round_2 : round_2 + 2]:
         view.feed(event)
     view.feed(finished_1)  # round 1's evaluation ends while round 2 trains
     assert view.view.lines["alice"].state == "training"

@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from coordinator_service.observe.report import ReportUnavailable, write_report
 from coordinator_service.engine.rounds import RoundReport, WorkerRound
+from coordinator_service.observe.report import ReportUnavailable, write_report
 from coordinator_service.policy.strategy import Failure
 from fedpi_cli import main as fedpi
 
@@ -23,16 +23,34 @@ def _run_dir(tmp_path, rounds: int = 20):
     lines = []
     for r in range(1, rounds + 1):
         names = ["alice", "charlie"] + ([] if 5 <= r < 8 else ["bob"])
-        workers = [WorkerRound(n, samples=3200, train_seconds=2.0 + i / 10, bytes_sent=1_724_320,
-                               bytes_received=1_724_320) for i, n in enumerate(names)]
+        workers = [
+            WorkerRound(n, samples=3200, train_seconds=2.0 + i / 10, bytes_sent=1_724_320, bytes_received=1_724_320)
+            for i, n in enumerate(names)
+        ]
         failures = [Failure("bob", "train", "UNAVAILABLE")] if r == 5 else []
         absent = [Failure("dave", "refused", "task tiny 1.0, coordinator trains mnist")] if r <= 3 else []
-        report = RoundReport(r, workers=workers, failures=failures, absent=absent, test_accuracy=1 - 0.5 / r,
-                             test_loss=1 / r, wall_seconds=2.5)
+        report = RoundReport(
+            r,
+            workers=workers,
+            failures=failures,
+            absent=absent,
+            test_accuracy=1 - 0.5 / r,
+            test_loss=1 / r,
+            wall_seconds=2.5,
+        )
         lines.append(json.dumps(report.as_event()))
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    (tmp_path / "config.json").write_text(json.dumps({"started_at": "2026-12-06T05:30:00Z", "model": "reference-cnn",
-                                                      "dataset": "digits-5k", "rounds": rounds, "lr": 0.05}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "started_at": "2026-12-06T05:30:00Z",
+                "model": "reference-cnn",
+                "dataset": "digits-5k",
+                "rounds": rounds,
+                "lr": 0.05,
+            }
+        )
+    )
     return tmp_path
 
 
@@ -61,13 +79,24 @@ def test_headless_chromium_renders_the_plots_offline(tmp_path):
     from PIL import Image
 
     out = write_report(_run_dir(tmp_path))
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"]  # no network, at all
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--proxy-server=127.0.0.1:9",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+    ]  # no network, at all
     dom = subprocess.run([*flags, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert dom.count("data:image/png;base64,") == 3 and "Failures and rejoins" in dom
     shot = tmp_path / "shot.png"
-    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2400", out.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1200,2400", out.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     image = Image.open(shot).convert("RGB")
     # The plots are drawn: the page holds the plots' blue and red lines and the timeline's green and red cells.
     colours = {c for _, c in image.getcolors(maxcolors=1 << 20)}

@@ -12,9 +12,9 @@ from torch import nn
 
 from coordinator_service.engine.robust import Aggregation, parse_aggregation, reduce_coordinates
 from coordinator_service.engine.rounds import RoundFailed, RoundRunner, TransferSettings
+from coordinator_service.engine.worker_client import WorkerUnavailable
 from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
 from coordinator_service.policy.strategy import FedAvg
-from coordinator_service.engine.worker_client import WorkerUnavailable
 from fedpi.weights import serde
 from generated.fedpi.v1 import worker_pb2 as pb
 
@@ -51,8 +51,10 @@ class FakeWorker:
 
     def step(self) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)
-        return {k: (torch.randn(v.shape, generator=gen) * 0.01 if v.is_floating_point() else torch.ones_like(v))
-                for k, v in self.state.items()}
+        return {
+            k: (torch.randn(v.shape, generator=gen) * 0.01 if v.is_floating_point() else torch.ones_like(v))
+            for k, v in self.state.items()
+        }
 
     def update(self) -> dict[str, torch.Tensor]:
         return {k: v + self.step()[k] for k, v in self.state.items()}
@@ -62,8 +64,9 @@ class FakeWorker:
         return pb.TrainResult(round=request.round, round_id=request.round_id, samples=self.samples, batches=2)
 
     def payload(self) -> serde.WeightsPayload:
-        return serde.WeightsPayload(self.update(), round=self.round, architecture=ARCH, round_id=self.round_id,
-                                    trained=self.trained)
+        return serde.WeightsPayload(
+            self.update(), round=self.round, architecture=ARCH, round_id=self.round_id, trained=self.trained
+        )
 
     async def get_weights(self, chunk_size: int, encoding: int, expected_bytes: int, digest_in_trailer=False):
         self.asked = encoding
@@ -109,8 +112,9 @@ class OtherRun(FakeWorker):
     """A trained update for the same round number of another coordinator's run."""
 
     def payload(self):
-        return serde.WeightsPayload(self.update(), round=self.round, architecture=ARCH, round_id="other/1.1",
-                                    trained=True)
+        return serde.WeightsPayload(
+            self.update(), round=self.round, architecture=ARCH, round_id="other/1.1", trained=True
+        )
 
 
 class DiesMidStream(FakeWorker):
@@ -123,12 +127,17 @@ class DiesMidStream(FakeWorker):
             yield chunk
 
 
-def _runner(model, rule: str = "fedavg", chunk_size: int = 7, min_workers: int = 1, encoding: int = 0,
-            **kw) -> RoundRunner:
-    return RoundRunner(model=model, architecture=ARCH,
-                       strategy=FedAvg(local_batches=2, batch_size=64, min_workers=min_workers),
-                       transfer=TransferSettings(chunk_size=chunk_size, encoding=encoding or pb.CHUNK_ENCODING_RAW),
-                       aggregation=parse_aggregation(rule), **kw)
+def _runner(
+    model, rule: str = "fedavg", chunk_size: int = 7, min_workers: int = 1, encoding: int = 0, **kw
+) -> RoundRunner:
+    return RoundRunner(
+        model=model,
+        architecture=ARCH,
+        strategy=FedAvg(local_batches=2, batch_size=64, min_workers=min_workers),
+        transfer=TransferSettings(chunk_size=chunk_size, encoding=encoding or pb.CHUNK_ENCODING_RAW),
+        aggregation=parse_aggregation(rule),
+        **kw,
+    )
 
 
 def _run(runner, workers):
@@ -140,8 +149,9 @@ def _expected(global_state, workers, combine) -> dict[str, torch.Tensor]:
     for w in workers:
         w.state = {k: v.clone() for k, v in global_state.items()}
     updates = [w.update() for w in workers]
-    return {k: combine(torch.stack([u[k].double() for u in updates]), workers).to(v.dtype)
-            for k, v in global_state.items()}
+    return {
+        k: combine(torch.stack([u[k].double() for u in updates]), workers).to(v.dtype) for k, v in global_state.items()
+    }
 
 
 def _weighted_mean(stack, workers):
@@ -192,8 +202,9 @@ def test_compressed_updates_are_averaged_as_decoded_and_workers_that_do_not_offe
         payload = serde.WeightsPayload(w.update(), round=1, architecture=ARCH)
         reader = serde.StreamReader(architecture=ARCH, expected=payload.manifest, encodings=(w.asked,), base=base)
         decoded.append(serde.read_state_dict(reader, payload.chunks(12, w.asked, base=base)))
-    expected = {k: _weighted_mean(torch.stack([d[k].double() for d in decoded]), workers).to(v.dtype)
-                for k, v in g.items()}
+    expected = {
+        k: _weighted_mean(torch.stack([d[k].double() for d in decoded]), workers).to(v.dtype) for k, v in g.items()
+    }
     _assert_state(model, expected)
     raw = _expected(g, workers, _weighted_mean)["0.weight"]
     assert not torch.allclose(raw, expected["0.weight"], rtol=0, atol=1e-7)  # the encoding did change the values
@@ -201,13 +212,16 @@ def test_compressed_updates_are_averaged_as_decoded_and_workers_that_do_not_offe
     assert sent.bytes_received < sent.bytes_sent == serde.WeightsPayload(g, round=1, architecture=ARCH).total_bytes
 
 
-@pytest.mark.parametrize("bad, phase, reason", [
-    (Huge, "get_weights", "lies more than"),
-    (InflatedSamples, "train", "training samples"),
-    (Untrained, "get_weights", "untrained weights"),
-    (OtherRun, "get_weights", "other/1.1"),
-    (DiesMidStream, "get_weights", "UNAVAILABLE"),
-])
+@pytest.mark.parametrize(
+    "bad, phase, reason",
+    [
+        (Huge, "get_weights", "lies more than"),
+        (InflatedSamples, "train", "training samples"),
+        (Untrained, "get_weights", "untrained weights"),
+        (OtherRun, "get_weights", "other/1.1"),
+        (DiesMidStream, "get_weights", "UNAVAILABLE"),
+    ],
+)
 def test_a_bad_update_is_refused_and_the_average_is_of_the_good_ones(bad, phase, reason):
     # Prepare
     model = tiny_model()
@@ -273,8 +287,9 @@ def _trimmed(k):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 1 << 20])
-@pytest.mark.parametrize("rule, combine", [
-    ("median", _median), ("trimmed-mean", _trimmed(1)), ("trimmed-mean:2", _trimmed(2))])
+@pytest.mark.parametrize(
+    "rule, combine", [("median", _median), ("trimmed-mean", _trimmed(1)), ("trimmed-mean:2", _trimmed(2))]
+)
 def test_coordinate_wise_rules_equal_the_whole_model_computation(rule, combine, chunk_size):
     # Prepare
     model = tiny_model()
@@ -309,8 +324,12 @@ def test_clipped_fedavg_scales_far_updates_onto_the_clip_norm():
     ref = torch.cat([v.double().reshape(-1) for v in g.values() if v.is_floating_point()])
 
     def clipped(stack, ws):
-        deltas = [torch.cat([w.update()[k].double().reshape(-1) - g[k].double().reshape(-1)
-                             for k in g if g[k].is_floating_point()]) for w in ws]
+        deltas = [
+            torch.cat(
+                [w.update()[k].double().reshape(-1) - g[k].double().reshape(-1) for k in g if g[k].is_floating_point()]
+            )
+            for w in ws
+        ]
         norm = sorted(float(d.norm()) for d in deltas)[1]  # the median distance
         return norm, deltas
 
@@ -326,8 +345,9 @@ def test_clipped_fedavg_scales_far_updates_onto_the_clip_norm():
     torch.testing.assert_close(got, expected_flat, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("attacker", [
-    lambda: Scaled("m", 9, factor=40.0), lambda: Scaled("m", 9, factor=-40.0), lambda: Huge("m", 9)])
+@pytest.mark.parametrize(
+    "attacker", [lambda: Scaled("m", 9, factor=40.0), lambda: Scaled("m", 9, factor=-40.0), lambda: Huge("m", 9)]
+)
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean", "clipped"])
 def test_robust_rules_stay_near_the_honest_aggregate_with_one_poisoner_of_five(rule, attacker):
     # Prepare
@@ -344,8 +364,11 @@ def test_robust_rules_stay_near_the_honest_aggregate_with_one_poisoner_of_five(r
     # Assert: distance from the clean aggregate, relative to an honest step (~0.01 per coordinate).
 
     def gap(m):
-        return max(float((a - b).abs().max()) for (k, a), b in zip(m.state_dict().items(), clean.state_dict().values())
-                   if a.is_floating_point())
+        return max(
+            float((a - b).abs().max())
+            for (k, a), b in zip(m.state_dict().items(), clean.state_dict().values())
+            if a.is_floating_point()
+        )
 
     assert gap(robust) < 0.03
     assert gap(poisoned_avg) > 0.05 or not all(torch.isfinite(v).all() for v in poisoned_avg.state_dict().values())
@@ -369,9 +392,12 @@ def test_fedprox_is_sent_only_to_workers_that_understand_it():
     """A 1.1 worker would ignore proximal_mu silently; it is refused instead, with the upgrade named."""
     old, new = FakeWorker("old", 1), FakeWorker("new", 2)
     old.info.protocol_version, new.info.protocol_version = "1.1", "1.2"
-    runner = RoundRunner(model=tiny_model(), architecture=ARCH,
-                         strategy=FedAvg(local_batches=2, batch_size=64, proximal_mu=0.01),
-                         transfer=TransferSettings(chunk_size=7))
+    runner = RoundRunner(
+        model=tiny_model(),
+        architecture=ARCH,
+        strategy=FedAvg(local_batches=2, batch_size=64, proximal_mu=0.01),
+        transfer=TransferSettings(chunk_size=7),
+    )
     report = asyncio.run(runner.run_round(1, [old, new]))
     [failure] = report.failures
     assert failure.worker == "old" and failure.phase == "train" and "FedProx" in failure.reason

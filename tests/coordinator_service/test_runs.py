@@ -39,8 +39,15 @@ def test_events_are_read_from_disk_from_an_offset(tmp_path):
     assert [e["event"] for e in run_log.read_events(offset)[0]] == ["b"]
 
 
-@pytest.mark.parametrize("content", ['{"run_id": "x", "spec": ', '{"run_id": "other", "spec": {}}',
-                                     '{"run_id": "x", "spec": {}, "state": "weird"}', '{"unknown_field": 1}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"run_id": "x", "spec": ',
+        '{"run_id": "other", "spec": {}}',
+        '{"run_id": "x", "spec": {}, "state": "weird"}',
+        '{"unknown_field": 1}',
+    ],
+)
 def test_an_unreadable_run_is_moved_aside_and_the_rest_load(tmp_path, content):
     store = RunStore(tmp_path)
     store.create(RunRecord(run_id="good", spec={}))
@@ -74,8 +81,9 @@ def test_pages_and_retention(tmp_path):
 
 
 def _manager(tmp_path, **config) -> RunManager:
-    defaults = dict(place=launch.RunPlace(output_dir=tmp_path), defaults=RunTarget(task="mnist"),
-                    allowed_tasks=frozenset({"mnist"}))
+    defaults = dict(
+        place=launch.RunPlace(output_dir=tmp_path), defaults=RunTarget(task="mnist"), allowed_tasks=frozenset({"mnist"})
+    )
     return RunManager(RunStore(tmp_path), ServerRuns(**{**defaults, **config}))
 
 
@@ -98,24 +106,36 @@ def test_watch_streams_are_capped(tmp_path):
     manager.close()
 
 
-@pytest.mark.parametrize("spec, error, phrase", [
-    (cpb.RunSpec(workers=["a=10.0.0.1:1"]), NotAllowed, "may not reach 10.0.0.1"),
-    (cpb.RunSpec(workers=["a=127.0.0.1:1"], task="os:system"), NotAllowed, "task 'os:system' is not allowed"),
-    (cpb.RunSpec(workers=["a=127.0.0.1:1", "a=127.0.0.1:2"]), InvalidSpec, "names must be unique"),
-    (cpb.RunSpec(workers=["a b=127.0.0.1:1"]), InvalidSpec, "a worker name is"),
-    (cpb.RunSpec(workers=["a=127.0.0.1:1"], run_id="lab-1\n"), InvalidSpec, "run_id = 'lab-1\\\\n'"),
-    (cpb.RunSpec(workers=["a=127.0.0.1:1"], task="mnist\n"), InvalidSpec, "task = "),
-    (cpb.RunSpec(workers=["a=127.0.0.1:70000"]), InvalidSpec, "port from 1 to 65535"),
-    (cpb.RunSpec(workers=["a=127.0.0.1:1"], workers_dns="127.0.0.1:2"), InvalidSpec, "exclude each other"),
-    (cpb.RunSpec(workers_dns="127.0.0.1:2"), InvalidSpec, "needs expect_workers"),
-    (cpb.RunSpec(workers=["a=127.0.0.1:1"], sampling=cpb.Sampling(min_workers=2)), ValueError, "can never be met"),
-    (cpb.RunSpec(workers=["a=127.0.0.1:1"], settings={"lr": "0.1"}, training=cpb.LocalTraining(lr=0.2)),
-     InvalidSpec, "which the request already sets"),
-    (cpb.RunSpec(workers=["a=127.0.0.1:1"], settings={"federated-evaluation": "maybe"}), SettingsError,
-     "use true or false"),
-    (cpb.RunSpec(workers=["a=127.0.0.1:1"], aggregation=cpb.AggregationSettings(aggregation="trimmed-mean:2")),
-     ValueError, "needs at least 5 workers"),
-])
+@pytest.mark.parametrize(
+    "spec, error, phrase",
+    [
+        (cpb.RunSpec(workers=["a=10.0.0.1:1"]), NotAllowed, "may not reach 10.0.0.1"),
+        (cpb.RunSpec(workers=["a=127.0.0.1:1"], task="os:system"), NotAllowed, "task 'os:system' is not allowed"),
+        (cpb.RunSpec(workers=["a=127.0.0.1:1", "a=127.0.0.1:2"]), InvalidSpec, "names must be unique"),
+        (cpb.RunSpec(workers=["a b=127.0.0.1:1"]), InvalidSpec, "a worker name is"),
+        (cpb.RunSpec(workers=["a=127.0.0.1:1"], run_id="lab-1\n"), InvalidSpec, "run_id = 'lab-1\\\\n'"),
+        (cpb.RunSpec(workers=["a=127.0.0.1:1"], task="mnist\n"), InvalidSpec, "task = "),
+        (cpb.RunSpec(workers=["a=127.0.0.1:70000"]), InvalidSpec, "port from 1 to 65535"),
+        (cpb.RunSpec(workers=["a=127.0.0.1:1"], workers_dns="127.0.0.1:2"), InvalidSpec, "exclude each other"),
+        (cpb.RunSpec(workers_dns="127.0.0.1:2"), InvalidSpec, "needs expect_workers"),
+        (cpb.RunSpec(workers=["a=127.0.0.1:1"], sampling=cpb.Sampling(min_workers=2)), ValueError, "can never be met"),
+        (
+            cpb.RunSpec(workers=["a=127.0.0.1:1"], settings={"lr": "0.1"}, training=cpb.LocalTraining(lr=0.2)),
+            InvalidSpec,
+            "which the request already sets",
+        ),
+        (
+            cpb.RunSpec(workers=["a=127.0.0.1:1"], settings={"federated-evaluation": "maybe"}),
+            SettingsError,
+            "use true or false",
+        ),
+        (
+            cpb.RunSpec(workers=["a=127.0.0.1:1"], aggregation=cpb.AggregationSettings(aggregation="trimmed-mean:2")),
+            ValueError,
+            "needs at least 5 workers",
+        ),
+    ],
+)
 def test_a_spec_is_refused_whole_before_anything_is_created(tmp_path, spec, error, phrase):
     manager = _manager(tmp_path)
     with pytest.raises(error, match=phrase):
@@ -127,10 +147,18 @@ def test_a_spec_is_refused_whole_before_anything_is_created(tmp_path, spec, erro
 def test_the_request_wins_over_the_server_whose_environment_wins_over_the_preset(tmp_path):
     manager = _manager(tmp_path, preset="seed", layer={"lr": "0.3", "federated_evaluation": "true"})
     _, _, settings = manager.prepare(cpb.RunSpec(workers=["a=127.0.0.1:1"]))
-    assert (settings.training.lr, settings.training.momentum, settings.evaluation.federated_evaluation) == \
-        (0.3, 0.0, True)  # the environment's lr over the preset's, the preset's momentum over the default
-    _, _, settings = manager.prepare(cpb.RunSpec(workers=["a=127.0.0.1:1"], training=cpb.LocalTraining(lr=0.02),
-                                                 evaluation=cpb.EvaluationSettings(federated_evaluation=False)))
+    assert (settings.training.lr, settings.training.momentum, settings.evaluation.federated_evaluation) == (
+        0.3,
+        0.0,
+        True,
+    )  # the environment's lr over the preset's, the preset's momentum over the default
+    _, _, settings = manager.prepare(
+        cpb.RunSpec(
+            workers=["a=127.0.0.1:1"],
+            training=cpb.LocalTraining(lr=0.02),
+            evaluation=cpb.EvaluationSettings(federated_evaluation=False),
+        )
+    )
     assert (settings.training.lr, settings.evaluation.federated_evaluation) == (0.02, False)
     manager.close()
 
@@ -138,8 +166,10 @@ def test_the_request_wins_over_the_server_whose_environment_wins_over_the_preset
 def test_worker_policy_matches_addresses_networks_and_exact_names():
     policy = WorkerPolicy.parse(["10.0.0.0/24", "fedpi-worker", "::1"])
     ok = [runspec.parse_address(a, "w") for a in ("10.0.0.7:1", "fedpi-worker:50051", "FEDPI-WORKER.:1", "[::1]:5")]
-    bad = [runspec.parse_address(a, "w") for a in ("10.0.1.7:1", "fedpi-worker.evil:1", "evil-fedpi-worker:1",
-                                                     "127.0.0.1:1", "localhost:1")]
+    bad = [
+        runspec.parse_address(a, "w")
+        for a in ("10.0.1.7:1", "fedpi-worker.evil:1", "evil-fedpi-worker:1", "127.0.0.1:1", "localhost:1")
+    ]
     assert all(policy.allows(a) for a in ok) and not any(policy.allows(a) for a in bad)
     with pytest.raises(ValueError, match="give an IP address"):
         WorkerPolicy.parse(["not a host"])

@@ -16,7 +16,7 @@ from tests.coordinator_service.test_rounds import FakeWorker, _runner, tiny_mode
 
 def _hand(name: str, x: torch.Tensor, deltas: list[torch.Tensor], c: ServerOptimizerConfig) -> torch.Tensor:
     """The global model after the given pseudo-gradients, by the paper's formulas, in float64."""
-    m, v = torch.zeros_like(x), torch.full_like(x, c.tau ** 2)
+    m, v = torch.zeros_like(x), torch.full_like(x, c.tau**2)
     for d in deltas:
         if name == "fedavgm":
             m = c.beta1 * m + d
@@ -71,9 +71,17 @@ def test_the_state_survives_a_checkpoint_and_resumes_the_same_trajectory(tmp_pat
     a = [g[0] + deltas[0]]
     straight.step(g, a)
     resumed.step(g, [g[0] + deltas[0]])
-    checkpoint.save(tmp_path, checkpoint.Checkpoint(round=1, model="m", state_dict={"w": a[0]}, metrics=[],
-                                                     rng=checkpoint.Checkpoint.capture_rng(),
-                                                     server_optimizer=resumed.state_dict()))
+    checkpoint.save(
+        tmp_path,
+        checkpoint.Checkpoint(
+            round=1,
+            model="m",
+            state_dict={"w": a[0]},
+            metrics=[],
+            rng=checkpoint.Checkpoint.capture_rng(),
+            server_optimizer=resumed.state_dict(),
+        ),
+    )
     reloaded = ServerOptimizer(config)
     reloaded.load_state_dict(checkpoint.load(tmp_path, "m").server_optimizer)
     x1, y1 = [a[0] + deltas[1]], [a[0] + deltas[1]]

@@ -34,8 +34,7 @@ class Steps(FakeWorker):
 def _round(strategy, workers):
     model = tiny_model()
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    runner = RoundRunner(model=model, architecture=ARCH, strategy=strategy,
-                         transfer=TransferSettings(chunk_size=7))
+    runner = RoundRunner(model=model, architecture=ARCH, strategy=strategy, transfer=TransferSettings(chunk_size=7))
     report = asyncio.run(runner.run_round(1, workers))
     return start, model.state_dict(), report
 
@@ -43,12 +42,15 @@ def _round(strategy, workers):
 def test_fednova_moves_the_model_by_the_normalised_updates_times_the_mean_steps():
     """x' = x + tau_eff * sum_i p_i (y_i - x) / a_i, here computed whole from the workers' updates."""
     momentum = 0.5
-    workers = [Steps("pi4", 1, batches=10, samples=640), Steps("pi5", 2, batches=40, samples=2560),
-               Steps("pi5b", 3, batches=30, samples=1920)]
+    workers = [
+        Steps("pi4", 1, batches=10, samples=640),
+        Steps("pi5", 2, batches=40, samples=2560),
+        Steps("pi5b", 3, batches=30, samples=1920),
+    ]
     start, after, report = _round(FedNova(local_seconds=5, batch_size=64, momentum=momentum), workers)
 
     def a(tau):
-        return (tau - momentum * (1 - momentum ** tau) / (1 - momentum)) / (1 - momentum)
+        return (tau - momentum * (1 - momentum**tau) / (1 - momentum)) / (1 - momentum)
 
     p = [w.samples / sum(w.samples for w in workers) for w in workers]
     tau_eff = sum(pi * a(w.batches) for pi, w in zip(p, workers))
@@ -58,8 +60,9 @@ def test_fednova_moves_the_model_by_the_normalised_updates_times_the_mean_steps(
     for name, x in start.items():
         if not x.is_floating_point():
             continue
-        expected = x.double() + tau_eff * sum(pi * (u[name].double() - x.double()) / a(w.batches)
-                                              for pi, u, w in zip(p, updates, workers))
+        expected = x.double() + tau_eff * sum(
+            pi * (u[name].double() - x.double()) / a(w.batches) for pi, u, w in zip(p, updates, workers)
+        )
         torch.testing.assert_close(after[name].double(), expected, rtol=1e-5, atol=1e-6)
     assert report.aggregate_scale > 1
 
@@ -77,10 +80,11 @@ def test_fednova_step_norms():
     result = pb.TrainResult(round=1, batches=10, samples=640)
     assert FedNova().steps_norm(result) == 10
     # With momentum rho the step weights are (1 - rho^k) / (1 - rho), k = 1..tau: summed directly.
-    assert FedNova(momentum=0.9).steps_norm(result) == pytest.approx(sum((1 - 0.9 ** k) / 0.1 for k in range(1, 11)))
+    assert FedNova(momentum=0.9).steps_norm(result) == pytest.approx(sum((1 - 0.9**k) / 0.1 for k in range(1, 11)))
     # With FedProx at learning rate eta each step shrinks the earlier ones by (1 - eta mu).
     assert FedNova(learning_rate=0.1, proximal_mu=0.5).steps_norm(result) == pytest.approx(
-        sum(0.95 ** k for k in range(10)))
+        sum(0.95**k for k in range(10))
+    )
     with pytest.raises(ValueError, match="momentum or with FedProx"):
         FedNova(momentum=0.9, proximal_mu=0.1)
 
@@ -136,15 +140,24 @@ class Evaluates(FakeWorker):
         self.accuracy, self.test_samples = accuracy, test_samples
 
     async def evaluate(self, round_id):
-        return pb.EvaluateResult(round_id=round_id, round=self.round, accuracy=self.accuracy, loss=1 - self.accuracy,
-                                 samples=self.test_samples)
+        return pb.EvaluateResult(
+            round_id=round_id,
+            round=self.round,
+            accuracy=self.accuracy,
+            loss=1 - self.accuracy,
+            samples=self.test_samples,
+        )
 
 
 def test_federated_evaluation_is_the_mean_weighted_by_test_samples():
     workers = [Evaluates("small", 1, 0.5, 100), Evaluates("big", 2, 0.9, 900)]
-    runner = RoundRunner(model=tiny_model(), architecture=ARCH,
-                         strategy=FedAvg(local_batches=2, batch_size=64), transfer=TransferSettings(chunk_size=7),
-                         federated_evaluation=True)
+    runner = RoundRunner(
+        model=tiny_model(),
+        architecture=ARCH,
+        strategy=FedAvg(local_batches=2, batch_size=64),
+        transfer=TransferSettings(chunk_size=7),
+        federated_evaluation=True,
+    )
     report = asyncio.run(runner.run_round(1, workers))
     assert report.federated_accuracy == pytest.approx(0.86) and report.federated_samples == 1000
     # Each worker evaluated the new global model, sent to it after the round (the round id says so).

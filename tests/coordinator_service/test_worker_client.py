@@ -11,8 +11,10 @@ from generated.fedpi.v1 import worker_pb2 as pb
 
 
 def test_parse_workers_names_and_addresses():
-    assert parse_workers("alice=127.0.0.1:1,10.0.0.2:50051") == [("alice", "127.0.0.1:1"),
-                                                                  ("10.0.0.2:50051", "10.0.0.2:50051")]
+    assert parse_workers("alice=127.0.0.1:1,10.0.0.2:50051") == [
+        ("alice", "127.0.0.1:1"),
+        ("10.0.0.2:50051", "10.0.0.2:50051"),
+    ]
 
 
 @pytest.mark.parametrize("spec, message", [("a=host", "needs a port"), ("a=h:1,a=h:2", "unique"), ("", "no workers")])
@@ -40,15 +42,20 @@ def test_the_handshake_compares_task_and_manifest_and_knows_older_workers():
     from coordinator_service.engine.worker_client import Expected
 
     ours = Expected("tiny", "tiny", "1.0", "aaaa", "tiny")
-    same = pb.WorkerInfo(protocol_version="1.4", model_architecture="tiny", task="tiny", task_version="1.1",
-                         manifest_fingerprint="aaaa")
+    same = pb.WorkerInfo(
+        protocol_version="1.4", model_architecture="tiny", task="tiny", task_version="1.1", manifest_fingerprint="aaaa"
+    )
     assert ours.check(same) is None  # another version, the same tensors
-    other = pb.WorkerInfo(protocol_version="1.4", model_architecture="tiny", task="tiny", task_version="2.0",
-                          manifest_fingerprint="bbbb")
-    assert "worker runs task tiny 2.0 (model tiny, manifest bbbb), coordinator trains task tiny 1.0" in ours.check(other)
+    other = pb.WorkerInfo(
+        protocol_version="1.4", model_architecture="tiny", task="tiny", task_version="2.0", manifest_fingerprint="bbbb"
+    )
+    assert "worker runs task tiny 2.0 (model tiny, manifest bbbb), coordinator trains task tiny 1.0" in ours.check(
+        other
+    )
     # a 1.3 worker reports no task: only the built-in task can train with it, checked by its model as before
     old = pb.WorkerInfo(protocol_version="1.3", model_architecture="reference-cnn")
     assert "which has no tasks" in ours.check(old)
     assert Expected("reference-cnn", "mnist", "0.1.0", "cccc").check(old) is None
-    assert "runs model 'reference-cnn', coordinator trains 'large-mlp'" in \
-        Expected("large-mlp", "mnist", "0.1.0", "dddd").check(old)
+    assert "runs model 'reference-cnn', coordinator trains 'large-mlp'" in Expected(
+        "large-mlp", "mnist", "0.1.0", "dddd"
+    ).check(old)

@@ -14,8 +14,12 @@ from fedpi.net import certs
 
 def _names(path: Path) -> set[str]:
     cert = x509.load_pem_x509_certificate(path.read_bytes())
-    return {str(n) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            .get_values_for_type(x509.DNSName)}
+    return {
+        str(n)
+        for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName
+        )
+    }
 
 
 def test_every_worker_gets_its_own_certificate_that_names_no_other_worker(tmp_path):
@@ -48,7 +52,7 @@ def test_private_files_are_created_private_not_chmod_afterwards(tmp_path, monkey
 
 def test_certificates_are_valid_from_two_days_ago_for_pis_without_a_clock(tmp_path):
     certs.make_all(tmp_path, workers=1)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     for name in ("ca.crt", "coordinator.crt", "fedpi-worker-0.crt"):
         cert = x509.load_pem_x509_certificate((tmp_path / name).read_bytes())
         assert now - cert.not_valid_before_utc >= datetime.timedelta(hours=47), name

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from coordinator_service.control import launch
 from coordinator_service.cli import parse_args as coordinator_args
 from coordinator_service.cli import settings_of
+from coordinator_service.control import launch
 from coordinator_service.settings import SettingsError
 from worker_service.cli import parse_args as worker_args
 
@@ -25,11 +25,18 @@ def test_worker_flags_come_from_the_environment(monkeypatch):
     assert (args.port, args.partition_index, args.no_download) == (6000, 2, True)
 
 
-@pytest.mark.parametrize("variable, value, phrase", [
-    ("FEDPI_NO_DOWNLOAD", "maybe", "FEDPI_NO_DOWNLOAD='maybe' is not a valid value for --no-download: use true or false"),
-    ("FEDPI_LOG_FORMAT", "fancy", "FEDPI_LOG_FORMAT='fancy' is not a valid value for --log-format: choose from"),
-    ("FEDPI_PORT", "http", "FEDPI_PORT='http' is not a valid value for --port"),
-])
+@pytest.mark.parametrize(
+    "variable, value, phrase",
+    [
+        (
+            "FEDPI_NO_DOWNLOAD",
+            "maybe",
+            "FEDPI_NO_DOWNLOAD='maybe' is not a valid value for --no-download: use true or false",
+        ),
+        ("FEDPI_LOG_FORMAT", "fancy", "FEDPI_LOG_FORMAT='fancy' is not a valid value for --log-format: choose from"),
+        ("FEDPI_PORT", "http", "FEDPI_PORT='http' is not a valid value for --port"),
+    ],
+)
 def test_a_variable_a_flag_would_refuse_is_refused(monkeypatch, capsys, variable, value, phrase):
     monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as exit_:
@@ -75,14 +82,17 @@ def test_presets_set_defaults_that_flags_and_the_environment_override(monkeypatc
     assert settings(["demo"]).training.lr == 0.01
 
 
-@pytest.mark.parametrize("flags, phrase", [
-    (["--max-update-ratio", "nan"], "max_update_ratio = 'nan': Input should be a finite number"),
-    (["--rounds", "-3"], "rounds = '-3': Input should be greater than or equal to 1"),
-    (["--chunk-size", "0"], "chunk_size = '0': Input should be greater than or equal to 1024"),
-    (["--round-retries", "1000000"], "round_retries = '1000000': Input should be less than or equal to 100"),
-    (["--lr", "fast"], "lr = 'fast': Input should be a valid number"),
-    (["--local-epochs", "2", "--local-seconds", "5"], "local_epochs and local_seconds exclude each other"),
-])
+@pytest.mark.parametrize(
+    "flags, phrase",
+    [
+        (["--max-update-ratio", "nan"], "max_update_ratio = 'nan': Input should be a finite number"),
+        (["--rounds", "-3"], "rounds = '-3': Input should be greater than or equal to 1"),
+        (["--chunk-size", "0"], "chunk_size = '0': Input should be greater than or equal to 1024"),
+        (["--round-retries", "1000000"], "round_retries = '1000000': Input should be less than or equal to 100"),
+        (["--lr", "fast"], "lr = 'fast': Input should be a valid number"),
+        (["--local-epochs", "2", "--local-seconds", "5"], "local_epochs and local_seconds exclude each other"),
+    ],
+)
 def test_settings_out_of_range_are_refused_naming_the_setting(flags, phrase):
     with pytest.raises(SettingsError) as err:
         settings(["train", *flags])
@@ -103,9 +113,14 @@ def test_strategy_and_aggregation_compose_or_say_why_not():
         launch.min_workers(settings(["demo", "--fraction", "0.1", "--min-workers", "3"]), 20)
 
 
-@pytest.mark.parametrize("command, usage", [(["train", "--help"], "usage: fedpi train"),
-                                            (["demo", "--help"], "usage: fedpi demo"),
-                                            (["worker", "--help"], "usage: fedpi worker")])
+@pytest.mark.parametrize(
+    "command, usage",
+    [
+        (["train", "--help"], "usage: fedpi train"),
+        (["demo", "--help"], "usage: fedpi demo"),
+        (["worker", "--help"], "usage: fedpi worker"),
+    ],
+)
 def test_the_fedpi_command_names_itself_in_help(command, usage, capsys):
     from fedpi_cli import main as fedpi
 
@@ -143,13 +158,16 @@ def test_version(capsys):
     assert exit_.value.code == 0 and capsys.readouterr().out == f"fedpi {__version__} (protocol {PROTOCOL_VERSION})\n"
 
 
-@pytest.mark.parametrize("argv, said", [
-    (["trian"], "fedpi: error: argument COMMAND: invalid choice: 'trian'"),
-    (["train", "--lrr", "0.1"], "fedpi train: error: unrecognized arguments: --lrr 0.1 (did you mean --lr?)"),
-    (["train", "--compression", "fp61"], "(did you mean fp16?)"),
-    (["runs", "lsit"], "(did you mean list?)"),
-    (["serve", "--out", "x"], "unrecognized arguments: --out x"),  # no prefix matching: --out is not --output-dir
-])
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["trian"], "fedpi: error: argument COMMAND: invalid choice: 'trian'"),
+        (["train", "--lrr", "0.1"], "fedpi train: error: unrecognized arguments: --lrr 0.1 (did you mean --lr?)"),
+        (["train", "--compression", "fp61"], "(did you mean fp16?)"),
+        (["runs", "lsit"], "(did you mean list?)"),
+        (["serve", "--out", "x"], "unrecognized arguments: --out x"),  # no prefix matching: --out is not --output-dir
+    ],
+)
 def test_a_mistake_is_one_line_with_the_closest_choice_not_the_whole_help(capsys, argv, said):
     from fedpi_cli import main as fedpi
 
@@ -173,8 +191,11 @@ def test_every_command_and_option_has_a_line_and_shows_its_default():
             text = re.sub(r"\s*\[env FEDPI_[A-Z_]+\]$", "", action.help or "")  # the variable's name alone says nothing
             assert text, f"{path} {action.option_strings or action.dest} has no help"
             formatted = parser._get_formatter()._expand_help(action)
-            if action.option_strings and action.default not in (None, False, "==SUPPRESS==", "") \
-                    and not isinstance(action.default, list):
+            if (
+                action.option_strings
+                and action.default not in (None, False, "==SUPPRESS==", "")
+                and not isinstance(action.default, list)
+            ):
                 assert "default" in formatted, f"{path} {action.option_strings} does not show its default"
 
     for name, parser in _commands().items():
@@ -185,10 +206,12 @@ def test_help_imports_neither_torch_nor_grpc():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom fedpi_cli import main\n"
-            "for argv in (['--help'], ['train', '--help'], ['worker', '--help'], ['runs', 'list', '--help']):\n"
-            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "print(sorted(m for m in ('torch', 'grpc', 'numpy') if m in sys.modules))")
+    code = (
+        "import sys\nfrom fedpi_cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['worker', '--help'], ['runs', 'list', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print(sorted(m for m in ('torch', 'grpc', 'numpy') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "[]"
 
@@ -196,8 +219,11 @@ def test_help_imports_neither_torch_nor_grpc():
 def test_global_options_go_before_or_after_the_runs_subcommand():
     from fedpi_cli import build_parser
 
-    for argv in (["runs", "--coordinator", "h:1", "list"], ["runs", "list", "--coordinator", "h:1"],
-                 ["runs", "start", "--coordinator", "h:1", "--token-file", "t", "--rounds", "2"]):
+    for argv in (
+        ["runs", "--coordinator", "h:1", "list"],
+        ["runs", "list", "--coordinator", "h:1"],
+        ["runs", "start", "--coordinator", "h:1", "--token-file", "t", "--rounds", "2"],
+    ):
         assert build_parser().parse_args(argv).coordinator == "h:1"
     assert build_parser().parse_args(["runs", "list"]).coordinator == "127.0.0.1:50050"
 
@@ -245,14 +271,17 @@ def test_fedpi_tasks_lists_the_installed_tasks(capsys):
     assert any(line.split()[:3] == ["mnist", "0.1.0", "fedpi.mnist_task:MnistTask"] for line in lines), lines
 
 
-@pytest.mark.parametrize("flags, updates, model", [
-    ([], "none", "none"),
-    (["--compression", "zlib"], "zlib", "zlib"),  # lossless: both ways
-    (["--compression", "fp16"], "fp16", "none"),  # the global model goes down exact unless asked
-    (["--compression", "bf16", "--compress-global-model"], "bf16", "bf16"),
-    (["--compression", "int8"], "int8", "none"),
-    (["--encoding", "zlib"], "zlib", "zlib"),  # the flag before --compression
-])
+@pytest.mark.parametrize(
+    "flags, updates, model",
+    [
+        ([], "none", "none"),
+        (["--compression", "zlib"], "zlib", "zlib"),  # lossless: both ways
+        (["--compression", "fp16"], "fp16", "none"),  # the global model goes down exact unless asked
+        (["--compression", "bf16", "--compress-global-model"], "bf16", "bf16"),
+        (["--compression", "int8"], "int8", "none"),
+        (["--encoding", "zlib"], "zlib", "zlib"),  # the flag before --compression
+    ],
+)
 def test_compression_flags_choose_each_direction(flags, updates, model):
     from fedpi.weights.compression import NAMES
 
@@ -280,8 +309,10 @@ def test_console_logs_carry_no_colour_codes_into_a_pipe():
     import subprocess
     import sys
 
-    code = ("from fedpi.logs import configure_logging\nimport structlog\n"
-            "configure_logging('console')\nstructlog.get_logger().warning('hello', worker='bob')")
+    code = (
+        "from fedpi.logs import configure_logging\nimport structlog\n"
+        "configure_logging('console')\nstructlog.get_logger().warning('hello', worker='bob')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "hello" in out and "worker=bob" in out and "\x1b[" not in out
 
@@ -293,10 +324,13 @@ def test_status_into_a_closed_pipe_and_on_a_refused_port_answers_at_once_and_qui
     start = time.monotonic()
     # 400 refused workers: more JSON than a pipe holds, so writing goes on after `head` has gone
     workers = ",".join(f"w{i}=127.0.0.1:1" for i in range(400))
-    proc = subprocess.run(["bash", "-c", f"python -m fedpi_cli status --workers {workers} --timeout 60 --json | "
-                                         f"head -c 1"],
-                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
-                                                                            "PATH": _venv_path()})
+    proc = subprocess.run(
+        ["bash", "-c", f"python -m fedpi_cli status --workers {workers} --timeout 60 --json | head -c 1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PATH": _venv_path()},
+    )
     assert time.monotonic() - start < 30  # not the 60 s timeout: a refused port is an answer
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 

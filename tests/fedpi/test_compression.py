@@ -17,8 +17,12 @@ FP16, BF16, INT8 = compression.FP16, compression.BF16, compression.INT8
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(40, 30, generator=gen), "b": torch.randn(30, generator=gen, dtype=torch.float64),
-            "count": torch.tensor(7), "half": torch.randn(9, generator=gen).half()}
+    return {
+        "w": torch.randn(40, 30, generator=gen),
+        "b": torch.randn(30, generator=gen, dtype=torch.float64),
+        "count": torch.tensor(7),
+        "half": torch.randn(9, generator=gen).half(),
+    }
 
 
 def _flat(state) -> list[torch.Tensor]:
@@ -80,8 +84,9 @@ def test_error_feedback_carries_what_quantisation_dropped_into_the_next_update()
         sent = torch.zeros(10)
         for _ in range(20):
             payload = serde.WeightsPayload({"w": base["w"] + step}, round=1, architecture=ARCH)
-            got, _ = _receive(payload.chunks(1 << 20, INT8, base=_flat(base), residual=residual), payload.manifest,
-                              base=_flat(base))
+            got, _ = _receive(
+                payload.chunks(1 << 20, INT8, base=_flat(base), residual=residual), payload.manifest, base=_flat(base)
+            )
             sent += got["w"] - base["w"]
         sums[feedback] = sent
     assert torch.equal(sums[False][1:], torch.zeros(9))
@@ -90,13 +95,19 @@ def test_error_feedback_carries_what_quantisation_dropped_into_the_next_update()
 
 def test_an_update_equal_to_its_base_and_one_with_nan_arrive_as_they_are():
     base = {"w": torch.ones(5)}
-    got, _ = _receive(serde.WeightsPayload(base, round=1, architecture=ARCH).chunks(64, INT8, base=_flat(base)),
-                      [serde.manifest_of(base)[0]], base=_flat(base))
+    got, _ = _receive(
+        serde.WeightsPayload(base, round=1, architecture=ARCH).chunks(64, INT8, base=_flat(base)),
+        [serde.manifest_of(base)[0]],
+        base=_flat(base),
+    )
     assert torch.equal(got["w"], base["w"])
     poisoned = {"w": torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0])}
     with pytest.raises(serde.NonFiniteWeights):
-        _receive(serde.WeightsPayload(poisoned, round=1, architecture=ARCH).chunks(64, INT8, base=_flat(base)),
-                 serde.manifest_of(base), base=_flat(base))
+        _receive(
+            serde.WeightsPayload(poisoned, round=1, architecture=ARCH).chunks(64, INT8, base=_flat(base)),
+            serde.manifest_of(base),
+            base=_flat(base),
+        )
 
 
 def _stream(encoding=FP16, trailer="sha256") -> tuple[list[pb.WeightsChunk], serde.WeightsPayload]:
@@ -117,8 +128,9 @@ def test_bad_lossy_streams_are_refused_with_the_reason():
     assert "must come last" in _refused([chunks[0], chunks[-1], *chunks[1:-1]], manifest)
     wrong = pb.WeightsChunk(trailer=pb.WeightsTrailer(digest="sha256:" + "0" * 64))
     assert "does not match" in _refused([*chunks[:-1], wrong], manifest, serde.DigestMismatch)
-    assert "not the sha256 digest" in _refused([*chunks[:-1], pb.WeightsChunk(trailer=pb.WeightsTrailer(
-        digest="blake2b:00"))], manifest)
+    assert "not the sha256 digest" in _refused(
+        [*chunks[:-1], pb.WeightsChunk(trailer=pb.WeightsTrailer(digest="blake2b:00"))], manifest
+    )
     assert "not accepted here" in _refused(chunks, manifest, encodings=(pb.CHUNK_ENCODING_RAW,))
     # Two chunks' elements in one: it runs past the end of its tensor.
     first, second = chunks[1].data, chunks[2].data
@@ -138,8 +150,11 @@ def test_int8_needs_a_base_on_the_receiving_side():
 def test_a_raw_stream_with_its_digest_in_a_trailer_checks_out_with_every_digest():
     payload = serde.WeightsPayload(_state(), round=1, architecture=ARCH)
     raw = b"".join(bytes(v) for v in payload._views)
-    expected = {"sha256": hashlib.sha256(raw).hexdigest(), "blake2b": hashlib.blake2b(raw).hexdigest(),
-                "xxh3_128": xxhash.xxh3_128_hexdigest(raw)}
+    expected = {
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "blake2b": hashlib.blake2b(raw).hexdigest(),
+        "xxh3_128": xxhash.xxh3_128_hexdigest(raw),
+    }
     assert set(expected) == set(serde.DIGESTS)
     for name in serde.DIGESTS:
         chunks = list(payload.chunks(100, trailer=name))
@@ -164,7 +179,8 @@ def test_piece_sizes_match_what_is_sent():
     payload = serde.WeightsPayload(_state(), round=1, architecture=ARCH)
     for encoding in (pb.CHUNK_ENCODING_RAW, FP16, INT8):
         chunks = payload.chunks(300, encoding, base=_flat(_state()) if encoding == INT8 else None)
-        reader = serde.StreamReader(architecture=ARCH, expected=payload.manifest, encodings=(encoding,),
-                                    base=_flat(_state()))
+        reader = serde.StreamReader(
+            architecture=ARCH, expected=payload.manifest, encodings=(encoding,), base=_flat(_state())
+        )
         sizes = [len(raw) for raw in map(reader.accept, chunks) if raw is not None]
         assert sizes == list(serde.piece_sizes(payload.manifest, 300, encoding))

@@ -28,8 +28,7 @@ def test_each_run_setting_comes_from_the_highest_source_and_says_which(tmp_path,
 
 
 def test_other_options_come_from_the_file_unless_a_flag_or_the_environment_sets_them(tmp_path, monkeypatch):
-    from coordinator_service.cli import build_parser
-    from coordinator_service.cli import read_config
+    from coordinator_service.cli import build_parser, read_config
     from fedpi.cli import innermost
 
     config = tmp_path / "run.toml"
@@ -50,13 +49,16 @@ def test_other_options_come_from_the_file_unless_a_flag_or_the_environment_sets_
     assert parsed().latest_link == "env-link"
 
 
-@pytest.mark.parametrize("content, said", [
-    ('output-dirr = "x"', "output-dirr is not an option of this command (did you mean output-dir?)"),
-    ('lr = "fast"', "lr = 'fast': Input should be a valid number"),
-    ("no-download = 3", "no-download = 3: use true or false"),
-    ('log-format = "fancy"', "log-format = 'fancy': choose from auto, json, console"),
-    ("lr = ", "not TOML"),
-])
+@pytest.mark.parametrize(
+    "content, said",
+    [
+        ('output-dirr = "x"', "output-dirr is not an option of this command (did you mean output-dir?)"),
+        ('lr = "fast"', "lr = 'fast': Input should be a valid number"),
+        ("no-download = 3", "no-download = 3: use true or false"),
+        ('log-format = "fancy"', "log-format = 'fancy': choose from auto, json, console"),
+        ("lr = ", "not TOML"),
+    ],
+)
 def test_a_bad_file_is_refused_naming_the_key(tmp_path, capsys, content, said):
     config = tmp_path / "run.toml"
     config.write_text(content + "\n")

@@ -24,8 +24,9 @@ def test_partitions_are_disjoint_complete_and_reproducible(scheme, count):
 
 def test_iid_depends_on_seed_and_contiguous_follows_file_order():
     labels = np.zeros(100, dtype=int)
-    assert not np.array_equal(data.partition_indices(labels, 0, 3, "iid", 1),
-                              data.partition_indices(labels, 0, 3, "iid", 2))
+    assert not np.array_equal(
+        data.partition_indices(labels, 0, 3, "iid", 1), data.partition_indices(labels, 0, 3, "iid", 2)
+    )
     assert data.partition_indices(labels, 1, 4, "contiguous").tolist() == list(range(25, 50))
 
 

@@ -41,9 +41,14 @@ def test_the_worker_exits_non_zero_with_the_line_before_importing_torch(tmp_path
     # A `torch` that kills its importer with SIGILL, first on the path: the worker must not die of it itself.
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
-    proc = subprocess.run([sys.executable, "-m", "worker_service", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120,
-                          env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "FEDPI_PREFLIGHT": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker_service", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "FEDPI_PREFLIGHT": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == preflight.EXIT_UNSUPPORTED, proc.stderr
     assert proc.stderr.count("\n") == 1 and "died with SIGILL" in proc.stderr
 

@@ -33,7 +33,8 @@ def _reader(payload: serde.WeightsPayload, **limits) -> serde.StreamReader:
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+        a[k].dtype == b[k].dtype
+        and a[k].shape == b[k].shape
         and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))
         for k in a
     )
@@ -184,11 +185,14 @@ def test_other_architecture_refused(payload):
     assert err.value.status == "FAILED_PRECONDITION"
 
 
-@pytest.mark.parametrize("model_state, message", [
-    ({"a": torch.arange(10.0), "b": torch.ones(3, 2)}, r"b: expected float32\[3, 2\], got float32\[2, 3\]"),
-    ({"a": torch.arange(10.0), "b": torch.ones(2, 3, dtype=torch.float64)}, "b: expected float64"),
-    ({"a": torch.arange(10.0)}, "unexpected"),
-])
+@pytest.mark.parametrize(
+    "model_state, message",
+    [
+        ({"a": torch.arange(10.0), "b": torch.ones(3, 2)}, r"b: expected float32\[3, 2\], got float32\[2, 3\]"),
+        ({"a": torch.arange(10.0), "b": torch.ones(2, 3, dtype=torch.float64)}, "b: expected float64"),
+        ({"a": torch.arange(10.0)}, "unexpected"),
+    ],
+)
 def test_manifest_mismatch_refused(payload, model_state, message):
     reader = serde.StreamReader(architecture="arch", expected=serde.manifest_of(model_state))
     with pytest.raises(serde.ManifestMismatch, match=message):
@@ -221,11 +225,20 @@ def test_quantized_dtype_is_a_clear_error():
         serde.dtype_name(torch.qint8)
 
 
-@pytest.mark.parametrize("values", [
-    torch.randn(1000), torch.tensor([1.0, float("nan")]), torch.tensor([3e38, 3e38]),  # a sum that overflows
-    torch.tensor([3e38, 3e38, float("inf")]), torch.tensor([float("inf"), -float("inf")]),
-    torch.tensor([60000.0, 60000.0], dtype=torch.float16), torch.tensor([1 + 1j, complex(0, float("inf"))]),
-    torch.tensor([1.0, float("nan")], dtype=torch.bfloat16), torch.arange(5), torch.empty(0),
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.randn(1000),
+        torch.tensor([1.0, float("nan")]),
+        torch.tensor([3e38, 3e38]),  # a sum that overflows
+        torch.tensor([3e38, 3e38, float("inf")]),
+        torch.tensor([float("inf"), -float("inf")]),
+        torch.tensor([60000.0, 60000.0], dtype=torch.float16),
+        torch.tensor([1 + 1j, complex(0, float("inf"))]),
+        torch.tensor([1.0, float("nan")], dtype=torch.bfloat16),
+        torch.arange(5),
+        torch.empty(0),
+    ],
+)
 def test_all_finite_agrees_with_isfinite_including_sums_that_overflow(values):
     assert serde.all_finite(values) == bool(torch.isfinite(values).all())

@@ -11,10 +11,10 @@ from torch.nn import functional as F
 from torch.utils.data import Subset, TensorDataset
 
 from fedpi import data as datasets
-from fedpi.weights import serde
 from fedpi import task as tasks
 from fedpi.mnist_task import MnistTask
 from fedpi.task import Partition, TaskError, batch_of, fingerprint, initial_model, load_partition, task_class
+from fedpi.weights import serde
 from tests.tiny_task import BrokenOnOneWorker, ComplexBuffer, TinyTask, TinyTaskPatched, TinyTaskWide
 
 
@@ -104,12 +104,15 @@ def test_tasks_are_found_by_name_or_by_module_and_class():
     assert "mnist" in tasks.installed()  # fedpi registers its own task like any package would
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("no_such_package.tasks:Sensor", "cannot import module 'no_such_package.tasks': ModuleNotFoundError"),
-    ("tests.tiny_task:Missing", "module 'tests.tiny_task' has no 'Missing'"),
-    ("tests.tiny_task:NotATask", "is not a subclass of fedpi.task.Task"),
-    ("sensor", "unknown task 'sensor'; installed: "),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_such_package.tasks:Sensor", "cannot import module 'no_such_package.tasks': ModuleNotFoundError"),
+        ("tests.tiny_task:Missing", "module 'tests.tiny_task' has no 'Missing'"),
+        ("tests.tiny_task:NotATask", "is not a subclass of fedpi.task.Task"),
+        ("sensor", "unknown task 'sensor'; installed: "),
+    ],
+)
 def test_tasks_that_cannot_be_found_say_why(spec, message):
     with pytest.raises(TaskError, match=message.replace("(", r"\(").replace(".", r"\.")):
         task_class(spec)
@@ -118,8 +121,9 @@ def test_tasks_that_cannot_be_found_say_why(spec, message):
 def test_a_registered_task_that_fails_to_import_names_its_package(monkeypatch):
     broken = metadata.EntryPoint("sensor", "no_such_package.tasks:Sensor", tasks.ENTRY_POINT_GROUP)
     monkeypatch.setattr(tasks, "installed", lambda: {"sensor": broken})
-    with pytest.raises(TaskError, match="task 'sensor' = no_such_package.tasks:Sensor .*failed to import: "
-                                        "ModuleNotFoundError"):
+    with pytest.raises(
+        TaskError, match="task 'sensor' = no_such_package.tasks:Sensor .*failed to import: ModuleNotFoundError"
+    ):
         task_class("sensor")
 
 

@@ -92,8 +92,7 @@ def test_any_valid_encoding_reads_as_protobuf_reads_it(name):
 def test_broken_messages_fail_as_protobuf_fails_and_nothing_else_is_read_differently():
     """Every truncation, and thousands of random byte flips, of data chunks: the same reading or the same error."""
     rng = random.Random(7)
-    seeds = [wire.encode_data(offset, [rng.randbytes(n)])
-             for offset, n in [(0, 3), (5, 200), (1 << 35, 17), (-1, 2)]]
+    seeds = [wire.encode_data(offset, [rng.randbytes(n)]) for offset, n in [(0, 3), (5, 200), (1 << 35, 17), (-1, 2)]]
     seeds += list(_odd_messages().values())
     for message in seeds:
         for cut in range(len(message)):
@@ -116,6 +115,7 @@ def test_a_stream_sent_encoded_is_the_stream_protobuf_would_send(encoding):
     assert [c.SerializeToString() for c in chunks] == encoded
     reader = serde.StreamReader(architecture="m", expected=payload.manifest, encodings=(encoding,))
     got = serde.read_state_dict(reader, encoded)
-    sent = serde.read_state_dict(serde.StreamReader(architecture="m", expected=payload.manifest,
-                                                    encodings=(encoding,)), chunks)
+    sent = serde.read_state_dict(
+        serde.StreamReader(architecture="m", expected=payload.manifest, encodings=(encoding,)), chunks
+    )
     assert all(torch.equal(got[k], sent[k]) for k in state)

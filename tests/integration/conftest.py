@@ -52,8 +52,13 @@ def worker(tmp_path_factory):
 
 
 def run_coordinator(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator_service", *args, "--log-format", "json"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator_service", *args, "--log-format", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def events(stdout: str) -> list[dict]:
@@ -65,4 +70,3 @@ def events(stdout: str) -> list[dict]:
         except ValueError:
             pass
     return out
-

@@ -19,8 +19,9 @@ class FaultyProxy:
     can be slowed (`rate` bytes/s), cut off after `cut_after` bytes, or get one byte flipped at offset `flip_at`.
     Cut and flip happen once, counted over all connections; later connections pass cleanly."""
 
-    def __init__(self, target_port: int, *, cut_after: int | None = None, flip_at: int | None = None,
-                 rate: float | None = None):
+    def __init__(
+        self, target_port: int, *, cut_after: int | None = None, flip_at: int | None = None, rate: float | None = None
+    ):
         self.target_port = target_port
         self.cut_after, self.flip_at, self.rate = cut_after, flip_at, rate
         self.sent = 0  # worker -> client bytes so far
@@ -54,9 +55,11 @@ class FaultyProxy:
             client_writer.close()
             return
         writers = (client_writer, upstream_writer)
-        await asyncio.gather(self._pump(client_reader, upstream_writer, writers, reply=False),
-                             self._pump(upstream_reader, client_writer, writers, reply=True),
-                             return_exceptions=True)
+        await asyncio.gather(
+            self._pump(client_reader, upstream_writer, writers, reply=False),
+            self._pump(upstream_reader, client_writer, writers, reply=True),
+            return_exceptions=True,
+        )
 
     async def _pump(self, reader, writer, writers, *, reply: bool) -> None:
         try:
@@ -89,8 +92,13 @@ class CoordinatorRun:
     """`python -m coordinator_service ...` in the background, its JSON log events collected as they come."""
 
     def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "coordinator_service", *args, "--log-format", "json"],
-                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "coordinator_service", *args, "--log-format", "json"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.events: list[dict] = []
         self.lines: list[str] = []
         self._queue: queue.Queue[dict] = queue.Queue()

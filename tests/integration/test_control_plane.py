@@ -81,7 +81,8 @@ def refused(api, request: cpb.RunSpec) -> grpc.RpcError:
 
 
 def test_settings_keys_that_argparse_would_expand_or_split_are_refused_and_write_nothing(
-        server, digits_cluster, outside):
+    server, digits_cluster, outside
+):
     api = stub(server.address)
     workers = digits_cluster.spec.split(",")
     before = files(outside)
@@ -104,27 +105,32 @@ def test_settings_keys_that_argparse_would_expand_or_split_are_refused_and_write
     assert [p.name for p in server.state_dir.iterdir()] == ["runs"] and not any((server.state_dir / "runs").iterdir())
 
 
-@pytest.mark.parametrize("spec, field", [
-    (cpb.RunSpec(training=cpb.LocalTraining(lr=float("nan"))), "lr = nan"),
-    (cpb.RunSpec(aggregation=cpb.AggregationSettings(max_update_ratio=float("nan"))), "max_update_ratio = nan"),
-    (cpb.RunSpec(aggregation=cpb.AggregationSettings(max_update_ratio=float("inf"))), "max_update_ratio = inf"),
-    (cpb.RunSpec(settings={"max-update-ratio": "nan"}), "max_update_ratio = 'nan'"),
-    (cpb.RunSpec(rounds=-3), "rounds = -3"),
-    (cpb.RunSpec(transfer=cpb.TransferSettings(chunk_size=0)), "chunk_size = 0"),
-    (cpb.RunSpec(timeouts=cpb.Timeouts(round_retries=10**9)), "round_retries = 1000000000"),
-    (cpb.RunSpec(training=cpb.LocalTraining(local_batches=-1)), "local_batches = -1"),
-    (cpb.RunSpec(run_id="lab-1\n"), "run_id = 'lab-1\\n'"),
-    (cpb.RunSpec(run_id="../escape"), "run_id = '../escape'"),
-    (cpb.RunSpec(run_id="x" * 1_000_000), "run_id = 'xxxx"),
-    (cpb.RunSpec(task="t" * 1_000_000), "task = 'tttt"),
-    (cpb.RunSpec(dataset="d" * 100_000), "dataset = 'dddd"),
-    (cpb.RunSpec(settings={f"k{i}": "v" * 10_000 for i in range(80)}), "settings holds 80 entries"),
-    (cpb.RunSpec(transfer=cpb.TransferSettings(compression="int8", compress_global_model=True)),
-     "compress_global_model goes with compression fp16 or bf16"),
-    (cpb.RunSpec(preset="fast"), "preset = 'fast'"),
-    (cpb.RunSpec(model="resnet-9000"), "model = 'resnet-9000': the mnist task's models are reference-cnn"),
-    (cpb.RunSpec(dataset="imagenet"), "dataset = 'imagenet': the mnist task's datasets are"),
-])
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        (cpb.RunSpec(training=cpb.LocalTraining(lr=float("nan"))), "lr = nan"),
+        (cpb.RunSpec(aggregation=cpb.AggregationSettings(max_update_ratio=float("nan"))), "max_update_ratio = nan"),
+        (cpb.RunSpec(aggregation=cpb.AggregationSettings(max_update_ratio=float("inf"))), "max_update_ratio = inf"),
+        (cpb.RunSpec(settings={"max-update-ratio": "nan"}), "max_update_ratio = 'nan'"),
+        (cpb.RunSpec(rounds=-3), "rounds = -3"),
+        (cpb.RunSpec(transfer=cpb.TransferSettings(chunk_size=0)), "chunk_size = 0"),
+        (cpb.RunSpec(timeouts=cpb.Timeouts(round_retries=10**9)), "round_retries = 1000000000"),
+        (cpb.RunSpec(training=cpb.LocalTraining(local_batches=-1)), "local_batches = -1"),
+        (cpb.RunSpec(run_id="lab-1\n"), "run_id = 'lab-1\\n'"),
+        (cpb.RunSpec(run_id="../escape"), "run_id = '../escape'"),
+        (cpb.RunSpec(run_id="x" * 1_000_000), "run_id = 'xxxx"),
+        (cpb.RunSpec(task="t" * 1_000_000), "task = 'tttt"),
+        (cpb.RunSpec(dataset="d" * 100_000), "dataset = 'dddd"),
+        (cpb.RunSpec(settings={f"k{i}": "v" * 10_000 for i in range(80)}), "settings holds 80 entries"),
+        (
+            cpb.RunSpec(transfer=cpb.TransferSettings(compression="int8", compress_global_model=True)),
+            "compress_global_model goes with compression fp16 or bf16",
+        ),
+        (cpb.RunSpec(preset="fast"), "preset = 'fast'"),
+        (cpb.RunSpec(model="resnet-9000"), "model = 'resnet-9000': the mnist task's models are reference-cnn"),
+        (cpb.RunSpec(dataset="imagenet"), "dataset = 'imagenet': the mnist task's datasets are"),
+    ],
+)
 def test_numbers_and_sizes_out_of_range_are_invalid_argument_naming_the_field(server, digits_cluster, spec, field):
     api = stub(server.address)
     if not spec.workers:
@@ -160,8 +166,9 @@ def test_a_task_outside_the_allow_list_is_never_imported(tmp_path, digits_cluste
 
 def test_an_allowed_task_that_exits_on_import_does_not_take_the_service_down(tmp_path, digits_cluster):
     marker = tmp_path / "imported"
-    srv = Server(tmp_path / "state", "--allow-task", "tests.exiting_task:Task",
-                 env={"FEDPI_TEST_MARKER": str(marker)}).start()
+    srv = Server(
+        tmp_path / "state", "--allow-task", "tests.exiting_task:Task", env={"FEDPI_TEST_MARKER": str(marker)}
+    ).start()
     try:
         api = stub(srv.address)
         err = refused(api, cpb.RunSpec(task="tests.exiting_task:Task", workers=digits_cluster.spec.split(",")))
@@ -181,8 +188,15 @@ def test_importing_an_allowed_task_does_not_block_the_service(tmp_path):
     try:
         api = stub(srv.address)
         with ThreadPoolExecutor(1) as pool:
-            start = pool.submit(api.StartRun, cpb.RunSpec(task="tests.slow_task:SlowTask", workers=["a=127.0.0.1:1"],
-                                                          timeouts=cpb.Timeouts(handshake_timeout=1)), timeout=30)
+            start = pool.submit(
+                api.StartRun,
+                cpb.RunSpec(
+                    task="tests.slow_task:SlowTask",
+                    workers=["a=127.0.0.1:1"],
+                    timeouts=cpb.Timeouts(handshake_timeout=1),
+                ),
+                timeout=30,
+            )
             time.sleep(0.5)  # the import has begun, and sleeps 3 s
             began = time.monotonic()
             api.ListRuns(cpb.ListRunsRequest(), timeout=10)
@@ -200,8 +214,15 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_while_the_others_run(tmp_p
     try:
         api = stub(srv.address)
         with ThreadPoolExecutor(1) as pool:
-            start = pool.submit(api.StartRun, cpb.RunSpec(task="tests.slow_task:SlowTask", workers=["a=127.0.0.1:1"],
-                                                          timeouts=cpb.Timeouts(handshake_timeout=1)), timeout=30)
+            start = pool.submit(
+                api.StartRun,
+                cpb.RunSpec(
+                    task="tests.slow_task:SlowTask",
+                    workers=["a=127.0.0.1:1"],
+                    timeouts=cpb.Timeouts(handshake_timeout=1),
+                ),
+                timeout=30,
+            )
             import time
 
             time.sleep(0.5)  # StartRun is importing the task: the one call the server takes at a time
@@ -219,10 +240,12 @@ def test_workers_outside_the_allow_list_are_refused_before_any_connection(tmp_pa
     srv = Server(tmp_path / "state", "--allow-workers", "127.0.0.1").start()
     try:
         api = stub(srv.address)
-        for spec in (cpb.RunSpec(workers=[f"evil={listener.address}"]),
-                     cpb.RunSpec(workers_dns=listener.address, expect_workers=1),
-                     cpb.RunSpec(workers=["a=127.0.0.1:1", f"b={listener.address}"]),
-                     cpb.RunSpec(workers=[f"a=localhost:{listener.address.split(':')[1]}"])):
+        for spec in (
+            cpb.RunSpec(workers=[f"evil={listener.address}"]),
+            cpb.RunSpec(workers_dns=listener.address, expect_workers=1),
+            cpb.RunSpec(workers=["a=127.0.0.1:1", f"b={listener.address}"]),
+            cpb.RunSpec(workers=[f"a=localhost:{listener.address.split(':')[1]}"]),
+        ):
             err = refused(api, spec)
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "may not reach" in err.details()
         assert listener.accepted == 0
@@ -244,10 +267,17 @@ def test_typed_fields_reach_the_workers_and_a_false_switches_off_what_the_server
     srv = Server(tmp_path / "state", env={"FEDPI_FEDERATED_EVALUATION": "true", "FEDPI_LOCAL_BATCHES": "7"}).start()
     try:
         api = stub(srv.address)
-        api.StartRun(cpb.RunSpec(run_id="typed", rounds=1, workers=digits_cluster.spec.split(","),
-                                 training=cpb.LocalTraining(local_batches=4),
-                                 evaluation=cpb.EvaluationSettings(federated_evaluation=False),
-                                 timeouts=cpb.Timeouts(handshake_timeout=5, round_retries=0)), timeout=30)
+        api.StartRun(
+            cpb.RunSpec(
+                run_id="typed",
+                rounds=1,
+                workers=digits_cluster.spec.split(","),
+                training=cpb.LocalTraining(local_batches=4),
+                evaluation=cpb.EvaluationSettings(federated_evaluation=False),
+                timeouts=cpb.Timeouts(handshake_timeout=5, round_retries=0),
+            ),
+            timeout=30,
+        )
         events = watch(api, "typed")
         progress = [e for e in events if e["event"] == "worker_progress" and not e["heartbeat"]]
         assert progress and {e["batches_total"] for e in progress} == {4}
@@ -257,8 +287,15 @@ def test_typed_fields_reach_the_workers_and_a_false_switches_off_what_the_server
         settings = json.loads(run.settings_json)
         assert settings["training"]["local_batches"] == 4 and settings["evaluation"]["federated_evaluation"] is False
         # the server's defaults apply where the request is silent
-        api.StartRun(cpb.RunSpec(run_id="defaults", rounds=1, workers=digits_cluster.spec.split(","),
-                                 settings=SETTINGS | {"local-batches": "3"}), timeout=30)
+        api.StartRun(
+            cpb.RunSpec(
+                run_id="defaults",
+                rounds=1,
+                workers=digits_cluster.spec.split(","),
+                settings=SETTINGS | {"local-batches": "3"},
+            ),
+            timeout=30,
+        )
         finished = next(e for e in watch(api, "defaults") if e["event"] == "round_finished")
         assert "federated_accuracy" in finished
     finally:
@@ -268,9 +305,19 @@ def test_typed_fields_reach_the_workers_and_a_false_switches_off_what_the_server
 def _seed_run(runs: Path, run_id: str, started_at: float, state: str = "finished", events: str = "") -> Path:
     directory = runs / run_id
     directory.mkdir(parents=True)
-    (directory / "run.json").write_text(json.dumps({
-        "run_id": run_id, "spec": {"run_id": run_id, "workers": ["a=127.0.0.1:1"], "settings": {"lr": "x" * 1000}},
-        "state": state, "rounds": 3, "round": 3, "started_at": started_at, "ended_at": started_at + 1}))
+    (directory / "run.json").write_text(
+        json.dumps(
+            {
+                "run_id": run_id,
+                "spec": {"run_id": run_id, "workers": ["a=127.0.0.1:1"], "settings": {"lr": "x" * 1000}},
+                "state": state,
+                "rounds": 3,
+                "round": 3,
+                "started_at": started_at,
+                "ended_at": started_at + 1,
+            }
+        )
+    )
     if events:
         (directory / "events.jsonl").write_text(events)
     return directory
@@ -278,8 +325,13 @@ def _seed_run(runs: Path, run_id: str, started_at: float, state: str = "finished
 
 def test_a_torn_event_line_and_an_unreadable_run_do_not_stop_the_service(tmp_path):
     runs = tmp_path / "state" / "runs"
-    torn = json.dumps({"sequence": 1, "event": "run_started"}) + "\n" + \
-        json.dumps({"sequence": 2, "event": "run_ended"}) + "\n" + '{"sequence": 3, "event": "round_sta'
+    torn = (
+        json.dumps({"sequence": 1, "event": "run_started"})
+        + "\n"
+        + json.dumps({"sequence": 2, "event": "run_ended"})
+        + "\n"
+        + '{"sequence": 3, "event": "round_sta'
+    )
     _seed_run(runs, "torn", 100.0, events=torn)
     broken = runs / "broken"
     broken.mkdir()
@@ -325,16 +377,35 @@ def test_listruns_pages_through_summaries_and_old_finished_runs_are_retained_up_
 
 
 def _serve(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator_service", "serve", "--port", str(free_port()),
-                           "--state-dir", str(tmp_path / "state"), "--log-format", "json", *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator_service",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--log-format",
+            "json",
+            *flags,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-@pytest.mark.parametrize("flags, phrase", [
-    (["--host", "0.0.0.0"], "anyone who reaches 0.0.0.0"),
-    (["--host", "0.0.0.0", "--api-token-file", "TOKEN"], "the bearer token would cross the network in plaintext"),
-    (["--token-file", "TOKEN", "--allow-workers", "10.0.0.0/24"], "the workers' token would cross the network"),
-])
+@pytest.mark.parametrize(
+    "flags, phrase",
+    [
+        (["--host", "0.0.0.0"], "anyone who reaches 0.0.0.0"),
+        (["--host", "0.0.0.0", "--api-token-file", "TOKEN"], "the bearer token would cross the network in plaintext"),
+        (["--token-file", "TOKEN", "--allow-workers", "10.0.0.0/24"], "the workers' token would cross the network"),
+    ],
+)
 def test_serve_refuses_to_be_unsafe_beyond_loopback_unless_told_insecure(tmp_path, flags, phrase):
     (tmp_path / "token").write_text("secret\n")
     flags = [str(tmp_path / "token") if f == "TOKEN" else f for f in flags]
@@ -344,9 +415,27 @@ def test_serve_refuses_to_be_unsafe_beyond_loopback_unless_told_insecure(tmp_pat
 
 def test_serve_with_insecure_says_so_in_listruns(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator_service", "serve", "--host", "0.0.0.0", "--insecure",
-                             "--port", str(port), "--state-dir", str(tmp_path / "state"), "--log-format", "json"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coordinator_service",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--insecure",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--log-format",
+            "json",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         import time
 
@@ -369,12 +458,17 @@ def test_a_worker_beyond_loopback_needs_credentials_or_insecure_which_getinfo_sh
     from tests.integration.conftest import DIGITS
 
     base = [sys.executable, "-m", "worker_service", "--id", "w", *DIGITS, "--log-format", "json"]
-    proc = subprocess.run([*base, "--host", "0.0.0.0", "--port", str(free_port())], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [*base, "--host", "0.0.0.0", "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "refusing to serve: anyone who reaches 0.0.0.0" in proc.stdout, proc.stdout
     port = free_port()
-    worker = subprocess.Popen([*base, "--host", "0.0.0.0", "--port", str(port), "--insecure"], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [*base, "--host", "0.0.0.0", "--port", str(port), "--insecure"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         import asyncio
 
@@ -393,8 +487,12 @@ def test_a_default_worker_listens_on_loopback_only(tmp_path):
     from tests.integration.conftest import DIGITS
 
     port = free_port()
-    worker = subprocess.Popen([sys.executable, "-m", "worker_service", "--id", "w", *DIGITS, "--port", str(port)],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker_service", "--id", "w", *DIGITS, "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         import asyncio
 
@@ -404,8 +502,9 @@ def test_a_default_worker_listens_on_loopback_only(tmp_path):
         with socket.socket() as s:  # another loopback address reaches 0.0.0.0, never 127.0.0.1
             assert s.connect_ex(("127.0.0.2", port)) != 0
         if shutil.which("ss"):
-            [line] = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout \
-                .splitlines()
+            [line] = subprocess.run(
+                ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True
+            ).stdout.splitlines()
             assert "127.0.0.1" in line.split()[3], line  # the local address: 127.0.0.1 (maybe IPv4-mapped)
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -418,8 +517,9 @@ def test_the_operator_token_alone_is_refused_beyond_loopback_but_fine_on_it(tmp_
     srv = Server(tmp_path / "state", "--api-token-file", str(pki / "operator-token")).start()  # on 127.0.0.1
     try:
         token = (pki / "operator-token").read_text().strip()
-        runs = stub(srv.address).ListRuns(cpb.ListRunsRequest(), metadata=(("authorization", f"Bearer {token}"),),
-                                          timeout=10)
+        runs = stub(srv.address).ListRuns(
+            cpb.ListRunsRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=10
+        )
         assert runs.warning == ""
     finally:
         srv.stop()
@@ -427,12 +527,13 @@ def test_the_operator_token_alone_is_refused_beyond_loopback_but_fine_on_it(tmp_
 
 def test_serve_takes_run_defaults_from_its_config_file_under_the_environment(tmp_path):
     config = tmp_path / "serve.toml"
-    config.write_text('lr = 0.2\nmomentum = 0.5\nkeep-runs = 7\n')
+    config.write_text("lr = 0.2\nmomentum = 0.5\nkeep-runs = 7\n")
     srv = Server(tmp_path / "state", "--config", str(config), env={"FEDPI_MOMENTUM": "0.6"}).start()
     try:
         api = stub(srv.address)
-        api.StartRun(cpb.RunSpec(run_id="c", workers=["a=127.0.0.1:1"], timeouts=cpb.Timeouts(handshake_timeout=1)),
-                     timeout=30)
+        api.StartRun(
+            cpb.RunSpec(run_id="c", workers=["a=127.0.0.1:1"], timeouts=cpb.Timeouts(handshake_timeout=1)), timeout=30
+        )
         training = json.loads(api.GetRun(cpb.GetRunRequest(run_id="c"), timeout=10).settings_json)["training"]
         assert (training["lr"], training["momentum"]) == (0.2, 0.6)  # the file's, and the environment's over it
     finally:

@@ -21,8 +21,22 @@ from tests.integration.faults import CoordinatorRun, FaultyProxy
 NAMES = ["alice", "bob", "charlie"]
 # Slowed a little so that a round lasts long enough to hit it in the middle of Train.
 WORKER_ARGS = [*DIGITS, "--train-delay", "0.1"]
-TRAIN = ["--dataset", "digits-5k", "--local-batches", "20", "--lr", "0.05", "--momentum", "0.5",
-         "--min-workers", "2", "--handshake-timeout", "3", "--rpc-timeout", "10"]
+TRAIN = [
+    "--dataset",
+    "digits-5k",
+    "--local-batches",
+    "20",
+    "--lr",
+    "0.05",
+    "--momentum",
+    "0.5",
+    "--min-workers",
+    "2",
+    "--handshake-timeout",
+    "3",
+    "--rpc-timeout",
+    "10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +101,16 @@ def test_worker_killed_mid_get_weights_leaves_the_average_clean(workers, tmp_pat
     # Bob's replies go through a proxy at 1 MB/s, so his 1.7 MB update takes ~2 s to stream: long enough to kill
     # him half-way, after part of it was folded into the running sum.
     with FaultyProxy(workers["bob"].port, rate=1_000_000) as proxy:
-        run = CoordinatorRun("train", "--workers", _spec(workers, bob=f"127.0.0.1:{proxy.port}"), "--rounds", "1",
-                             *TRAIN, "--output-dir", str(tmp_path))
+        run = CoordinatorRun(
+            "train",
+            "--workers",
+            _spec(workers, bob=f"127.0.0.1:{proxy.port}"),
+            "--rounds",
+            "1",
+            *TRAIN,
+            "--output-dir",
+            str(tmp_path),
+        )
         try:
             run.wait_for("worker_train_finished", round=1, worker="bob")
             workers["bob"].kill()
@@ -128,8 +150,18 @@ def _assert_model_is_the_weighted_mean_of(run: CoordinatorRun, out, workers: dic
 
 
 def test_frozen_worker_is_dropped_at_the_round_timeout_and_rejoins_when_thawed(workers, tmp_path):
-    run = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "4", *TRAIN, "--round-timeout", "8",
-                         "--output-dir", str(tmp_path))
+    run = CoordinatorRun(
+        "train",
+        "--workers",
+        _spec(workers),
+        "--rounds",
+        "4",
+        *TRAIN,
+        "--round-timeout",
+        "8",
+        "--output-dir",
+        str(tmp_path),
+    )
     try:
         run.wait_for("round_started", round=2)
         os.kill(workers["charlie"].process.pid, signal.SIGSTOP)
@@ -147,8 +179,16 @@ def test_frozen_worker_is_dropped_at_the_round_timeout_and_rejoins_when_thawed(w
 def test_stream_cut_on_the_wire_drops_the_worker_for_that_round_only(workers, tmp_path):
     # 900 kB into bob's replies is inside his first GetWeights stream (the earlier replies are a few kB).
     with FaultyProxy(workers["bob"].port, cut_after=900_000) as proxy:
-        run = CoordinatorRun("train", "--workers", _spec(workers, bob=f"127.0.0.1:{proxy.port}"), "--rounds", "3",
-                             *TRAIN, "--output-dir", str(tmp_path))
+        run = CoordinatorRun(
+            "train",
+            "--workers",
+            _spec(workers, bob=f"127.0.0.1:{proxy.port}"),
+            "--rounds",
+            "3",
+            *TRAIN,
+            "--output-dir",
+            str(tmp_path),
+        )
         try:
             assert run.finish() == 0, "".join(run.lines[-40:])
         finally:
@@ -161,8 +201,16 @@ def test_stream_cut_on_the_wire_drops_the_worker_for_that_round_only(workers, tm
 
 def test_flipped_byte_on_the_wire_never_reaches_the_global_model(workers, tmp_path):
     with FaultyProxy(workers["bob"].port, flip_at=1_200_000) as proxy:
-        run = CoordinatorRun("train", "--workers", _spec(workers, bob=f"127.0.0.1:{proxy.port}"), "--rounds", "1",
-                             *TRAIN, "--output-dir", str(tmp_path))
+        run = CoordinatorRun(
+            "train",
+            "--workers",
+            _spec(workers, bob=f"127.0.0.1:{proxy.port}"),
+            "--rounds",
+            "1",
+            *TRAIN,
+            "--output-dir",
+            str(tmp_path),
+        )
         try:
             assert run.finish() == 0, "".join(run.lines[-40:])
         finally:
@@ -172,8 +220,9 @@ def test_flipped_byte_on_the_wire_never_reaches_the_global_model(workers, tmp_pa
     # Most flips land in tensor bytes: the digest catches them at the end, or, if the flip made a value absurd, the
     # update bound catches it first; one in a frame header breaks the connection instead.
     assert failure["phase"] == "get_weights"
-    assert any(s in failure["reason"] for s in ("DATA_LOSS", "digest", "lies more than", "NaN", "UNAVAILABLE",
-                                                "INTERNAL")), failure
+    assert any(
+        s in failure["reason"] for s in ("DATA_LOSS", "digest", "lies more than", "NaN", "UNAVAILABLE", "INTERNAL")
+    ), failure
     assert _workers_of(run, 1) == ["alice", "charlie"]
     _assert_model_is_the_weighted_mean_of(run, tmp_path, workers, ["alice", "charlie"])
 
@@ -192,8 +241,9 @@ def test_killed_coordinator_resumes_from_the_last_completed_round(workers, tmp_p
 
     # The model sent out in the first resumed round is the checkpoint's, byte for byte.
     expected = serde.WeightsPayload(checkpointed, round=3, architecture="reference-cnn").digest
-    resumed = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "3", *TRAIN, "--resume",
-                             "--output-dir", str(tmp_path))
+    resumed = CoordinatorRun(
+        "train", "--workers", _spec(workers), "--rounds", "3", *TRAIN, "--resume", "--output-dir", str(tmp_path)
+    )
     try:
         assert resumed.finish() == 0, "".join(resumed.lines[-40:])
     finally:
@@ -201,8 +251,9 @@ def test_killed_coordinator_resumes_from_the_last_completed_round(workers, tmp_p
     assert resumed.wait_for("training_resumed")["from_round"] == 2
     assert resumed.wait_for("round_started", round=3)["model_digest"] == expected
 
-    final = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "4", *TRAIN, "--resume",
-                           "--output-dir", str(tmp_path))
+    final = CoordinatorRun(
+        "train", "--workers", _spec(workers), "--rounds", "4", *TRAIN, "--resume", "--output-dir", str(tmp_path)
+    )
     try:
         assert final.finish() == 0, "".join(final.lines[-40:])
     finally:
@@ -219,9 +270,24 @@ def test_train_longer_than_the_keepalive_interval_completes(tmp_path):
     # pings"), and the quiet stream must not be taken for a dead one.
     quiet = LocalWorker("quiet", [*DIGITS, "--train-delay", "0.1", "--progress-interval", "60"], tmp_path)
     cluster = start_cluster([quiet])
-    run = CoordinatorRun("train", "--workers", f"quiet={quiet.address}", "--rounds", "1", *TRAIN,
-                         "--min-workers", "1", "--round-retries", "0", "--local-batches", "60", "--keepalive", "1",
-                         "--output-dir", str(tmp_path / "out"))
+    run = CoordinatorRun(
+        "train",
+        "--workers",
+        f"quiet={quiet.address}",
+        "--rounds",
+        "1",
+        *TRAIN,
+        "--min-workers",
+        "1",
+        "--round-retries",
+        "0",
+        "--local-batches",
+        "60",
+        "--keepalive",
+        "1",
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
     try:
         assert run.finish() == 0, "".join(run.lines[-40:])
     finally:
@@ -232,8 +298,22 @@ def test_train_longer_than_the_keepalive_interval_completes(tmp_path):
 
 
 def test_round_below_quorum_is_retried_with_the_worker_that_came_back(workers, tmp_path):
-    run = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "2", *TRAIN, "--min-workers", "3",
-                         "--round-retries", "2", "--retry-backoff", "2", "--output-dir", str(tmp_path))
+    run = CoordinatorRun(
+        "train",
+        "--workers",
+        _spec(workers),
+        "--rounds",
+        "2",
+        *TRAIN,
+        "--min-workers",
+        "3",
+        "--round-retries",
+        "2",
+        "--retry-backoff",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+    )
     try:
         run.wait_for("worker_train_finished", round=1)
         workers["charlie"].kill()
@@ -247,8 +327,22 @@ def test_round_below_quorum_is_retried_with_the_worker_that_came_back(workers, t
 
 
 def test_round_below_quorum_stops_with_the_reasons_and_keeps_the_model(workers, tmp_path):
-    run = CoordinatorRun("train", "--workers", _spec(workers), "--rounds", "2", *TRAIN, "--min-workers", "3",
-                         "--round-retries", "1", "--retry-backoff", "1", "--output-dir", str(tmp_path))
+    run = CoordinatorRun(
+        "train",
+        "--workers",
+        _spec(workers),
+        "--rounds",
+        "2",
+        *TRAIN,
+        "--min-workers",
+        "3",
+        "--round-retries",
+        "1",
+        "--retry-backoff",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+    )
     try:
         run.wait_for("worker_train_finished", round=1)
         workers["charlie"].kill()

@@ -46,8 +46,12 @@ def test_list_shows_the_worker_health_and_reflection_services(address):
 
 def test_describe_shows_the_rpcs_without_proto_files(address):
     text = grpcurl(address, "describe", "fedpi.v1.Worker")
-    for rpc in ("rpc GetInfo", "rpc SetWeights ( stream .fedpi.v1.WeightsChunk )", "rpc Train",
-                "returns ( stream .fedpi.v1.WeightsChunk )"):
+    for rpc in (
+        "rpc GetInfo",
+        "rpc SetWeights ( stream .fedpi.v1.WeightsChunk )",
+        "rpc Train",
+        "returns ( stream .fedpi.v1.WeightsChunk )",
+    ):
         assert rpc in text
     assert "int64 total_bytes" in grpcurl(address, "describe", "fedpi.v1.WeightsHeader")
 
@@ -61,8 +65,9 @@ def test_get_info(address):
 
 def test_readme_time_budget_and_evaluate(address):
     info = json.loads(grpcurl(address, "fedpi.v1.Worker/GetInfo"))
-    request = json.dumps({"round": int(info.get("weights_round", 0)), "local_seconds": 1, "batch_size": 64,
-                          "learning_rate": 0.01})
+    request = json.dumps(
+        {"round": int(info.get("weights_round", 0)), "local_seconds": 1, "batch_size": 64, "learning_rate": 0.01}
+    )
     updates = _objects(grpcurl("-d", request, address, "fedpi.v1.Worker/Train"))
     assert int(updates[-1]["result"]["batches"]) >= 1
     result = json.loads(grpcurl(address, "fedpi.v1.Worker/Evaluate"))
@@ -83,19 +88,43 @@ def test_secured_worker_with_the_readme_flags(tmp_path):
 
     certs.make_all(tmp_path, workers=1)
     token = (tmp_path / "token").read_text().strip()
-    worker = LocalWorker("secured", [*DIGITS, "--token-file", str(tmp_path / "token"),
-                                     "--tls-cert", str(tmp_path / "fedpi-worker-0.crt"),
-                                     "--tls-key", str(tmp_path / "fedpi-worker-0.key"),
-                                     "--tls-client-ca", str(tmp_path / "ca.crt"), "--client-identity", "fedpi-coordinator"],
-                         tmp_path / "logs", health_port=True)
+    worker = LocalWorker(
+        "secured",
+        [
+            *DIGITS,
+            "--token-file",
+            str(tmp_path / "token"),
+            "--tls-cert",
+            str(tmp_path / "fedpi-worker-0.crt"),
+            "--tls-key",
+            str(tmp_path / "fedpi-worker-0.key"),
+            "--tls-client-ca",
+            str(tmp_path / "ca.crt"),
+            "--client-identity",
+            "fedpi-coordinator",
+        ],
+        tmp_path / "logs",
+        health_port=True,
+    )
     cluster = start_cluster([worker])
     try:
-        auth = ["-cacert", str(tmp_path / "ca.crt"), "-cert", str(tmp_path / "coordinator.crt"),
-                "-key", str(tmp_path / "coordinator.key"), "-servername", "fedpi-worker"]
-        info = json.loads(secure_grpcurl(*auth, "-H", f"authorization: Bearer {token}", worker.address,
-                                         "fedpi.v1.Worker/GetInfo"))
+        auth = [
+            "-cacert",
+            str(tmp_path / "ca.crt"),
+            "-cert",
+            str(tmp_path / "coordinator.crt"),
+            "-key",
+            str(tmp_path / "coordinator.key"),
+            "-servername",
+            "fedpi-worker",
+        ]
+        info = json.loads(
+            secure_grpcurl(*auth, "-H", f"authorization: Bearer {token}", worker.address, "fedpi.v1.Worker/GetInfo")
+        )
         assert info["worker_id"] == "secured"
-        assert "fedpi.v1.Worker" in secure_grpcurl(*auth, "-H", f"authorization: Bearer {token}", worker.address, "list")
+        assert "fedpi.v1.Worker" in secure_grpcurl(
+            *auth, "-H", f"authorization: Bearer {token}", worker.address, "list"
+        )
         refused = secure_grpcurl(*auth, worker.address, "fedpi.v1.Worker/GetInfo", ok=False)
         assert "Unauthenticated" in refused
         assert json.loads(grpcurl(worker.health_address, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
@@ -111,8 +140,8 @@ def secure_grpcurl(*args: str, ok: bool = True) -> str:
 
 
 def test_grpcurl_reads_the_weights_as_they_are_written(address):
-    """Data chunks are encoded by hand (fedpi.weights.wire): another protobuf implementation (grpcurl's, in Go) must read them
-    as the header describes, and its digest must match what it read."""
+    """Data chunks are encoded by hand (fedpi.weights.wire): another protobuf implementation (grpcurl's, in
+    Go) must read them as the header describes, and its digest must match what it read."""
     messages = _objects(grpcurl("-d", '{"chunk_size": 100000}', address, "fedpi.v1.Worker/GetWeights"))
     header, chunks = messages[0]["header"], [m["data"] for m in messages[1:]]
     payload = b"".join(base64.b64decode(c["data"]) for c in chunks)

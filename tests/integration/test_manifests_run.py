@@ -19,8 +19,8 @@ import urllib.request
 import pytest
 
 from coordinator_service.local import free_port, wait_serving
-from fedpi.net import certs
 from fedpi.data import load_dataset, write_idx
+from fedpi.net import certs
 from tests.conftest import ROOT
 from tests.k3s.conftest import find, find_all, render
 
@@ -64,10 +64,10 @@ def _materialise(doc: dict, root, secrets: dict[str, dict], data_dir, docs: list
         local = root / mount["mountPath"].lstrip("/")
         local.mkdir(parents=True, exist_ok=True)
         secret = volumes.get(mount["name"], {}).get("secret")
-        for key, path in (secrets[secret["secretName"]].items() if secret else ()):
+        for key, path in secrets[secret["secretName"]].items() if secret else ():
             (local / key).write_bytes(path.read_bytes())
         config_map = volumes.get(mount["name"], {}).get("configMap")
-        for key, text in (find(docs, "ConfigMap", config_map["name"])["data"].items() if config_map else ()):
+        for key, text in find(docs, "ConfigMap", config_map["name"])["data"].items() if config_map else ():
             (local / key).write_text(text)
         mapping[mount["mountPath"]] = str(local)
     for f in data_dir.iterdir():  # the dataset cache volume, already filled
@@ -80,7 +80,7 @@ def _localise(env: dict[str, str], mapping: dict[str, str]) -> dict[str, str]:
     for key, value in env.items():
         for mount, local in mapping.items():
             if value == mount or value.startswith(mount + "/"):
-                value = local + value[len(mount):]
+                value = local + value[len(mount) :]
                 break
         out[key] = value
     return out
@@ -107,9 +107,15 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
             # Each worker on an address of its own; the metrics port is a free one, not the manifests' fixed 9090.
             env = {**_localise(env, mapping), "FEDPI_HOST": f"127.0.0.{i + 1}", "FEDPI_METRICS_PORT": metrics_port}
             log = (tmp_path / f"worker{i}.log").open("w")
-            procs.append(subprocess.Popen(worker_container["command"] + worker_container.get("args", []),
-                                          env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, stdout=log,
-                                          stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    worker_container["command"] + worker_container.get("args", []),
+                    env={**os.environ, **env, "PATH": PATH},
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         health_port = env["FEDPI_HEALTH_PORT"]
         asyncio.run(_all_serving([a.replace(f":{port}", f":{health_port}") for a in addresses], procs, tmp_path))
 
@@ -126,15 +132,29 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
         command = list(_localise(dict(enumerate(coordinator_container["command"])), mapping).values())
         # The workers hold 127.0.0.1.. 127.0.0.N, each with its metrics port; the coordinator's goes next to them.
         api_port = free_port()
-        env.update(FEDPI_WORKERS=",".join(addresses), FEDPI_ROUNDS="1", FEDPI_METRICS_HOST=f"127.0.0.{WORKERS + 1}",
-                   FEDPI_METRICS_PORT=metrics_port, FEDPI_HOST="127.0.0.1", FEDPI_PORT=str(api_port))
+        env.update(
+            FEDPI_WORKERS=",".join(addresses),
+            FEDPI_ROUNDS="1",
+            FEDPI_METRICS_HOST=f"127.0.0.{WORKERS + 1}",
+            FEDPI_METRICS_PORT=metrics_port,
+            FEDPI_HOST="127.0.0.1",
+            FEDPI_PORT=str(api_port),
+        )
         server_log = (tmp_path / "coordinator.log").open("w")
-        procs.append(subprocess.Popen(command, env={**os.environ, **env, "PATH": PATH},
-                                      cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                command, env={**os.environ, **env, "PATH": PATH}, cwd=ROOT, stdout=server_log, stderr=subprocess.STDOUT
+            )
+        )
         _wait_for_port(api_port, procs[-1], tmp_path / "coordinator.log")
         # Execute: `make train`'s client command, as it runs behind its port-forward
-        proc = subprocess.run(["bash", "-c", _make_train_client(tmp_path / "certs", api_port)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            ["bash", "-c", _make_train_client(tmp_path / "certs", api_port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
     finally:
         for p in procs:
@@ -154,15 +174,22 @@ def test_rendered_local_overlay_trains_one_round(mnist_dir, tmp_path):
     assert re.search(rb"^fedpi_worker_batches_total [1-9]", scraped, re.M), scraped[-2000:]
     latest = tmp_path / "coordinator" / "results" / "latest"  # fedpi.toml's latest-link
     assert latest.is_symlink() and latest.resolve() == results.resolve()
-    started = [json.loads(line) for line in (tmp_path / "worker0.log").read_text().splitlines()
-               if '"worker_started"' in line]
+    started = [
+        json.loads(line) for line in (tmp_path / "worker0.log").read_text().splitlines() if '"worker_started"' in line
+    ]
     assert started[0]["mutual_tls"] and started[0]["token"]
 
 
 def _make_train_client(certs_dir, api_port: int) -> str:
     """The `fedpi runs ... start --watch` of `make train`, without its kubectl port-forward around it."""
-    out = subprocess.run(["make", "-n", "train", "KUBECTL=kubectl", f"CERTS={certs_dir}", f"API_PORT={api_port}"],
-                         cwd=ROOT, capture_output=True, text=True, check=True, timeout=60).stdout
+    out = subprocess.run(
+        ["make", "-n", "train", "KUBECTL=kubectl", f"CERTS={certs_dir}", f"API_PORT={api_port}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
     command = out.replace("\\\n", " ").split("sleep 3; ", 1)[1].split("; status=", 1)[0]
     assert command.startswith(".venv/bin/fedpi runs --coordinator 127.0.0.1:") and command.endswith("--watch"), command
     return command.replace(".venv/bin/fedpi", f"{os.path.dirname(sys.executable)}/fedpi", 1)
@@ -183,5 +210,6 @@ def _wait_for_port(port: int, proc, log_path) -> None:
 
 
 async def _all_serving(addresses, procs, log_dir):
-    await asyncio.gather(*(wait_serving(a, p, 120, log_dir / f"worker{i}.log")
-                           for i, (a, p) in enumerate(zip(addresses, procs))))
+    await asyncio.gather(
+        *(wait_serving(a, p, 120, log_dir / f"worker{i}.log") for i, (a, p) in enumerate(zip(addresses, procs)))
+    )

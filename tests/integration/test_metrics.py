@@ -20,8 +20,11 @@ from tests.integration.conftest import DIGITS, METADATA, start_cluster
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples, name: str, **labels) -> float:
@@ -30,21 +33,54 @@ def value(samples, name: str, **labels) -> float:
 
 def test_worker_and_coordinator_metrics_during_a_run(tmp_path):
     ports = {name: free_port() for name in ("alice", "bob")}
-    cluster = start_cluster([LocalWorker(name, [*DIGITS, "--partition", f"{i}/2", "--metrics-port", str(port),
-                                                "--train-delay", "0.05"], tmp_path)
-                             for i, (name, port) in enumerate(ports.items())])
+    cluster = start_cluster(
+        [
+            LocalWorker(
+                name, [*DIGITS, "--partition", f"{i}/2", "--metrics-port", str(port), "--train-delay", "0.05"], tmp_path
+            )
+            for i, (name, port) in enumerate(ports.items())
+        ]
+    )
     coordinator_port = free_port()
     try:
         # A refused call first: it must be counted with its status code.
         stub = pb_grpc.WorkerStub(grpc.insecure_channel(cluster.workers[0].address))
         with pytest.raises(grpc.RpcError):
-            list(stub.Train(pb.TrainRequest(round=0, local_batches=1, batch_size=0, learning_rate=0.1),
-                            metadata=METADATA, timeout=10))
+            list(
+                stub.Train(
+                    pb.TrainRequest(round=0, local_batches=1, batch_size=0, learning_rate=0.1),
+                    metadata=METADATA,
+                    timeout=10,
+                )
+            )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator_service", "train", "--workers", cluster.spec, "--rounds", "3",
-             "--local-batches", "20", "--dataset", "digits-5k", "--output-dir", str(tmp_path / "run"),
-             "--metrics-port", str(coordinator_port), "--metrics-host", "127.0.0.1", "--log-format", "json"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "coordinator_service",
+                "train",
+                "--workers",
+                cluster.spec,
+                "--rounds",
+                "3",
+                "--local-batches",
+                "20",
+                "--dataset",
+                "digits-5k",
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--metrics-port",
+                str(coordinator_port),
+                "--metrics-host",
+                "127.0.0.1",
+                "--log-format",
+                "json",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             deadline, during = time.monotonic() + 120, None
             while time.monotonic() < deadline and proc.poll() is None:

@@ -14,26 +14,33 @@ from coordinator_service.local import LocalWorker
 from coordinator_service.observe.report import write_report
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 from tests.conftest import ROOT
-from tests.integration.conftest import DIGITS, start_cluster
+from tests.integration.conftest import start_cluster
 from tests.integration.test_service import SETTINGS, Server, stub, watch
 
 
 @pytest.fixture(scope="module")
 def stranger(tmp_path_factory):
     """A worker training another task: refused at every handshake."""
-    cluster = start_cluster([LocalWorker("dave", ["--task", "tests.tiny_task:TinyTask", "--threads", "1"],
-                                         tmp_path_factory.mktemp("stranger"))])
+    cluster = start_cluster(
+        [
+            LocalWorker(
+                "dave", ["--task", "tests.tiny_task:TinyTask", "--threads", "1"], tmp_path_factory.mktemp("stranger")
+            )
+        ]
+    )
     yield cluster.workers[0]
     cluster.stop()
 
 
 def fedpi(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedpi_cli", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "fedpi_cli", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a_refused_worker_is_in_the_record_the_listing_and_the_report_with_its_reason(
-        tmp_path, digits_cluster, stranger):
+    tmp_path, digits_cluster, stranger
+):
     srv = Server(tmp_path / "state").start()
     try:
         api = stub(srv.address)
@@ -65,8 +72,12 @@ def test_a_run_that_misses_its_handshake_quorum_fails_without_a_traceback(tmp_pa
     srv = Server(tmp_path / "state").start()
     try:
         api = stub(srv.address)
-        api.StartRun(cpb.RunSpec(run_id="nobody", workers=["a=127.0.0.1:1", "b=127.0.0.1:2"],
-                                 timeouts=cpb.Timeouts(handshake_timeout=1)), timeout=30)
+        api.StartRun(
+            cpb.RunSpec(
+                run_id="nobody", workers=["a=127.0.0.1:1", "b=127.0.0.1:2"], timeouts=cpb.Timeouts(handshake_timeout=1)
+            ),
+            timeout=30,
+        )
         events = watch(api, "nobody")
         run = api.GetRun(cpb.GetRunRequest(run_id="nobody"), timeout=10)
         assert run.state == cpb.RUN_STATE_FAILED and "passed the handshake" in run.error

@@ -14,8 +14,20 @@ from tests.integration.conftest import DIGITS, events, run_coordinator, start_cl
 
 HONEST = ["alice", "bob", "charlie", "dave"]
 ATTACKS = ("scaled:40", "huge")
-TRAIN = ["--dataset", "digits-5k", "--local-batches", "20", "--lr", "0.05", "--momentum", "0.5",
-         "--min-workers", "3", "--seed", "3"]
+TRAIN = [
+    "--dataset",
+    "digits-5k",
+    "--local-batches",
+    "20",
+    "--lr",
+    "0.05",
+    "--momentum",
+    "0.5",
+    "--min-workers",
+    "3",
+    "--seed",
+    "3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +37,14 @@ def cluster(tmp_path_factory):
     workers = [LocalWorker(n, [*DIGITS, "--partition", f"{i}/5"], logs) for i, n in enumerate(HONEST)]
     workers.append(LocalWorker("mallory", [*DIGITS, "--partition", "4/5"], logs))
     for attack in ATTACKS:
-        workers.append(LocalWorker(f"mallory-{attack.split(':')[0]}", [*DIGITS, "--partition", "4/5",
-                                                                         "--attack", attack],
-                                   logs, module="tests.poison_worker"))
+        workers.append(
+            LocalWorker(
+                f"mallory-{attack.split(':')[0]}",
+                [*DIGITS, "--partition", "4/5", "--attack", attack],
+                logs,
+                module="tests.poison_worker",
+            )
+        )
     cluster = start_cluster(workers)
     yield {w.name: w for w in cluster.workers}
     cluster.stop()
@@ -36,8 +53,9 @@ def cluster(tmp_path_factory):
 def _train(cluster, tmp_path, fifth: str, rule: str, rounds: int = 3) -> list[dict]:
     spec = ",".join(f"{n}={cluster[n].address}" for n in HONEST) + f",mallory={cluster[fifth].address}"
     out = tmp_path / f"{fifth}-{rule}"
-    proc = run_coordinator("train", "--workers", spec, *TRAIN, "--rounds", str(rounds), "--aggregation", rule,
-                           "--output-dir", str(out))
+    proc = run_coordinator(
+        "train", "--workers", spec, *TRAIN, "--rounds", str(rounds), "--aggregation", rule, "--output-dir", str(out)
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     model = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())

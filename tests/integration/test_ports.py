@@ -16,8 +16,13 @@ from tests.integration.conftest import DIGITS
 
 
 def _worker(name: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker_service", "--id", name, *DIGITS, "--log-format", "json",
-                           *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "worker_service", "--id", name, *DIGITS, "--log-format", "json", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_second_worker_on_a_taken_port_fails_and_the_first_keeps_every_call(worker):
@@ -44,8 +49,26 @@ def test_a_taken_metrics_or_health_port_is_one_line_naming_it(worker):
 def test_a_second_coordinator_on_a_taken_port_fails(worker, tmp_path):
     first, _ = worker
     port = first.address.rsplit(":", 1)[1]
-    proc = subprocess.run([sys.executable, "-m", "coordinator_service", "serve", "--port", port, "--state-dir",
-                           str(tmp_path / "state"), "--log-format", "json"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stdout and "Traceback" not in \
-        proc.stdout + proc.stderr
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator_service",
+            "serve",
+            "--port",
+            port,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--log-format",
+            "json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        proc.returncode == 2
+        and f"cannot listen on 127.0.0.1:{port}" in proc.stdout
+        and "Traceback" not in proc.stdout + proc.stderr
+    )

@@ -6,13 +6,13 @@ import json
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator_service.local import LocalWorker
 from fedpi.net import certs
 from fedpi.net.protocol import PROTOCOL_VERSION, VERSION_METADATA_KEY
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from coordinator_service.local import LocalWorker
 from tests.integration.conftest import DIGITS, events, run_coordinator, start_cluster
 
 VERSION = (VERSION_METADATA_KEY, PROTOCOL_VERSION)
@@ -36,8 +36,9 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
 
 @pytest.fixture(scope="module")
 def token_worker(pki, tmp_path_factory):
-    cluster = start_cluster([LocalWorker("guarded", [*DIGITS, "--token-file", str(pki / "token")],
-                                         tmp_path_factory.mktemp("logs"))])
+    cluster = start_cluster(
+        [LocalWorker("guarded", [*DIGITS, "--token-file", str(pki / "token")], tmp_path_factory.mktemp("logs"))]
+    )
     channel = grpc.insecure_channel(cluster.workers[0].address)
     yield channel, (pki / "token").read_text().strip()
     channel.close()
@@ -53,15 +54,19 @@ def test_call_without_token_is_unauthenticated(token_worker):
 def test_wrong_token_is_unauthenticated_and_never_echoed(token_worker):
     channel, token = token_worker
     wrong = token[:-1] + ("x" if token[-1] != "x" else "y")
-    code, details = _code(lambda: pb_grpc.WorkerStub(channel).GetInfo(
-        pb.GetInfoRequest(), metadata=(("authorization", f"Bearer {wrong}"),), timeout=10))
+    code, details = _code(
+        lambda: pb_grpc.WorkerStub(channel).GetInfo(
+            pb.GetInfoRequest(), metadata=(("authorization", f"Bearer {wrong}"),), timeout=10
+        )
+    )
     assert code == grpc.StatusCode.UNAUTHENTICATED and wrong not in details
 
 
 def test_right_token_is_served(token_worker):
     channel, token = token_worker
-    info = pb_grpc.WorkerStub(channel).GetInfo(pb.GetInfoRequest(), metadata=(("authorization", f"Bearer {token}"),),
-                                               timeout=10)
+    info = pb_grpc.WorkerStub(channel).GetInfo(
+        pb.GetInfoRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=10
+    )
     assert info.worker_id == "guarded"
 
 
@@ -84,37 +89,89 @@ def _tls_workers(pki, logs, mutual: bool, certificates=("w0", "w1")):
     args = [*DIGITS, "--token-file", str(pki / "token")]
     if mutual:
         args += ["--tls-client-ca", str(pki / "ca.crt"), "--client-identity", certs.COORDINATOR_IDENTITY]
-    return start_cluster([
-        LocalWorker(f"w{i}", [*args, "--partition", f"{i}/2", "--tls-cert", str(pki / f"{cert}.crt"),
-                              "--tls-key", str(pki / f"{cert}.key")], logs, health_port=True)
-        for i, cert in enumerate(certificates)])
+    return start_cluster(
+        [
+            LocalWorker(
+                f"w{i}",
+                [
+                    *args,
+                    "--partition",
+                    f"{i}/2",
+                    "--tls-cert",
+                    str(pki / f"{cert}.crt"),
+                    "--tls-key",
+                    str(pki / f"{cert}.key"),
+                ],
+                logs,
+                health_port=True,
+            )
+            for i, cert in enumerate(certificates)
+        ]
+    )
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
 def test_full_run_over_tls(pki, tmp_path, mutual):
     cluster = _tls_workers(pki, tmp_path / "logs", mutual)
     try:
-        extra = ["--tls-cert", str(pki / "coordinator.crt"), "--tls-key", str(pki / "coordinator.key")] if mutual else []
-        proc = run_coordinator("train", "--workers", cluster.spec, "--rounds", "1", "--dataset", "digits-5k",
-                               "--local-batches", "5", "--token-file", str(pki / "token"),
-                               "--tls-ca", str(pki / "ca.crt"), *extra, "--output-dir", str(tmp_path / "out"))
+        extra = (
+            ["--tls-cert", str(pki / "coordinator.crt"), "--tls-key", str(pki / "coordinator.key")] if mutual else []
+        )
+        proc = run_coordinator(
+            "train",
+            "--workers",
+            cluster.spec,
+            "--rounds",
+            "1",
+            "--dataset",
+            "digits-5k",
+            "--local-batches",
+            "5",
+            "--token-file",
+            str(pki / "token"),
+            "--tls-ca",
+            str(pki / "ca.crt"),
+            *extra,
+            "--output-dir",
+            str(tmp_path / "out"),
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
         [metrics] = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
         assert sorted(metrics["workers"]) == ["w0", "w1"]
         if mutual:
             # A certificate from the same CA that is not the coordinator's is refused with PERMISSION_DENIED.
             credentials = grpc.ssl_channel_credentials(
-                (pki / "ca.crt").read_bytes(), (pki / "intruder.key").read_bytes(), (pki / "intruder.crt").read_bytes())
+                (pki / "ca.crt").read_bytes(), (pki / "intruder.key").read_bytes(), (pki / "intruder.crt").read_bytes()
+            )
             with grpc.secure_channel(cluster.workers[0].address, credentials) as channel:
-                code, details = _code(lambda: pb_grpc.WorkerStub(channel).GetInfo(
-                    pb.GetInfoRequest(), metadata=(("authorization", "Bearer " + (pki / "token").read_text().strip()),),
-                    timeout=10))
+                code, details = _code(
+                    lambda: pb_grpc.WorkerStub(channel).GetInfo(
+                        pb.GetInfoRequest(),
+                        metadata=(("authorization", "Bearer " + (pki / "token").read_text().strip()),),
+                        timeout=10,
+                    )
+                )
             assert code == grpc.StatusCode.PERMISSION_DENIED and "pi-3" in details
             # Without any client certificate the TLS handshake itself fails.
-            proc = run_coordinator("train", "--workers", cluster.spec, "--rounds", "1", "--dataset", "digits-5k",
-                                   "--token-file", str(pki / "token"), "--tls-ca", str(pki / "ca.crt"),
-                                   "--rpc-timeout", "5", "--handshake-timeout", "5",
-                                   "--output-dir", str(tmp_path / "out2"))
+            proc = run_coordinator(
+                "train",
+                "--workers",
+                cluster.spec,
+                "--rounds",
+                "1",
+                "--dataset",
+                "digits-5k",
+                "--token-file",
+                str(pki / "token"),
+                "--tls-ca",
+                str(pki / "ca.crt"),
+                "--rpc-timeout",
+                "5",
+                "--handshake-timeout",
+                "5",
+                "--output-dir",
+                str(tmp_path / "out2"),
+            )
             assert proc.returncode == 1
     finally:
         cluster.stop()
@@ -124,8 +181,9 @@ def test_plaintext_client_cannot_talk_to_a_tls_worker(pki, tmp_path):
     cluster = _tls_workers(pki, tmp_path / "logs", mutual=False)
     try:
         with grpc.insecure_channel(cluster.workers[0].address) as channel:
-            code, _ = _code(lambda: pb_grpc.WorkerStub(channel).GetInfo(pb.GetInfoRequest(), metadata=(VERSION,),
-                                                                        timeout=5))
+            code, _ = _code(
+                lambda: pb_grpc.WorkerStub(channel).GetInfo(pb.GetInfoRequest(), metadata=(VERSION,), timeout=5)
+            )
         assert code == grpc.StatusCode.UNAVAILABLE
     finally:
         cluster.stop()
@@ -135,10 +193,29 @@ def test_a_worker_presenting_another_workers_certificate_is_refused(pki, tmp_pat
     """w1 serves w0's certificate (a key copied off another Pi): valid, same CA, but it does not name w1."""
     cluster = _tls_workers(pki, tmp_path / "logs", mutual=False, certificates=("w0", "w0"))
     try:
-        proc = run_coordinator("train", "--workers", cluster.spec, "--rounds", "1", "--dataset", "digits-5k",
-                               "--local-batches", "2", "--token-file", str(pki / "token"),
-                               "--tls-ca", str(pki / "ca.crt"), "--min-workers", "2", "--round-retries", "0",
-                               "--handshake-timeout", "5", "--output-dir", str(tmp_path / "out"))
+        proc = run_coordinator(
+            "train",
+            "--workers",
+            cluster.spec,
+            "--rounds",
+            "1",
+            "--dataset",
+            "digits-5k",
+            "--local-batches",
+            "2",
+            "--token-file",
+            str(pki / "token"),
+            "--tls-ca",
+            str(pki / "ca.crt"),
+            "--min-workers",
+            "2",
+            "--round-retries",
+            "0",
+            "--handshake-timeout",
+            "5",
+            "--output-dir",
+            str(tmp_path / "out"),
+        )
         assert proc.returncode == 1
         [refusal] = [e for e in events(proc.stdout) if e.get("event") == "worker_handshake_failed"]
         assert refusal["worker"] == "w1" and "certificate does not name 'w1'" in refusal["reason"]

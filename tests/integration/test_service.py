@@ -41,11 +41,31 @@ class Server:
 
     def start(self) -> Server:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coordinator_service", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--state-dir", str(self.state_dir), "--dataset", "digits-5k", "--no-download", "--threads", "1",
-             "--log-format", "json", *self.extra],
-            cwd=ROOT, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env} if self.env else None)
+            [
+                sys.executable,
+                "-m",
+                "coordinator_service",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--state-dir",
+                str(self.state_dir),
+                "--dataset",
+                "digits-5k",
+                "--no-download",
+                "--threads",
+                "1",
+                "--log-format",
+                "json",
+                *self.extra,
+            ],
+            cwd=ROOT,
+            stdout=self.log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env} if self.env else None,
+        )
         asyncio.run(wait_serving(self.address, self.proc, timeout=60, log_path=self.log_path))
         return self
 
@@ -67,8 +87,7 @@ def stub(address: str, channel_args=None) -> cpb_grpc.CoordinatorStub:
 
 
 def spec(cluster, run_id: str, rounds: int = 3, **settings: str) -> cpb.RunSpec:
-    return cpb.RunSpec(run_id=run_id, rounds=rounds, workers=cluster.spec.split(","),
-                       settings={**SETTINGS, **settings})
+    return cpb.RunSpec(run_id=run_id, rounds=rounds, workers=cluster.spec.split(","), settings={**SETTINGS, **settings})
 
 
 def watch(api, run_id: str, from_start: bool = True, until: str | None = None, **match) -> list[dict]:
@@ -95,7 +114,7 @@ def model(api, run_id: str, round: int = 0) -> tuple[cpb.Run, dict[str, torch.Te
 
 def after_resume(events: list[dict]) -> list[dict]:
     starts = [i for i, e in enumerate(events) if e["event"] == "run_started" and e["resume"]]
-    return events[starts[-1]:]
+    return events[starts[-1] :]
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -146,9 +165,24 @@ def test_a_kept_round_s_model_is_the_one_sent_out_in_the_next_round(reference, d
             model(stub(srv.address), "reference", round=9)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "rounds kept: 1, 2, 3" in err.value.details()
         # fedpi runs model: the same download, checked and saved as a state_dict
-        proc = subprocess.run([sys.executable, "-m", "fedpi_cli", "runs", "--coordinator", srv.address, "model",
-                               "reference", "-o", str(tmp_path / "m.pt")], cwd=ROOT, capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedpi_cli",
+                "runs",
+                "--coordinator",
+                srv.address,
+                "model",
+                "reference",
+                "-o",
+                str(tmp_path / "m.pt"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0 and "round 3, model reference-cnn" in proc.stdout, proc.stderr
         assert same(torch.load(tmp_path / "m.pt"), torch.load(directory / "model.pt"))
     finally:
@@ -156,7 +190,8 @@ def test_a_kept_round_s_model_is_the_one_sent_out_in_the_next_round(reference, d
 
 
 def test_a_second_run_is_refused_while_one_trains_then_stopped_and_resumed_to_the_same_model(
-        server, digits_cluster, reference):
+    server, digits_cluster, reference
+):
     api = stub(server.address)
     api.StartRun(spec(digits_cluster, "first"), timeout=30)
     with pytest.raises(grpc.RpcError) as err:
@@ -185,7 +220,8 @@ def test_a_second_run_is_refused_while_one_trains_then_stopped_and_resumed_to_th
 
 
 def test_a_coordinator_killed_mid_run_comes_back_with_the_run_interrupted_and_resumable(
-        tmp_path, digits_cluster, reference):
+    tmp_path, digits_cluster, reference
+):
     srv = Server(tmp_path / "state").start()
     api = stub(srv.address)
     # Each round finished before the next starts, so round 2 starting means round 1 is checkpointed (by default its
@@ -213,13 +249,16 @@ def test_a_coordinator_killed_mid_run_comes_back_with_the_run_interrupted_and_re
         srv.stop()
 
 
-@pytest.mark.parametrize("settings, workers, phrase", [
-    ({"token-file": "/etc/passwd"}, True, "settings['token-file'] is not a run setting"),
-    ({"no-such-flag": "1"}, True, "settings['no-such-flag'] is not a run setting"),
-    ({"lr": "fast"}, True, "lr = 'fast': Input should be a valid number"),
-    ({}, False, "the run names no workers"),
-    ({"task": "x"}, True, "settings['task']: set the task field (fedpi runs start --task) instead"),
-])
+@pytest.mark.parametrize(
+    "settings, workers, phrase",
+    [
+        ({"token-file": "/etc/passwd"}, True, "settings['token-file'] is not a run setting"),
+        ({"no-such-flag": "1"}, True, "settings['no-such-flag'] is not a run setting"),
+        ({"lr": "fast"}, True, "lr = 'fast': Input should be a valid number"),
+        ({}, False, "the run names no workers"),
+        ({"task": "x"}, True, "settings['task']: set the task field (fedpi runs start --task) instead"),
+    ],
+)
 def test_a_spec_that_cannot_run_is_invalid_argument(server, digits_cluster, settings, workers, phrase):
     request = cpb.RunSpec(rounds=1, settings=settings, workers=digits_cluster.spec.split(",") if workers else [])
     with pytest.raises(grpc.RpcError) as err:
@@ -232,8 +271,10 @@ def test_unknown_runs_are_not_found_and_tasks_the_server_does_not_allow_are_refu
     api = stub(server.address)
     with pytest.raises(grpc.RpcError) as err:
         api.StartRun(cpb.RunSpec(task="sensors.tasks:Sensor", workers=digits_cluster.spec.split(",")), timeout=30)
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and \
-        "task 'sensors.tasks:Sensor' is not allowed on this coordinator" in err.value.details()
+    assert (
+        err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        and "task 'sensors.tasks:Sensor' is not allowed on this coordinator" in err.value.details()
+    )
     with pytest.raises(grpc.RpcError) as err:
         api.GetRun(cpb.GetRunRequest(run_id="nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no run 'nope'" in err.value.details()
@@ -278,19 +319,24 @@ def test_grpcurl_session_against_the_coordinator_as_the_readme_shows(server, dig
 
     address = server.address
     assert "fedpi.v1.Coordinator" in grpcurl(address, "list")
-    assert "rpc WatchRun ( .fedpi.v1.WatchRunRequest ) returns ( stream .fedpi.v1.RunEvent )" in \
-        grpcurl(address, "describe", "fedpi.v1.Coordinator")
+    assert "rpc WatchRun ( .fedpi.v1.WatchRunRequest ) returns ( stream .fedpi.v1.RunEvent )" in grpcurl(
+        address, "describe", "fedpi.v1.Coordinator"
+    )
     assert json.loads(grpcurl(address, "fedpi.v1.Coordinator/ListRuns")) == {}
     workers = [f'"{w}"' for w in digits_cluster.spec.split(",")]
-    request = ('{"run_id": "grpcurl", "rounds": 2, "workers": [' + ", ".join(workers) + '], '
-               '"training": {"local_batches": 5, "lr": 0.05}, "evaluation": {"federated_evaluation": true}}')
-    refused = grpcurl("-d", request.replace('"lr": 0.05', '"lr": "NaN"'), address, "fedpi.v1.Coordinator/StartRun",
-                      ok=False)
+    request = (
+        '{"run_id": "grpcurl", "rounds": 2, "workers": [' + ", ".join(workers) + "], "
+        '"training": {"local_batches": 5, "lr": 0.05}, "evaluation": {"federated_evaluation": true}}'
+    )
+    refused = grpcurl(
+        "-d", request.replace('"lr": 0.05', '"lr": "NaN"'), address, "fedpi.v1.Coordinator/StartRun", ok=False
+    )
     assert "Code: InvalidArgument" in refused and "lr = nan: Input should be a finite number" in refused
     started = json.loads(grpcurl("-d", request, address, "fedpi.v1.Coordinator/StartRun"))
     assert started["run_id"] == "grpcurl" and started["state"] == "RUN_STATE_TRAINING"
-    events = _objects(grpcurl("-d", '{"run_id": "grpcurl", "from_start": true}', address,
-                              "fedpi.v1.Coordinator/WatchRun"))
+    events = _objects(
+        grpcurl("-d", '{"run_id": "grpcurl", "from_start": true}', address, "fedpi.v1.Coordinator/WatchRun")
+    )
     assert [e["event"] for e in events].count("round_finished") == 2 and events[-1]["event"] == "run_ended"
     finished = [json.loads(e["json"]) for e in events if e["event"] == "round_finished"]
     assert all("federated_accuracy" in e for e in finished)
@@ -304,26 +350,72 @@ def test_a_deployed_coordinator_wants_the_operator_s_certificate_and_token(tmp_p
 
     pki = tmp_path / "pki"
     certs.make_all(pki, workers=0)
-    srv = Server(tmp_path / "state", "--api-tls-cert", str(pki / "coordinator.crt"), "--api-tls-key",
-                 str(pki / "coordinator.key"), "--api-client-ca", str(pki / "ca.crt"), "--api-client-identity",
-                 certs.OPERATOR_IDENTITY, "--api-token-file", str(pki / "operator-token"))
+    srv = Server(
+        tmp_path / "state",
+        "--api-tls-cert",
+        str(pki / "coordinator.crt"),
+        "--api-tls-key",
+        str(pki / "coordinator.key"),
+        "--api-client-ca",
+        str(pki / "ca.crt"),
+        "--api-client-identity",
+        certs.OPERATOR_IDENTITY,
+        "--api-token-file",
+        str(pki / "operator-token"),
+    )
     try:
         _start_without_health_check(srv)
         token = (pki / "operator-token").read_text().strip()
-        operator = ["-cacert", str(pki / "ca.crt"), "-cert", str(pki / "operator.crt"), "-key", str(pki / "operator.key"),
-                    "-servername", certs.COORDINATOR_IDENTITY, "-H", f"authorization: Bearer {token}"]
+        operator = [
+            "-cacert",
+            str(pki / "ca.crt"),
+            "-cert",
+            str(pki / "operator.crt"),
+            "-key",
+            str(pki / "operator.key"),
+            "-servername",
+            certs.COORDINATOR_IDENTITY,
+            "-H",
+            f"authorization: Bearer {token}",
+        ]
         assert json.loads(secure_grpcurl(*operator, srv.address, "fedpi.v1.Coordinator/ListRuns")) == {}
         # the coordinator's own client certificate (the one workers accept) is not an operator's
-        coordinator = [*operator[:2], "-cert", str(pki / "coordinator.crt"), "-key", str(pki / "coordinator.key"),
-                       *operator[6:]]
+        coordinator = [
+            *operator[:2],
+            "-cert",
+            str(pki / "coordinator.crt"),
+            "-key",
+            str(pki / "coordinator.key"),
+            *operator[6:],
+        ]
         refused = secure_grpcurl(*coordinator, srv.address, "fedpi.v1.Coordinator/ListRuns", ok=False)
         assert "PermissionDenied" in refused and "fedpi-operator" in refused
         # and fedpi runs, with the same credentials
-        proc = subprocess.run([sys.executable, "-m", "fedpi_cli", "runs", "--coordinator", srv.address,
-                               "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "operator.crt"),
-                               "--tls-key", str(pki / "operator.key"), "--tls-server-name", certs.COORDINATOR_IDENTITY,
-                               "--token-file", str(pki / "operator-token"), "list"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedpi_cli",
+                "runs",
+                "--coordinator",
+                srv.address,
+                "--tls-ca",
+                str(pki / "ca.crt"),
+                "--tls-cert",
+                str(pki / "operator.crt"),
+                "--tls-key",
+                str(pki / "operator.key"),
+                "--tls-server-name",
+                certs.COORDINATOR_IDENTITY,
+                "--token-file",
+                str(pki / "operator-token"),
+                "list",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0 and proc.stdout.startswith("RUN "), proc.stderr
     finally:
         srv.stop()
@@ -334,9 +426,25 @@ def _start_without_health_check(srv: Server) -> None:
     import socket
 
     srv.proc = subprocess.Popen(
-        [sys.executable, "-m", "coordinator_service", "serve", "--host", "127.0.0.1", "--port", str(srv.port),
-         "--state-dir", str(srv.state_dir), "--log-format", "json", *srv.extra],
-        cwd=ROOT, stdout=srv.log_path.open("ab"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "coordinator_service",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(srv.port),
+            "--state-dir",
+            str(srv.state_dir),
+            "--log-format",
+            "json",
+            *srv.extra,
+        ],
+        cwd=ROOT,
+        stdout=srv.log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert srv.proc.poll() is None, srv.log_path.read_text()[-2000:]
@@ -347,8 +455,7 @@ def _start_without_health_check(srv: Server) -> None:
     raise TimeoutError(srv.log_path.read_text()[-2000:])
 
 
-def test_a_run_stopped_mid_round_loses_only_that_round_and_resumes_to_the_same_model(
-        server, digits_cluster, reference):
+def test_a_run_stopped_mid_round_loses_only_that_round_and_resumes_to_the_same_model(server, digits_cluster, reference):
     api = stub(server.address)
     api.StartRun(spec(digits_cluster, "abandoned"), timeout=30)
     watch(api, "abandoned", until="round_started", round=2)

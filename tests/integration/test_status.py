@@ -11,8 +11,9 @@ from tests.conftest import ROOT
 
 
 def _status(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedpi_cli", "status", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "fedpi_cli", "status", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_status_lists_every_worker_and_names_the_missing_one(digits_cluster):

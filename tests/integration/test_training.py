@@ -17,8 +17,21 @@ from tests.integration.conftest import events, run_coordinator
 
 def test_two_rounds_on_real_digits_clear_90_percent(digits_cluster, tmp_path):
     # Execute
-    proc = run_coordinator("train", "--workers", digits_cluster.spec, "--rounds", "2", "--dataset", "digits-5k",
-                           "--lr", "0.05", "--momentum", "0.5", "--output-dir", str(tmp_path))
+    proc = run_coordinator(
+        "train",
+        "--workers",
+        digits_cluster.spec,
+        "--rounds",
+        "2",
+        "--dataset",
+        "digits-5k",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.5",
+        "--output-dir",
+        str(tmp_path),
+    )
     # Assert
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -36,8 +49,19 @@ def test_two_rounds_on_real_digits_clear_90_percent(digits_cluster, tmp_path):
 
 
 def test_coordinator_refuses_workers_of_another_architecture(digits_cluster, tmp_path):
-    proc = run_coordinator("train", "--workers", digits_cluster.spec, "--rounds", "1", "--model", "large-mlp",
-                           "--dataset", "digits-5k", "--output-dir", str(tmp_path))
+    proc = run_coordinator(
+        "train",
+        "--workers",
+        digits_cluster.spec,
+        "--rounds",
+        "1",
+        "--model",
+        "large-mlp",
+        "--dataset",
+        "digits-5k",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert proc.returncode == 1
     failed = [e for e in events(proc.stdout) if e.get("event") == "worker_handshake_failed"]
     assert len(failed) == 3
@@ -45,8 +69,20 @@ def test_coordinator_refuses_workers_of_another_architecture(digits_cluster, tmp
 
 
 def test_unreachable_workers_fail_fast_with_a_clear_error(tmp_path):
-    proc = run_coordinator("train", "--workers", "ghost=127.0.0.1:1", "--rounds", "1", "--dataset", "digits-5k",
-                           "--rpc-timeout", "3", "--output-dir", str(tmp_path), timeout=60)
+    proc = run_coordinator(
+        "train",
+        "--workers",
+        "ghost=127.0.0.1:1",
+        "--rounds",
+        "1",
+        "--dataset",
+        "digits-5k",
+        "--rpc-timeout",
+        "3",
+        "--output-dir",
+        str(tmp_path),
+        timeout=60,
+    )
     assert proc.returncode == 1
     reasons = [e["reason"] for e in events(proc.stdout) if e.get("event") == "worker_unavailable"]
     assert reasons and ("UNAVAILABLE" in reasons[0] or "DEADLINE_EXCEEDED" in reasons[0])
@@ -56,9 +92,22 @@ def test_sampled_time_budgeted_rounds_with_fednova_and_federated_evaluation(digi
     """Two of three workers per round (the seeded choice), each training for a second, FedNova's normalised average,
     and every round's model evaluated on the sampled workers' own test splits: the reported mean is recomputed here
     from model.pt and the workers' shards."""
-    proc = run_coordinator("train", "--workers", digits_cluster.spec, "--rounds", "2", "--dataset", "digits-5k",
-                           "--workers-per-round", "2", "--local-seconds", "1", "--federated-evaluation",
-                           "--output-dir", str(tmp_path))
+    proc = run_coordinator(
+        "train",
+        "--workers",
+        digits_cluster.spec,
+        "--rounds",
+        "2",
+        "--dataset",
+        "digits-5k",
+        "--workers-per-round",
+        "2",
+        "--local-seconds",
+        "1",
+        "--federated-evaluation",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     names = [w.name for w in digits_cluster.workers]
@@ -75,15 +124,34 @@ def test_sampled_time_budgeted_rounds_with_fednova_and_federated_evaluation(digi
     expected = sum(per_worker[n][1] * sizes[n] for n in per_worker) / sum(sizes.values())
     assert last["federated_samples"] == sum(sizes.values())
     assert abs(last["federated_accuracy"] - expected) < 1e-4
-    for n, (loss, accuracy) in per_worker.items():
+    for n, (_loss, accuracy) in per_worker.items():
         assert abs(last["workers"][n]["eval_accuracy"] - accuracy) < 1e-4
 
 
 def test_without_a_terminal_stdout_holds_only_json_events(digits_cluster, tmp_path):
     """No --log-format: stdout is a pipe here, so no live view and nothing but one JSON object per line."""
-    proc = subprocess.run([sys.executable, "-m", "coordinator_service", "train", "--workers", digits_cluster.spec,
-                           "--rounds", "1", "--local-batches", "5", "--dataset", "digits-5k",
-                           "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator_service",
+            "train",
+            "--workers",
+            digits_cluster.spec,
+            "--rounds",
+            "1",
+            "--local-batches",
+            "5",
+            "--dataset",
+            "digits-5k",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines and all(isinstance(json.loads(line), dict) for line in lines)
@@ -96,17 +164,40 @@ def test_evaluation_overlaps_the_next_round_and_gives_what_sequential_evaluation
     runs = {}
     for mode, extra in (("overlapped", []), ("sequential", ["--sequential-evaluation"])):
         out = tmp_path / mode
-        proc = run_coordinator("train", "--workers", digits_cluster.spec, "--rounds", "3", "--dataset", "digits-5k",
-                               "--local-batches", "5", "--seed", "4", "--output-dir", str(out), *extra)
+        proc = run_coordinator(
+            "train",
+            "--workers",
+            digits_cluster.spec,
+            "--rounds",
+            "3",
+            "--dataset",
+            "digits-5k",
+            "--local-batches",
+            "5",
+            "--seed",
+            "4",
+            "--output-dir",
+            str(out),
+            *extra,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        order = [(e["event"], e["round"]) for e in events(proc.stdout)
-                 if e.get("event") in ("round_started", "round_finished")]
+        order = [
+            (e["event"], e["round"])
+            for e in events(proc.stdout)
+            if e.get("event") in ("round_started", "round_finished")
+        ]
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[mode] = order, metrics, torch.load(out / "model.pt")
     overlapped, sequential = runs["overlapped"], runs["sequential"]
     assert overlapped[0].index(("round_started", 2)) < overlapped[0].index(("round_finished", 1))
-    assert sequential[0] == [("round_started", 1), ("round_finished", 1), ("round_started", 2),
-                             ("round_finished", 2), ("round_started", 3), ("round_finished", 3)]
+    assert sequential[0] == [
+        ("round_started", 1),
+        ("round_finished", 1),
+        ("round_started", 2),
+        ("round_finished", 2),
+        ("round_started", 3),
+        ("round_finished", 3),
+    ]
     scores = lambda metrics: [(m["round"], m["test_accuracy"], m["test_loss"]) for m in metrics]  # noqa: E731
     assert scores(overlapped[1]) == scores(sequential[1])
     assert all(m["evaluation_seconds"] > 0 for m in overlapped[1])
@@ -120,9 +211,23 @@ def test_compressed_updates_move_the_bytes_they_promise_and_learn_like_raw_ones(
     runs = {}
     for compression in ("none", "fp16", "int8"):
         out = tmp_path / compression
-        proc = run_coordinator("train", "--workers", digits_cluster.spec, "--rounds", "2", "--dataset", "digits-5k",
-                               "--local-batches", "20", "--seed", "5", "--compression", compression,
-                               "--output-dir", str(out))
+        proc = run_coordinator(
+            "train",
+            "--workers",
+            digits_cluster.spec,
+            "--rounds",
+            "2",
+            "--dataset",
+            "digits-5k",
+            "--local-batches",
+            "20",
+            "--seed",
+            "5",
+            "--compression",
+            compression,
+            "--output-dir",
+            str(out),
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[compression] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for compression, up in (("none", params * 4), ("fp16", params * 2), ("int8", None)):
@@ -133,5 +238,7 @@ def test_compressed_updates_move_the_bytes_they_promise_and_learn_like_raw_ones(
             else:  # one byte per weight and a 4-byte scale per chunk of at most 1 MiB of one tensor
                 assert params < w["bytes_received"] < params + 4 * 20
     accuracy = {c: runs[c][-1]["test_accuracy"] for c in runs}
-    assert abs(accuracy["fp16"] - accuracy["none"]) <= 0.01 and abs(accuracy["int8"] - accuracy["none"]) <= 0.01, accuracy
+    assert abs(accuracy["fp16"] - accuracy["none"]) <= 0.01 and abs(accuracy["int8"] - accuracy["none"]) <= 0.01, (
+        accuracy
+    )
     assert accuracy["fp16"] != accuracy["none"] or runs["fp16"][-1]["test_loss"] != runs["none"][-1]["test_loss"]

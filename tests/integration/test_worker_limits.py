@@ -10,19 +10,26 @@ import time
 import grpc
 import pytest
 
-from coordinator_service.local import LocalWorker
 from coordinator_service.engine.worker_client import WorkerClient, WorkerTimeout
-from tests.integration.conftest import DIGITS, METADATA, start_cluster
-from tests.integration.test_worker_rpc import _code, _digest, _payload
+from coordinator_service.local import LocalWorker
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
+from tests.integration.conftest import DIGITS, METADATA, start_cluster
+from tests.integration.test_worker_rpc import _code, _digest, _payload
 
 
 @pytest.fixture(scope="module")
 def slow_worker(tmp_path_factory):
     """Batches of at least 0.3 s, progress every 0.2 s, uploads that must show a header within 2 s."""
-    cluster = start_cluster([LocalWorker("slow", [*DIGITS, "--train-delay", "0.3", "--progress-interval", "0.2",
-                                                  "--upload-grace", "2"], tmp_path_factory.mktemp("slow"))])
+    cluster = start_cluster(
+        [
+            LocalWorker(
+                "slow",
+                [*DIGITS, "--train-delay", "0.3", "--progress-interval", "0.2", "--upload-grace", "2"],
+                tmp_path_factory.mktemp("slow"),
+            )
+        ]
+    )
     channel = grpc.insecure_channel(cluster.workers[0].address)
     yield cluster.workers[0], pb_grpc.WorkerStub(channel)
     channel.close()
@@ -40,10 +47,12 @@ def test_a_huge_training_request_is_refused_at_once_and_the_worker_stays_up(slow
     _, stub = slow_worker
     info = stub.GetInfo(pb.GetInfoRequest(), metadata=METADATA, timeout=10)
     assert info.max_local_batches == 100_000
-    for request in (pb.TrainRequest(round=info.weights_round, local_batches=2**62, batch_size=64, learning_rate=0.01),
-                    pb.TrainRequest(round=info.weights_round, local_epochs=2**40, batch_size=1, learning_rate=0.01)):
+    for request in (
+        pb.TrainRequest(round=info.weights_round, local_batches=2**62, batch_size=64, learning_rate=0.01),
+        pb.TrainRequest(round=info.weights_round, local_epochs=2**40, batch_size=1, learning_rate=0.01),
+    ):
         started = time.monotonic()
-        code, details = _code(lambda: list(stub.Train(request, metadata=METADATA, timeout=30)))
+        code, details = _code(lambda r=request: list(stub.Train(r, metadata=METADATA, timeout=30)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_local_batches" in details
         assert time.monotonic() - started < 5
     assert stub.GetInfo(pb.GetInfoRequest(), metadata=METADATA, timeout=10).state == pb.WORKER_STATE_IDLE
@@ -73,8 +82,9 @@ def test_the_coordinator_drops_a_worker_whose_batches_stop_while_heartbeats_go_o
         started = time.monotonic()
         try:
             with pytest.raises(WorkerTimeout, match="no batch finished for 3 s"):
-                await asyncio.wait_for(client.train(pb.TrainRequest(round=0, local_batches=5, batch_size=8,
-                                                                     learning_rate=0.01)), 30)
+                await asyncio.wait_for(
+                    client.train(pb.TrainRequest(round=0, local_batches=5, batch_size=8, learning_rate=0.01)), 30
+                )
         finally:
             await client.close()
         return time.monotonic() - started
@@ -90,8 +100,11 @@ def test_a_cancelled_train_stops_before_set_weights_can_install(slow_worker):
     old training thread must not go on changing them, nor mark them untrainable afterwards."""
     _, stub = slow_worker
     _install(stub, 4, 4, "run/4.1")
-    call = stub.Train(pb.TrainRequest(round=4, round_id="run/4.1", local_batches=200, batch_size=16,
-                                      learning_rate=0.5), metadata=METADATA, timeout=60)
+    call = stub.Train(
+        pb.TrainRequest(round=4, round_id="run/4.1", local_batches=200, batch_size=16, learning_rate=0.5),
+        metadata=METADATA,
+        timeout=60,
+    )
     next(call)
     call.cancel()
     new = _payload(round_=5, seed=5)
@@ -113,8 +126,9 @@ def test_a_cancelled_train_stops_before_set_weights_can_install(slow_worker):
 def test_set_weights_during_training_is_refused_before_the_upload_is_read(slow_worker):
     _, stub = slow_worker
     _install(stub, 6, 6)
-    training = stub.Train(pb.TrainRequest(round=6, local_batches=10, batch_size=16, learning_rate=0.01),
-                          metadata=METADATA, timeout=60)
+    training = stub.Train(
+        pb.TrainRequest(round=6, local_batches=10, batch_size=16, learning_rate=0.01), metadata=METADATA, timeout=60
+    )
     next(training)
     release = threading.Event()
     chunks = list(_payload(round_=7, seed=7).chunks())

@@ -12,10 +12,10 @@ import torch
 from xxhash import xxh3_128_hexdigest
 
 from coordinator_service.local import LocalWorker
-from fedpi.weights import serde
 from fedpi.data import load_dataset
 from fedpi.models import build_model, evaluate
 from fedpi.net.protocol import PROTOCOL_VERSION
+from fedpi.weights import serde
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from tests.integration.conftest import DIGITS, METADATA, start_cluster
@@ -51,8 +51,9 @@ def test_get_info_describes_the_worker(worker):
 
 def test_protocol_version_mismatch_is_failed_precondition(worker):
     _, stub = worker
-    code, details = _code(lambda: stub.GetInfo(pb.GetInfoRequest(), metadata=(("fedpi-protocol-version", "2.0"),),
-                                                timeout=10))
+    code, details = _code(
+        lambda: stub.GetInfo(pb.GetInfoRequest(), metadata=(("fedpi-protocol-version", "2.0"),), timeout=10)
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "2.0" in details and PROTOCOL_VERSION in details and "upgrade" in details
 
@@ -65,17 +66,23 @@ def test_weights_round_trip_through_the_worker(worker):
     assert _digest(stub) == (payload.digest, 4)
 
 
-@pytest.mark.parametrize("make_chunks, expected_code", [
-    (lambda: _payload(arch="large-mlp").chunks(), grpc.StatusCode.FAILED_PRECONDITION),
-    (lambda: _payload(**{"fc2.bias": torch.zeros(11)}).chunks(), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda: _payload(**{"fc2.bias": torch.zeros(10, dtype=torch.float64)}).chunks(),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda: _payload(**{"fc2.bias": torch.full((10,), float("nan"))}).chunks(), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda: list(_payload().chunks())[:-1], grpc.StatusCode.INVALID_ARGUMENT),  # ends early
-    (lambda: list(_payload().chunks())[1:], grpc.StatusCode.INVALID_ARGUMENT),  # no header
-    (lambda: _corrupted(_payload()), grpc.StatusCode.DATA_LOSS),
-    (lambda: _payload().chunks(1_500_000), grpc.StatusCode.RESOURCE_EXHAUSTED),  # worker takes 1 MiB chunks
-], ids=["architecture", "shape", "dtype", "nan", "truncated", "headerless", "corrupted", "chunk-too-large"])
+@pytest.mark.parametrize(
+    "make_chunks, expected_code",
+    [
+        (lambda: _payload(arch="large-mlp").chunks(), grpc.StatusCode.FAILED_PRECONDITION),
+        (lambda: _payload(**{"fc2.bias": torch.zeros(11)}).chunks(), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            lambda: _payload(**{"fc2.bias": torch.zeros(10, dtype=torch.float64)}).chunks(),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (lambda: _payload(**{"fc2.bias": torch.full((10,), float("nan"))}).chunks(), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda: list(_payload().chunks())[:-1], grpc.StatusCode.INVALID_ARGUMENT),  # ends early
+        (lambda: list(_payload().chunks())[1:], grpc.StatusCode.INVALID_ARGUMENT),  # no header
+        (lambda: _corrupted(_payload()), grpc.StatusCode.DATA_LOSS),
+        (lambda: _payload().chunks(1_500_000), grpc.StatusCode.RESOURCE_EXHAUSTED),  # worker takes 1 MiB chunks
+    ],
+    ids=["architecture", "shape", "dtype", "nan", "truncated", "headerless", "corrupted", "chunk-too-large"],
+)
 def test_bad_weight_streams_are_refused_and_change_nothing(worker, make_chunks, expected_code):
     # Prepare
     _, stub = worker
@@ -154,8 +161,9 @@ def test_train_streams_a_result(worker):
 
 def test_get_weights_with_bad_chunk_size_is_invalid_argument(worker):
     _, stub = worker
-    code, details = _code(lambda: list(stub.GetWeights(pb.GetWeightsRequest(chunk_size=1 << 30), metadata=METADATA,
-                                                       timeout=10)))
+    code, details = _code(
+        lambda: list(stub.GetWeights(pb.GetWeightsRequest(chunk_size=1 << 30), metadata=METADATA, timeout=10))
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "chunk_size" in details
 
 
@@ -192,8 +200,11 @@ def test_sigterm_lets_a_running_train_finish_then_stops(tmp_path):
     try:
         with grpc.insecure_channel(worker.address) as channel:
             stub = pb_grpc.WorkerStub(channel)
-            updates = stub.Train(pb.TrainRequest(round=0, local_batches=10, batch_size=32, learning_rate=0.01),
-                                 metadata=METADATA, timeout=60)
+            updates = stub.Train(
+                pb.TrainRequest(round=0, local_batches=10, batch_size=32, learning_rate=0.01),
+                metadata=METADATA,
+                timeout=60,
+            )
             first = next(updates)  # training is under way
             worker.process.send_signal(signal.SIGTERM)
             rest = list(updates)
@@ -215,8 +226,9 @@ def test_train_with_a_time_budget_reports_the_batches_it_trained(worker):
 
 def test_evaluate_reports_the_installed_weights_and_checks_the_round_id(worker):
     _, stub = worker
-    payload = serde.WeightsPayload(build_model(ARCH, seed=5).state_dict(), round=3, architecture=ARCH,
-                                   round_id="run/3.1/eval")
+    payload = serde.WeightsPayload(
+        build_model(ARCH, seed=5).state_dict(), round=3, architecture=ARCH, round_id="run/3.1/eval"
+    )
     stub.SetWeights(payload.chunks(1 << 20), metadata=METADATA, timeout=30)
     result = stub.Evaluate(pb.EvaluateRequest(round_id="run/3.1/eval"), metadata=METADATA, timeout=60)
     assert result.round == 3 and result.round_id == "run/3.1/eval" and result.samples == 1000
@@ -224,8 +236,7 @@ def test_evaluate_reports_the_installed_weights_and_checks_the_round_id(worker):
     loss, accuracy = evaluate(build_model(ARCH, seed=5), load_dataset("digits-5k", "unused", download=False).test)
     assert result.accuracy == pytest.approx(accuracy) and result.loss == pytest.approx(loss, rel=1e-5)
     assert _digest(stub)[0] == payload.digest  # evaluating changed nothing
-    code, details = _code(lambda: stub.Evaluate(pb.EvaluateRequest(round_id="run/2.1"), metadata=METADATA,
-                                                timeout=10))
+    code, details = _code(lambda: stub.Evaluate(pb.EvaluateRequest(round_id="run/2.1"), metadata=METADATA, timeout=10))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "call SetWeights" in details
 
 
@@ -278,8 +289,19 @@ def test_int8_updates_need_a_train_that_asked_for_them_and_are_quantised_once(wo
     int8 = dict(chunk_size=65536, encoding=pb.CHUNK_ENCODING_INT8_DELTA)
     code, details = _code(lambda: _weights(stub, **int8))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "update_encoding" in details
-    list(stub.Train(pb.TrainRequest(round=7, local_batches=2, batch_size=16, learning_rate=0.05,
-                                    update_encoding=pb.CHUNK_ENCODING_INT8_DELTA), metadata=METADATA, timeout=60))
+    list(
+        stub.Train(
+            pb.TrainRequest(
+                round=7,
+                local_batches=2,
+                batch_size=16,
+                learning_rate=0.05,
+                update_encoding=pb.CHUNK_ENCODING_INT8_DELTA,
+            ),
+            metadata=METADATA,
+            timeout=60,
+        )
+    )
     first, again = _weights(stub, **int8), _weights(stub, **int8)
     assert first == again  # the residual moved on once; a second fetch (clipping) gets the same bytes
     wire = sum(len(c.data.data) for c in first if c.HasField("data"))
@@ -289,8 +311,10 @@ def test_int8_updates_need_a_train_that_asked_for_them_and_are_quantised_once(wo
     update = serde.read_state_dict(reader, iter(first))
     raw = serde.read_state_dict(serde.StreamReader(architecture=ARCH, expected=payload.manifest), iter(_weights(stub)))
     for name, t in raw.items():  # within half a quantisation step of the trained weights
-        assert float((update[name] - t).abs().max()) <= float((t.reshape(-1) - base[list(raw).index(name)]).abs()
-                                                                .max()) / 127 / 2 * 1.01 + 1e-7, name
+        assert (
+            float((update[name] - t).abs().max())
+            <= float((t.reshape(-1) - base[list(raw).index(name)]).abs().max()) / 127 / 2 * 1.01 + 1e-7
+        ), name
     code, details = _code(lambda: _weights(stub, chunk_size=32768, encoding=pb.CHUNK_ENCODING_INT8_DELTA))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "chunk_size=65536" in details
 
@@ -301,11 +325,15 @@ def test_a_half_precision_global_model_is_installed_as_its_rounded_values(worker
     payload = _payload(round_=8, seed=8)
     reply = stub.SetWeights(payload.chunks(1 << 20, pb.CHUNK_ENCODING_FP16), metadata=METADATA, timeout=30)
     assert reply.bytes_received == payload.total_bytes
-    installed = serde.read_state_dict(serde.StreamReader(architecture=ARCH, expected=payload.manifest),
-                                      iter(_weights(stub)))
+    installed = serde.read_state_dict(
+        serde.StreamReader(architecture=ARCH, expected=payload.manifest), iter(_weights(stub))
+    )
     for name, t in build_model(ARCH, seed=8).state_dict().items():
         assert torch.equal(installed[name], t.half().float()), name
     base = [t.reshape(-1) for t in build_model(ARCH, seed=1).state_dict().values()]
-    code, details = _code(lambda: stub.SetWeights(payload.chunks(1 << 20, pb.CHUNK_ENCODING_INT8_DELTA, base=base),
-                                                  metadata=METADATA, timeout=30))
+    code, details = _code(
+        lambda: stub.SetWeights(
+            payload.chunks(1 << 20, pb.CHUNK_ENCODING_INT8_DELTA, base=base), metadata=METADATA, timeout=30
+        )
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not accepted here" in details

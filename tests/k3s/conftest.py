@@ -22,8 +22,13 @@ def kubectl() -> str:
 
 
 def render(overlay: str, *settings: str) -> list[dict]:
-    out = subprocess.run([str(ROOT / "k3s" / "render"), overlay, *settings], capture_output=True, text=True,
-                         check=True, env={**os.environ, "KUBECTL": kubectl()})
+    out = subprocess.run(
+        [str(ROOT / "k3s" / "render"), overlay, *settings],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "KUBECTL": kubectl()},
+    )
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 

@@ -14,8 +14,11 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 def test_every_python_package_is_copied_into_the_image():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = {d.name for d in ROOT.iterdir()
-                if (d / "__init__.py").is_file() and any(fnmatch.fnmatch(d.name, p) for p in patterns)}
+    packages = {
+        d.name
+        for d in ROOT.iterdir()
+        if (d / "__init__.py").is_file() and any(fnmatch.fnmatch(d.name, p) for p in patterns)
+    }
     assert {"fedpi", "fedpi_cli", "worker_service", "coordinator_service", "generated"} <= packages
     copied = set(re.findall(r"^COPY (\S+) \1$", DOCKERFILE, re.M))
     assert packages <= copied, f"not copied into the image: {packages - copied}"

@@ -18,8 +18,15 @@ def test_there_are_pi_and_local_overlays():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_manifest_validates_strictly(overlay):
     docs = render(overlay)
-    assert {d["kind"] for d in docs} >= {"Namespace", "ConfigMap", "Service", "StatefulSet", "Deployment",
-                                          "PersistentVolumeClaim", "NetworkPolicy"}
+    assert {d["kind"] for d in docs} >= {
+        "Namespace",
+        "ConfigMap",
+        "Service",
+        "StatefulSet",
+        "Deployment",
+        "PersistentVolumeClaim",
+        "NetworkPolicy",
+    }
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
@@ -57,8 +64,12 @@ def test_settings_are_applied_in_one_place():
     assert all(w["spec"]["replicas"] == 1 for w in workers)
     assert config["data"]["FEDPI_PARTITION_COUNT"] == config["data"]["FEDPI_EXPECT_WORKERS"] == "5"
     assert {d["metadata"].get("namespace", d["metadata"]["name"]) for d in docs} == {"lab"}
-    images = {c["image"] for d in docs if d["kind"] in ("StatefulSet", "Deployment")
-              for c in d["spec"]["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for d in docs
+        if d["kind"] in ("StatefulSet", "Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
     assert images == {"registry.example/fedpi:1.2.3"}
 
 
@@ -115,7 +126,9 @@ def test_egress_the_coordinator_reaches_workers_and_dns_and_workers_only_dns():
     docs = render("pi")
     worker_labels = find_all(docs, "StatefulSet")[0]["spec"]["template"]["metadata"]["labels"]
     coordinator_labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    grpc_port = int(find(docs, "ConfigMap", "fedpi-config")["data"].get("FEDPI_WORKERS_DNS", ":50051").rsplit(":", 1)[1])
+    grpc_port = int(
+        find(docs, "ConfigMap", "fedpi-config")["data"].get("FEDPI_WORKERS_DNS", ":50051").rsplit(":", 1)[1]
+    )
     coordinator = _policy(docs, "fedpi-coordinator-egress")
     assert coordinator["policyTypes"] == ["Egress"]
     assert coordinator["podSelector"]["matchLabels"].items() <= coordinator_labels.items()
@@ -173,8 +186,13 @@ def test_secrets_from_make_certs_validate_and_match_the_mounts(tmp_path):
     for secret in secrets:
         kubernetes_validate.validate(secret, KUBERNETES_VERSION, strict=True)
     docs = render("pi")
-    mounted = {v["secret"]["secretName"] for d in docs if d["kind"] in ("StatefulSet", "Deployment")
-               for v in d["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    mounted = {
+        v["secret"]["secretName"]
+        for d in docs
+        if d["kind"] in ("StatefulSet", "Deployment")
+        for v in d["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    }
     assert mounted == {s["metadata"]["name"] for s in secrets}
 
 
@@ -196,8 +214,16 @@ def test_the_coordinator_is_one_service_that_keeps_its_runs_on_the_volume():
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["command"] == ["python", "-m", "coordinator_service", "serve", "--state-dir", "/results",
-                                    "--config", "/etc/fedpi/config/fedpi.toml"]
+    assert container["command"] == [
+        "python",
+        "-m",
+        "coordinator_service",
+        "serve",
+        "--state-dir",
+        "/results",
+        "--config",
+        "/etc/fedpi/config/fedpi.toml",
+    ]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes[mounts["/results"]["name"]]["persistentVolumeClaim"]["claimName"] == "fedpi-results"

@@ -18,8 +18,14 @@ LINT = Path(sys.executable).with_name("lint-imports")
 
 def lint(root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "400"}  # one contract per line
-    return subprocess.run([str(LINT), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(LINT), "--config", str(root / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_the_code_keeps_every_contract():
@@ -28,19 +34,29 @@ def test_the_code_keeps_every_contract():
     assert "0 broken" in out.stdout
 
 
-@pytest.mark.parametrize(("module", "planted", "contract"), [
-    ("coordinator_service/engine/rounds.py", "import worker_service.servicer",
-     "the worker and the coordinator never import each other"),
-    ("fedpi/weights/serde.py", "import coordinator_service.settings",
-     "fedpi is the shared base"),
-    ("coordinator_service/policy/strategy.py", "import coordinator_service.engine.rounds",
-     "coordinator layers"),
-    ("coordinator_service/control/service.py", "import coordinator_service.cli",
-     "no library module imports a command line"),
-    ("coordinator_service/observe/progress.py", "import coordinator_service.__main__",
-     "a service's __main__ only parses and calls"),
-    ("worker_service/trainer.py", "import worker_service.servicer", "worker layers"),
-])
+@pytest.mark.parametrize(
+    ("module", "planted", "contract"),
+    [
+        (
+            "coordinator_service/engine/rounds.py",
+            "import worker_service.servicer",
+            "the worker and the coordinator never import each other",
+        ),
+        ("fedpi/weights/serde.py", "import coordinator_service.settings", "fedpi is the shared base"),
+        ("coordinator_service/policy/strategy.py", "import coordinator_service.engine.rounds", "coordinator layers"),
+        (
+            "coordinator_service/control/service.py",
+            "import coordinator_service.cli",
+            "no library module imports a command line",
+        ),
+        (
+            "coordinator_service/observe/progress.py",
+            "import coordinator_service.__main__",
+            "a service's __main__ only parses and calls",
+        ),
+        ("worker_service/trainer.py", "import worker_service.servicer", "worker layers"),
+    ],
+)
 def test_a_planted_import_breaks_its_contract(tmp_path, module, planted, contract):
     for package in PACKAGES:
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))

@@ -8,9 +8,9 @@ import grpc
 import pytest
 import torch
 
-from fedpi.weights import serde, wire
 from fedpi.data import Dataset, Split
 from fedpi.models import build_model
+from fedpi.weights import serde, wire
 from generated.fedpi.v1 import worker_pb2 as pb
 from worker_service.servicer import Limits, WorkerServicer
 
@@ -44,9 +44,14 @@ class FakeContext:
 
 def _servicer() -> WorkerServicer:
     split = Split(torch.zeros(8, 28, 28, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64), 0.0, 1.0)
-    return WorkerServicer(worker_id="w", model_name="reference-cnn", model=build_model("reference-cnn"),
-                          data=Dataset("tiny", split, split), partition="0/1",
-                          limits=Limits(max_concurrent_downloads=3))
+    return WorkerServicer(
+        worker_id="w",
+        model_name="reference-cnn",
+        model=build_model("reference-cnn"),
+        data=Dataset("tiny", split, split),
+        partition="0/1",
+        limits=Limits(max_concurrent_downloads=3),
+    )
 
 
 def test_concurrent_readers_are_bounded_and_share_one_snapshot():
@@ -95,6 +100,7 @@ async def _chunks(chunks):
 def test_a_stalled_reader_keeps_its_weights_while_new_ones_are_installed_without_a_copy_otherwise():
     """Snapshots share the model's tensors; only a change while a stream still reads them moves the model to copies,
     and that stream still sends the weights it started with, intact."""
+
     async def scenario():
         servicer, release = _servicer(), asyncio.Event()
         old = {k: v.clone() for k, v in servicer.model.state_dict().items()}
@@ -136,8 +142,9 @@ class Misaligned(torch.nn.Module):
 def test_a_model_that_cannot_live_in_the_upload_buffer_is_copied_into():
     async def scenario():
         split = Split(torch.zeros(8, 28, 28, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64), 0.0, 1.0)
-        servicer = WorkerServicer(worker_id="w", model_name="odd", model=Misaligned(),
-                                  data=Dataset("tiny", split, split), partition="0/1")
+        servicer = WorkerServicer(
+            worker_id="w", model_name="odd", model=Misaligned(), data=Dataset("tiny", split, split), partition="0/1"
+        )
         before = [p.data_ptr() for p in servicer.model.parameters()]
         new = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([4.0, 5.0], dtype=torch.float64)}
         payload = serde.WeightsPayload(new, round=2, architecture="odd", round_id="run/2.1")

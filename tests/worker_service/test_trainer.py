@@ -25,8 +25,12 @@ def test_training_improves_the_model_and_reports_progress(data):
     before, _ = evaluate(model, data.test)
     progress = []
     # Execute
-    out = Trainer(model, data).train(TrainConfig(local_batches=30, learning_rate=0.05, momentum=0.5),
-                                     lambda *p: progress.append(p), threading.Event(), progress_every=0.0)
+    out = Trainer(model, data).train(
+        TrainConfig(local_batches=30, learning_rate=0.05, momentum=0.5),
+        lambda *p: progress.append(p),
+        threading.Event(),
+        progress_every=0.0,
+    )
     # Assert
     after, _ = evaluate(model, data.test)
     assert after < before
@@ -38,14 +42,18 @@ def test_same_seed_same_result(data):
     results = []
     for _ in range(2):
         model = build_model("reference-cnn")
-        results.append(Trainer(model, data).train(TrainConfig(local_batches=3, seed=7), lambda *p: None,
-                                                  threading.Event()).mean_loss)
+        results.append(
+            Trainer(model, data)
+            .train(TrainConfig(local_batches=3, seed=7), lambda *p: None, threading.Event())
+            .mean_loss
+        )
     assert results[0] == results[1]
 
 
 def test_epochs_cover_the_shard_once_per_epoch(data):
     out = Trainer(build_model("reference-cnn"), data).train(
-        TrainConfig(local_batches=0, local_epochs=1, batch_size=500), lambda *p: None, threading.Event())
+        TrainConfig(local_batches=0, local_epochs=1, batch_size=500), lambda *p: None, threading.Event()
+    )
     assert out.samples == len(data.train)
 
 
@@ -56,13 +64,16 @@ def test_cancel_stops_training(data):
         Trainer(build_model("reference-cnn"), data).train(TrainConfig(local_batches=5), lambda *p: None, cancelled)
 
 
-@pytest.mark.parametrize("cfg, message", [
-    (TrainConfig(local_batches=0, local_epochs=0), "exactly one"),
-    (TrainConfig(local_batches=5, local_epochs=1), "exactly one"),
-    (TrainConfig(batch_size=0), "batch_size"),
-    (TrainConfig(learning_rate=0), "learning_rate"),
-    (TrainConfig(momentum=1.5), "momentum"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (TrainConfig(local_batches=0, local_epochs=0), "exactly one"),
+        (TrainConfig(local_batches=5, local_epochs=1), "exactly one"),
+        (TrainConfig(batch_size=0), "batch_size"),
+        (TrainConfig(learning_rate=0), "learning_rate"),
+        (TrainConfig(momentum=1.5), "momentum"),
+    ],
+)
 def test_bad_config_is_refused_with_a_reason(cfg, message):
     with pytest.raises(ValueError, match=message):
         cfg.validate(100)
@@ -71,8 +82,9 @@ def test_bad_config_is_refused_with_a_reason(cfg, message):
 def _distance_moved(data, mu: float) -> float:
     model = build_model("reference-cnn")
     start = [p.detach().clone() for p in model.parameters()]
-    Trainer(model, data).train(TrainConfig(local_batches=10, learning_rate=0.1, proximal_mu=mu), lambda *p: None,
-                               threading.Event())
+    Trainer(model, data).train(
+        TrainConfig(local_batches=10, learning_rate=0.1, proximal_mu=mu), lambda *p: None, threading.Event()
+    )
     return sum(float((p.detach() - s).pow(2).sum()) for p, s in zip(model.parameters(), start)) ** 0.5
 
 
@@ -91,8 +103,11 @@ def test_fedprox_mu_must_be_sane():
 def test_a_time_budget_trains_until_it_is_spent(data):
     progress = []
     out = Trainer(build_model("reference-cnn"), data, batch_delay=0.05).train(
-        TrainConfig(local_batches=0, local_seconds=0.6, batch_size=16), lambda *p: progress.append(p),
-        threading.Event(), progress_every=0.0)
+        TrainConfig(local_batches=0, local_seconds=0.6, batch_size=16),
+        lambda *p: progress.append(p),
+        threading.Event(),
+        progress_every=0.0,
+    )
     # 0.05 s of delay per batch plus the batch itself: fewer than 12 batches fit in 0.6 s, and more than one.
     assert 2 <= out.batches < 12 and out.samples == out.batches * 16
     assert 0.6 <= out.train_seconds < 1.5
@@ -101,16 +116,20 @@ def test_a_time_budget_trains_until_it_is_spent(data):
 
 def test_a_time_budget_stops_at_the_batch_limit(data):
     out = Trainer(build_model("reference-cnn"), data, max_batches=3).train(
-        TrainConfig(local_batches=0, local_seconds=60, batch_size=16), lambda *p: None, threading.Event())
+        TrainConfig(local_batches=0, local_seconds=60, batch_size=16), lambda *p: None, threading.Event()
+    )
     assert out.batches == 3
 
 
-@pytest.mark.parametrize("cfg, message", [
-    (TrainConfig(local_batches=5, local_seconds=1.0), "exactly one"),
-    (TrainConfig(local_batches=0, local_seconds=-1.0), "between 0 and"),
-    (TrainConfig(local_batches=0, local_seconds=1e9), "a day"),
-    (TrainConfig(local_batches=5, local_seconds=float("nan")), "between 0 and"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (TrainConfig(local_batches=5, local_seconds=1.0), "exactly one"),
+        (TrainConfig(local_batches=0, local_seconds=-1.0), "between 0 and"),
+        (TrainConfig(local_batches=0, local_seconds=1e9), "a day"),
+        (TrainConfig(local_batches=5, local_seconds=float("nan")), "between 0 and"),
+    ],
+)
 def test_bad_time_budgets_are_refused(cfg, message):
     with pytest.raises(ValueError, match=message):
         cfg.validate(1000)

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
+from fedpi_fashion import FashionMobileNetTask
 from torch import nn
 
 from fedpi import data as datasets
-from fedpi.weights import serde
 from fedpi.task import Partition, initial_model, task_class
-from fedpi_fashion import FashionMobileNetTask
+from fedpi.weights import serde
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,25 @@ def test_each_worker_gets_a_share_of_the_60000_images(fashion):
 
 def test_three_workers_train_it_and_the_reported_accuracy_is_the_model_s(fashion, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "coordinator_service", "demo", "--task", "fashion-mobilenet", "--rounds", "2",
-         "--no-download", "--output-dir", str(tmp_path), "--log-format", "json"],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "coordinator_service",
+            "demo",
+            "--task",
+            "fashion-mobilenet",
+            "--rounds",
+            "2",
+            "--no-download",
+            "--output-dir",
+            str(tmp_path),
+            "--log-format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(len(m["workers"]) == 3 for m in metrics)

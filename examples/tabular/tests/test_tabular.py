@@ -10,12 +10,11 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
+from fedpi_tabular import TEST_ROWS, BreastCancerTask
 
 from coordinator_service.local import LocalCluster, LocalWorker
 from fedpi.task import Partition, initial_model, task_class
-from fedpi_tabular import TEST_ROWS, BreastCancerTask
 
 
 def test_registered_under_its_name():
@@ -36,8 +35,13 @@ def test_the_data_is_the_same_on_every_machine_and_cut_into_disjoint_shares():
 
 
 def run(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator_service", *args, "--log-format", "json"],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator_service", *args, "--log-format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def events(stdout: str, name: str) -> list[dict]:
@@ -67,18 +71,30 @@ def test_three_workers_train_it_and_the_reported_accuracy_is_the_model_s(tmp_pat
 
 def test_a_worker_with_another_version_of_the_task_is_refused_naming_both(tmp_path):
     # Version 2.0 of the task, as its author might publish it: a wider hidden layer.
-    (tmp_path / "tabular_v2.py").write_text(textwrap.dedent("""
+    (tmp_path / "tabular_v2.py").write_text(
+        textwrap.dedent("""
         from fedpi_tabular import BreastCancerTask
 
         class BreastCancerTaskV2(BreastCancerTask):
             version = "2.0"
             hidden = 64
-    """))
+    """)
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     with LocalCluster([LocalWorker("pi", ["--task", "breast-cancer"], tmp_path)]) as cluster:  # runs 1.0
         asyncio.run(cluster.wait_serving(timeout=120))
-        proc = run("train", "--task", "tabular_v2:BreastCancerTaskV2", "--workers", cluster.spec, "--rounds", "1",
-                   "--output-dir", str(tmp_path / "run"), env=env)
+        proc = run(
+            "train",
+            "--task",
+            "tabular_v2:BreastCancerTaskV2",
+            "--workers",
+            cluster.spec,
+            "--rounds",
+            "1",
+            "--output-dir",
+            str(tmp_path / "run"),
+            env=env,
+        )
     assert proc.returncode == 1
     [failed] = events(proc.stdout, "worker_handshake_failed")
     assert "worker runs task breast-cancer 1.0" in failed["reason"]
