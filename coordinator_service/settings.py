@@ -19,7 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from coordinator_service.policy.rules import Aggregation, parse_aggregation
+from coordinator_service.policy.rules import AggregationRule, choices, parse_aggregation
+from coordinator_service.policy.strategy import STRATEGIES
 
 MAX_WORKERS = 256  # no run names more workers than this; `serve --max-workers-per-run` can lower it
 MIB = 1 << 20
@@ -107,7 +108,7 @@ class AggregationSettings(_Group):
     aggregation: str = Field(
         "fedavg",
         max_length=32,
-        description="fedavg | median | trimmed-mean[:k] | clipped[:norm] (README: Robust aggregation)",
+        description=f"{choices().replace(', ', ' | ')} (docs/guide.md, Robust aggregation)",
     )
     unweighted: bool = Field(False, description="plain mean instead of weighting by samples")
     max_update_ratio: float = Field(
@@ -123,12 +124,12 @@ class AggregationSettings(_Group):
         return str(parse_aggregation(value))  # raises ValueError naming the rules
 
     @property
-    def rule(self) -> Aggregation:
+    def rule(self) -> AggregationRule:
         return parse_aggregation(self.aggregation)
 
 
 class ServerOptimizerSettings(_Group):
-    """How the aggregate becomes the next global model (README: Server optimizers)."""
+    """How the aggregate becomes the next global model (docs/guide.md, Server optimizers)."""
 
     server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
         "fedavg", description="fedavg takes the aggregate; the others step towards it"
@@ -166,7 +167,7 @@ class Transfer(_Group):
     compression: Literal["none", "zlib", "fp16", "bf16", "int8"] = Field(
         "none",
         description="how workers send their updates: zlib (lossless, the global model too), fp16 / bf16 "
-        "(half the bytes), int8 (deltas with error feedback, a quarter); README: Compression",
+        "(half the bytes), int8 (deltas with error feedback, a quarter); docs/guide.md, Compression",
     )
     compress_global_model: bool = Field(False, description="with fp16 / bf16: send the global model that way too")
 
@@ -215,11 +216,7 @@ class RunSettings(_Group):
 
     @model_validator(mode="after")
     def _compatible(self) -> RunSettings:
-        if self.strategy_name == "fednova" and self.aggregation.rule.coordinate_wise:
-            raise ValueError(
-                f"strategy fednova weighs every update by its local steps; aggregation "
-                f"{self.aggregation.aggregation} ignores weights: use fedavg or clipped"
-            )
+        STRATEGIES[self.strategy_name].check_rule(self.aggregation.rule)
         return self
 
     @property
@@ -272,8 +269,9 @@ def canonical(key: str) -> str:
 
 # -- layers and their merge ----------------------------------------------------------------------------------------
 
-#: Starting configurations. `default` is the fields' own defaults, chosen from `make bench-learning` (README:
-#: Learning); `seed` is fedpi's first configuration (the reference's plain SGD), kept so its figures can be reproduced.
+#: Starting configurations. `default` is the fields' own defaults, chosen from `make bench-learning`
+#: (docs/benchmarks.md, Learning); `seed` is fedpi's first configuration (the reference's plain SGD), kept so its
+#: figures can be reproduced.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "seed": {"lr": 0.01, "momentum": 0.0, "local_batches": 50, "batch_size": 64, "server_optimizer": "fedavg"},
@@ -327,7 +325,8 @@ def _env_model() -> type[BaseSettings]:
     from pydantic import create_model
 
     # Every setting as an optional string: merge() checks the values with the rest, naming the variable's setting.
-    return create_model("RunSettingsEnv", __base__=_EnvSettings, **{name: (str | None, None) for name in FIELDS})
+    fields: dict[str, Any] = {name: (str | None, None) for name in FIELDS}
+    return create_model("RunSettingsEnv", __base__=_EnvSettings, **fields)
 
 
 def env_layer() -> dict[str, str]:
@@ -380,7 +379,7 @@ def add_arguments(parser) -> None:
     environment and the preset keep their say; values are checked by merge(), like every other layer's."""
     import argparse
 
-    groups = {None: parser.add_argument_group(GROUP_TITLES[None])}
+    groups: dict[str | None, Any] = {None: parser.add_argument_group(GROUP_TITLES[None])}
     for name, group in FIELDS.items():
         if group not in groups:
             groups[group] = parser.add_argument_group(GROUP_TITLES[group])

@@ -18,7 +18,6 @@ import torch
 
 from coordinator_service.engine import checkpoint
 from coordinator_service.engine.observer import RunObserver
-from coordinator_service.engine.robust import Aggregation
 from coordinator_service.engine.roster import HandshakeFailed, Roster
 from coordinator_service.engine.rounds import (
     DEFAULT_MAX_UPDATE_RATIO,
@@ -28,6 +27,7 @@ from coordinator_service.engine.rounds import (
     TransferSettings,
 )
 from coordinator_service.engine.worker_client import ClientSecurity, Expected, WorkerClient
+from coordinator_service.policy.rules import AggregationRule, WeightedMean
 from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
 from coordinator_service.policy.strategy import Strategy
 from fedpi import durable
@@ -70,7 +70,7 @@ class RunConfig:
     keepalive_seconds: float = 30.0
     resume: bool = False
     latest_link: Path | None = None  # a symlink pointed at output_dir when the run starts
-    aggregation: Aggregation = Aggregation()
+    aggregation: AggregationRule = WeightedMean()
     server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
     max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO
     federated_evaluation: bool = False  # each round's workers also evaluate the new model on their test splits

@@ -9,8 +9,9 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
+from coordinator_service.policy.rules import AggregationRule, weighted_rules
 from generated.fedpi.v1 import worker_pb2 as pb
 
 T = TypeVar("T")
@@ -25,6 +26,19 @@ class Failure:
 
 class Strategy(ABC):
     """A federated averaging policy. The round loop calls these and never decides anything itself."""
+
+    name: ClassVar[str] = ""
+    # Whether the strategy's correction lives in the updates' weights, so that a rule ignoring weights undoes it.
+    needs_weighted_rule: ClassVar[bool] = False
+
+    @classmethod
+    def check_rule(cls, rule: AggregationRule) -> None:
+        """ValueError if `rule` cannot carry out this strategy."""
+        if cls.needs_weighted_rule and not rule.uses_weights:
+            raise ValueError(
+                f"strategy {cls.name} weighs every update by its local steps; aggregation {rule} ignores weights: "
+                f"use {' or '.join(weighted_rules())}"
+            )
 
     @abstractmethod
     def configure_train(self, server_round: int, worker_index: int) -> pb.TrainRequest:
@@ -71,6 +85,8 @@ class FedAvg(Strategy):
     - `local_seconds`: each worker trains for a time budget instead of a number of batches (see FedNova, which
       corrects the average for the unequal local work this gives).
     """
+
+    name: ClassVar[str] = "fedavg"
 
     def __init__(
         self,
@@ -165,6 +181,9 @@ class FedNova(FedAvg):
     rate eta, a_i = (1 - (1 - eta mu)^tau_i) / (eta mu).
     """
 
+    name: ClassVar[str] = "fednova"
+    needs_weighted_rule: ClassVar[bool] = True  # its normalisation is in the weights
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         if self.momentum and self.proximal_mu:
@@ -198,4 +217,4 @@ class FedNova(FedAvg):
         return sum(pi * ai for pi, ai in zip(p, a)) * sum(pi / ai for pi, ai in zip(p, a))
 
 
-STRATEGIES = {"fedavg": FedAvg, "fednova": FedNova}
+STRATEGIES: dict[str, type[FedAvg]] = {cls.name: cls for cls in (FedAvg, FedNova)}
