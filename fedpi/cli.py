@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+from collections.abc import Collection
 
 from fedpi import names
 
@@ -64,7 +65,7 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
 
 
-def apply_env_defaults(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+def apply_env_defaults(parser: argparse.ArgumentParser, skip: Collection[str] = frozenset()) -> None:
     """Let every long flag of `parser` (and its subcommands) be set from FEDPI_<FLAG>, as Kubernetes ConfigMaps do.
 
     A flag given on the command line still wins. The help text names the variable. Flags whose dest is in `skip`
@@ -90,7 +91,7 @@ def apply_env_defaults(parser: argparse.ArgumentParser, skip: set[str] = frozens
             action.default = flag in ("1", "true", "yes", "on")
             continue
         try:
-            action.default = action.type(value) if action.type else value
+            action.default = action.type(value) if callable(action.type) else value
         except (ValueError, TypeError) as exc:
             parser.error(f"{name}={value!r} is not a valid value for {flags[0]}: {exc}")
         if action.choices is not None and action.default not in action.choices:
@@ -106,8 +107,7 @@ def add_task_arguments(parser: argparse.ArgumentParser, default_dataset: str) ->
     parser.add_argument(
         "--task",
         default=names.DEFAULT_TASK,
-        help="what to train: a task name from `fedpi tasks` or package.module:TaskClass "
-        "(README: Your own model and data)",
+        help="what to train: a task name from `fedpi tasks` or package.module:TaskClass (docs/tasks.md)",
     )
     parser.add_argument(
         "--model",

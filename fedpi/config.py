@@ -81,7 +81,7 @@ def _value(path, action: argparse.Action, value: Any) -> Any:
             raise ConfigError(f"--config {path}: {flag.lstrip('-')} = {value!r}: use true or false")
         return value
     try:
-        converted = action.type(str(value)) if action.type else str(value)
+        converted = action.type(str(value)) if callable(action.type) else str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"--config {path}: {flag.lstrip('-')} = {value!r}: {exc}") from None
     if action.choices is not None and converted not in action.choices:

@@ -6,7 +6,7 @@ A task is a subclass of `Task` in any importable package, chosen with `--task` (
 on every worker, either by the name it is registered under in the `fedpi.tasks` entry-point group or as
 `module:Class`. fedpi's own MNIST-like task is registered the same way, as `mnist` (fedpi/mnist_task.py).
 
-The smallest task (README: Your own model and data):
+The smallest task (docs/tasks.md):
 
     class SensorTask(Task):
         name = "sensor"
@@ -66,8 +66,9 @@ class Partition(NamedTuple):
     """Which share of a dataset a worker trains on: shard `index` of `count`, cut by `scheme` (see
     fedpi.data.partition_indices). The coordinator's held-out test set is Partition.whole()."""
 
-    index: int = 0
-    count: int = 1
+    # The task API's names; they shadow tuple.index and tuple.count, which nothing here calls.
+    index: int = 0  # type: ignore[assignment]
+    count: int = 1  # type: ignore[assignment]
     scheme: str = "iid"
     seed: int = 0
     alpha: float = datasets.DEFAULT_DIRICHLET_ALPHA

@@ -1,5 +1,5 @@
 """The coordinator's state after each finished round (evaluated, logged), written atomically: a crash loses the round
-that was training and at most the one before it, still being evaluated (README: Coordinator)."""
+that was training and at most the one before it, still being evaluated (docs/guide.md, Coordinator)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ class Checkpoint:
     @staticmethod
     def capture_rng() -> dict:
         # Plain types and tensors only, so that the file loads with torch.load(weights_only=True).
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        legacy: Any = np.random.get_state()  # the tuple form, which torch.save keeps as it is
+        kind, keys, pos, has_gauss, cached = legacy
         return {
             "torch": torch.get_rng_state(),
             "python": random.getstate(),

@@ -8,7 +8,7 @@ discovery the name is resolved again before every round too, so a pod that comes
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -35,7 +35,7 @@ class Roster:
         make_client: Callable[[str, str], WorkerClient],
         *,
         expected: Expected,
-        workers: list[tuple[str, str]] = (),
+        workers: Sequence[tuple[str, str]] = (),
         dns: str | None = None,
         handshake_timeout: float = 10.0,
     ):

@@ -382,7 +382,7 @@ class WorkerClient:
         call = self._get_weights(
             pb.GetWeightsRequest(
                 chunk_size=chunk_size,
-                encoding=encoding,
+                encoding=encoding,  # type: ignore[arg-type]  # an enum's number, as protobuf takes it
                 digest_in_trailer=digest_in_trailer,
                 digests=list(serde.DIGESTS),
             ),
@@ -466,7 +466,7 @@ async def resolve(target: str) -> list[tuple[str, str]]:
         infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
     except socket.gaierror:
         return []
-    return [(_join(a, port), _join(a, port)) for a in sorted({info[4][0] for info in infos})]
+    return [(_join(a, port), _join(a, port)) for a in sorted({str(info[4][0]) for info in infos})]
 
 
 async def discover(target: str, expect: int, timeout: float, interval: float = 2.0) -> list[tuple[str, str]]:

@@ -42,8 +42,8 @@ class ServerOptimizer:
         if not config.lr > 0:
             raise ValueError(f"--server-lr must be positive, got {config.lr}")
         self.config = config
-        self.m: list[torch.Tensor] | None = None
-        self.v: list[torch.Tensor] | None = None
+        self.m: list[torch.Tensor] | None = None  # moments, made on the first step: one per float tensor
+        self.v: list[torch.Tensor] = []
 
     def step(self, global_model: Sequence[torch.Tensor], aggregate: Sequence[torch.Tensor]) -> None:
         """Replace each floating-point tensor of `aggregate` (flat, accumulator dtype) by the next global model."""
@@ -81,4 +81,4 @@ class ServerOptimizer:
                 f"{self.config.name!r}: resume with --server-optimizer {state.get('name')}"
             )
         self.m = list(state["m"]) or None
-        self.v = list(state["v"]) if self.m is not None else None
+        self.v = list(state["v"]) if self.m is not None else []

@@ -40,6 +40,8 @@ class ServerSecurity:
         return self.cert_file is not None
 
     def credentials(self) -> grpc.ServerCredentials:
+        if self.key_file is None or self.cert_file is None:
+            raise ValueError("TLS needs a certificate and its key (--tls-cert, --tls-key)")
         return grpc.ssl_server_credentials(
             [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
             root_certificates=self.client_ca_file.read_bytes() if self.client_ca_file else None,

@@ -27,6 +27,7 @@ import ipaddress
 import os
 import secrets
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -71,12 +72,18 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def _ec_key(key: object) -> ec.EllipticCurvePrivateKey:
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SystemExit(f"{key!r}: the CA key must be an elliptic-curve key, as this tool writes them")
+    return key
+
+
 def make_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     crt, key = out / "ca.crt", out / "ca.key"
     if crt.exists() and key.exists():
         return (
             x509.load_pem_x509_certificate(crt.read_bytes()),
-            serialization.load_pem_private_key(key.read_bytes(), password=None),
+            _ec_key(serialization.load_pem_private_key(key.read_bytes(), password=None)),
         )
     private = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -154,7 +161,7 @@ def worker_names(workers: int, names: list[str] | None = None) -> list[str]:
 
 
 def make_all(
-    out: Path, workers: int, extra_sans: list[str] = (), namespace: str = "fedpi", names: list[str] | None = None
+    out: Path, workers: int, extra_sans: Sequence[str] = (), namespace: str = "fedpi", names: list[str] | None = None
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ca = make_ca(out)

@@ -21,11 +21,17 @@ from generated.fedpi.v1 import worker_pb2 as pb
 
 FP16, BF16, INT8 = pb.CHUNK_ENCODING_FP16, pb.CHUNK_ENCODING_BF16, pb.CHUNK_ENCODING_INT8_DELTA
 LOSSY = (FP16, BF16, INT8)
-_NARROW = {FP16: torch.float16, BF16: torch.bfloat16}
+_NARROW: dict[int, torch.dtype] = {FP16: torch.float16, BF16: torch.bfloat16}
 _SCALE = struct.Struct("<f")
 SCALE_BYTES = _SCALE.size
 # Names for --compression, logs and errors.
-NAMES = {pb.CHUNK_ENCODING_RAW: "none", pb.CHUNK_ENCODING_ZLIB: "zlib", FP16: "fp16", BF16: "bf16", INT8: "int8"}
+NAMES: dict[int, str] = {
+    pb.CHUNK_ENCODING_RAW: "none",
+    pb.CHUNK_ENCODING_ZLIB: "zlib",
+    FP16: "fp16",
+    BF16: "bf16",
+    INT8: "int8",
+}
 
 
 def encoded(dtype: torch.dtype, encoding: int) -> bool:
@@ -76,6 +82,8 @@ def encode(
     if encoding in _NARROW:
         narrow = x.to(_NARROW[encoding])
         return _bytes(narrow), narrow.to(x.dtype)
+    if base is None:
+        raise ValueError("int8 deltas need the weights the update was trained from (base)")
     delta = x.to(torch.float32) - base.to(torch.float32)
     if residual is not None:
         delta.add_(residual)
@@ -89,7 +97,7 @@ def encode(
     return _SCALE.pack(scale) + _bytes(q), dequantize(q, scale, base, x.dtype)
 
 
-def decode(data: bytes, dtype: torch.dtype, encoding: int, base: torch.Tensor | None) -> torch.Tensor:
+def decode(data: bytes | memoryview, dtype: torch.dtype, encoding: int, base: torch.Tensor | None) -> torch.Tensor:
     """Wire bytes of one piece -> its values in `dtype`. ValueError for lengths that cannot be such a piece."""
     if not encoded(dtype, encoding):
         return _frombuffer(data, dtype)
@@ -120,4 +128,4 @@ def _bytes(x: torch.Tensor) -> bytes:
 
 def raw_view(x: torch.Tensor) -> memoryview:
     """The bytes of a flat tensor, without a copy."""
-    return memoryview(x.contiguous().view(torch.uint8).numpy()).cast("B")
+    return x.contiguous().view(torch.uint8).numpy().data.cast("B")

@@ -15,7 +15,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import xxhash
@@ -34,7 +34,11 @@ DIGEST_PREFIX = "sha256:"
 # without SHA instructions (a Raspberry Pi 4); since 1.6 also XXH3-128, over twenty times faster than either. A digest
 # here catches bytes corrupted in transit or in memory: a sender can always send a matching digest for bytes it made up
 # (the update checks deal with that), and TLS authenticates the bytes on the wire. A checksum does this job.
-DIGESTS = {"sha256": hashlib.sha256, "blake2b": hashlib.blake2b, "xxh3_128": xxhash.xxh3_128}
+DIGESTS: dict[str, Callable[..., Any]] = {
+    "sha256": hashlib.sha256,
+    "blake2b": hashlib.blake2b,
+    "xxh3_128": xxhash.xxh3_128,
+}
 DIGESTS_BEFORE_1_6 = ("sha256", "blake2b")
 SUPPORTED_ENCODINGS = (pb.CHUNK_ENCODING_RAW, pb.CHUNK_ENCODING_ZLIB, *compression.LOSSY)
 # What SetWeights accepts: an int8 delta needs a base the receiver of the global model does not have.
@@ -173,7 +177,7 @@ def _meta_from_proto(spec: pb.TensorSpec) -> TensorMeta:
 
 def _byte_view(t: torch.Tensor) -> memoryview:
     # reshape(-1) first: a 0-d tensor cannot be reinterpreted as bytes directly.
-    return memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def digest_of(views: Sequence[memoryview]) -> str:
@@ -242,7 +246,7 @@ class WeightsPayload:
             tensors=[m.to_proto() for m in self.manifest],
             total_bytes=self.total_bytes,
             digest=self.digest if digest is None else digest,
-            encoding=encoding,
+            encoding=encoding,  # type: ignore[arg-type]  # an enum's number, as protobuf takes it
             round_id=self.round_id,
             trained=self.trained,
         )
@@ -312,8 +316,8 @@ class WeightsPayload:
 
 class _Chunk(NamedTuple):
     offset: int
-    data: list[bytes | memoryview]  # what WeightsData.data holds, in pieces to be joined
-    decoded: list[bytes | memoryview]  # the raw payload bytes it stands for, which the digest is of
+    data: Sequence[bytes | memoryview]  # what WeightsData.data holds, in pieces to be joined
+    decoded: Sequence[bytes | memoryview]  # the raw payload bytes it stands for, which the digest is of
     wire_bytes: int
 
 
@@ -454,8 +458,15 @@ class StreamReader:
         self.received = 0  # decoded bytes
         self.wire_bytes = 0  # bytes of chunk data as they crossed the network
         self.digest = ""  # the digest announced: the header's, or the trailer's once it arrived
-        self._hash = None
+        self._hash: Any = None
         self._tensor, self._element = 0, 0  # where the next lossy chunk starts
+
+    @property
+    def started(self) -> pb.WeightsHeader:
+        """The header, once it has arrived: data chunks and the trailer are refused before it."""
+        if self.header is None:
+            raise MalformedStream("data before the header: a weight stream must start with a WeightsHeader")
+        return self.header
 
     def accept(self, chunk: pb.WeightsChunk | wire.Data | bytes) -> bytes | memoryview | None:
         """Validate one message (as parsed, or its bytes on the wire); return the raw bytes of a data chunk (None for
@@ -528,9 +539,9 @@ class StreamReader:
     def _accept_trailer(self, trailer: pb.WeightsTrailer) -> None:
         if not self._trailer_expected:
             raise MalformedStream("trailer in a stream whose header carried its digest (or a second trailer)")
-        if self.received != self.header.total_bytes:
+        if self.received != self.started.total_bytes:
             raise MalformedStream(
-                f"trailer after {self.received} of {self.header.total_bytes} bytes: it must come last"
+                f"trailer after {self.received} of {self.started.total_bytes} bytes: it must come last"
             )
         if not trailer.digest.startswith(self.digest) or trailer.digest == self.digest:
             raise MalformedStream(
@@ -549,16 +560,16 @@ class StreamReader:
                 f"chunk at offset {data.offset} but {self.received} bytes were received so far: chunks must arrive "
                 f"in order without gaps"
             )
-        raw = self._decode_piece(sent) if self.header.encoding in compression.LOSSY else self._decode(sent)
-        if self.received + len(raw) > self.header.total_bytes:
-            raise PayloadTooLarge(f"stream carries more than the {self.header.total_bytes} bytes its header announced")
+        raw = self._decode_piece(sent) if self.started.encoding in compression.LOSSY else self._decode(sent)
+        if self.received + len(raw) > self.started.total_bytes:
+            raise PayloadTooLarge(f"stream carries more than the {self.started.total_bytes} bytes its header announced")
         self.received += len(raw)
         self.wire_bytes += len(sent)
         self._hash.update(raw)
         return raw
 
-    def _decode(self, data: bytes) -> bytes:
-        if self.header.encoding != pb.CHUNK_ENCODING_ZLIB:
+    def _decode(self, data: bytes | memoryview) -> bytes | memoryview:
+        if self.started.encoding != pb.CHUNK_ENCODING_ZLIB:
             return data
         inflater = zlib.decompressobj()
         try:
@@ -573,17 +584,19 @@ class StreamReader:
             raise MalformedStream(f"zlib chunk at offset {self.received} is truncated")
         return raw
 
-    def _decode_piece(self, data: bytes) -> memoryview:
+    def _decode_piece(self, data: bytes | memoryview) -> memoryview:
         """A lossy chunk: elements of the tensor where the last chunk stopped, decoded into its dtype."""
         while self._tensor < len(self.manifest) and self._element == self.manifest[self._tensor].numel:
             self._tensor, self._element = self._tensor + 1, 0
         if self._tensor == len(self.manifest):
-            raise PayloadTooLarge(f"stream carries more than the {self.header.total_bytes} bytes its header announced")
-        meta, encoding = self.manifest[self._tensor], self.header.encoding
+            raise PayloadTooLarge(f"stream carries more than the {self.started.total_bytes} bytes its header announced")
+        meta, encoding = self.manifest[self._tensor], self.started.encoding
         left = meta.numel - self._element
         base = None
         if encoding == compression.INT8 and compression.encoded(meta.torch_dtype, encoding):
             values_sent = len(data) - compression.SCALE_BYTES
+            if self.base is None:
+                raise MalformedStream("an int8 delta needs the weights it was computed from; none are held here")
             base = self.base[self._tensor][self._element : self._element + min(max(values_sent, 0), left)]
         try:
             values = compression.decode(data, meta.torch_dtype, encoding, base)
@@ -653,10 +666,10 @@ class Assembler:
         offset = self.reader.received
         raw = self.reader.accept(chunk)
         if is_header(chunk):
-            total = self.reader.header.total_bytes
+            total = self.reader.started.total_bytes
             spare = self._spare
             self._buf = spare if spare is not None and len(spare) >= total else bytearray(total)
-        elif raw is not None:
+        elif raw is not None and self._buf is not None:  # the reader refuses data before a header
             self._buf[offset : offset + len(raw)] = raw
 
     @property
@@ -664,8 +677,8 @@ class Assembler:
         return self._buf
 
     def finish(self) -> dict[str, torch.Tensor]:
-        self.reader.finish()
-        state = tensors_from_buffer(self.reader.manifest, self._buf)
+        self.reader.finish()  # a stream without a header fails here: _buf is set by then
+        state = tensors_from_buffer(self.reader.manifest, self._buf or bytearray())
         check_finite(state)
         return state
 
