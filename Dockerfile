@@ -32,7 +32,7 @@ COPY worker_service worker_service
 COPY coordinator_service coordinator_service
 COPY fedpi_cli fedpi_cli
 # pip is uninstalled (not deleted), so an image built FROM this one can get it back with `python -m ensurepip`
-# to install a task (README: Your own model and data).
+# to install a task (docs/tasks.md).
 RUN /opt/fedpi/bin/pip install --no-deps . \
     && /opt/fedpi/bin/python -m pip uninstall --yes --quiet pip \
     && find /opt/fedpi -name '__pycache__' -prune -exec rm -rf {} + \

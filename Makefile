@@ -22,7 +22,7 @@ K = $(KUBECTL) -n $(NAMESPACE)
 
 CERTS ?= certs
 
-.PHONY: help venv proto run tasks test fuzz runs model bench bench-learning clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
+.PHONY: help venv proto run tasks test lint docs fuzz runs model bench bench-learning clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -50,8 +50,17 @@ run: $(STAMP)  ## three local workers + a coordinator on 127.0.0.1: a real train
 tasks: $(STAMP)  ## list the installed tasks (make run TASK=NAME trains one)
 	$(PY) -m coordinator_service tasks
 
-test: $(STAMP)  ## the whole test suite
+test: lint docs  ## the whole test suite (after lint and the docs build)
 	$(PY) -m pytest
+
+lint: $(STAMP)  ## ruff (lint, format), the import contracts (lint-imports) and type checks (mypy)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+
+docs: $(STAMP)  ## build the documentation site into site/, strictly: a broken link or anchor fails
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 FUZZ_EXAMPLES ?= 10000
 
@@ -61,10 +70,10 @@ fuzz: $(STAMP)  ## throw FUZZ_EXAMPLES random and nearly-valid RunSpecs at a liv
 BENCH ?=
 
 bench: $(STAMP)  ## benchmarks: wire (loopback and Pi LAN vs raw TCP, compression), transport, memory, reference workload, faults, poison, robust-memory, scale [BENCH="wire scale"]
-	$(PY) -m tests.bench $(BENCH)
+	$(PY) -m bench $(BENCH)
 
 bench-learning: $(STAMP)  ## strategies x partitions on real MNIST / Fashion-MNIST, and a mixed Pi LAN (about 2 hours)
-	$(PY) -m tests.bench_learning $(BENCH_LEARNING_ARGS)
+	$(PY) -m bench.learning $(BENCH_LEARNING_ARGS)
 
 LOCK = $(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --generate-hashes --quiet
 

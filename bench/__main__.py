@@ -1,7 +1,7 @@
 """Benchmarks with real processes on 127.0.0.1; `make bench` prints their figures.
 
 0. wire: round overhead on loopback and on an emulated Pi LAN against raw TCP, compression's bytes and accuracy,
-   peak RSS (tests/bench_wire.py).
+   peak RSS (bench/wire.py).
 1. transport: the 105 MB large-mlp model through SetWeights / GetWeights with gRPC's default 4 MB message limit.
 2. memory: the coordinator's peak RSS with 3 and with 8 workers on large-mlp (must not grow by a model per worker).
 3. reference: 3 workers, 20 rounds, the reference CNN and hyper-parameters on 8,000 real MNIST digits (needs
@@ -34,7 +34,7 @@ from fedpi.models import build_model
 from fedpi.weights import serde
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
-from tests.bench_wire import bare_torch_rss_mb, bench_wire
+from bench.wire import bare_torch_rss_mb, bench_wire
 from tests.conftest import SHARED_MNIST
 from tests.integration.conftest import DIGITS, METADATA, events, run_coordinator
 

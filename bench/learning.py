@@ -10,7 +10,7 @@
    round (--local-seconds) and FedNova; test accuracy after 1, 2, 5 and 10 minutes of rounds (the sum of their
    walls) and the median round wall.
 
-    python -m tests.bench_learning [table] [mixed] [--datasets mnist-10k,fashion-mnist] [--minutes 10]
+    python -m bench.learning [table] [mixed] [--datasets mnist-10k,fashion-mnist] [--minutes 10]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from coordinator_service.local import LocalCluster, LocalWorker
 from fedpi.data import DEBIAN_FASHION_MNIST
-from tests import pilan
+from bench import pilan
 from tests.conftest import ROOT, SHARED_MNIST
 
 

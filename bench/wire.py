@@ -32,7 +32,7 @@ from fedpi.runtime import peak_rss_mb
 from fedpi.task import initial_model
 from fedpi.weights import serde
 from generated.fedpi.v1 import worker_pb2 as pb
-from tests import pilan
+from bench import pilan
 from tests.conftest import ROOT, SHARED_MNIST
 from tests.integration.conftest import DIGITS, events, run_coordinator
 

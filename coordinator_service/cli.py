@@ -44,7 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=list(run_settings.PRESETS),
         default="default",
         help="a starting configuration that FEDPI_* variables and flags override: default (measured, "
-        "README: Learning) or seed (fedpi's first configuration: plain SGD, lr 0.01)",
+        "docs/benchmarks.md, Learning) or seed (fedpi's first configuration: plain SGD, lr 0.01)",
     )
     # The coordinator evaluates on the task's held-out test set; workers load their own shards.
     add_task_arguments(p, default_dataset="auto")
@@ -67,7 +67,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         default=0,
         help="also keep the global model of the last N rounds in --output-dir/rounds/",
     )
-    worker_security_arguments(p.add_argument_group("security (see README: Threat model)"))
+    worker_security_arguments(p.add_argument_group("security (see docs/threat-model.md)"))
     p.add_argument("--threads", type=int, default=0, help="torch threads for evaluation (0: torch's default)")
     p.add_argument(
         "--metrics-port",

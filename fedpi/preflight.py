@@ -80,7 +80,8 @@ def check(timeout: float = 600.0) -> str | None:
         cpu = "unknown CPU"
     return (
         f"fedpi cannot train here: torch {torch_version()} {how} on this CPU ({cpu}). Use a fedpi image built "
-        f"with a torch that supports it (torch 2.9.1 for a Raspberry Pi 4, see README: Supported boards), or try "
+        f"with a torch that supports it (torch 2.9.1 for a Raspberry Pi 4, see docs/deploy.md, Supported boards), "
+        f"or try "
         f"OMP_NUM_THREADS=1."
     )
 

@@ -95,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="also serve grpc.health.v1 alone, in plaintext, on this port (kubelet probes cannot do TLS)",
     )
-    g = p.add_argument_group("security (see README: Threat model)")
+    g = p.add_argument_group("security (see docs/threat-model.md)")
     g.add_argument("--token-file", help="require this bearer token (file contents) on every call but health checks")
     g.add_argument("--tls-cert", help="serve TLS with this certificate")
     g.add_argument("--tls-key", help="private key of --tls-cert")
