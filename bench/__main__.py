@@ -29,12 +29,12 @@ from pathlib import Path
 
 import grpc
 
+from bench.wire import bare_torch_rss_mb, bench_wire
 from coordinator_service.local import LocalCluster, LocalWorker, demo_cluster
 from fedpi.models import build_model
 from fedpi.weights import serde
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
-from bench.wire import bare_torch_rss_mb, bench_wire
 from tests.conftest import SHARED_MNIST
 from tests.integration.conftest import DIGITS, METADATA, events, run_coordinator
 

@@ -26,9 +26,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import pilan
 from coordinator_service.local import LocalCluster, LocalWorker
 from fedpi.data import DEBIAN_FASHION_MNIST
-from bench import pilan
 from tests.conftest import ROOT, SHARED_MNIST
 
 

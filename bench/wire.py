@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from bench import pilan
 from coordinator_service.engine.worker_client import Expected, WorkerClient, upload_digest
 from coordinator_service.local import LocalCluster, demo_cluster
 from fedpi.mnist_task import MnistTask
@@ -32,7 +33,6 @@ from fedpi.runtime import peak_rss_mb
 from fedpi.task import initial_model
 from fedpi.weights import serde
 from generated.fedpi.v1 import worker_pb2 as pb
-from bench import pilan
 from tests.conftest import ROOT, SHARED_MNIST
 from tests.integration.conftest import DIGITS, events, run_coordinator
 

@@ -36,6 +36,19 @@ log = structlog.get_logger()
 NOT_TRAINABLE = -1  # weights_round after an interrupted Train: the next SetWeights makes the model whole again
 
 
+# How a refused weight stream is answered; any other WeightsError is INVALID_ARGUMENT.
+WEIGHTS_STATUS = (
+    (serde.ArchitectureMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (serde.DigestMismatch, grpc.StatusCode.DATA_LOSS),
+    (serde.PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (serde.UploadTimedOut, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+
+def weights_status(exc: serde.WeightsError) -> grpc.StatusCode:
+    return next((code for kind, code in WEIGHTS_STATUS if isinstance(exc, kind)), grpc.StatusCode.INVALID_ARGUMENT)
+
+
 @dataclass(frozen=True)
 class Limits:
     max_chunk_bytes: int = serde.DEFAULT_MAX_CHUNK_BYTES
@@ -154,7 +167,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
         """The one place where domain errors become gRPC status codes."""
         if isinstance(exc, serde.WeightsError):
-            code = grpc.StatusCode[exc.status]
+            code = weights_status(exc)
         elif isinstance(exc, ProtocolMismatch):
             code = grpc.StatusCode.FAILED_PRECONDITION
         elif isinstance(exc, Busy):

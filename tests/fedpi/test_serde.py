@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import zlib
 
+import grpc
 import pytest
 import torch
 
 from fedpi.weights import serde
 from generated.fedpi.v1 import worker_pb2 as pb
+from worker_service.servicer import weights_status
 
-ALL_DTYPES = [getattr(torch, n) for n in serde._DTYPES]
+ALL_DTYPES = [getattr(torch, n) for n in serde.supported_dtypes()]
 
 
 def _state(dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -90,7 +92,7 @@ def test_corrupted_byte_rejected_by_digest(payload):
     chunks[2] = pb.WeightsChunk(data=pb.WeightsData(offset=chunks[2].data.offset, data=bytes(bad)))
     with pytest.raises(serde.DigestMismatch) as err:
         serde.read_state_dict(_reader(payload), iter(chunks))
-    assert err.value.status == "DATA_LOSS"
+    assert weights_status(err.value) == grpc.StatusCode.DATA_LOSS
 
 
 @pytest.mark.parametrize("digest", ["sha256", "blake2b", "xxh3_128"])
@@ -142,7 +144,7 @@ def test_oversized_stream_rejected(payload):
 def test_chunk_over_limit_rejected(payload):
     with pytest.raises(serde.PayloadTooLarge) as err:
         serde.read_state_dict(_reader(payload, max_chunk_bytes=16), payload.chunks(32))
-    assert err.value.status == "RESOURCE_EXHAUSTED"
+    assert weights_status(err.value) == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_payload_over_limit_rejected_at_header(payload):
@@ -182,7 +184,7 @@ def test_other_architecture_refused(payload):
     reader = serde.StreamReader(architecture="other", expected=None)
     with pytest.raises(serde.ArchitectureMismatch, match="'arch'") as err:
         reader.accept(_chunks(payload)[0])
-    assert err.value.status == "FAILED_PRECONDITION"
+    assert weights_status(err.value) == grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.mark.parametrize(
