@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import platform
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -28,13 +27,11 @@ from fedpi.weights import compression, serde
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from worker_service.metrics import WorkerMetrics
+from worker_service.state import Busy, TooManyDownloads, WeightsState
 from worker_service.trainer import DEFAULT_MAX_LOCAL_BATCHES, TrainConfig, Trainer, TrainOutcome
 from worker_service.training_job import TrainingJob
 
 log = structlog.get_logger()
-
-NOT_TRAINABLE = -1  # weights_round after an interrupted Train: the next SetWeights makes the model whole again
-
 
 # How a refused weight stream is answered; any other WeightsError is INVALID_ARGUMENT.
 WEIGHTS_STATUS = (
@@ -62,43 +59,6 @@ class Limits:
     upload_bytes_per_second: int = MIN_TRANSFER_BYTES_PER_SECOND
     # Concurrent GetWeights streams share one snapshot of the weights; more than this are refused.
     max_concurrent_downloads: int = 4
-
-
-class Replay:
-    """The items of an iterator, made once, on a thread, as the first reader needs them; every reader gets them all."""
-
-    def __init__(self, source: Iterator):
-        self._source = source
-        self._items: list = []
-        self._done = False
-        self._lock = asyncio.Lock()  # one thread advances the source at a time
-
-    async def replay(self) -> AsyncIterator:
-        i = 0
-        while True:
-            if i == len(self._items):
-                async with self._lock:
-                    if i == len(self._items) and not self._done:
-                        item = await asyncio.to_thread(next, self._source, _END)
-                        if item is _END:
-                            self._done = True
-                        else:
-                            self._items.append(item)
-            if i == len(self._items):
-                return
-            yield self._items[i]
-            i += 1
-
-
-_END = object()
-
-
-class Busy(Exception):
-    """Another call holds the model (training, or another upload): the caller should retry later."""
-
-
-class TooManyDownloads(Exception):
-    """More GetWeights streams at once than the worker serves."""
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):
@@ -131,24 +91,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.fingerprint = fingerprint(self.manifest)
         # Measured now, not by the first GetWeights: on a Pi's CPU share it takes a noticeable part of a second.
         self.digests = serde.digests_by_speed()
-        self.weights_round = 0  # the deterministic initial weights
-        self.weights_round_id = ""  # the coordinator's id of the round whose weights are installed
-        self.weights_trained = False  # Train has changed the installed weights since SetWeights
-        self.training_round: int | None = None
-        self.evaluating = False
-        self._model_lock = asyncio.Lock()  # held while training or installing: the model is never seen half-done
-        self._upload_active = False  # one upload at a time bounds the memory held by partial uploads
-        # Uploads take turns between two buffers: the model lives in one (_install), the next upload fills the other.
-        self._upload_buffer: bytearray | None = None
-        self._model_buffer: bytearray | None = None
-        # Shared by GetWeights streams until the weights change; it reads the model's own tensors (_leave_snapshot).
-        self._snapshot: serde.WeightsPayload | None = None
-        # int8 deltas (TrainRequest.update_encoding): the weights Train started from, the quantisation error fed back
-        # into the next update, and this update's chunks, quantised once however often they are fetched.
-        self._base: list[torch.Tensor | None] | None = None
-        self._residual: list[torch.Tensor | None] | None = None
-        self._int8: tuple[int, Replay] | None = None  # (chunk size, its chunks)
-        self._downloads = 0
+        self.state = WeightsState(worker_id, model_name, model)
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -156,13 +99,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         for key, value in context.invocation_metadata() or ():
             if key == VERSION_METADATA_KEY:
                 check_compatible(coordinator=value, worker=PROTOCOL_VERSION)
-
-    def _busy_reason(self) -> str:
-        if self.training_round is not None:
-            return f"worker {self.worker_id} is training round {self.training_round}"
-        if self.evaluating:
-            return f"worker {self.worker_id} is evaluating its weights"
-        return f"worker {self.worker_id} is installing weights"
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
         """The one place where domain errors become gRPC status codes."""
@@ -200,14 +136,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             dataset=self.data.name,
             partition=self.partition,
             chunk_encodings=list(serde.SUPPORTED_ENCODINGS),
-            state=pb.WORKER_STATE_TRAINING if self.training_round is not None else pb.WORKER_STATE_IDLE,
+            state=pb.WORKER_STATE_TRAINING if self.state.training_round is not None else pb.WORKER_STATE_IDLE,
             torch_version=torch.__version__,
             cpu_architecture=platform.machine(),
-            weights_round=self.weights_round,
+            weights_round=self.state.round,
             max_payload_bytes=self.limits.max_payload_bytes,
             max_chunk_bytes=self.limits.max_chunk_bytes,
-            weights_round_id=self.weights_round_id,
-            weights_trained=self.weights_trained,
+            weights_round_id=self.state.round_id,
+            weights_trained=self.state.trained,
             max_local_batches=self.limits.max_local_batches,
             task=self.task.name,
             task_version=self.task.version,
@@ -222,32 +158,26 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         start = time.perf_counter()
         try:
             self._check_protocol(context)
-            # Refused before a byte is read: nothing can be installed while the model is in use.
-            if self._model_lock.locked():
-                raise Busy(self._busy_reason() + "; weights were not installed, retry after it finishes")
-            if self._upload_active:
-                raise Busy(f"worker {self.worker_id} is receiving another SetWeights stream; retry when it is done")
-            self._upload_active = True
+            self.state.start_upload()  # refused before a byte is read while the model is in use
             try:  # until the upload is installed or dropped: the next one reuses its buffer
-                reader, state, buffer = await self._receive(request_iterator)
-                if self._model_lock.locked():
-                    raise Busy(self._busy_reason() + "; weights were not installed, retry after it finishes")
-                async with self._model_lock:
-                    self._install(state, buffer)
-                    self._set_weights_identity(reader.header.round, reader.header.round_id)
+                reader, tensors, buffer = await self._receive(request_iterator)
+                self.state.check_free("weights were not installed, retry after it finishes")
+                async with self.state.lock:
+                    self.state.install(tensors, buffer, reader.started.round, reader.started.round_id)
+                    self.metrics.weights_round.set(self.state.round)
             finally:
-                self._upload_active = False
+                self.state.uploading = False
         except (serde.WeightsError, ProtocolMismatch, Busy) as exc:
             await self._abort(context, exc, "SetWeights")
         seconds = time.perf_counter() - start
         log.info(
             "weights_installed",
-            round=self.weights_round,
-            round_id=self.weights_round_id,
+            round=self.state.round,
+            round_id=self.state.round_id,
             bytes=reader.received,
             seconds=round(seconds, 3),
         )
-        return pb.SetWeightsResponse(round=self.weights_round, bytes_received=reader.received, seconds=seconds)
+        return pb.SetWeightsResponse(round=self.state.round, bytes_received=reader.received, seconds=seconds)
 
     async def _receive(
         self, request_iterator: AsyncIterator[pb.WeightsChunk]
@@ -260,7 +190,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             max_chunk_bytes=limits.max_chunk_bytes,
             max_payload_bytes=limits.max_payload_bytes,
         )
-        assembler = serde.Assembler(reader, self._upload_buffer)
+        assembler = serde.Assembler(reader, self.state.upload_buffer)
         loop = asyncio.get_running_loop()
         allowed = limits.upload_grace
         try:
@@ -271,7 +201,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     else:  # sha256 or blake2b, off the event loop: gRPC reads the next chunk meanwhile
                         await asyncio.to_thread(assembler.add, chunk)
                     if serde.is_header(chunk):
-                        allowed = limits.upload_grace + reader.header.total_bytes / limits.upload_bytes_per_second
+                        allowed = limits.upload_grace + reader.started.total_bytes / limits.upload_bytes_per_second
                         deadline.reschedule(loop.time() + allowed)
         except TimeoutError:
             raise serde.UploadTimedOut(
@@ -279,50 +209,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 f"({reader.received} of {reader.header.total_bytes if reader.header else '?'} bytes arrived); "
                 f"nothing was installed"
             ) from None
-        return reader, assembler.finish(), assembler.buffer
-
-    def _install(self, state: dict[str, torch.Tensor], buffer: bytearray) -> None:
-        """Under the model lock. The upload's buffer becomes the model's storage, no copy, and the storage it replaces
-        takes the next upload, unless a GetWeights stream still reads it. A model that cannot take the buffer as it
-        is (a state_dict entry that is not one of its parameters or buffers, or a tensor off its natural alignment)
-        is copied into instead."""
-        live = self.model.state_dict(keep_vars=True)
-        own = {id(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())}
-        if not all(
-            id(t) in own and state[name].data_ptr() % state[name].element_size() == 0 for name, t in live.items()
-        ):
-            self._leave_snapshot()
-            self.model.load_state_dict(state)
-            self._upload_buffer = buffer
-            return
-        with torch.no_grad():
-            for name, t in live.items():
-                t.data = state[name]
-        self._upload_buffer = None if self._downloads else self._model_buffer
-        self._model_buffer = buffer
-
-    def _set_weights_identity(self, round_: int, round_id: str, trained: bool = False) -> None:
-        self.weights_round, self.weights_round_id, self.weights_trained = round_, round_id, trained
-        self._snapshot = None
-        self._base = self._int8 = None
-        self.metrics.weights_round.set(round_)
-
-    def _check_trainable(self, request: pb.TrainRequest) -> None:
-        if request.round != self.weights_round:
-            raise ProtocolMismatch(
-                f"worker {self.worker_id} holds the weights of round {self.weights_round}, asked to train "
-                f"round {request.round}: call SetWeights for round {request.round} first"
-            )
-        if request.round_id and request.round_id != self.weights_round_id:
-            raise ProtocolMismatch(
-                f"worker {self.worker_id} holds the weights of round id {self.weights_round_id!r}, asked to train "
-                f"round id {request.round_id!r}: call SetWeights for that round first"
-            )
-        if request.round_id and self.weights_trained:
-            raise ProtocolMismatch(
-                f"worker {self.worker_id} already trained the weights of round id {request.round_id!r}; an update "
-                f"is one Train on freshly set weights: call SetWeights again"
-            )
+        tensors = assembler.finish()  # a stream that ends before its header fails here
+        return reader, tensors, assembler.buffer or bytearray()
 
     async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> None:
         # Written with context.write rather than as a generator: a cancelled call then raises inside this coroutine,
@@ -341,19 +229,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         try:
             self._check_protocol(context)
             cfg.validate(len(self.data.train), self.limits.max_local_batches)
-            if self._model_lock.locked():
-                raise Busy(self._busy_reason() + "; one Train at a time")
-            self._check_trainable(request)
+            self.state.check_free("one Train at a time")
+            self.state.check_trainable(request.round, request.round_id)
         except (ValueError, ProtocolMismatch, Busy) as exc:
             await self._abort(context, exc, "Train")
         outcome: TrainOutcome | None = None
         failure: Exception | None = None
-        async with self._model_lock:
-            self.training_round = request.round
+        async with self.state.lock:
+            self.state.start_training(request.round, request.update_encoding == pb.CHUNK_ENCODING_INT8_DELTA)
             self.metrics.training.set(1)
-            self._leave_snapshot()
-            self._snapshot = self._int8 = None
-            self._keep_base(request.update_encoding == pb.CHUNK_ENCODING_INT8_DELTA)
             structlog.contextvars.bind_contextvars(round=request.round)
             job = TrainingJob(self.trainer, cfg, self.progress_every)
             try:
@@ -365,17 +249,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     failure = exc
             finally:
                 await job.stop()
-                self.training_round = None
+                self.state.end_training(finished=outcome is not None)
                 self.metrics.training.set(0)
+                self.metrics.weights_round.set(self.state.round)
                 structlog.contextvars.unbind_contextvars("round")
                 if outcome is None:
-                    # Partly trained weights are nobody's: the next SetWeights makes the model whole again.
-                    self._set_weights_identity(NOT_TRAINABLE, "")
-                    log.warning("training_abandoned", weights_round=self.weights_round)
-                else:
-                    self.weights_trained = True
-        if failure is not None:
-            await self._abort(context, failure, "Train")
+                    log.warning("training_abandoned", weights_round=self.state.round)
+        if outcome is None:
+            await self._abort(context, failure or RuntimeError("training ended without a result"), "Train")
+            return
         self.metrics.trained(outcome.train_seconds, outcome.batches, outcome.samples)
         log.info(
             "training_finished",
@@ -402,48 +284,31 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             )
         )
 
-    def _keep_base(self, keep: bool) -> None:
-        """Before a Train whose update goes back as int8 deltas: keep the weights it starts from."""
-        if not keep:
-            self._base = None
-            return
-        self._base = [
-            t.detach().reshape(-1).clone() if t.is_floating_point() else None for t in self.model.state_dict().values()
-        ]
-        if self._residual is None:
-            self._residual = [torch.zeros(len(t), dtype=torch.float32) if t is not None else None for t in self._base]
-
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResult:
         try:
             self._check_protocol(context)
-            if self._model_lock.locked():
-                raise Busy(self._busy_reason() + "; call Evaluate after it has finished")
-            if request.round_id and request.round_id != self.weights_round_id:
-                raise ProtocolMismatch(
-                    f"worker {self.worker_id} holds the weights of round id {self.weights_round_id!r}, asked to "
-                    f"evaluate round id {request.round_id!r}: call SetWeights for that round first"
-                )
+            self.state.check_evaluable(request.round_id)
         except (ProtocolMismatch, Busy) as exc:
             await self._abort(context, exc, "Evaluate")
         start = time.perf_counter()
-        async with self._model_lock:  # no SetWeights or Train may change the model while it is measured
-            self.evaluating = True
+        async with self.state.lock:  # no SetWeights or Train may change the model while it is measured
+            self.state.evaluating = True
             try:
                 loss, accuracy, samples = await asyncio.to_thread(self.trainer.evaluate)
             finally:
-                self.evaluating = False
+                self.state.evaluating = False
         seconds = time.perf_counter() - start
         log.info(
             "weights_evaluated",
-            round=self.weights_round,
-            round_id=self.weights_round_id,
+            round=self.state.round,
+            round_id=self.state.round_id,
             samples=samples,
             accuracy=round(accuracy, 4),
             seconds=round(seconds, 3),
         )
         return pb.EvaluateResult(
-            round=self.weights_round,
-            round_id=self.weights_round_id,
+            round=self.state.round,
+            round_id=self.state.round_id,
             loss=loss,
             accuracy=accuracy,
             samples=samples,
@@ -462,18 +327,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 )
             if encoding not in serde.SUPPORTED_ENCODINGS:
                 raise ValueError(f"unsupported chunk encoding {request.encoding}")
-            if self._model_lock.locked():
-                raise Busy(self._busy_reason() + "; call GetWeights after Train has finished")
-            if encoding == pb.CHUNK_ENCODING_INT8_DELTA and (self._base is None or not self.weights_trained):
-                raise ProtocolMismatch(
-                    f"worker {self.worker_id} has no int8 delta to send: its weights were not "
-                    f"trained by a Train that asked for one (TrainRequest.update_encoding)"
-                )
-            if self._downloads >= self.limits.max_concurrent_downloads:
-                raise TooManyDownloads(
-                    f"worker {self.worker_id} already serves {self._downloads} GetWeights streams, "
-                    f"its limit; retry when one has finished"
-                )
+            self.state.check_download(encoding, self.limits.max_concurrent_downloads)
             trailer = None
             if request.digest_in_trailer or encoding in compression.LOSSY:
                 trailer = serde.fastest_digest(request.digests or serde.DIGESTS_BEFORE_1_6)
@@ -484,12 +338,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     )
         except (ValueError, ProtocolMismatch, Busy, TooManyDownloads) as exc:
             await self._abort(context, exc, "GetWeights")
-        self._downloads += 1
+        self.state.downloads += 1
         try:
-            payload = await self._current_snapshot()
+            payload = await self.state.snapshot()
             if encoding == pb.CHUNK_ENCODING_INT8_DELTA:
                 try:
-                    async for chunk in self._int8_update(payload, chunk_size, trailer):
+                    async for chunk in self.state.int8_update(payload, chunk_size, trailer):
                         await context.write(chunk)
                 except ProtocolMismatch as exc:
                     await self._abort(context, exc, "GetWeights")
@@ -497,47 +351,4 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 for chunk in payload.chunks(chunk_size, encoding, trailer=trailer, encoded=True):
                     await context.write(chunk)
         finally:
-            self._downloads -= 1
-
-    def _int8_update(self, payload: serde.WeightsPayload, chunk_size: int, trailer: str) -> AsyncIterator:
-        """The update as int8 deltas, quantised once (the residual moves on once per update) and chunk by chunk as
-        the first fetch sends them: a second fetch, e.g. for clipping, replays the same bytes."""
-        if self._int8 is None:
-            chunks = payload.chunks(
-                chunk_size,
-                pb.CHUNK_ENCODING_INT8_DELTA,
-                trailer=trailer,
-                base=self._base,
-                residual=self._residual,
-                encoded=True,
-            )
-            self._int8 = (chunk_size, Replay(chunks))
-        if self._int8[0] != chunk_size:
-            raise ProtocolMismatch(
-                f"this update was quantised in {self._int8[0]}-byte chunks (a scale per chunk); "
-                f"fetch it again with chunk_size={self._int8[0]}"
-            )
-        return self._int8[1].replay()
-
-    async def _current_snapshot(self) -> serde.WeightsPayload:
-        """The weights as GetWeights streams send them, shared by every stream until they change: the model's own
-        tensors, no copy (a copy of a large model costs as much CPU as sending it on loopback)."""
-        async with self._model_lock:
-            if self._snapshot is None:
-                self._snapshot = serde.WeightsPayload(
-                    self.model.state_dict(),
-                    round=self.weights_round,
-                    architecture=self.model_name,
-                    round_id=self.weights_round_id,
-                    trained=self.weights_trained,
-                )
-            return self._snapshot
-
-    def _leave_snapshot(self) -> None:
-        """Before the model changes (under the model lock): streams still sending the snapshot keep the tensors it
-        reads, and the model moves on in copies of them. A slow reader never holds the model up."""
-        if self._snapshot is None or not self._downloads:
-            return
-        with torch.no_grad():
-            for t in itertools.chain(self.model.parameters(), self.model.buffers()):
-                t.data = t.data.clone()
+            self.state.downloads -= 1

@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -85,7 +86,7 @@ Progress = Callable[[int, int, float, float], None]  # batches_done, batches_tot
 
 def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's term mu/2 * ||w - w_start||^2 (Li et al., "Federated Optimization in Heterogeneous Networks", 2020)."""
-    return mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+    return cast(torch.Tensor, mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor)))
 
 
 class Trainer:

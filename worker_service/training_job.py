@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 from generated.fedpi.v1 import worker_pb2 as pb
 from worker_service.trainer import TrainConfig, Trainer, TrainOutcome
@@ -34,9 +35,10 @@ class TrainingJob:
     async def next_progress(self, every: float) -> pb.TrainProgress | None:
         """The next message to stream, or None once training has ended (its outcome is in `future`)."""
         if not self._fresh.is_set() and not self.future.done():
-            waiter = asyncio.ensure_future(self._fresh.wait())
+            waiter: asyncio.Future[Any] = asyncio.ensure_future(self._fresh.wait())
             try:
-                await asyncio.wait({waiter, self.future}, timeout=every, return_when=asyncio.FIRST_COMPLETED)
+                pending: set[asyncio.Future[Any]] = {waiter, self.future}
+                await asyncio.wait(pending, timeout=every, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
         if self._fresh.is_set():  # reports are published before the future completes, so none is lost

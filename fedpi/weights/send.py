@@ -88,7 +88,7 @@ class WeightsPayload:
         encoding: int = pb.CHUNK_ENCODING_RAW,
         *,
         trailer: str | None = None,
-        base: Sequence[torch.Tensor] | None = None,
+        base: Sequence[torch.Tensor | None] | None = None,
         residual: Sequence[torch.Tensor | None] | None = None,
         encoded: bool = False,
     ) -> OutgoingStream:

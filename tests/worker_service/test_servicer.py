@@ -60,7 +60,7 @@ def test_concurrent_readers_are_bounded_and_share_one_snapshot():
         contexts = [FakeContext(release) for _ in range(3)]
         readers = [asyncio.ensure_future(servicer.GetWeights(pb.GetWeightsRequest(), c)) for c in contexts]
         await asyncio.sleep(0.2)
-        snapshots = {id(servicer._snapshot)}
+        snapshots = {id(servicer.state._snapshot)}
         with pytest.raises(Aborted) as refused:
             await asyncio.wait_for(servicer.GetWeights(pb.GetWeightsRequest(), FakeContext(release)), 5)
         release.set()
@@ -74,7 +74,7 @@ def test_concurrent_readers_are_bounded_and_share_one_snapshot():
 
     servicer, contexts, snapshots, refused = asyncio.run(scenario())
     assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "3 GetWeights streams" in str(refused)
-    assert len(snapshots) == 1 and servicer._downloads == 0
+    assert len(snapshots) == 1 and servicer.state.downloads == 0
     digests = {c.chunks[0].header.digest for c in contexts}
     assert len(digests) == 1 and all(len(c.chunks) > 1 for c in contexts)
 
@@ -82,10 +82,10 @@ def test_concurrent_readers_are_bounded_and_share_one_snapshot():
 def test_the_snapshot_follows_new_weights():
     async def scenario():
         servicer = _servicer()
-        first = await servicer._current_snapshot()
-        assert await servicer._current_snapshot() is first
-        servicer._set_weights_identity(3, "run/3.1")
-        second = await servicer._current_snapshot()
+        first = await servicer.state.snapshot()
+        assert await servicer.state.snapshot() is first
+        servicer.state.set_identity(3, "run/3.1")
+        second = await servicer.state.snapshot()
         return first, second
 
     first, second = asyncio.run(scenario())
@@ -107,7 +107,7 @@ def test_a_stalled_reader_keeps_its_weights_while_new_ones_are_installed_without
         stalled = FakeContext(release)
         reader = asyncio.ensure_future(servicer.GetWeights(pb.GetWeightsRequest(chunk_size=4096), stalled))
         await asyncio.sleep(0.1)
-        shared = servicer._snapshot._flat[0].data_ptr() == servicer.model.state_dict()["conv1.weight"].data_ptr()
+        shared = servicer.state._snapshot._flat[0].data_ptr() == servicer.model.state_dict()["conv1.weight"].data_ptr()
         new = build_model("reference-cnn", seed=5).state_dict()
         payload = serde.WeightsPayload(new, round=2, architecture="reference-cnn", round_id="run/2.1")
         await servicer.SetWeights(_chunks(payload.chunks(1 << 20, trailer="xxh3_128")), FakeContext(release))
