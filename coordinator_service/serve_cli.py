@@ -20,43 +20,33 @@ from coordinator_service.control.runspec import InvalidSpec, RunTarget, WorkerPo
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.observe.metrics import PrometheusObserver
 from fedpi.logs import configure_logging
-from fedpi.net.auth import ServerSecurity, exposure
+from fedpi.net.auth import SecurityFlags, ServerSecurity, exposure_warning, server_security
 from fedpi.runtime import read_secret
 from fedpi.task import DEFAULT_TASK, installed
 
 log = structlog.get_logger()
 
 
+API_FLAGS = SecurityFlags(
+    "--api-token-file", "--api-tls-cert", "--api-tls-key", "--api-client-ca", "--api-client-identity"
+)
+
+
 def api_security(args: argparse.Namespace) -> tuple[ServerSecurity, str]:
     """The control API's security, and the warning to show when it is unsafe beyond loopback; refuses (ValueError)
     what is unsafe without --insecure."""
-    if bool(args.api_tls_cert) != bool(args.api_tls_key):
-        raise ValueError("--api-tls-cert and --api-tls-key go together")
-    if (args.api_client_ca or args.api_client_identity) and not args.api_tls_cert:
-        raise ValueError("mutual TLS (--api-client-ca, --api-client-identity) needs --api-tls-cert and --api-tls-key")
-    path = lambda value: Path(value) if value else None  # noqa: E731
-    security = ServerSecurity(
+    security = server_security(
+        API_FLAGS,
         token=read_secret(args.api_token_file, "--api-token-file") if args.api_token_file else None,
-        cert_file=path(args.api_tls_cert),
-        key_file=path(args.api_tls_key),
-        client_ca_file=path(args.api_client_ca),
+        cert=args.api_tls_cert,
+        key=args.api_tls_key,
+        client_ca=args.api_client_ca,
         client_identity=args.api_client_identity,
         client_role="an operator",
         server_role="coordinator",
         token_flag="fedpi runs --token-file",
     )
-    problem = exposure(
-        args.host,
-        args.port,
-        security,
-        token_hint="add --api-tls-cert and --api-tls-key",
-        auth_hint="add --api-token-file with --api-tls-cert/--api-tls-key, or --api-client-ca",
-    )
-    if not problem:
-        return security, ""
-    if not args.insecure:
-        raise ValueError(f"refusing to serve: {problem}; or pass --insecure to accept that")
-    return security, f"--insecure: {problem}"
+    return security, exposure_warning(args.host, args.port, security, API_FLAGS, args.insecure)
 
 
 def server_runs(args: argparse.Namespace, worker_security) -> tuple[runspec.WorkerPolicy, RunTarget, str]:

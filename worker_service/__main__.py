@@ -10,7 +10,6 @@ preflight.run_if_asked()
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 
 import structlog
 import torch
@@ -19,7 +18,8 @@ from fedpi import data as datasets
 from fedpi import task as tasks
 from fedpi.cli import make_task
 from fedpi.logs import configure_logging
-from fedpi.net.auth import ServerSecurity, exposure
+from fedpi.net.auth import SecurityFlags, ServerSecurity, server_security
+from fedpi.net.auth import exposure_warning as fedpi_exposure_warning
 from fedpi.net.ports import check_free
 from fedpi.runtime import freeze_startup_objects, read_secret
 from worker_service.cli import parse_args
@@ -68,38 +68,19 @@ def build_servicer(args: argparse.Namespace) -> WorkerServicer:
 
 
 def build_security(args: argparse.Namespace) -> ServerSecurity:
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if args.tls_client_ca and not args.tls_cert:
-        raise ValueError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
-    if args.client_identity and not args.tls_client_ca:
-        raise ValueError("--client-identity needs mutual TLS (--tls-client-ca)")
-    path = lambda value: Path(value) if value else None  # noqa: E731
-    security = ServerSecurity(
+    return server_security(
+        SecurityFlags(),
         token=read_secret(args.token_file, "--token-file") if args.token_file else None,
-        cert_file=path(args.tls_cert),
-        key_file=path(args.tls_key),
-        client_ca_file=path(args.tls_client_ca),
+        cert=args.tls_cert,
+        key=args.tls_key,
+        client_ca=args.tls_client_ca,
         client_identity=args.client_identity,
     )
-    for f in (security.cert_file, security.key_file, security.client_ca_file):
-        if f is not None and not f.is_file():
-            raise ValueError(f"{f}: no such file")
-    return security
 
 
 def exposure_warning(args: argparse.Namespace, security: ServerSecurity) -> str:
     """'' when serving safely; what is unsafe when --insecure allows it; ValueError when it does not."""
-    problem = exposure(
-        args.host,
-        args.port,
-        security,
-        token_hint="add --tls-cert and --tls-key",
-        auth_hint="add --token-file with --tls-cert/--tls-key, or --tls-client-ca",
-    )
-    if problem and not args.insecure:
-        raise ValueError(f"refusing to serve: {problem}; or pass --insecure to accept that")
-    return f"--insecure: {problem}" if problem else ""
+    return fedpi_exposure_warning(args.host, args.port, security, SecurityFlags(), args.insecure)
 
 
 def main(argv: list[str] | None = None, prog: str = "fedpi worker") -> int:

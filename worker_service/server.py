@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
-
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fedpi.net import server as grpc_server
 from fedpi.net.auth import AuthInterceptor, ServerSecurity
 from fedpi.net.ports import listen
 from fedpi.net.protocol import SERVICE_NAME
 from fedpi.weights import wire
-from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from worker_service.metrics import MetricsInterceptor
 from worker_service.servicer import WorkerServicer
@@ -85,10 +82,7 @@ async def create_server(
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
     _add_worker_service(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = (pb.DESCRIPTOR.services_by_name["Worker"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(services, server)
+    health_servicer = grpc_server.add_health_and_reflection(server, (SERVICE_NAME,))
     servers = [server]
     port = _listen(server, address, security)
     if health_address:
@@ -109,10 +103,7 @@ async def serve(
     health_address: str | None = None,
 ) -> None:
     servers, port, health_servicer = await create_server(servicer, address, security, health_address)
-    for server in servers:
-        await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await grpc_server.start(servers, health_servicer, (SERVICE_NAME,))
     log.info(
         "worker_started",
         address=address,
@@ -127,15 +118,9 @@ async def serve(
         health_address=health_address,
     )
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await grpc_server.until_signalled()
     finally:
         log.info("worker_stopping", grace_seconds=grace)
-        # NOT_SERVING first, so probes and coordinators see the shutdown before calls are refused.
-        await health_servicer.enter_graceful_shutdown()
-        await asyncio.gather(*(server.stop(grace) for server in servers))
+        await grpc_server.stop(servers, health_servicer, grace)
         log.info("worker_stopped")

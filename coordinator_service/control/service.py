@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -20,8 +19,6 @@ import grpc
 import structlog
 import torch
 from google.protobuf import json_format
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from coordinator_service import settings as run_settings
 from coordinator_service.control import launch, runspec
@@ -36,6 +33,7 @@ from fedpi.data import DATASETS, DatasetUnavailable
 from fedpi.logs import add_sink, remove_sink
 from fedpi.mnist_task import MnistTask
 from fedpi.models import MODELS
+from fedpi.net import server as grpc_server
 from fedpi.net.auth import AuthInterceptor, ServerSecurity
 from fedpi.net.ports import listen
 from fedpi.task import TaskError, task_class
@@ -496,13 +494,9 @@ async def serve(
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
     )
     cpb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(manager), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    health_servicer = grpc_server.add_health_and_reflection(server, (SERVICE,))
     port = listen(server, address, security.credentials() if security.tls else None)
-    await server.start()
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await grpc_server.start([server], health_servicer, (SERVICE,))
     interrupted = [r.run_id for r in (log.record for log in manager.store.logs.values()) if r.state == "interrupted"]
     log.info(
         "coordinator_serving",
@@ -520,15 +514,9 @@ async def serve(
     )
     if manager.config.warning:
         log.warning("coordinator_insecure", warning=manager.config.warning)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await grpc_server.until_signalled()
     finally:
         log.info("coordinator_stopping")
-        await health_servicer.enter_graceful_shutdown()
-        await manager.interrupt()
-        await server.stop(grace)
+        await grpc_server.stop([server], health_servicer, grace, before=manager.interrupt)
         manager.close()

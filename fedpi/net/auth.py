@@ -59,6 +59,63 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class SecurityFlags:
+    """What a server's security options are called on its command line, for the messages that name them."""
+
+    token_file: str = "--token-file"
+    cert: str = "--tls-cert"
+    key: str = "--tls-key"
+    client_ca: str = "--tls-client-ca"
+    client_identity: str = "--client-identity"
+
+
+def server_security(
+    flags: SecurityFlags,
+    *,
+    token: str | None,
+    cert: str | None,
+    key: str | None,
+    client_ca: str | None,
+    client_identity: str | None,
+    **roles: str,
+) -> ServerSecurity:
+    """A server's security from its options (files by path, the token already read), checked as a whole: both
+    services build theirs here. ValueError naming the flags when they do not fit together."""
+    if bool(cert) != bool(key):
+        raise ValueError(f"{flags.cert} and {flags.key} go together")
+    if client_ca and not cert:
+        raise ValueError(f"mutual TLS ({flags.client_ca}) needs {flags.cert} and {flags.key}")
+    if client_identity and not client_ca:
+        raise ValueError(f"{flags.client_identity} needs mutual TLS ({flags.client_ca})")
+    security = ServerSecurity(
+        token=token,
+        cert_file=Path(cert) if cert else None,
+        key_file=Path(key) if key else None,
+        client_ca_file=Path(client_ca) if client_ca else None,
+        client_identity=client_identity,
+        **roles,
+    )
+    for f in (security.cert_file, security.key_file, security.client_ca_file):
+        if f is not None and not f.is_file():
+            raise ValueError(f"{f}: no such file")
+    return security
+
+
+def exposure_warning(host: str, port: int, security: ServerSecurity, flags: SecurityFlags, insecure: bool) -> str:
+    """ "" when `security` is safe on host:port; what is unsafe when `insecure` accepts it; else ValueError."""
+    problem = exposure(
+        host,
+        port,
+        security,
+        token_hint=f"add {flags.cert} and {flags.key}",
+        auth_hint=f"add {flags.token_file} with {flags.cert}/{flags.key}, or {flags.client_ca}",
+    )
+    if problem and not insecure:
+        raise ValueError(f"refusing to serve: {problem}; or pass --insecure to accept that")
+    return f"--insecure: {problem}" if problem else ""
+
+
 def exposure(host: str, port: int, security: ServerSecurity, token_hint: str, auth_hint: str) -> str:
     """What is unsafe about serving `security` on host:port ("" if nothing): beyond loopback, a server wants a token
     with TLS, or mutual TLS. The hints name the flags that fix it."""
