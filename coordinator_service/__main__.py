@@ -21,10 +21,10 @@ from coordinator_service.cli import build_parser, read_config, settings_of, show
 from coordinator_service.control import launch
 from coordinator_service.control.runspec import InvalidSpec, RunTarget, parse_address, parse_workers
 from coordinator_service.engine.checkpoint import CheckpointMismatch
+from coordinator_service.engine.discovery import DiscoveryFailed
 from coordinator_service.engine.observer import Observers, RunObserver
 from coordinator_service.engine.rounds import RoundFailed
 from coordinator_service.engine.training import HandshakeFailed
-from coordinator_service.engine.worker_client import DiscoveryFailed
 from coordinator_service.local import demo_cluster
 from coordinator_service.observe.metrics import PrometheusObserver
 from coordinator_service.observe.progress import LiveProgress

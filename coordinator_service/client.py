@@ -119,7 +119,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _channel(args: argparse.Namespace):
-    from coordinator_service.engine.worker_client import ClientSecurity
+    from fedpi.net.client import ClientSecurity
 
     path = lambda value: Path(value) if value else None  # noqa: E731
     security = ClientSecurity(

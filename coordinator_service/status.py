@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 async def gather_info(workers: list[tuple[str, str]], security, timeout: float) -> list[tuple[str, str, object]]:
     """(name, address, WorkerInfo or the error) for every worker, asked at once, once: a refused port answers at
     once."""
-    from coordinator_service.engine.worker_client import WorkerClient, WorkerError
+    from coordinator_service.engine.worker_client import WorkerClient
+    from coordinator_service.engine.worker_errors import WorkerError
 
     async def ask(name: str, address: str):
         client = WorkerClient(name, address, rpc_timeout=timeout, security=security, retry=False)
@@ -77,7 +78,7 @@ async def _main(args: argparse.Namespace, security) -> int:
     from google.protobuf.json_format import MessageToDict
     from rich.console import Console
 
-    from coordinator_service.engine.worker_client import discover, parse_workers
+    from coordinator_service.engine.discovery import discover, parse_workers
     from generated.fedpi.v1 import worker_pb2 as pb
 
     if bool(args.workers) == bool(args.workers_dns):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import resource
+import time
 
 
 def read_secret(path: str, flag: str) -> str:
@@ -35,3 +36,7 @@ def peak_rss_mb(pid: int | str = "self") -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def elapsed(start: float) -> float:
+    return time.perf_counter() - start

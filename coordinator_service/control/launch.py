@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator_service.control.runspec import RunTarget  # noqa: F401 - also for callers
+from coordinator_service.engine.discovery import discover
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.rounds import TransferSettings
 from coordinator_service.engine.training import RunConfig, run
-from coordinator_service.engine.worker_client import ClientSecurity, discover
 from coordinator_service.policy.server_opt import ServerOptimizerConfig
 from coordinator_service.policy.strategy import STRATEGIES, FedAvg
 from coordinator_service.settings import RunSettings
+from fedpi.net.client import ClientSecurity
 from fedpi.runtime import read_secret
 from fedpi.task import Task, build_task
 from fedpi.weights import compression

@@ -25,10 +25,10 @@ from coordinator_service.control import launch, runspec
 from coordinator_service.control.runs import RESUMABLE, RunLog, RunRecord, RunStore, UnknownRun
 from coordinator_service.control.runspec import InvalidSpec, NotAllowed, RunTarget, WorkerPolicy
 from coordinator_service.engine.checkpoint import CheckpointMismatch
+from coordinator_service.engine.discovery import DiscoveryFailed
 from coordinator_service.engine.observer import Observers, RunObserver
 from coordinator_service.engine.rounds import RoundFailed
 from coordinator_service.engine.training import ROUND_MODELS, HandshakeFailed, RunStopped
-from coordinator_service.engine.worker_client import DiscoveryFailed
 from fedpi.data import DATASETS, DatasetUnavailable
 from fedpi.logs import add_sink, remove_sink
 from fedpi.mnist_task import MnistTask

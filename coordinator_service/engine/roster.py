@@ -12,14 +12,9 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from coordinator_service.engine.worker_client import (
-    Expected,
-    WorkerClient,
-    WorkerError,
-    WorkerIncompatible,
-    WorkerRefusedUs,
-    resolve,
-)
+from coordinator_service.engine.discovery import resolve
+from coordinator_service.engine.worker_client import Expected, WorkerClient
+from coordinator_service.engine.worker_errors import WorkerError, WorkerIncompatible, WorkerRefusedUs
 from coordinator_service.policy.strategy import Failure
 
 log = structlog.get_logger()

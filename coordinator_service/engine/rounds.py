@@ -31,19 +31,13 @@ from coordinator_service.engine.state import (
 )
 from coordinator_service.engine.transfer import Transfers
 from coordinator_service.engine.updates import ArrivedUpdates, Folder, WeightsThread
-from coordinator_service.engine.worker_client import (
-    WorkerClient,
-    WorkerError,
-    WorkerIncompatible,
-    WorkerRejected,
-    elapsed,
-    offered,
-    speaks,
-)
+from coordinator_service.engine.worker_client import WorkerClient, offered, speaks
+from coordinator_service.engine.worker_errors import WorkerError, WorkerIncompatible, WorkerRejected
 from coordinator_service.policy.rules import AggregationRule, WeightedMean
 from coordinator_service.policy.server_opt import ServerOptimizer
 from coordinator_service.policy.strategy import Failure, Strategy
 from fedpi.net.protocol import ProtocolMismatch, check_minimum
+from fedpi.runtime import elapsed
 from fedpi.weights import serde
 from generated.fedpi.v1 import worker_pb2 as pb
 

@@ -26,7 +26,7 @@ from coordinator_service.engine.rounds import (
     RoundRunner,
     TransferSettings,
 )
-from coordinator_service.engine.worker_client import ClientSecurity, Expected, WorkerClient
+from coordinator_service.engine.worker_client import Expected, WorkerClient
 from coordinator_service.policy.rules import AggregationRule, WeightedMean
 from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
 from coordinator_service.policy.strategy import Strategy
@@ -34,6 +34,7 @@ from fedpi import durable
 from fedpi.data import Split
 from fedpi.logs import is_console
 from fedpi.models import parameter_count
+from fedpi.net.client import ClientSecurity
 from fedpi.runtime import peak_rss_mb
 from fedpi.task import Task, initial_model
 from fedpi.weights import compression

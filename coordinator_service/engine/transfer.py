@@ -10,7 +10,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from coordinator_service.engine.state import Contribution, RoundState, TransferSettings
-from coordinator_service.engine.worker_client import WorkerClient, elapsed, offered, speaks, upload_digest
+from coordinator_service.engine.worker_client import WorkerClient, offered, speaks, upload_digest
+from fedpi.runtime import elapsed
 from fedpi.weights import compression, serde
 from generated.fedpi.v1 import worker_pb2 as pb
 

@@ -18,8 +18,9 @@ from coordinator_service.engine.aggregate import DeltaFold, NonFiniteAggregate, 
 from coordinator_service.engine.robust import CoordinateReducer, StepFailed
 from coordinator_service.engine.state import Contribution, RoundFailed, RoundState
 from coordinator_service.engine.transfer import Transfers
-from coordinator_service.engine.worker_client import WorkerError, elapsed
+from coordinator_service.engine.worker_errors import WorkerError
 from coordinator_service.policy.rules import Reduce, Update
+from fedpi.runtime import elapsed
 from fedpi.weights import serde
 
 log = structlog.get_logger()

@@ -4,23 +4,25 @@ into a small hierarchy the round loop can reason about."""
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
-import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import grpc
 import structlog
 import torch
 
+from coordinator_service.engine.worker_errors import (
+    WorkerIncompatible,
+    WorkerRefusedUs,
+    WorkerRejected,
+    WorkerTimeout,
+    translate,
+)
+from fedpi.net.client import ClientSecurity, channel_options
 from fedpi.net.protocol import (
-    AUTH_METADATA_KEY,
     MIN_TRANSFER_BYTES_PER_SECOND,
     PROTOCOL_VERSION,
     SERVICE_NAME,
-    VERSION_METADATA_KEY,
     ProtocolMismatch,
     check_compatible,
     check_minimum,
@@ -32,43 +34,8 @@ from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 
 log = structlog.get_logger()
 
-# Transient UNAVAILABLE (a worker restarting, Wi-Fi hiccup) is retried by gRPC itself, with backoff, for the calls
-# that are safe to repeat. Never Train: a repeated Train would train twice, and a lost one is the round's business.
-_SERVICE_CONFIG = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [{"service": SERVICE_NAME, "method": m} for m in ("GetInfo", "SetWeights", "GetWeights")],
-                "retryPolicy": {
-                    "maxAttempts": 4,
-                    "initialBackoff": "0.5s",
-                    "maxBackoff": "5s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
 # Workers must echo round ids and mark heartbeats (protocol 1.1) for their updates to be trusted.
 MINIMUM_WORKER_PROTOCOL = "1.1"
-
-
-def channel_options(keepalive_seconds: float = 30.0, retry: bool = True) -> list[tuple[str, object]]:
-    """Keepalive pings keep a quiet connection (a 10-minute Train on a slow Pi) open through NATs and idle timeouts,
-    and find a dead peer within keepalive + 10 s. Workers accept pings this often (worker_service.server). Without
-    `retry` (a person asking, `fedpi status`) a refused connection is an answer at once."""
-    options: list[tuple[str, object]] = [
-        ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-    return options + (
-        [("grpc.enable_retries", 1), ("grpc.service_config", _SERVICE_CONFIG)]
-        if retry
-        else [("grpc.enable_retries", 0)]
-    )
 
 
 @dataclass(frozen=True)
@@ -129,99 +96,6 @@ class Expected:
                 f"dtypes or shapes); install the same version of the task on both"
             )
         return None
-
-
-@dataclass(frozen=True)
-class ClientSecurity:
-    """How the coordinator proves itself to workers and checks them: a bearer token, TLS, or mutual TLS."""
-
-    token: str | None = field(default=None, repr=False)
-    ca_file: Path | None = None  # verify workers' certificates against this CA (turns TLS on)
-    cert_file: Path | None = None  # with key_file: our client certificate (mutual TLS)
-    key_file: Path | None = None
-    server_name: str | None = None  # the name worker certificates carry when they are dialled by IP address
-    # With TLS: each worker's certificate must name the worker id it reports in GetInfo, so that one worker's
-    # certificate cannot stand in for another's.
-    verify_worker_id: bool = True
-
-    @property
-    def tls(self) -> bool:
-        return self.ca_file is not None
-
-    def for_name(self, name: str) -> ClientSecurity:
-        """The same settings, expecting `name` on the worker's certificate."""
-        return replace(self, server_name=name)
-
-    def channel(self, address: str, options: list) -> grpc.aio.Channel:
-        if self.ca_file is None:
-            return grpc.aio.insecure_channel(address, options=options)
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=self.ca_file.read_bytes(),
-            private_key=self.key_file.read_bytes() if self.key_file else None,
-            certificate_chain=self.cert_file.read_bytes() if self.cert_file else None,
-        )
-        if self.server_name:
-            options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
-        return grpc.aio.secure_channel(address, credentials, options=options)
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        version = ((VERSION_METADATA_KEY, PROTOCOL_VERSION),)
-        return version + ((AUTH_METADATA_KEY, f"Bearer {self.token}"),) if self.token else version
-
-
-class WorkerError(Exception):
-    """A call to a worker failed. `worker` names it; the message says what happened and what to do."""
-
-    def __init__(self, worker: str, message: str):
-        super().__init__(f"{worker}: {message}")
-        self.worker = worker
-
-
-class WorkerUnavailable(WorkerError):
-    """The worker cannot be reached (down, restarting, network gone)."""
-
-
-class WorkerTimeout(WorkerError):
-    """The worker did not answer, or stopped reporting progress, in time."""
-
-
-class WorkerIncompatible(WorkerError):
-    """The worker runs another protocol version or model architecture."""
-
-
-class WorkerBusy(WorkerError):
-    """The worker is serving another call (another coordinator?)."""
-
-
-class WorkerRefusedUs(WorkerError):
-    """The worker does not accept this coordinator's credentials."""
-
-
-class WorkerRejected(WorkerError):
-    """The worker refused the request or sent something invalid."""
-
-
-def translate(worker: str, method: str, exc: grpc.aio.AioRpcError) -> WorkerError:
-    code, details = exc.code(), exc.details() or ""
-    message = f"{method} failed with {code.name}: {details}"
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return WorkerUnavailable(worker, message)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return WorkerTimeout(worker, message)
-    if code == grpc.StatusCode.UNIMPLEMENTED:
-        return WorkerIncompatible(
-            worker,
-            f"{method} is not served: the worker does not speak {SERVICE_NAME}. "
-            f"Upgrade it to a fedpi release that speaks protocol {PROTOCOL_VERSION}",
-        )
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return WorkerIncompatible(worker, message)
-    if code == grpc.StatusCode.ABORTED:
-        return WorkerBusy(worker, message)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return WorkerRefusedUs(worker, message + " (check --token-file and the TLS certificates)")
-    return WorkerRejected(worker, message)
 
 
 class WorkerClient:
@@ -422,72 +296,3 @@ def upload_digest(client: WorkerClient) -> str | None:
     if client.info is None:
         return None
     return next((name for name in client.info.digests if name in serde.DIGESTS), None)
-
-
-def parse_workers(spec: str) -> list[tuple[str, str]]:
-    """'alice=10.0.0.2:50051,bob=…' -> [(name, address)]; a bare address is named after itself."""
-    workers = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, sep, address = item.partition("=")
-        if not sep:
-            name, address = item, item
-        if ":" not in address:
-            raise ValueError(f"worker {name!r}: address {address!r} needs a port, e.g. {address}:50051")
-        workers.append((name, address))
-    names = [n for n, _ in workers]
-    if len(set(names)) != len(names):
-        raise ValueError(f"worker names must be unique: {names}")
-    if not workers:
-        raise ValueError("no workers given; use --workers alice=HOST:PORT,bob=HOST:PORT")
-    return workers
-
-
-class DiscoveryFailed(Exception):
-    """Fewer workers than expected showed up in DNS in time."""
-
-
-def _join(host: str, port: str) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _split_target(target: str) -> tuple[str, str]:
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(
-            f"--workers-dns needs HOST:PORT, e.g. fedpi-worker.fedpi.svc.cluster.local:50051; got {target!r}"
-        )
-    return host, port
-
-
-async def resolve(target: str) -> list[tuple[str, str]]:
-    """HOST:PORT -> [(address, address)] for every address HOST resolves to now (none if it does not resolve)."""
-    host, port = _split_target(target)
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return []
-    return [(_join(a, port), _join(a, port)) for a in sorted({str(info[4][0]) for info in infos})]
-
-
-async def discover(target: str, expect: int, timeout: float, interval: float = 2.0) -> list[tuple[str, str]]:
-    """Resolve HOST:PORT (a Kubernetes headless Service) until it yields `expect` addresses.
-
-    Workers found this way are named by address until their handshake reports their worker id.
-    """
-    host, _ = _split_target(target)
-    deadline = time.monotonic() + timeout
-    while True:
-        found = await resolve(target)
-        if len(found) >= expect:
-            return found
-        if time.monotonic() > deadline:
-            raise DiscoveryFailed(
-                f"{host} resolves to {len(found)} worker(s) after {timeout:.0f} s, expected "
-                f"{expect}: are the worker pods Ready (kubectl get pods)?"
-            )
-        log.info("workers_waiting", dns=host, found=len(found), expected=expect)
-        await asyncio.sleep(interval)
-
-
-def elapsed(start: float) -> float:
-    return time.perf_counter() - start

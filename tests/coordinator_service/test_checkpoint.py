@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from coordinator_service.engine import checkpoint
-from coordinator_service.engine.worker_client import ClientSecurity
 from fedpi.net.auth import ServerSecurity
+from fedpi.net.client import ClientSecurity
 
 
 class _Payload:

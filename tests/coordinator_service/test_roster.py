@@ -8,7 +8,8 @@ import pytest
 
 from coordinator_service.engine import roster as roster_module
 from coordinator_service.engine.roster import Roster
-from coordinator_service.engine.worker_client import Expected, WorkerUnavailable
+from coordinator_service.engine.worker_client import Expected
+from coordinator_service.engine.worker_errors import WorkerUnavailable
 from generated.fedpi.v1 import worker_pb2 as pb
 
 

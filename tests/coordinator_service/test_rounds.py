@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from coordinator_service.engine.rounds import RoundFailed, RoundRunner, TransferSettings
-from coordinator_service.engine.worker_client import WorkerUnavailable
+from coordinator_service.engine.worker_errors import WorkerUnavailable
 from coordinator_service.policy.rules import Clipped, TrimmedMean, median, parse_aggregation, trimmed_mean
 from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
 from coordinator_service.policy.strategy import FedAvg

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from coordinator_service.engine.worker_client import DiscoveryFailed, discover, parse_workers
+from coordinator_service.engine.discovery import DiscoveryFailed, discover, parse_workers
 from generated.fedpi.v1 import worker_pb2 as pb
 
 

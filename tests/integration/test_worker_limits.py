@@ -10,7 +10,8 @@ import time
 import grpc
 import pytest
 
-from coordinator_service.engine.worker_client import WorkerClient, WorkerTimeout
+from coordinator_service.engine.worker_client import WorkerClient
+from coordinator_service.engine.worker_errors import WorkerTimeout
 from coordinator_service.local import LocalWorker
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
