@@ -85,8 +85,9 @@ def allowed_tasks(args: argparse.Namespace) -> frozenset[str]:
 
 
 def serve_main(args: argparse.Namespace) -> int:
+    from coordinator_service.control.manager import RunManager, ServerRuns
     from coordinator_service.control.runs import RunStore
-    from coordinator_service.control.service import RunManager, ServerRuns, serve
+    from coordinator_service.control.service import serve
 
     configure_logging(args.log_format)
     if args.threads:

@@ -9,9 +9,9 @@ import json
 import pytest
 
 from coordinator_service.control import launch, runspec
+from coordinator_service.control.manager import RunManager, ServerRuns, TooMany
 from coordinator_service.control.runs import RunRecord, RunStore
 from coordinator_service.control.runspec import InvalidSpec, NotAllowed, RunTarget, WorkerPolicy
-from coordinator_service.control.service import RunManager, ServerRuns, TooMany
 from coordinator_service.settings import SettingsError
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 
