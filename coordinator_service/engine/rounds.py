@@ -17,7 +17,8 @@ from functools import partial
 import structlog
 import torch
 
-from coordinator_service.engine.aggregate import WeightedSum, fits, flat_reference, install, is_float, model_norm
+from coordinator_service.engine.aggregate import WeightedSum, fits, install, is_float
+from coordinator_service.engine.evaluation import evaluate_federated
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.state import (
     Contribution,
@@ -102,15 +103,6 @@ class RoundRunner:
         finally:
             structlog.contextvars.unbind_contextvars("round")
 
-    async def _prepare(self, number: int) -> RoundState:
-        self._attempts += 1
-        round_id = f"{self.run_id}/{number}.{self._attempts}"
-        state = self.model.state_dict()
-        payload = serde.WeightsPayload(state, round=number, architecture=self.architecture, round_id=round_id)
-        reference = flat_reference(state, payload.manifest)
-        max_distance = self.max_update_ratio * max(model_norm(reference, payload.manifest), 1.0)
-        return RoundState(number, round_id, payload, reference, max_distance, RoundReport(number))
-
     async def _announce(self, rnd: RoundState, clients: list[WorkerClient], present: int) -> None:
         """Log round_started with the model's sha256 digest, hashed on the weights thread once the model is out and
         the workers train: beside the sends it would slow them (workers check the digest their stream carries, not
@@ -129,7 +121,9 @@ class RoundRunner:
         self, number: int, clients: list[WorkerClient], index_of: Callable[[WorkerClient], int], present: int
     ) -> RoundReport:
         start = time.perf_counter()
-        rnd = await self._prepare(number)
+        self._attempts += 1
+        rnd = RoundState.begin(self.model, self.architecture, f"{self.run_id}/{number}.{self._attempts}", number,
+                               self.max_update_ratio)  # fmt: skip
         rnd.unsent = len(clients)
         if not clients:
             rnd.sent.set()
@@ -144,7 +138,9 @@ class RoundRunner:
             *(asyncio.wait_for(s, self.round_timeout) for s in steps), return_exceptions=True
         )
         await rnd.announced
-        done, tainted = self._settle(rnd, clients, outcomes)
+        done, failed, tainted = _settle(rnd, clients, outcomes, self.round_timeout)
+        for f in failed:
+            self._record_failure(rnd, f)
         await self._aggregate(rnd, done, clients, total, tainted)
         report = rnd.report
         for c in done:
@@ -154,7 +150,7 @@ class RoundRunner:
         report.aggregation_seconds = rnd.aggregation_seconds
         log.debug("weights_aggregated", contributors=len(done), rule=str(self.aggregation))
         if self.federated_evaluation:
-            await self._evaluate_federated(rnd, done)
+            await evaluate_federated(self.model, self.architecture, self.transfers, rnd, done)
         report.wall_seconds = elapsed(start)
         return report
 
@@ -178,7 +174,7 @@ class RoundRunner:
                 self.observer.worker_phase(c.name, "done")
         t = time.perf_counter()
         rnd.report.aggregate_scale = self.strategy.aggregate_scale([c.result for c in done])
-        await self._thread.run(self._install, rnd, flat, rnd.report.aggregate_scale)
+        await self._thread.run(_install, self.model, self.server_optimizer, rnd, flat, rnd.report.aggregate_scale)
         rnd.aggregation_seconds += elapsed(t)
 
     # -- step 1: train, and for a streaming rule fold ----------------------------------------------------------
@@ -203,7 +199,7 @@ class RoundRunner:
         try:
             _check_worker_supports(client, request)
             result = await client.train(request, partial(self.observer.worker_progress, client.name))
-            self._check_result(rnd, client, request, result)
+            _check_result(self.strategy, rnd, client, request, result)
         except WorkerError as exc:
             raise PhaseError("train", exc) from exc
         stats.samples, stats.train_seconds, stats.batches = result.samples, result.train_seconds, result.batches
@@ -218,24 +214,6 @@ class RoundRunner:
             loss=round(result.mean_loss, 4),
         )
         return Contribution(client, stats, result, self.strategy.weight(result))
-
-    def _check_result(
-        self, rnd: RoundState, client: WorkerClient, request: pb.TrainRequest, result: pb.TrainResult
-    ) -> None:
-        if result.round_id != rnd.round_id:
-            raise WorkerRejected(
-                client.name,
-                f"Train answered for round id {result.round_id!r}, expected {rnd.round_id!r}; its update was refused",
-            )
-        shard = client.info.train_samples if client.info is not None else 0
-        max_batches = client.info.max_local_batches if client.info is not None else 0
-        bound = self.strategy.max_samples(request, shard, max_batches)
-        if not 0 < result.samples <= bound:
-            raise WorkerRejected(
-                client.name,
-                f"reported {result.samples} training samples, outside 1..{bound} (what the round asked "
-                f"for: {_work_asked(request)} on a shard of {shard}); its update was refused",
-            )
 
     async def _train_and_fold(
         self, rnd: RoundState, client: WorkerClient, index: int, total: WeightedSum | None
@@ -254,23 +232,10 @@ class RoundRunner:
 
     # -- step 2: settle ----------------------------------------------------------------------------------------
 
-    def _settle(
-        self, rnd: RoundState, clients: list[WorkerClient], outcomes: list[Contribution | BaseException]
-    ) -> tuple[list[Contribution], bool]:
-        """The workers that finished, and whether a failed one left part of its update in the sum."""
-        done, tainted = [], False
-        for client, outcome in zip(clients, outcomes):
-            if isinstance(outcome, BaseException):
-                tainted |= client.name in rnd.folding
-                self._recordfailure(rnd, failure(client.name, outcome, self.round_timeout))
-            else:
-                done.append(outcome)
-        return done, tainted
-
     def _drop(self, rnd: RoundState, c: Contribution, cause: BaseException) -> None:
-        self._recordfailure(rnd, failure(c.name, PhaseError("get_weights", cause), 0))
+        self._record_failure(rnd, failure(c.name, PhaseError("get_weights", cause), 0))
 
-    def _recordfailure(self, rnd: RoundState, failure: Failure) -> None:
+    def _record_failure(self, rnd: RoundState, failure: Failure) -> None:
         rnd.report.failures.append(failure)
         log.warning("worker_dropped", worker=failure.worker, phase=failure.phase, reason=failure.reason)
         self.observer.worker_phase(failure.worker, "dropped", f"{failure.phase}: {failure.reason}")
@@ -284,57 +249,6 @@ class RoundRunner:
                 f"(--min-workers) ({reasons}); the global model is unchanged",
                 failures,
             )
-
-    # -- step 3: install ---------------------------------------------------------------------------------------
-
-    def _install(self, rnd: RoundState, flat: list[torch.Tensor], scale: float = 1.0) -> None:
-        """The aggregate, moved `scale` times from the global model (the strategy's say, e.g. FedNova's) and through
-        the server optimizer, becomes the global model if it is finite."""
-        if scale != 1.0:
-            for g, a in zip(rnd.reference, flat):
-                if a.is_floating_point():
-                    a.sub_(g).mul_(scale).add_(g)
-        self.server_optimizer.step(rnd.reference, flat)
-        for meta, values in zip(rnd.payload.manifest, flat):
-            # Finite in double precision is not enough: the model keeps its own dtype.
-            if not (fits(values, meta.torch_dtype) if is_float(meta) else serde.all_finite(values)):
-                raise RoundFailed(
-                    f"round {rnd.number}: the aggregate of {meta.name} holds NaN or Inf; the global model is unchanged",
-                    rnd.report.failures,
-                )
-        install(rnd.payload.manifest, flat, self.model.state_dict())
-
-    # -- after install: federated evaluation ------------------------------------------------------------------
-
-    async def _evaluate_federated(self, rnd: RoundState, done: list[Contribution]) -> None:
-        """Send the new global model to the round's workers and have each evaluate it on its local test split; the
-        round reports the mean weighted by test samples. A worker that fails here keeps its update in the round."""
-        payload = serde.WeightsPayload(
-            self.model.state_dict(), round=rnd.number, architecture=self.architecture, round_id=f"{rnd.round_id}/eval"
-        )
-        sends = self.transfers.broadcasts(payload, [c.client for c in done])
-        outcomes = await asyncio.gather(
-            *(self._evaluate_on(payload, sends[c.client.name], c) for c in done), return_exceptions=True
-        )
-        for c, outcome in zip(done, outcomes):
-            if isinstance(outcome, BaseException):
-                log.warning("worker_evaluation_failed", worker=c.client.name, reason=str(outcome))
-        evaluated = [c.stats for c in done if c.stats.eval_samples]
-        total = sum(w.eval_samples for w in evaluated)
-        if total:
-            report = rnd.report
-            report.federated_samples = total
-            report.federated_loss = sum(w.eval_loss * w.eval_samples for w in evaluated) / total
-            report.federated_accuracy = sum(w.eval_accuracy * w.eval_samples for w in evaluated) / total
-
-    async def _evaluate_on(self, payload: serde.WeightsPayload, send: serde.Broadcast, c: Contribution) -> None:
-        if c.client.info is not None:
-            check_minimum(c.client.info.protocol_version, "1.3", "federated evaluation (--federated-evaluation)")
-        await c.client.set_weights(send, payload.total_bytes)
-        result = await c.client.evaluate(payload.round_id)
-        if result.round_id != payload.round_id:
-            raise WorkerRejected(c.client.name, f"Evaluate answered for round id {result.round_id!r}")
-        c.stats.eval_loss, c.stats.eval_accuracy, c.stats.eval_samples = result.loss, result.accuracy, result.samples
 
 
 def _work_asked(request: pb.TrainRequest) -> str:
@@ -357,3 +271,57 @@ def _check_worker_supports(client: WorkerClient, request: pb.TrainRequest) -> No
                 check_minimum(client.info.protocol_version, minimum, feature)
             except ProtocolMismatch as exc:
                 raise WorkerIncompatible(client.name, str(exc)) from None
+
+
+def _check_result(
+    strategy: Strategy, rnd: RoundState, client: WorkerClient, request: pb.TrainRequest, result: pb.TrainResult
+) -> None:
+    if result.round_id != rnd.round_id:
+        raise WorkerRejected(
+            client.name,
+            f"Train answered for round id {result.round_id!r}, expected {rnd.round_id!r}; its update was refused",
+        )
+    shard = client.info.train_samples if client.info is not None else 0
+    max_batches = client.info.max_local_batches if client.info is not None else 0
+    bound = strategy.max_samples(request, shard, max_batches)
+    if not 0 < result.samples <= bound:
+        raise WorkerRejected(
+            client.name,
+            f"reported {result.samples} training samples, outside 1..{bound} (what the round asked "
+            f"for: {_work_asked(request)} on a shard of {shard}); its update was refused",
+        )
+
+
+def _install(
+    model: torch.nn.Module, server_optimizer: ServerOptimizer, rnd: RoundState, flat: list[torch.Tensor], scale: float
+) -> None:
+    """The aggregate, moved `scale` times from the global model (the strategy's say, e.g. FedNova's) and through
+    the server optimizer, becomes the global model if it is finite."""
+    if scale != 1.0:
+        for g, a in zip(rnd.reference, flat):
+            if a.is_floating_point():
+                a.sub_(g).mul_(scale).add_(g)
+    server_optimizer.step(rnd.reference, flat)
+    for meta, values in zip(rnd.payload.manifest, flat):
+        # Finite in double precision is not enough: the model keeps its own dtype.
+        if not (fits(values, meta.torch_dtype) if is_float(meta) else serde.all_finite(values)):
+            raise RoundFailed(
+                f"round {rnd.number}: the aggregate of {meta.name} holds NaN or Inf; the global model is unchanged",
+                rnd.report.failures,
+            )
+    install(rnd.payload.manifest, flat, model.state_dict())
+
+
+def _settle(
+    rnd: RoundState, clients: list[WorkerClient], outcomes: list[Contribution | BaseException], round_timeout: float
+) -> tuple[list[Contribution], list[Failure], bool]:
+    """The workers that finished, those that failed and why, and whether a failed one left part of its update in
+    the sum."""
+    done, failed, tainted = [], [], False
+    for client, outcome in zip(clients, outcomes):
+        if isinstance(outcome, BaseException):
+            tainted |= client.name in rnd.folding
+            failed.append(failure(client.name, outcome, round_timeout))
+        else:
+            done.append(outcome)
+    return done, failed, tainted

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from coordinator_service.engine.aggregate import UpdateCheck
+from coordinator_service.engine.aggregate import UpdateCheck, flat_reference, model_norm
 from coordinator_service.engine.worker_client import WorkerClient
 from coordinator_service.policy.strategy import Failure
 from fedpi.weights import serde
@@ -165,6 +165,18 @@ class RoundState:
     announced: asyncio.Task | None = None  # round_started is logged
     unsent: int = 0  # workers whose send of the global model has not ended yet
     sent: asyncio.Event = field(default_factory=asyncio.Event)  # every send has ended, well or not
+
+    @classmethod
+    def begin(
+        cls, model: torch.nn.Module, architecture: str, round_id: str, number: int, max_update_ratio: float
+    ) -> RoundState:
+        """Round `number` of `model`: the payload every worker is sent, and the bound on how far an update may be
+        from it (`max_update_ratio` times the model's norm, at least 1)."""
+        state = model.state_dict()
+        payload = serde.WeightsPayload(state, round=number, architecture=architecture, round_id=round_id)
+        reference = flat_reference(state, payload.manifest)
+        max_distance = max_update_ratio * max(model_norm(reference, payload.manifest), 1.0)
+        return cls(number, round_id, payload, reference, max_distance, RoundReport(number))
 
     def send_ended(self) -> None:
         self.unsent -= 1
