@@ -46,6 +46,26 @@ def weights_status(exc: serde.WeightsError) -> grpc.StatusCode:
     return next((code for kind, code in WEIGHTS_STATUS if isinstance(exc, kind)), grpc.StatusCode.INVALID_ARGUMENT)
 
 
+def check_protocol(context: grpc.aio.ServicerContext) -> None:
+    for key, value in context.invocation_metadata() or ():
+        if key == VERSION_METADATA_KEY:
+            check_compatible(coordinator=value, worker=PROTOCOL_VERSION)
+
+
+def status_of(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, serde.WeightsError):
+        return weights_status(exc)
+    if isinstance(exc, ProtocolMismatch):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, Busy):
+        return grpc.StatusCode.ABORTED
+    if isinstance(exc, TooManyDownloads):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
 @dataclass(frozen=True)
 class Limits:
     max_chunk_bytes: int = serde.DEFAULT_MAX_CHUNK_BYTES
@@ -95,25 +115,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
-    def _check_protocol(self, context: grpc.aio.ServicerContext) -> None:
-        for key, value in context.invocation_metadata() or ():
-            if key == VERSION_METADATA_KEY:
-                check_compatible(coordinator=value, worker=PROTOCOL_VERSION)
-
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
         """The one place where domain errors become gRPC status codes."""
-        if isinstance(exc, serde.WeightsError):
-            code = weights_status(exc)
-        elif isinstance(exc, ProtocolMismatch):
-            code = grpc.StatusCode.FAILED_PRECONDITION
-        elif isinstance(exc, Busy):
-            code = grpc.StatusCode.ABORTED
-        elif isinstance(exc, TooManyDownloads):
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-        elif isinstance(exc, ValueError):
-            code = grpc.StatusCode.INVALID_ARGUMENT
-        else:
-            code = grpc.StatusCode.INTERNAL
+        code = status_of(exc)
+        if code == grpc.StatusCode.INTERNAL:
             log.exception("request_failed", method=method)
         log.warning("request_rejected", method=method, code=code.name, reason=str(exc), peer=context.peer())
         await context.abort(code, str(exc))
@@ -122,7 +127,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.WorkerInfo:
         try:
-            self._check_protocol(context)
+            check_protocol(context)
         except ProtocolMismatch as exc:
             await self._abort(context, exc, "GetInfo")
         return pb.WorkerInfo(
@@ -157,10 +162,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     ) -> pb.SetWeightsResponse:
         start = time.perf_counter()
         try:
-            self._check_protocol(context)
+            check_protocol(context)
             self.state.start_upload()  # refused before a byte is read while the model is in use
             try:  # until the upload is installed or dropped: the next one reuses its buffer
-                reader, tensors, buffer = await self._receive(request_iterator)
+                reader = serde.StreamReader(
+                    architecture=self.model_name,
+                    expected=self.manifest,
+                    max_chunk_bytes=self.limits.max_chunk_bytes,
+                    max_payload_bytes=self.limits.max_payload_bytes,
+                )
+                tensors, buffer = await receive_upload(request_iterator, reader, self.limits, self.state.upload_buffer)
                 self.state.check_free("weights were not installed, retry after it finishes")
                 async with self.state.lock:
                     self.state.install(tensors, buffer, reader.started.round, reader.started.round_id)
@@ -179,55 +190,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         )
         return pb.SetWeightsResponse(round=self.state.round, bytes_received=reader.received, seconds=seconds)
 
-    async def _receive(
-        self, request_iterator: AsyncIterator[pb.WeightsChunk]
-    ) -> tuple[serde.StreamReader, dict[str, torch.Tensor], bytearray]:
-        """Read and check a whole upload within its deadline: upload_grace for the header, then time for its size."""
-        limits = self.limits
-        reader = serde.StreamReader(
-            architecture=self.model_name,
-            expected=self.manifest,
-            max_chunk_bytes=limits.max_chunk_bytes,
-            max_payload_bytes=limits.max_payload_bytes,
-        )
-        assembler = serde.Assembler(reader, self.state.upload_buffer)
-        loop = asyncio.get_running_loop()
-        allowed = limits.upload_grace
-        try:
-            async with asyncio.timeout(allowed) as deadline:
-                async for chunk in request_iterator:
-                    if reader.hashes_fast:
-                        assembler.add(chunk)  # a copy and a checksum: less work than a hop to a thread
-                    else:  # sha256 or blake2b, off the event loop: gRPC reads the next chunk meanwhile
-                        await asyncio.to_thread(assembler.add, chunk)
-                    if serde.is_header(chunk):
-                        allowed = limits.upload_grace + reader.started.total_bytes / limits.upload_bytes_per_second
-                        deadline.reschedule(loop.time() + allowed)
-        except TimeoutError:
-            raise serde.UploadTimedOut(
-                f"SetWeights stream took longer than the {allowed:.0f} s its size allows "
-                f"({reader.received} of {reader.header.total_bytes if reader.header else '?'} bytes arrived); "
-                f"nothing was installed"
-            ) from None
-        tensors = assembler.finish()  # a stream that ends before its header fails here
-        return reader, tensors, assembler.buffer or bytearray()
-
     async def Train(self, request: pb.TrainRequest, context: grpc.aio.ServicerContext) -> None:
         # Written with context.write rather than as a generator: a cancelled call then raises inside this coroutine,
         # and the `finally` below stops the training thread before the model lock is given up.
-        cfg = TrainConfig(
-            local_batches=request.local_batches,
-            local_epochs=request.local_epochs,
-            batch_size=request.batch_size,
-            learning_rate=request.learning_rate,
-            momentum=request.momentum,
-            seed=request.seed,
-            evaluate=request.evaluate,
-            proximal_mu=request.proximal_mu,
-            local_seconds=request.local_seconds,
-        )
+        cfg = TrainConfig.from_request(request)
         try:
-            self._check_protocol(context)
+            check_protocol(context)
             cfg.validate(len(self.data.train), self.limits.max_local_batches)
             self.state.check_free("one Train at a time")
             self.state.check_trainable(request.round, request.round_id)
@@ -259,44 +227,18 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             await self._abort(context, failure or RuntimeError("training ended without a result"), "Train")
             return
         self.metrics.trained(outcome.train_seconds, outcome.batches, outcome.samples)
-        log.info(
-            "training_finished",
-            round=request.round,
-            samples=outcome.samples,
-            loss=round(outcome.mean_loss, 4),
-            accuracy=round(outcome.accuracy, 4),
-            seconds=round(outcome.train_seconds, 3),
-        )
-        await context.write(
-            pb.TrainUpdate(
-                result=pb.TrainResult(
-                    round=request.round,
-                    round_id=request.round_id,
-                    samples=outcome.samples,
-                    batches=outcome.batches,
-                    mean_loss=outcome.mean_loss,
-                    accuracy=outcome.accuracy,
-                    train_seconds=outcome.train_seconds,
-                    test_loss=outcome.test_loss,
-                    test_accuracy=outcome.test_accuracy,
-                    test_samples=outcome.test_samples,
-                )
-            )
-        )
+        log.info("training_finished", round=request.round, **outcome.summary())
+        await context.write(pb.TrainUpdate(result=_result(request, outcome)))
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResult:
         try:
-            self._check_protocol(context)
+            check_protocol(context)
             self.state.check_evaluable(request.round_id)
         except (ProtocolMismatch, Busy) as exc:
             await self._abort(context, exc, "Evaluate")
         start = time.perf_counter()
-        async with self.state.lock:  # no SetWeights or Train may change the model while it is measured
-            self.state.evaluating = True
-            try:
-                loss, accuracy, samples = await asyncio.to_thread(self.trainer.evaluate)
-            finally:
-                self.state.evaluating = False
+        async with self.state.evaluation():
+            loss, accuracy, samples = await asyncio.to_thread(self.trainer.evaluate)
         seconds = time.perf_counter() - start
         log.info(
             "weights_evaluated",
@@ -317,25 +259,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     async def GetWeights(self, request: pb.GetWeightsRequest, context: grpc.aio.ServicerContext) -> None:
         # context.write, not a generator: a cancelled stream gives its download slot back at once.
-        chunk_size = request.chunk_size or self.limits.default_chunk_bytes
-        encoding = request.encoding or pb.CHUNK_ENCODING_RAW
         try:
-            self._check_protocol(context)
-            if not 0 < chunk_size <= self.limits.max_chunk_bytes:
-                raise ValueError(
-                    f"chunk_size must be between 1 and {self.limits.max_chunk_bytes} bytes, got {request.chunk_size}"
-                )
-            if encoding not in serde.SUPPORTED_ENCODINGS:
-                raise ValueError(f"unsupported chunk encoding {request.encoding}")
+            check_protocol(context)
+            chunk_size, encoding, trailer = _download(request, self.limits)
             self.state.check_download(encoding, self.limits.max_concurrent_downloads)
-            trailer = None
-            if request.digest_in_trailer or encoding in compression.LOSSY:
-                trailer = serde.fastest_digest(request.digests or serde.DIGESTS_BEFORE_1_6)
-                if trailer is None:
-                    raise ValueError(
-                        f"none of the digests asked for ({', '.join(request.digests)}) is one this "
-                        f"worker computes ({', '.join(serde.DIGESTS)})"
-                    )
         except (ValueError, ProtocolMismatch, Busy, TooManyDownloads) as exc:
             await self._abort(context, exc, "GetWeights")
         self.state.downloads += 1
@@ -352,3 +279,67 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     await context.write(chunk)
         finally:
             self.state.downloads -= 1
+
+
+async def receive_upload(
+    request_iterator: AsyncIterator[pb.WeightsChunk],
+    reader: serde.StreamReader,
+    limits: Limits,
+    buffer: bytearray | None,
+) -> tuple[dict[str, torch.Tensor], bytearray]:
+    """Read and check a whole upload within its deadline: upload_grace for the header, then time for its size."""
+    assembler = serde.Assembler(reader, buffer)
+    loop = asyncio.get_running_loop()
+    allowed = limits.upload_grace
+    try:
+        async with asyncio.timeout(allowed) as deadline:
+            async for chunk in request_iterator:
+                if reader.hashes_fast:
+                    assembler.add(chunk)  # a copy and a checksum: less work than a hop to a thread
+                else:  # sha256 or blake2b, off the event loop: gRPC reads the next chunk meanwhile
+                    await asyncio.to_thread(assembler.add, chunk)
+                if serde.is_header(chunk):
+                    allowed = limits.upload_grace + reader.started.total_bytes / limits.upload_bytes_per_second
+                    deadline.reschedule(loop.time() + allowed)
+    except TimeoutError:
+        raise serde.UploadTimedOut(
+            f"SetWeights stream took longer than the {allowed:.0f} s its size allows "
+            f"({reader.received} of {reader.header.total_bytes if reader.header else '?'} bytes arrived); "
+            f"nothing was installed"
+        ) from None
+    tensors = assembler.finish()  # a stream that ends before its header fails here
+    return tensors, assembler.buffer or bytearray()
+
+
+def _result(request: pb.TrainRequest, outcome: TrainOutcome) -> pb.TrainResult:
+    return pb.TrainResult(
+        round=request.round,
+        round_id=request.round_id,
+        samples=outcome.samples,
+        batches=outcome.batches,
+        mean_loss=outcome.mean_loss,
+        accuracy=outcome.accuracy,
+        train_seconds=outcome.train_seconds,
+        test_loss=outcome.test_loss,
+        test_accuracy=outcome.test_accuracy,
+        test_samples=outcome.test_samples,
+    )
+
+
+def _download(request: pb.GetWeightsRequest, limits: Limits) -> tuple[int, int, str | None]:
+    """What a GetWeights asks for: chunk size, encoding and trailer digest (None: the digest is in the header)."""
+    chunk_size = request.chunk_size or limits.default_chunk_bytes
+    encoding = request.encoding or pb.CHUNK_ENCODING_RAW
+    if not 0 < chunk_size <= limits.max_chunk_bytes:
+        raise ValueError(f"chunk_size must be between 1 and {limits.max_chunk_bytes} bytes, got {request.chunk_size}")
+    if encoding not in serde.SUPPORTED_ENCODINGS:
+        raise ValueError(f"unsupported chunk encoding {request.encoding}")
+    trailer = None
+    if request.digest_in_trailer or encoding in compression.LOSSY:
+        trailer = serde.fastest_digest(request.digests or serde.DIGESTS_BEFORE_1_6)
+        if trailer is None:
+            raise ValueError(
+                f"none of the digests asked for ({', '.join(request.digests)}) is one this "
+                f"worker computes ({', '.join(serde.DIGESTS)})"
+            )
+    return chunk_size, encoding, trailer

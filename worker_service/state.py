@@ -5,6 +5,7 @@ the int8 base, residual and replay of an update. The servicer decodes requests, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 
@@ -152,6 +153,16 @@ class WeightsState:
                 f"worker {self.worker_id} holds the weights of round id {self.round_id!r}, asked to "
                 f"evaluate round id {round_id!r}: call SetWeights for that round first"
             )
+
+    @contextlib.asynccontextmanager
+    async def evaluation(self) -> AsyncIterator[None]:
+        """Hold the model while it is measured: no SetWeights or Train may change it meanwhile."""
+        async with self.lock:
+            self.evaluating = True
+            try:
+                yield
+            finally:
+                self.evaluating = False
 
     def start_training(self, round_: int, int8_update: bool) -> None:
         """Under the lock, before the model changes."""

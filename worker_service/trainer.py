@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import cast
 
 import torch
@@ -36,6 +36,11 @@ class TrainConfig:
     evaluate: bool = False
     proximal_mu: float = 0.0  # FedProx: the loss gains mu/2 * ||w - w_start||^2
     local_seconds: float = 0.0  # a time budget instead of a number of batches
+
+    @classmethod
+    def from_request(cls, request: object) -> TrainConfig:
+        """The config a TrainRequest asks for: its fields of the same names (a new field is read once it is here)."""
+        return cls(**{f.name: getattr(request, f.name) for f in fields(cls)})
 
     def total_batches(self, train_samples: int, max_batches: int = DEFAULT_MAX_LOCAL_BATCHES) -> int:
         """How many batches this request trains on a shard of `train_samples` (with a time budget: at most)."""
@@ -79,6 +84,15 @@ class TrainOutcome:
     test_loss: float = 0.0
     test_accuracy: float = 0.0
     test_samples: int = 0
+
+    def summary(self) -> dict[str, float]:
+        """What a log line says of it."""
+        return {
+            "samples": self.samples,
+            "loss": round(self.mean_loss, 4),
+            "accuracy": round(self.accuracy, 4),
+            "seconds": round(self.train_seconds, 3),
+        }
 
 
 Progress = Callable[[int, int, float, float], None]  # batches_done, batches_total, mean_loss, seconds
