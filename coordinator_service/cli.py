@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Literal
 
 from coordinator_service import settings as run_settings
 from fedpi import names
@@ -48,7 +49,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     # The coordinator evaluates on the task's held-out test set; workers load their own shards.
     add_task_arguments(p, default_dataset="auto")
-    run_settings.add_arguments(p)
+    add_setting_flags(p)
     p.add_argument("--encoding", choices=("raw", "zlib"), help=argparse.SUPPRESS)  # before --compression
     p.add_argument(
         "--resume",
@@ -154,7 +155,7 @@ def add_commands(sub) -> None:
         "--preset", choices=list(run_settings.PRESETS), default="default", help="the starting configuration"
     )
     show.add_argument("-o", "--output", choices=("table", "json"), default="table", help="how to print them")
-    run_settings.add_arguments(show)
+    add_setting_flags(show)
     add_serve_arguments(
         sub.add_parser(
             "serve",
@@ -268,7 +269,7 @@ def settings_of(args: argparse.Namespace) -> run_settings.RunSettings:
 
 def layers_of(args: argparse.Namespace) -> list[tuple[str, dict]]:
     """The run settings' sources, lowest first, each named as `fedpi config show` names it."""
-    flags = run_settings.flag_layer(args)
+    flags = flag_layer(args)
     if getattr(args, "encoding", None):
         flags.setdefault("compression", {"raw": "none", "zlib": "zlib"}[args.encoding])
     return [
@@ -315,3 +316,54 @@ def show_config(args: argparse.Namespace) -> int:
         for k, v, s in rows:
             print(f"{k:<24} {'' if v is None else str(v):<14} {s}")
     return 0
+
+
+# -- the run settings as flags --------------------------------------------------------------------------------------
+
+GROUP_TITLES = {
+    None: "run",
+    "training": "local training (sent to every worker each round)",
+    "sampling": "sampling and quorum",
+    "aggregation": "aggregation",
+    "server": "server optimizer",
+    "evaluation": "evaluation",
+    "transfer": "transfer",
+    "timeouts": "timeouts and retries",
+}
+
+
+def add_setting_flags(parser) -> None:
+    """One flag per setting (`--local-batches`, `--federated-evaluation/--no-federated-evaluation`), in groups, with
+    the field's own description and default. A flag left out is no layer at all (argparse.SUPPRESS), so the
+    environment and the preset keep their say; values are checked by merge(), like every other layer's."""
+    import argparse
+
+    groups: dict[str | None, Any] = {None: parser.add_argument_group(GROUP_TITLES[None])}
+    for name, group in run_settings.FIELDS.items():
+        if group not in groups:
+            groups[group] = parser.add_argument_group(GROUP_TITLES[group])
+        info = run_settings.field_info(name)
+        flag = "--" + name.replace("_", "-")
+        shown = "off" if info.default in (False, 0, None) and info.annotation is not int else info.default
+        help_text = f"{info.description} (default: {shown}) [env FEDPI_{name.upper()}]"
+        options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+        if info.annotation is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif choices := getattr(info.annotation, "__args__", None) if _is_literal(info.annotation) else None:
+            options["choices"] = choices
+        else:
+            options["metavar"] = (
+                "SECONDS"
+                if "seconds" in (info.description or "") and info.annotation is not int
+                else ("N" if info.annotation is int else "X")
+            )
+        groups[group].add_argument(flag, **options)
+
+
+def _is_literal(annotation: Any) -> bool:
+    return getattr(annotation, "__origin__", None) is Literal
+
+
+def flag_layer(args) -> dict[str, Any]:
+    """The settings given as flags on this command line (argparse.Namespace)."""
+    return {name: getattr(args, name) for name in run_settings.FIELDS if hasattr(args, name)}

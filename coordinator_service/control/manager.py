@@ -6,24 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import structlog
-import torch
 from google.protobuf import json_format
 
 from coordinator_service import settings as run_settings
 from coordinator_service.control import launch, runspec
-from coordinator_service.control.runs import RESUMABLE, RunLog, RunRecord, RunStore, UnknownRun
+from coordinator_service.control.runs import RESUMABLE, RunLog, RunRecord, RunStore, model_of
 from coordinator_service.control.runspec import InvalidSpec, NotAllowed, RunTarget, WorkerPolicy
 from coordinator_service.engine.checkpoint import CheckpointMismatch
 from coordinator_service.engine.discovery import DiscoveryFailed
 from coordinator_service.engine.observer import Observers, RunObserver
 from coordinator_service.engine.rounds import RoundFailed
-from coordinator_service.engine.training import ROUND_MODELS, HandshakeFailed, RunStopped
+from coordinator_service.engine.training import HandshakeFailed, RunStopped
 from fedpi.data import DATASETS, DatasetUnavailable
 from fedpi.logs import add_sink, remove_sink
 from fedpi.mnist_task import MnistTask
@@ -347,32 +345,7 @@ class RunManager:
 
     def model(self, run_id: str, round: int) -> serde.WeightsPayload:
         """The run's global model: after `round`, or the latest (the final model of a finished run)."""
-        run_log = self.store.get(run_id)
-        directory, record = run_log.directory, run_log.record
-        architecture = (
-            json.loads((directory / "config.json").read_text())["model"]
-            if (directory / "config.json").is_file()
-            else ""
-        )
-        if round == 0 and record.state == "finished" and (directory / "model.pt").is_file():
-            return serde.WeightsPayload(
-                torch.load(directory / "model.pt", weights_only=True), round=record.round, architecture=architecture
-            )
-        if round == 0 and (directory / "checkpoint.pt").is_file():
-            ckpt = torch.load(directory / "checkpoint.pt", weights_only=True)
-            return serde.WeightsPayload(ckpt["state_dict"], round=ckpt["round"], architecture=architecture)
-        path = directory / ROUND_MODELS / f"round-{round}.pt"
-        if round and path.is_file():
-            return serde.WeightsPayload(torch.load(path, weights_only=True), round=round, architecture=architecture)
-        kept = sorted(int(p.stem.split("-")[1]) for p in (directory / ROUND_MODELS).glob("round-*.pt"))
-        raise UnknownRun(
-            f"run {run_id} has no model for round {round or 'latest'}: "
-            + (
-                f"rounds kept: {', '.join(map(str, kept))} (and 0 for the latest)"
-                if kept
-                else "no round has completed yet"
-            )
-        )
+        return model_of(self.store.get(run_id), round)
 
 
 # What each refusal is, most specific first.

@@ -23,10 +23,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import structlog
+import torch
 from google.protobuf import json_format
 
 from coordinator_service.control.runspec import RUN_ID
+from coordinator_service.engine.training import ROUND_MODELS
 from fedpi import durable
+from fedpi.weights import serde
 from generated.fedpi.v1 import coordinator_pb2 as cpb
 
 log = structlog.get_logger()
@@ -279,3 +282,26 @@ class RunStore:
             durable.fsync_directory(self.root)
             log.info("runs_removed", runs=removed, kept=keep, reason="--keep-runs")
         return removed
+
+
+def model_of(run_log: RunLog, round: int) -> serde.WeightsPayload:
+    """The run's global model: after `round`, or the latest (the final model of a finished run)."""
+    directory, record = run_log.directory, run_log.record
+    architecture = (
+        json.loads((directory / "config.json").read_text())["model"] if (directory / "config.json").is_file() else ""
+    )
+    if round == 0 and record.state == "finished" and (directory / "model.pt").is_file():
+        return serde.WeightsPayload(
+            torch.load(directory / "model.pt", weights_only=True), round=record.round, architecture=architecture
+        )
+    if round == 0 and (directory / "checkpoint.pt").is_file():
+        ckpt = torch.load(directory / "checkpoint.pt", weights_only=True)
+        return serde.WeightsPayload(ckpt["state_dict"], round=ckpt["round"], architecture=architecture)
+    path = directory / ROUND_MODELS / f"round-{round}.pt"
+    if round and path.is_file():
+        return serde.WeightsPayload(torch.load(path, weights_only=True), round=round, architecture=architecture)
+    kept = sorted(int(p.stem.split("-")[1]) for p in (directory / ROUND_MODELS).glob("round-*.pt"))
+    raise UnknownRun(
+        f"run {run_log.record.run_id} has no model for round {round or 'latest'}: "
+        + (f"rounds kept: {', '.join(map(str, kept))} (and 0 for the latest)" if kept else "no round has completed yet")
+    )
