@@ -126,10 +126,32 @@ def weighted_rules() -> list[str]:
     return [name for name, cls in RULES.items() if cls.uses_weights]
 
 
+#: Installed packages add rules under this entry-point group: `NAME = "package.module:RuleClass"`.
+ENTRY_POINT_GROUP = "fedpi.aggregations"
+
+
+def installed(name: str) -> type[AggregationRule] | None:
+    """The rule an installed package offers under `name`, imported and registered now (None if there is none).
+    Only what the operator installed is imported, under its entry point's own name: never a module a request names."""
+    from importlib import metadata
+
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP, name=name):
+        try:
+            cls = ep.load()
+        except (Exception, SystemExit) as exc:  # a broken plug-in is the operator's to fix; say which and why
+            raise ValueError(
+                f"aggregation {name!r} ({ep.value}) cannot be imported: {type(exc).__name__}: {exc}"
+            ) from None
+        if not (isinstance(cls, type) and issubclass(cls, AggregationRule)) or cls.name != name:
+            raise ValueError(f"entry point {name} = {ep.value} is not an AggregationRule named {name!r}")
+        return register(cls)
+    return None
+
+
 def parse_aggregation(spec: str) -> AggregationRule:
-    """`NAME` or `NAME:PARAM` of a registered rule; ValueError naming the choices."""
+    """`NAME` or `NAME:PARAM` of a registered or installed rule; ValueError naming the choices."""
     name, _, param = spec.strip().partition(":")
-    cls = RULES.get(name)
+    cls = RULES.get(name) or installed(name)
     if cls is None:
         raise ValueError(f"unknown aggregation {spec!r}; choose from {choices()}")
     try:
