@@ -1,4 +1,4 @@
-"""Learning benchmarks: `make bench-learning` prints the tables in the README's Learning section.
+"""Learning benchmarks: `make bench-learning` prints the tables in docs/benchmarks.md (Learning).
 
 1. table: 3 local workers train each strategy on each partition of a real dataset (IID for 20 rounds, the `labels`
    split and Dirichlet alpha=0.1 for 40), the coordinator evaluating on the held-out test split every round. Prints
@@ -38,7 +38,7 @@ class Setting:
     args: tuple[str, ...]
 
 
-# Each strategy as its paper runs it, on top of the defaults unless it says otherwise (README: Learning).
+# Each strategy as its paper runs it, on top of the defaults unless it says otherwise (docs/guide.md: Strategies).
 STRATEGIES = (
     Setting("FedAvg (seed config)", ("--preset", "seed")),
     Setting("FedAvg (defaults)", ()),

@@ -124,7 +124,7 @@ RUN_ARGS: list[str] = []  # --run-args: e.g. an emulated CPU's /proc/cpuinfo for
 
 
 def check_task_image(eng: list[str], platform: str, tag: str) -> None:
-    """A user's task installed FROM the image (examples/tabular/Dockerfile, as the README shows), then three local
+    """A user's task installed FROM the image (examples/tabular/Dockerfile, as docs/tasks.md shows), then three local
     workers and a coordinator in one container of it, with the manifests' restrictions, train two rounds."""
     task_tag = f"{tag}-tabular"
     started = time.monotonic()
