@@ -345,7 +345,8 @@ def add_setting_flags(parser) -> None:
         info = run_settings.field_info(name)
         flag = "--" + name.replace("_", "-")
         shown = "off" if info.default in (False, 0, None) and info.annotation is not int else info.default
-        help_text = f"{info.description} (default: {shown}) [env FEDPI_{name.upper()}]"
+        said = "" if "default" in (info.description or "") else f" (default: {shown})"
+        help_text = f"{info.description}{said} [env FEDPI_{name.upper()}]"
         options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
         if info.annotation is bool:
             options["action"] = argparse.BooleanOptionalAction

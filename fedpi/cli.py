@@ -27,7 +27,13 @@ def version_line() -> str:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written, and every option's default in its help."""
+    """Descriptions as written, and every option's default in its help, once: not where the help already says it,
+    and not an empty one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "") or action.default in ("", None):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -80,7 +86,8 @@ def apply_env_defaults(parser: argparse.ArgumentParser, skip: Collection[str] = 
         if not flags or action.dest == "help" or action.dest in skip:
             continue
         name = env_name(flags[0])
-        action.help = f"{action.help or ''} [env {name}]".strip()
+        if f"[env {name}]" not in (action.help or ""):  # a parser may pass through here twice
+            action.help = f"{action.help or ''} [env {name}]".strip()
         value = os.environ.get(name)
         if value is None:
             continue

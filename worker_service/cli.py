@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="127.0.0.1",
         help="address to listen on; beyond loopback it needs --token-file with TLS, mutual TLS, or --insecure",
     )
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--port", type=int, default=50051, help="port the worker service listens on")
     # The coordinator's default too: MNIST where it can be read or downloaded, else the shipped digits, said loudly.
     add_task_arguments(p, default_dataset="auto")
     p.add_argument("--partition", default="0/1", help="INDEX/COUNT: this worker's data shard")
@@ -42,7 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="overrides INDEX of --partition (Kubernetes: the StatefulSet pod index)",
     )
     p.add_argument("--partition-count", type=int, default=None, help="overrides COUNT of --partition")
-    p.add_argument("--partition-scheme", choices=names.PARTITION_SCHEMES, default="iid")
+    p.add_argument(
+        "--partition-scheme",
+        choices=names.PARTITION_SCHEMES,
+        default="iid",
+        help="how the data is cut into shards; the same on every worker (labels: each sees only some classes)",
+    )
     p.add_argument(
         "--partition-alpha",
         type=float,

@@ -340,3 +340,15 @@ def _venv_path() -> str:
     import sys
 
     return f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_a_help_says_each_option_s_variable_and_default_once(capsys):
+    from fedpi_cli import main as fedpi
+
+    for argv in (["worker", "--help"], ["train", "--help"], ["serve", "--help"], ["runs", "start", "--help"]):
+        with pytest.raises(SystemExit):
+            fedpi(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert not re.search(r"\[env (\w+)\] \[env \1\]", text), argv
+        assert not re.search(r"\(default: [^)]*\) \(default:", text), argv
+        assert "(default: )" not in text, argv
