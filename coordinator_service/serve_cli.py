@@ -20,7 +20,7 @@ from coordinator_service.control.runspec import InvalidSpec, RunTarget, WorkerPo
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.observe.metrics import PrometheusObserver
 from fedpi.logs import configure_logging
-from fedpi.net.auth import SecurityFlags, ServerSecurity, exposure_warning, server_security
+from fedpi.net.auth import SecurityFlags, ServerSecurity, accepted, exposure_warning, server_security
 from fedpi.runtime import read_secret
 from fedpi.task import DEFAULT_TASK, installed
 
@@ -67,13 +67,9 @@ def server_runs(args: argparse.Namespace, worker_security) -> tuple[runspec.Work
     given = [w for w in args.allow_workers.split(",") if w.strip()]
     policy = (WorkerPolicy.parse(given) if given else runspec.LOOPBACK).including(defaults)
     beyond_loopback = bool(policy.names - {"localhost"}) or any(not n.is_loopback for n in policy.networks)
-    warning = ""
-    if worker_security.token and not worker_security.tls and beyond_loopback:
-        problem = "the workers' token would cross the network in plaintext (add --tls-ca)"
-        if not args.insecure:
-            raise ValueError(f"refusing to serve: {problem}; or pass --insecure to accept that")
-        warning = f"--insecure: {problem}"
-    return policy, defaults, warning
+    plaintext_token = worker_security.token and not worker_security.tls and beyond_loopback
+    problem = "the workers' token would cross the network in plaintext (add --tls-ca)" if plaintext_token else ""
+    return policy, defaults, accepted(problem, args.insecure)
 
 
 def allowed_tasks(args: argparse.Namespace) -> frozenset[str]:

@@ -111,6 +111,11 @@ def exposure_warning(host: str, port: int, security: ServerSecurity, flags: Secu
         token_hint=f"add {flags.cert} and {flags.key}",
         auth_hint=f"add {flags.token_file} with {flags.cert}/{flags.key}, or {flags.client_ca}",
     )
+    return accepted(problem, insecure)
+
+
+def accepted(problem: str, insecure: bool) -> str:
+    """The warning for an unsafe way of serving that --insecure accepts ("" if nothing is unsafe); else ValueError."""
     if problem and not insecure:
         raise ValueError(f"refusing to serve: {problem}; or pass --insecure to accept that")
     return f"--insecure: {problem}" if problem else ""
