@@ -41,16 +41,30 @@ class Setting:
 # Each strategy as its paper runs it, on top of the defaults unless it says otherwise (docs/guide.md: Strategies).
 STRATEGIES = (
     Setting("FedAvg (seed config)", ("--preset", "seed")),
-    Setting("FedAvg (defaults)", ()),
+    Setting("FedAvg (defaults: not-true distillation)", ()),
+    Setting("FedAvg without distillation (the earlier defaults)", ("--not-true-distillation", "0")),
     Setting(
-        "FedAvgM (local momentum 0.5, lr 0.02)", ("--momentum", "0.5", "--lr", "0.02", "--server-optimizer", "fedavgm")
+        "FedAvgM (local momentum 0.5, lr 0.02)",
+        ("--momentum", "0.5", "--lr", "0.02", "--server-optimizer", "fedavgm", "--not-true-distillation", "0"),
     ),
     Setting(
         "FedAvgM, 10 local batches",
-        ("--momentum", "0.5", "--lr", "0.02", "--local-batches", "10", "--server-optimizer", "fedavgm"),
+        (
+            "--momentum",
+            "0.5",
+            "--lr",
+            "0.02",
+            "--local-batches",
+            "10",
+            "--server-optimizer",
+            "fedavgm",
+            "--not-true-distillation",
+            "0",
+        ),
     ),
-    Setting("FedAdam", ("--server-optimizer", "fedadam")),
-    Setting("FedProx", ("--proximal-mu", "0.01")),
+    Setting("FedAdam", ("--server-optimizer", "fedadam", "--not-true-distillation", "0")),
+    Setting("FedProx", ("--proximal-mu", "0.01", "--not-true-distillation", "0")),
+    Setting("Not-true distillation, lr decay 0.95", ("--lr-decay", "0.95")),
 )
 PARTITIONS = (
     Setting("iid, 20 rounds", ("--partition-scheme", "iid", "--rounds", "20")),
@@ -124,7 +138,14 @@ def _first_round(metrics: list[dict], target: float) -> str:
     return next((str(m["round"]) for m in metrics if m["test_accuracy"] >= target), "-")
 
 
-def bench_table(tmp: Path, datasets: list[str]) -> None:
+def _cell(metrics: list[dict], target: float) -> str:
+    """Final accuracy, the spread (max - min) over the last 5 rounds in points, and the first round at the target."""
+    last = [m["test_accuracy"] for m in metrics[-5:]]
+    spread = (max(last) - min(last)) * 100
+    return f"{last[-1]:.2%} ±{spread:.2f} ({_first_round(metrics, target)})"
+
+
+def bench_table(tmp: Path, datasets: list[str], strategies: list[Setting]) -> None:
     for key in datasets:
         data = DATASETS[key]
         if not data.available:
@@ -132,16 +153,16 @@ def bench_table(tmp: Path, datasets: list[str]) -> None:
             continue
         print(
             f"\n{data.name}, 3 workers, 50 local batches of 64 per round unless the row says otherwise; final "
-            f"test accuracy (first round at >= {data.target:.0%})\n"
+            f"test accuracy, ± its spread over the last 5 rounds in points (first round at >= {data.target:.0%})\n"
         )
         print("| strategy | " + " | ".join(p.name for p in PARTITIONS) + " |")
         print("|---|" + "---|" * len(PARTITIONS))
-        for strategy in STRATEGIES:
+        for strategy in strategies:
             cells = []
             for partition in PARTITIONS:
                 out = tmp / key / f"{strategy.name}-{partition.name}".replace(" ", "_")
                 metrics = _demo(out, *data.args, *partition.args, *strategy.args)
-                cells.append(f"{metrics[-1]['test_accuracy']:.2%} ({_first_round(metrics, data.target)})")
+                cells.append(_cell(metrics, data.target))
             print(f"| {strategy.name} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -263,6 +284,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("names", nargs="*", help="which to run: table, mixed (default: both)")
     p.add_argument("--datasets", default="mnist-10k,fashion-mnist", help="for table: comma-separated")
+    p.add_argument("--strategies", help="for table: comma-separated row numbers, from 1 (default: all)")
     p.add_argument("--minutes", type=float, default=10.0, help="for mixed: wall clock per configuration")
     p.add_argument("--keep", help="keep every run's output in this directory")
     args = p.parse_args()
@@ -272,10 +294,14 @@ def main() -> None:
     unknown = set(datasets) - set(DATASETS)
     if unknown:
         p.error(f"unknown dataset {', '.join(sorted(unknown))}; choose from {', '.join(DATASETS)}")
+    rows = [int(n) for n in args.strategies.split(",")] if args.strategies else range(1, len(STRATEGIES) + 1)
+    if not set(rows) <= set(range(1, len(STRATEGIES) + 1)):
+        p.error(f"--strategies: rows are numbered 1 to {len(STRATEGIES)}")
+    strategies = [STRATEGIES[n - 1] for n in rows]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.keep) if args.keep else Path(tmp)
         if "table" in args.names or not args.names:
-            bench_table(out / "table", datasets)
+            bench_table(out / "table", datasets, strategies)
         if "mixed" in args.names or not args.names:
             bench_mixed(out / "mixed", args.minutes)
 

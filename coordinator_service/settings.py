@@ -60,6 +60,13 @@ class LocalTraining(_Group):
         le=1_000,
         description="FedProx: workers add mu/2 * ||w - w_global||^2 to their loss (0: plain FedAvg)",
     )
+    not_true_distillation: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="FedNTD's beta: a classifier's workers keep the global model's view of the classes other than "
+        "each sample's own (0: off; docs/guide.md)",
+    )
     seed: int = Field(
         0,
         ge=0,
@@ -274,7 +281,14 @@ def canonical(key: str) -> str:
 #: figures can be reproduced.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "seed": {"lr": 0.01, "momentum": 0.0, "local_batches": 50, "batch_size": 64, "server_optimizer": "fedavg"},
+    "seed": {
+        "lr": 0.01,
+        "momentum": 0.0,
+        "local_batches": 50,
+        "batch_size": 64,
+        "server_optimizer": "fedavg",
+        "not_true_distillation": 0.0,
+    },
 }
 
 

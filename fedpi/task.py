@@ -48,11 +48,18 @@ class TaskError(Exception):
 
 class StepResult(NamedTuple):
     """One training batch: the loss to minimise (a scalar tensor), how many samples the model got right (for the
-    training accuracy fedpi reports; 0 if the task has no such notion) and how many samples the batch held."""
+    training accuracy fedpi reports; 0 if the task has no such notion) and how many samples the batch held.
+
+    A classifier also gives the batch's inputs, the model's class scores (logits or log-probabilities, one row per
+    sample) and the class labels: with them fedpi can add not-true distillation to the loss (docs/guide.md), which
+    keeps a worker that sees only some classes from forgetting the others. Without them it trains on `loss` alone."""
 
     loss: torch.Tensor
     correct: int
     samples: int
+    inputs: Any = None
+    scores: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
 
 class Evaluation(NamedTuple):
@@ -176,7 +183,7 @@ class Task(abc.ABC):
         """Forward pass and loss of one training batch. fedpi adds FedProx's term, back-propagates and steps."""
         x, y = batch
         out = model(x)
-        return StepResult(self.criterion(out, y), int((out.argmax(1) == y).sum()), len(y))
+        return StepResult(self.criterion(out, y), int((out.argmax(1) == y).sum()), len(y), x, out, y)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: Any, batch_size: int = 1000) -> Evaluation:

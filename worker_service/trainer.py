@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import cast
 
+import structlog
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from fedpi.data import Dataset
 
 # Most batches one Train may ask for unless the worker is started with another --max-local-batches: about a day of
 # training on a Pi 4 with the reference CNN, and a bound on what a request can make a worker do.
 from fedpi.names import DEFAULT_MAX_LOCAL_BATCHES  # noqa: E402,F401 - re-exported
-from fedpi.task import Task, batch_of
+from fedpi.task import StepResult, Task, batch_of
 
 MAX_LOCAL_SECONDS = 86_400.0
+MAX_DISTILLATION = 100.0  # beta beyond this drowns the task's own loss
+log = structlog.get_logger()
 
 
 class TrainingCancelled(Exception):
@@ -36,6 +41,7 @@ class TrainConfig:
     evaluate: bool = False
     proximal_mu: float = 0.0  # FedProx: the loss gains mu/2 * ||w - w_start||^2
     local_seconds: float = 0.0  # a time budget instead of a number of batches
+    not_true_distillation: float = 0.0  # FedNTD's beta: the weight of the not-true distillation term
 
     @classmethod
     def from_request(cls, request: object) -> TrainConfig:
@@ -65,6 +71,10 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.proximal_mu < 1e6:
             raise ValueError(f"proximal_mu must be in [0, 1e6), got {self.proximal_mu}")
+        if not 0 <= self.not_true_distillation <= MAX_DISTILLATION:
+            raise ValueError(
+                f"not_true_distillation must be in [0, {MAX_DISTILLATION:g}], got {self.not_true_distillation}"
+            )
         if train_samples == 0:
             raise ValueError("this worker's shard holds no training samples")
         if not self.local_seconds and self.total_batches(train_samples) > max_batches:
@@ -98,6 +108,19 @@ class TrainOutcome:
 Progress = Callable[[int, int, float, float], None]  # batches_done, batches_total, mean_loss, seconds
 
 
+def not_true_kl(scores: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """FedNTD's term (Lee et al., "Preservation of the Global Knowledge by Not-True Distillation in Federated
+    Learning", 2022), temperature 1: the mean over the batch of KL(teacher || model) between the softmax of the two
+    score rows with each sample's own class left out. Scores may be logits or log-probabilities (a softmax does not
+    see a shift of its row)."""
+    n, classes = scores.shape
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep[torch.arange(n), labels] = False
+    student = F.log_softmax(scores[keep].view(n, classes - 1), dim=1)
+    target = F.log_softmax(teacher[keep].view(n, classes - 1), dim=1)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean")
+
+
 def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's term mu/2 * ||w - w_start||^2 (Li et al., "Federated Optimization in Heterogeneous Networks", 2020)."""
     return cast(torch.Tensor, mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor)))
@@ -118,6 +141,8 @@ class Trainer:
         self.batch_delay = batch_delay  # seconds of extra wall time per batch: imitates a slower device
         self.max_batches = max_batches
         self._momentum: dict[str, torch.Tensor] = {}  # by parameter name: SGD's buffers, kept for the next round
+        self._teacher: nn.Module | None = None  # the installed weights, frozen, while not-true distillation is on
+        self._warned_no_scores = False
         # The first optimizer ever created imports torch's compiler stack (about 2 s): pay that at start-up,
         # before the worker reports SERVING, not inside round 1.
         torch.optim.SGD(model.parameters(), lr=0.01)
@@ -154,6 +179,7 @@ class Trainer:
         self._start_momentum_at_zero(optimizer, cfg.momentum)
         # FedProx keeps the weights it started from (the global model); plain FedAvg needs no copy.
         anchor = [p.detach().clone() for p in self.model.parameters()] if cfg.proximal_mu else None
+        teacher = self._frozen_copy() if cfg.not_true_distillation else None
         self.model.train()
         loss_sum, correct, samples, batches = 0.0, 0, 0, 0
         start = last_report = time.perf_counter()
@@ -162,8 +188,7 @@ class Trainer:
                 raise TrainingCancelled("training cancelled by the caller")
             optimizer.zero_grad(set_to_none=True)
             step = self.task.train_step(self.model, batch_of(self.data.train, index))
-            objective = step.loss + _proximal(self.model, anchor, cfg.proximal_mu) if anchor else step.loss
-            objective.backward()
+            self._objective(step, cfg, anchor, teacher).backward()
             optimizer.step()
             if self.batch_delay and cancelled.wait(self.batch_delay):
                 raise TrainingCancelled("training cancelled by the caller")
@@ -185,6 +210,39 @@ class Trainer:
                 **{**outcome.__dict__, "test_loss": loss, "test_accuracy": acc, "test_samples": len(self.data.test)}
             )
         return outcome
+
+    def _objective(
+        self, step: StepResult, cfg: TrainConfig, anchor: list[torch.Tensor] | None, teacher: nn.Module | None
+    ) -> torch.Tensor:
+        """The batch's loss plus the terms the round asks for: FedProx's, not-true distillation's."""
+        objective = step.loss
+        if anchor:
+            objective = objective + _proximal(self.model, anchor, cfg.proximal_mu)
+        if teacher is not None:
+            if step.scores is None or step.labels is None:
+                self._warn_no_scores()
+                return objective
+            with torch.no_grad():
+                scores = teacher(step.inputs)
+            objective = objective + cfg.not_true_distillation * not_true_kl(step.scores, scores, step.labels)
+        return objective
+
+    def _frozen_copy(self) -> nn.Module:
+        """The weights as installed, frozen: not-true distillation's teacher. One module, refilled every round."""
+        if self._teacher is None:
+            self._teacher = copy.deepcopy(self.model).requires_grad_(False)
+        else:
+            self._teacher.load_state_dict(self.model.state_dict())
+        return self._teacher.eval()
+
+    def _warn_no_scores(self) -> None:
+        if not self._warned_no_scores:
+            self._warned_no_scores = True
+            log.warning(
+                "not_true_distillation_skipped",
+                task=self.task.describe(),
+                reason="the task's train_step gives no class scores and labels (StepResult.scores, labels)",
+            )
 
     def _start_momentum_at_zero(self, optimizer: torch.optim.SGD, momentum: float) -> None:
         """The fresh optimizer's momentum, in last round's buffers, zeroed. SGD (dampening 0) makes a missing buffer

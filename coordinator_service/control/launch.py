@@ -105,6 +105,7 @@ def strategy(settings: RunSettings, n_workers: int) -> FedAvg:
         weighted=not settings.aggregation.unweighted,
         lr_decay=t.lr_decay,
         proximal_mu=t.proximal_mu,
+        not_true_distillation=t.not_true_distillation,
         fraction=settings.sampling.fraction,
         workers_per_round=settings.sampling.workers_per_round,
     )

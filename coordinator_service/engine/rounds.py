@@ -264,6 +264,7 @@ def _check_worker_supports(client: WorkerClient, request: pb.TrainRequest) -> No
     needs = [
         ("1.2", "FedProx (--proximal-mu)", request.proximal_mu),
         ("1.3", "a time budget (--local-seconds)", request.local_seconds),
+        ("1.8", "not-true distillation (--not-true-distillation; 0 turns it off)", request.not_true_distillation),
     ]
     for minimum, feature, used in needs:
         if used and client.info is not None:

@@ -80,6 +80,8 @@ class FedAvg(Strategy):
     - `weighted=False`: every worker counts the same, as the old PySyft example did.
     - `proximal_mu` > 0: the workers train with FedProx's proximal term (Li et al., "Federated Optimization in
       Heterogeneous Networks", 2020).
+    - `not_true_distillation` > 0: the workers of a classifier add FedNTD's term (Lee et al., "Preservation of the
+      Global Knowledge by Not-True Distillation in Federated Learning", 2022) with this weight.
     - `fraction` / `workers_per_round`: each round trains a seeded random sample of the workers present (McMahan et
       al.'s client fraction C), the same sample for the same seed and round.
     - `local_seconds`: each worker trains for a time budget instead of a number of batches (see FedNova, which
@@ -103,6 +105,7 @@ class FedAvg(Strategy):
         evaluate_locally: bool = False,
         lr_decay: float = 1.0,
         proximal_mu: float = 0.0,
+        not_true_distillation: float = 0.0,
         fraction: float = 1.0,
         workers_per_round: int = 0,
     ):
@@ -122,6 +125,7 @@ class FedAvg(Strategy):
         self.evaluate_locally = evaluate_locally
         self.lr_decay = lr_decay  # the local learning rate of round r is learning_rate x lr_decay^(r-1)
         self.proximal_mu = proximal_mu  # FedProx (Li et al., 2020) when positive
+        self.not_true_distillation = not_true_distillation  # FedNTD's beta (Lee et al., 2022) when positive
         self.fraction = fraction
         self.workers_per_round = workers_per_round
 
@@ -141,6 +145,7 @@ class FedAvg(Strategy):
             seed=self.seed * 1_000_003 + server_round * 1_009 + worker_index,
             evaluate=self.evaluate_locally,
             proximal_mu=self.proximal_mu,
+            not_true_distillation=self.not_true_distillation,
         )
 
     def sample_size(self, present: int) -> int:

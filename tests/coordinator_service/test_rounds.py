@@ -61,6 +61,7 @@ class FakeWorker:
 
     async def train(self, request: pb.TrainRequest, on_progress=None) -> pb.TrainResult:
         self.trained = True
+        self.last_request = request
         return pb.TrainResult(round=request.round, round_id=request.round_id, samples=self.samples, batches=2)
 
     def payload(self) -> serde.WeightsPayload:
@@ -402,6 +403,23 @@ def test_fedprox_is_sent_only_to_workers_that_understand_it():
     [failure] = report.failures
     assert failure.worker == "old" and failure.phase == "train" and "FedProx" in failure.reason
     assert [w.worker for w in report.workers] == ["new"]
+
+
+def test_not_true_distillation_is_sent_only_to_workers_that_understand_it():
+    """A 1.7 worker would train without the term silently; it is refused instead, naming the flag that turns it off."""
+    old, new = FakeWorker("old", 1), FakeWorker("new", 2)
+    old.info.protocol_version, new.info.protocol_version = "1.7", "1.8"
+    runner = RoundRunner(
+        model=tiny_model(),
+        architecture=ARCH,
+        strategy=FedAvg(local_batches=2, batch_size=64, not_true_distillation=1.0),
+        transfer=TransferSettings(chunk_size=7),
+    )
+    report = asyncio.run(runner.run_round(1, [old, new]))
+    [failure] = report.failures
+    assert failure.worker == "old" and "--not-true-distillation" in failure.reason and "1.8" in failure.reason
+    assert [w.worker for w in report.workers] == ["new"]
+    assert new.last_request.not_true_distillation == 1.0
 
 
 def test_round_started_names_the_model_by_its_digest_hashed_only_once_every_send_has_ended():

@@ -154,7 +154,7 @@ class SetWeightsResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id", "proximal_mu", "local_seconds", "update_encoding")
+    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id", "proximal_mu", "local_seconds", "update_encoding", "not_true_distillation")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class TrainRequest(_message.Message):
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     LOCAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    NOT_TRUE_DISTILLATION_FIELD_NUMBER: _ClassVar[int]
     round: int
     local_batches: int
     local_epochs: int
@@ -179,7 +180,8 @@ class TrainRequest(_message.Message):
     proximal_mu: float
     local_seconds: float
     update_encoding: ChunkEncoding
-    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., local_seconds: _Optional[float] = ..., update_encoding: _Optional[_Union[ChunkEncoding, str]] = ...) -> None: ...
+    not_true_distillation: float
+    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., local_seconds: _Optional[float] = ..., update_encoding: _Optional[_Union[ChunkEncoding, str]] = ..., not_true_distillation: _Optional[float] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
     __slots__ = ("batches_done", "batches_total", "mean_loss", "seconds", "heartbeat")
