@@ -389,37 +389,31 @@ def test_the_local_learning_rate_decays_per_round():
     assert [strategy.configure_train(r, 0).learning_rate for r in (1, 2, 3)] == [0.1, 0.05, 0.025]
 
 
-def test_fedprox_is_sent_only_to_workers_that_understand_it():
-    """A 1.1 worker would ignore proximal_mu silently; it is refused instead, with the upgrade named."""
+@pytest.mark.parametrize(
+    "older, newer, option, named",
+    [
+        ("1.1", "1.2", {"proximal_mu": 0.01}, ["FedProx", "1.2"]),
+        ("1.7", "1.8", {"not_true_distillation": 1.0}, ["--not-true-distillation", "1.8"]),
+    ],
+)
+def test_an_option_is_sent_only_to_workers_that_understand_it(older, newer, option, named):
+    """An older worker would ignore the field silently; it is refused instead, naming the upgrade (and, for an option
+    on by default, the flag that turns it off)."""
     old, new = FakeWorker("old", 1), FakeWorker("new", 2)
-    old.info.protocol_version, new.info.protocol_version = "1.1", "1.2"
+    old.info.protocol_version, new.info.protocol_version = older, newer
     runner = RoundRunner(
         model=tiny_model(),
         architecture=ARCH,
-        strategy=FedAvg(local_batches=2, batch_size=64, proximal_mu=0.01),
+        strategy=FedAvg(local_batches=2, batch_size=64, **option),
         transfer=TransferSettings(chunk_size=7),
     )
     report = asyncio.run(runner.run_round(1, [old, new]))
     [failure] = report.failures
-    assert failure.worker == "old" and failure.phase == "train" and "FedProx" in failure.reason
+    assert failure.worker == "old" and failure.phase == "train"
+    assert all(word in failure.reason for word in named), failure.reason
     assert [w.worker for w in report.workers] == ["new"]
-
-
-def test_not_true_distillation_is_sent_only_to_workers_that_understand_it():
-    """A 1.7 worker would train without the term silently; it is refused instead, naming the flag that turns it off."""
-    old, new = FakeWorker("old", 1), FakeWorker("new", 2)
-    old.info.protocol_version, new.info.protocol_version = "1.7", "1.8"
-    runner = RoundRunner(
-        model=tiny_model(),
-        architecture=ARCH,
-        strategy=FedAvg(local_batches=2, batch_size=64, not_true_distillation=1.0),
-        transfer=TransferSettings(chunk_size=7),
-    )
-    report = asyncio.run(runner.run_round(1, [old, new]))
-    [failure] = report.failures
-    assert failure.worker == "old" and "--not-true-distillation" in failure.reason and "1.8" in failure.reason
-    assert [w.worker for w in report.workers] == ["new"]
-    assert new.last_request.not_true_distillation == 1.0
+    [(field, value)] = option.items()
+    assert getattr(new.last_request, field) == value
 
 
 def test_round_started_names_the_model_by_its_digest_hashed_only_once_every_send_has_ended():
