@@ -121,6 +121,17 @@ def not_true_kl(scores: torch.Tensor, teacher: torch.Tensor, labels: torch.Tenso
     return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
 
+def _class_scores(step: StepResult) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The step's class scores and labels if it gives what the term needs: a row of at least 3 scores per sample
+    (with 2 the other classes are one, and the term is 0) and one integer label per sample."""
+    scores, labels = step.scores, step.labels
+    if scores is None or labels is None or scores.dim() != 2 or scores.shape[1] < 3:
+        return None
+    if labels.shape != (scores.shape[0],) or labels.is_floating_point() or labels.is_complex():
+        return None
+    return scores, labels
+
+
 def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's term mu/2 * ||w - w_start||^2 (Li et al., "Federated Optimization in Heterogeneous Networks", 2020)."""
     return cast(torch.Tensor, mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor)))
@@ -219,12 +230,13 @@ class Trainer:
         if anchor:
             objective = objective + _proximal(self.model, anchor, cfg.proximal_mu)
         if teacher is not None:
-            if step.scores is None or step.labels is None:
+            classes = _class_scores(step)
+            if classes is None:
                 self._warn_no_scores()
                 return objective
             with torch.no_grad():
-                scores = teacher(step.inputs)
-            objective = objective + cfg.not_true_distillation * not_true_kl(step.scores, scores, step.labels)
+                targets = teacher(step.inputs)
+            objective = objective + cfg.not_true_distillation * not_true_kl(classes[0], targets, classes[1])
         return objective
 
     def _frozen_copy(self) -> nn.Module:
@@ -241,7 +253,8 @@ class Trainer:
             log.warning(
                 "not_true_distillation_skipped",
                 task=self.task.describe(),
-                reason="the task's train_step gives no class scores and labels (StepResult.scores, labels)",
+                reason="the task's train_step gives no scores of 3 or more classes with integer labels "
+                "(StepResult.scores, labels)",
             )
 
     def _start_momentum_at_zero(self, optimizer: torch.optim.SGD, momentum: float) -> None:

@@ -122,11 +122,20 @@ class NoScores(MnistTask):
         return StepResult(step.loss, step.correct, step.samples)
 
 
-def test_a_task_without_class_scores_trains_plainly_and_says_so_once(cluster_data):
+class FloatTargets(MnistTask):
+    """Scores with targets that are not class indices (as a regression's would be)."""
+
+    def train_step(self, model, batch):
+        step = super().train_step(model, batch)
+        return step._replace(labels=step.labels.float())
+
+
+@pytest.mark.parametrize("task", [NoScores, FloatTargets])
+def test_a_task_without_class_scores_trains_plainly_and_says_so_once(cluster_data, task):
     cfg = TrainConfig(local_batches=3, learning_rate=0.05, momentum=0.9, seed=1)
     plain = Trainer(build_model("reference-cnn"), cluster_data[0])
     plain.train(cfg, lambda *p: None, threading.Event())
-    trainer = Trainer(build_model("reference-cnn"), cluster_data[0], task=NoScores())
+    trainer = Trainer(build_model("reference-cnn"), cluster_data[0], task=task())
     with capture_logs() as logs:
         for _ in range(2):
             trainer.model.load_state_dict(build_model("reference-cnn").state_dict())
