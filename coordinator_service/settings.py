@@ -53,7 +53,14 @@ class LocalTraining(_Group):
     batch_size: int = Field(64, ge=1, le=65_536, description="samples per batch")
     lr: float = Field(0.05, gt=0, le=100, description="SGD learning rate of the workers")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of the workers (fresh each round)")
-    lr_decay: float = Field(1.0, gt=0, le=1, description="the local learning rate of round r is lr x this^(r-1)")
+    lr_schedule: Literal["auto", "cosine", "exponential", "constant"] = Field(
+        "auto",
+        description="the local learning rate over the run: cosine anneals it from lr to near 0 by the last round; "
+        "exponential multiplies it by lr_decay each round; auto: exponential with lr_decay, else cosine",
+    )
+    lr_decay: float = Field(
+        1.0, gt=0, le=1, description="with lr_schedule exponential: the rate of round r is lr x this^(r-1)"
+    )
     proximal_mu: float = Field(
         0.0,
         ge=0,
@@ -79,6 +86,18 @@ class LocalTraining(_Group):
         if self.local_epochs and self.local_seconds:
             raise ValueError("local_epochs and local_seconds exclude each other: give one local budget")
         return self
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> LocalTraining:
+        if self.lr_decay != 1 and self.lr_schedule in ("cosine", "constant"):
+            raise ValueError(f"lr_decay applies to lr_schedule exponential, not {self.lr_schedule}: drop one")
+        return self
+
+    @property
+    def effective_lr_schedule(self) -> str:
+        if self.lr_schedule == "auto":
+            return "exponential" if self.lr_decay != 1 else "cosine"
+        return self.lr_schedule
 
 
 class Sampling(_Group):
@@ -288,6 +307,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "server_optimizer": "fedavg",
         "not_true_distillation": 0.0,
+        "lr_schedule": "constant",
     },
 }
 

@@ -16,6 +16,8 @@ from generated.fedpi.v1 import worker_pb2 as pb
 
 T = TypeVar("T")
 
+LR_SCHEDULES = ("cosine", "exponential", "constant")
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -82,6 +84,7 @@ class FedAvg(Strategy):
       Heterogeneous Networks", 2020).
     - `not_true_distillation` > 0: the workers of a classifier add FedNTD's term (Lee et al., "Preservation of the
       Global Knowledge by Not-True Distillation in Federated Learning", 2022) with this weight.
+    - `lr_schedule`: the workers' learning rate over the `rounds` of the run (`learning_rate_of`).
     - `fraction` / `workers_per_round`: each round trains a seeded random sample of the workers present (McMahan et
       al.'s client fraction C), the same sample for the same seed and round.
     - `local_seconds`: each worker trains for a time budget instead of a number of batches (see FedNova, which
@@ -103,7 +106,9 @@ class FedAvg(Strategy):
         min_workers: int = 1,
         weighted: bool = True,
         evaluate_locally: bool = False,
+        lr_schedule: str = "exponential",
         lr_decay: float = 1.0,
+        rounds: int = 1,
         proximal_mu: float = 0.0,
         not_true_distillation: float = 0.0,
         fraction: float = 1.0,
@@ -123,13 +128,25 @@ class FedAvg(Strategy):
         self.min_workers = min_workers
         self.weighted = weighted
         self.evaluate_locally = evaluate_locally
-        self.lr_decay = lr_decay  # the local learning rate of round r is learning_rate x lr_decay^(r-1)
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
+        self.lr_decay = lr_decay
+        self.rounds = rounds  # the run's length, which the cosine schedule spans
         self.proximal_mu = proximal_mu  # FedProx (Li et al., 2020) when positive
         self.not_true_distillation = not_true_distillation  # FedNTD's beta (Lee et al., 2022) when positive
         self.fraction = fraction
         self.workers_per_round = workers_per_round
 
     def learning_rate_of(self, server_round: int) -> float:
+        """The local learning rate of a round (from 1). Cosine (Loshchilov and Hutter's SGDR, one cycle over the run)
+        anneals it from learning_rate towards 0, so the last rounds settle rather than swing; exponential multiplies
+        it by lr_decay each round."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        if self.lr_schedule == "cosine":
+            done = min(server_round - 1, self.rounds - 1) / self.rounds
+            return self.learning_rate * 0.5 * (1 + math.cos(math.pi * done))
         return self.learning_rate * self.lr_decay ** (server_round - 1)
 
     def configure_train(self, server_round: int, worker_index: int) -> pb.TrainRequest:

@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from coordinator_service import settings as run_settings
+from coordinator_service.control import launch
 from coordinator_service.engine.rounds import RoundFailed, RoundRunner, TransferSettings
 from coordinator_service.engine.worker_errors import WorkerUnavailable
 from coordinator_service.policy.rules import Clipped, TrimmedMean, median, parse_aggregation, trimmed_mean
@@ -387,6 +389,37 @@ def test_aggregation_specs_parse_and_bad_ones_say_what_is_accepted():
 def test_the_local_learning_rate_decays_per_round():
     strategy = FedAvg(learning_rate=0.1, lr_decay=0.5)
     assert [strategy.configure_train(r, 0).learning_rate for r in (1, 2, 3)] == [0.1, 0.05, 0.025]
+    assert FedAvg(learning_rate=0.1, lr_schedule="constant", lr_decay=0.5).configure_train(3, 0).learning_rate == 0.1
+
+
+def test_the_cosine_schedule_anneals_over_the_run_and_holds_its_last_rate_after_it():
+    strategy = FedAvg(learning_rate=0.1, lr_schedule="cosine", rounds=4)
+    rates = [strategy.configure_train(r, 0).learning_rate for r in (1, 2, 3, 4, 5, 9)]
+    # 0.1 x (1 + cos(pi (r - 1) / 4)) / 2, written out
+    expected = [0.1, 0.1 * (1 + 0.5**0.5) / 2, 0.05, 0.1 * (1 - 0.5**0.5) / 2]
+    assert rates == pytest.approx(expected + expected[-1:] * 2, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "layers, schedule, rates",
+    [
+        ([], "cosine", [0.05, 0.05 * 0.75, 0.05 * 0.25]),  # (1 + cos(pi (r - 1) / 3)) / 2 = 1, 3/4, 1/4
+        ([{"lr_decay": 0.5}], "exponential", [0.05, 0.025, 0.0125]),
+        ([{"lr_schedule": "constant"}], "constant", [0.05, 0.05, 0.05]),
+        ([run_settings.preset_layer("seed")], "constant", [0.01, 0.01, 0.01]),
+    ],
+)
+def test_a_runs_settings_pick_the_schedule_and_its_length(layers, schedule, rates):
+    """The settings a run is given (auto: cosine unless lr_decay is set) reach the strategy with the run's rounds."""
+    settings = run_settings.merge(*layers, {"rounds": 3})
+    strategy = launch.strategy(settings, 3)
+    assert settings.training.effective_lr_schedule == schedule
+    assert [strategy.configure_train(r, 0).learning_rate for r in (1, 2, 3)] == pytest.approx(rates, rel=1e-12)
+
+
+def test_lr_decay_with_a_schedule_it_does_not_apply_to_is_refused():
+    with pytest.raises(run_settings.SettingsError, match="lr_decay applies to lr_schedule exponential, not cosine"):
+        run_settings.merge({"lr_schedule": "cosine", "lr_decay": 0.9})
 
 
 @pytest.mark.parametrize(

@@ -155,11 +155,12 @@ def test_the_request_wins_over_the_server_whose_environment_wins_over_the_preset
     _, _, settings = manager.prepare(
         cpb.RunSpec(
             workers=["a=127.0.0.1:1"],
-            training=cpb.LocalTraining(lr=0.02),
+            training=cpb.LocalTraining(lr=0.02, lr_schedule="cosine"),
             evaluation=cpb.EvaluationSettings(federated_evaluation=False),
         )
     )
     assert (settings.training.lr, settings.evaluation.federated_evaluation) == (0.02, False)
+    assert settings.training.effective_lr_schedule == "cosine"  # over the preset's constant
     manager.close()
 
 

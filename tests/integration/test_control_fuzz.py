@@ -96,6 +96,7 @@ def _value(field, near: bool = False):
         "aggregation": ["fedavg", "median", "trimmed-mean:1", "clipped:2.5", "clipped:nan"],
         "server_optimizer": ["fedavg", "fedadam"],
         "compression": ["none", "zlib", "fp16", "int8"],
+        "lr_schedule": ["auto", "cosine", "exponential", "constant"],
     }.get(f.name, [])
     if near:
         return st.sampled_from(choices or ["x"])

@@ -116,6 +116,7 @@ def test_settings_keys_that_argparse_would_expand_or_split_are_refused_and_write
         (cpb.RunSpec(transfer=cpb.TransferSettings(chunk_size=0)), "chunk_size = 0"),
         (cpb.RunSpec(timeouts=cpb.Timeouts(round_retries=10**9)), "round_retries = 1000000000"),
         (cpb.RunSpec(training=cpb.LocalTraining(local_batches=-1)), "local_batches = -1"),
+        (cpb.RunSpec(training=cpb.LocalTraining(lr_schedule="warmup")), "lr_schedule = 'warmup'"),
         (cpb.RunSpec(run_id="lab-1\n"), "run_id = 'lab-1\\n'"),
         (cpb.RunSpec(run_id="../escape"), "run_id = '../escape'"),
         (cpb.RunSpec(run_id="x" * 1_000_000), "run_id = 'xxxx"),

@@ -71,7 +71,7 @@ class RunSpec(_message.Message):
     def __init__(self, task: _Optional[str] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., rounds: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., workers_dns: _Optional[str] = ..., expect_workers: _Optional[int] = ..., settings: _Optional[_Mapping[str, str]] = ..., run_id: _Optional[str] = ..., preset: _Optional[str] = ..., training: _Optional[_Union[LocalTraining, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationSettings, _Mapping]] = ..., server: _Optional[_Union[ServerOptimizerSettings, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationSettings, _Mapping]] = ..., transfer: _Optional[_Union[TransferSettings, _Mapping]] = ..., timeouts: _Optional[_Union[Timeouts, _Mapping]] = ...) -> None: ...
 
 class LocalTraining(_message.Message):
-    __slots__ = ("local_batches", "local_epochs", "local_seconds", "batch_size", "lr", "momentum", "lr_decay", "proximal_mu", "seed", "not_true_distillation")
+    __slots__ = ("local_batches", "local_epochs", "local_seconds", "batch_size", "lr", "momentum", "lr_decay", "proximal_mu", "seed", "not_true_distillation", "lr_schedule")
     LOCAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class LocalTraining(_message.Message):
     PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NOT_TRUE_DISTILLATION_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     local_batches: int
     local_epochs: int
     local_seconds: float
@@ -92,7 +93,8 @@ class LocalTraining(_message.Message):
     proximal_mu: float
     seed: int
     not_true_distillation: float
-    def __init__(self, local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., local_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., lr_decay: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., seed: _Optional[int] = ..., not_true_distillation: _Optional[float] = ...) -> None: ...
+    lr_schedule: str
+    def __init__(self, local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., local_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., lr_decay: _Optional[float] = ..., proximal_mu: _Optional[float] = ..., seed: _Optional[int] = ..., not_true_distillation: _Optional[float] = ..., lr_schedule: _Optional[str] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("fraction", "workers_per_round", "min_workers")
