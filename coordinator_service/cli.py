@@ -291,23 +291,22 @@ def read_config(args: argparse.Namespace) -> None:
         args.config_layer = config.apply(args.config, args.command_parser, args, args.argv, set(run_settings.FIELDS))
 
 
+def _source(layer: str, field: str) -> str:
+    if layer == "env":
+        return f"env FEDPI_{field.upper()}"
+    return f"flag --{field.replace('_', '-')}" if layer == "flag" else layer
+
+
 def show_config(args: argparse.Namespace) -> int:
     """`fedpi config show`: every run setting, its value and where it comes from."""
     import json
 
     layers = layers_of(args)
     settings = run_settings.merge(*(layer for _, layer in layers))
-    sources = {}
-    for name, layer in layers:
-        for key in layer:
-            field = run_settings.canonical(key)
-            sources[field] = (
-                f"env FEDPI_{field.upper()}"
-                if name == "env"
-                else f"flag --{field.replace('_', '-')}"
-                if name == "flag"
-                else name
-            )
+    sources: dict[str, str] = {}
+    for name, layer in layers:  # overlaid as merge() does, so a replaced local budget loses its source too
+        fields = (run_settings.canonical(key) for key in layer)
+        sources = run_settings.overlay(sources, {field: _source(name, field) for field in fields})
     rows = [(k, v, sources.get(k, "default")) for k, v in settings.flat().items()]
     if args.output == "json":
         print(json.dumps({k: {"value": v, "source": s} for k, v, s in rows}, indent=2))

@@ -25,6 +25,7 @@ from coordinator_service.policy.strategy import STRATEGIES
 MAX_WORKERS = 256  # no run names more workers than this; `serve --max-workers-per-run` can lower it
 MIB = 1 << 20
 DAY = 86_400.0
+BUDGETS = ("local_epochs", "local_batches", "local_seconds")  # one of them sets a round's local work
 
 
 class SettingsError(ValueError):
@@ -40,13 +41,14 @@ class _Group(BaseModel):
 class LocalTraining(_Group):
     """Sent to every worker each round."""
 
-    local_batches: int = Field(50, ge=1, le=100_000, description="batches per worker per round")
-    local_epochs: int = Field(0, ge=0, le=1_000, description="epochs per round instead of local_batches (0: off)")
+    # A round's local work is one budget: epochs (the default), batches or seconds. Giving one replaces the others.
+    local_epochs: int = Field(1, ge=0, le=1_000, description="passes over each worker's own data per round")
+    local_batches: int = Field(0, ge=0, le=100_000, description="batches per worker per round, instead of epochs")
     local_seconds: float = Field(
         0.0,
         ge=0,
         le=DAY,
-        description="seconds: instead of local_batches, every worker "
+        description="seconds: instead of epochs, every worker "
         "trains for this long (mixed clusters; aggregated with FedNova unless strategy says "
         "otherwise)",
     )
@@ -81,10 +83,23 @@ class LocalTraining(_Group):
         description="seeds the initial model, every worker's batch order and the choice of workers per round",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_given(cls, data: Any) -> Any:
+        """local_batches or local_seconds given without local_epochs replace the default epoch."""
+        if isinstance(data, dict) and "local_epochs" not in data and any(k in data for k in BUDGETS):
+            return {**data, "local_epochs": 0}
+        return data
+
     @model_validator(mode="after")
     def _one_budget(self) -> LocalTraining:
-        if self.local_epochs and self.local_seconds:
-            raise ValueError("local_epochs and local_seconds exclude each other: give one local budget")
+        given = [name for name in BUDGETS if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(
+                f"{' and '.join(given)} exclude each other: give one local budget"
+                if given
+                else "give one local budget: local_epochs, local_batches or local_seconds above 0"
+            )
         return self
 
     @model_validator(mode="after")
@@ -317,7 +332,7 @@ def merge(*layers: Mapping[str, Any]) -> RunSettings:
     once as a whole. Raises SettingsError naming every bad field, its value and what is allowed."""
     flat: dict[str, Any] = {}
     for layer in layers:
-        flat.update({canonical(k): v for k, v in layer.items()})
+        flat = overlay(flat, layer)
     nested: dict[str, Any] = {}
     for name, value in flat.items():
         group = FIELDS[name]
@@ -326,6 +341,15 @@ def merge(*layers: Mapping[str, Any]) -> RunSettings:
         return RunSettings.model_validate(nested)
     except ValidationError as exc:
         raise SettingsError(describe_errors(exc, flat)) from None
+
+
+def overlay(flat: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """`layer` over `flat`, by canonical name. The local budget counts as one setting: a layer that gives any of
+    local_epochs, local_batches and local_seconds replaces all three (a flag's --local-batches wins over a preset's
+    epochs, rather than clash with it)."""
+    given = {canonical(k): v for k, v in layer.items()}
+    kept = {k: v for k, v in flat.items() if k not in BUDGETS} if any(k in BUDGETS for k in given) else dict(flat)
+    return {**kept, **given}
 
 
 def describe_errors(exc: ValidationError, given: Mapping[str, Any] | None = None) -> str:

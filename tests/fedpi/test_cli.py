@@ -85,6 +85,24 @@ def test_presets_set_defaults_that_flags_and_the_environment_override(monkeypatc
 
 
 @pytest.mark.parametrize(
+    "argv, env, budget",
+    [
+        (["demo"], {}, (1, 0, 0.0)),  # one epoch a round
+        (["demo", "--local-batches", "20"], {}, (0, 20, 0.0)),
+        (["demo", "--preset", "seed"], {}, (0, 50, 0.0)),
+        (["demo", "--preset", "seed", "--local-epochs", "2"], {}, (2, 0, 0.0)),
+        (["train", "--local-batches", "3"], {"FEDPI_LOCAL_SECONDS": "5"}, (0, 3, 0.0)),
+        (["train"], {"FEDPI_LOCAL_SECONDS": "5"}, (0, 0, 5.0)),
+    ],
+)
+def test_a_local_budget_given_replaces_the_one_below_it(monkeypatch, argv, env, budget):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    t = settings(argv).training
+    assert (t.local_epochs, t.local_batches, t.local_seconds) == budget
+
+
+@pytest.mark.parametrize(
     "flags, phrase",
     [
         (["--max-update-ratio", "nan"], "max_update_ratio = 'nan': Input should be a finite number"),
@@ -93,6 +111,8 @@ def test_presets_set_defaults_that_flags_and_the_environment_override(monkeypatc
         (["--round-retries", "1000000"], "round_retries = '1000000': Input should be less than or equal to 100"),
         (["--lr", "fast"], "lr = 'fast': Input should be a valid number"),
         (["--local-epochs", "2", "--local-seconds", "5"], "local_epochs and local_seconds exclude each other"),
+        (["--local-batches", "5", "--local-epochs", "2"], "local_epochs and local_batches exclude each other"),
+        (["--local-epochs", "0"], "give one local budget"),
     ],
 )
 def test_settings_out_of_range_are_refused_naming_the_setting(flags, phrase):

@@ -29,6 +29,10 @@ def test_two_rounds_on_real_digits_clear_90_percent(digits_cluster, tmp_path):
         "0.05",
         "--momentum",
         "0.5",
+        "--local-batches",
+        "50",
+        "--lr-schedule",
+        "constant",
         "--output-dir",
         str(tmp_path),
     )
