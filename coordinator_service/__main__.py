@@ -26,6 +26,7 @@ from coordinator_service.engine.observer import Observers, RunObserver
 from coordinator_service.engine.rounds import RoundFailed
 from coordinator_service.engine.training import HandshakeFailed
 from coordinator_service.local import demo_cluster
+from coordinator_service.observe.board import BoardWatch
 from coordinator_service.observe.metrics import PrometheusObserver
 from coordinator_service.observe.progress import LiveProgress
 from fedpi import data as datasets
@@ -107,7 +108,7 @@ async def _demo(
 
 def _observers(args: argparse.Namespace, settings: run_settings.RunSettings) -> Observers:
     """The live view on a terminal (the other log lines print above it), Prometheus metrics when asked for."""
-    observers: list[RunObserver] = []
+    observers: list[RunObserver] = [BoardWatch()]
     if wants_console(args.log_format) and sys.stdout.isatty():
         progress = LiveProgress(settings.training.batch_size, rounds=settings.rounds)
         configure_logging("console", file=progress.log_file(), drop=LiveProgress.SHOWN_EVENTS)

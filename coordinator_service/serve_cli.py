@@ -18,6 +18,7 @@ from coordinator_service import settings as run_settings
 from coordinator_service.control import launch, runspec
 from coordinator_service.control.runspec import InvalidSpec, RunTarget, WorkerPolicy
 from coordinator_service.engine.observer import RunObserver
+from coordinator_service.observe.board import BoardWatch
 from coordinator_service.observe.metrics import PrometheusObserver
 from fedpi.logs import configure_logging
 from fedpi.net.auth import SecurityFlags, ServerSecurity, accepted, exposure_warning, server_security
@@ -117,7 +118,7 @@ def serve_main(args: argparse.Namespace) -> int:
             max_watchers=args.max_watchers,
             warning="; ".join(filter(None, (api_warning, worker_warning))),
         )
-        observers: list[RunObserver] = []
+        observers: list[RunObserver] = [BoardWatch()]
         if args.metrics_port:
             metrics = PrometheusObserver()
             metrics.serve(args.metrics_port, args.metrics_host)

@@ -48,14 +48,16 @@ async def gather_info(workers: list[tuple[str, str]], security, timeout: float) 
 def table(rows: list[tuple[str, str, object]]):
     from rich.table import Table
 
+    from coordinator_service.observe.board import board_summary
     from generated.fedpi.v1 import worker_pb2 as pb
 
     t = Table(title="fedpi workers")
-    for column in ("worker", "address", "id", "state", "round", "model", "shard", "protocol", "fedpi", "torch", "arch"):
+    columns = ("worker", "address", "id", "state", "round", "model", "shard", "protocol", "fedpi", "torch", "arch")
+    for column in (*columns, "board"):
         t.add_column(column)
     for name, address, info in rows:
         if not isinstance(info, pb.WorkerInfo):
-            t.add_row(name, address, "", "[red]unreachable[/red]", *[""] * 7)
+            t.add_row(name, address, "", "[red]unreachable[/red]", *[""] * 8)
             continue
         shard = f"{info.train_samples}/{info.test_samples} {info.dataset} {info.partition}"
         t.add_row(
@@ -70,6 +72,7 @@ def table(rows: list[tuple[str, str, object]]):
             info.software_version,
             info.torch_version,
             info.cpu_architecture,
+            board_summary(info.health),
         )
     return t
 

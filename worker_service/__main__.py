@@ -22,6 +22,7 @@ from fedpi.net.auth import SecurityFlags, ServerSecurity, server_security
 from fedpi.net.auth import exposure_warning as fedpi_exposure_warning
 from fedpi.net.ports import check_free
 from fedpi.runtime import freeze_startup_objects, read_secret
+from worker_service.board import Board
 from worker_service.cli import parse_args
 from worker_service.server import serve
 from worker_service.servicer import Limits, WorkerServicer
@@ -64,6 +65,7 @@ def build_servicer(args: argparse.Namespace) -> WorkerServicer:
         ),
         train_delay=args.train_delay,
         progress_every=args.progress_interval,
+        board=Board(args.board_root),
     )
 
 

@@ -92,6 +92,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="extra seconds per training batch, to imitate a slower device (fault tests, demos)",
     )
     p.add_argument(
+        "--board-root",
+        default="/",
+        help="where to read the board's sysfs and procfs (GetInfo's health): a container may mount the host's "
+        "/sys elsewhere",
+    )
+    p.add_argument(
         "--metrics-port", type=int, default=0, help="serve Prometheus metrics at http://HOST:PORT/metrics (0: off)"
     )
     p.add_argument(

@@ -6,12 +6,16 @@ refused callers show up too."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from fedpi.net.handlers import wrap_handler
+from generated.fedpi.v1 import worker_pb2 as pb
 
 
 class WorkerMetrics:
@@ -32,6 +36,10 @@ class WorkerMetrics:
         self.info = Gauge("fedpi_worker_info", "Constant 1, labelled with the worker id", ["worker_id"], registry=r)
         self.info.labels(worker_id=worker_id).set(1)
 
+    def watch_board(self, read: Callable[[], pb.BoardHealth]) -> None:
+        """Board health as gauges, read at each scrape; a value the board cannot read is not exported."""
+        self.registry.register(BoardCollector(read))
+
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         try:
             start_http_server(port, addr=host, registry=self.registry)
@@ -49,6 +57,27 @@ class WorkerMetrics:
         self.train_seconds.inc(seconds)
         self.batches.inc(batches)
         self.samples.inc(samples)
+
+
+BOARD_GAUGES = {  # BoardHealth field: (metric, help)
+    "cpu_temperature_celsius": ("fedpi_worker_cpu_temperature_celsius", "CPU temperature of the board"),
+    "memory_available_bytes": ("fedpi_worker_memory_available_bytes", "Memory the worker's board or cgroup has left"),
+    "under_voltage": ("fedpi_worker_under_voltage", "1 while the board is under-volted (Raspberry Pi firmware)"),
+    "throttled": ("fedpi_worker_throttled", "1 while the board's CPU is throttled (Raspberry Pi firmware)"),
+    "under_voltage_since_boot": ("fedpi_worker_under_voltage_since_boot", "1 if the board was under-volted since boot"),
+    "throttled_since_boot": ("fedpi_worker_throttled_since_boot", "1 if the board was throttled since boot"),
+}
+
+
+class BoardCollector(Collector):
+    def __init__(self, read: Callable[[], pb.BoardHealth]):
+        self.read = read
+
+    def collect(self):
+        health = self.read()
+        for field, (name, text) in BOARD_GAUGES.items():
+            if health.HasField(field):
+                yield GaugeMetricFamily(name, text, value=float(getattr(health, field)))
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

@@ -26,6 +26,7 @@ from fedpi.task import Task, fingerprint
 from fedpi.weights import compression, serde
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
+from worker_service.board import Board
 from worker_service.metrics import WorkerMetrics
 from worker_service.state import Busy, TooManyDownloads, WeightsState
 from worker_service.trainer import DEFAULT_MAX_LOCAL_BATCHES, TrainConfig, Trainer, TrainOutcome
@@ -95,14 +96,18 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         train_delay: float = 0.0,
         metrics: WorkerMetrics | None = None,
         task: Task | None = None,
+        board: Board | None = None,
     ):
         self.worker_id = worker_id
+        self.board = board or Board()
+        self.samples_per_second: float | None = None  # of the last Train that finished
         self.warning = ""  # what is unsafe about how this worker serves (--insecure), for GetInfo
         self.model_name = model_name
         self.model = model
         self.data = data
         self.partition = partition
         self.metrics = metrics or WorkerMetrics(worker_id)
+        self.metrics.watch_board(lambda: self.board.health())
         self.limits = limits
         self.progress_every = progress_every
         self.trainer = Trainer(model, data, batch_delay=train_delay, max_batches=limits.max_local_batches, task=task)
@@ -155,6 +160,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             manifest_fingerprint=self.fingerprint,
             digests=self.digests,
             warning=self.warning,
+            health=self.board.health(self.samples_per_second),
         )
 
     async def SetWeights(
@@ -210,6 +216,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             job = TrainingJob(self.trainer, cfg, self.progress_every)
             try:
                 while (progress := await job.next_progress(self.progress_every)) is not None:
+                    rate = progress.batches_done * cfg.batch_size / progress.seconds if progress.seconds else None
+                    progress.health.CopyFrom(self.board.health(rate))
                     await context.write(pb.TrainUpdate(progress=progress))
                 try:
                     outcome = job.future.result()
@@ -227,6 +235,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             await self._abort(context, failure or RuntimeError("training ended without a result"), "Train")
             return
         self.metrics.trained(outcome.train_seconds, outcome.batches, outcome.samples)
+        if outcome.train_seconds > 0:
+            self.samples_per_second = outcome.samples / outcome.train_seconds
         log.info("training_finished", round=request.round, **outcome.summary())
         await context.write(pb.TrainUpdate(result=_result(request, outcome)))
 

@@ -107,6 +107,7 @@ class RunProgress(RunObserver):
                 "mean_loss": round(progress.mean_loss, 4),
                 "seconds": round(progress.seconds, 3),
                 "heartbeat": progress.heartbeat,
+                "health": json_format.MessageToDict(progress.health, preserving_proto_field_name=True),
                 "timestamp": datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z"),
             }
         )

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.rounds import RoundReport
+from generated.fedpi.v1 import worker_pb2 as pb
 
 
 class PrometheusObserver(RunObserver):
@@ -37,6 +38,17 @@ class PrometheusObserver(RunObserver):
             "fedpi_worker_failures", "Workers dropped from a round, by phase", ["worker", "phase"], registry=r
         )
         self.present = Gauge("fedpi_workers_present", "Workers that passed the handshake and take part", registry=r)
+        # Each board's health as its worker last reported it while training (absent if it cannot read it).
+        self.board = {
+            field: Gauge(f"fedpi_board_{field}", text, ["worker"], registry=r)
+            for field, text in (
+                ("cpu_temperature_celsius", "CPU temperature of the worker's board"),
+                ("throttled", "1 while the worker's board is throttled (Raspberry Pi firmware)"),
+                ("under_voltage", "1 while the worker's board is under-volted (Raspberry Pi firmware)"),
+                ("memory_available_bytes", "Memory the worker's board or cgroup has left"),
+                ("samples_per_second", "Training throughput of the worker's board"),
+            )
+        }
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         try:
@@ -57,6 +69,11 @@ class PrometheusObserver(RunObserver):
     def worker_phase(self, worker: str, phase: str, detail: str = "") -> None:
         if phase == "dropped":
             self.failures.labels(worker=worker, phase=detail.split(":", 1)[0]).inc()
+
+    def worker_progress(self, worker: str, progress: pb.TrainProgress) -> None:
+        for field, gauge in self.board.items():
+            if progress.health.HasField(field):
+                gauge.labels(worker=worker).set(float(getattr(progress.health, field)))
 
     def round_finished(self, report: RoundReport) -> None:
         self.rounds_completed.inc()

@@ -16,6 +16,7 @@ from rich.text import Text
 
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.rounds import RoundReport
+from coordinator_service.observe.board import board_summary
 from generated.fedpi.v1 import worker_pb2 as pb
 
 _STYLES = {
@@ -36,6 +37,7 @@ class _WorkerLine:
     batches_total: int = 0
     loss: float | None = None
     samples_per_second: float | None = None
+    board: str = ""  # the board's temperature and trouble, from its last progress message
 
 
 class _ConsoleFile:
@@ -92,7 +94,7 @@ class LiveProgress(RunObserver):
 
     def _render(self) -> Group:
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
-        for column in ("worker", "state", "batches", "loss", "samples/s"):
+        for column in ("worker", "state", "batches", "loss", "samples/s", "board"):
             # A long reason is cut short here (the log line above the view has it whole): 100 columns hold the table.
             table.add_column(
                 column,
@@ -112,6 +114,7 @@ class LiveProgress(RunObserver):
                 f"{line.batches_done}{total}",
                 f"{line.loss:.4f}" if line.loss is not None else "",
                 f"{line.samples_per_second:.0f}" if line.samples_per_second else "",
+                Text.from_markup(line.board),
             )
         header = Text(f"round {self.round}", style="bold") if self.round else Text(self.status, style="dim")
         return Group(self.bar, header, table)
@@ -171,6 +174,7 @@ class LiveProgress(RunObserver):
             line.loss = progress.mean_loss
         if progress.seconds > 0:
             line.samples_per_second = progress.batches_done * self.batch_size / progress.seconds
+        line.board = board_summary(progress.health, brief=True)
         self._refresh()
 
     def round_finished(self, report: RoundReport) -> None:
@@ -213,7 +217,8 @@ class EventView:
                 view.worker_phase(worker, "sending")
         elif name == "worker_progress":
             progress = SimpleNamespace(
-                **{k: event.get(k, 0) for k in ("batches_done", "batches_total", "mean_loss", "seconds")}
+                **{k: event.get(k, 0) for k in ("batches_done", "batches_total", "mean_loss", "seconds")},
+                health=_health(event.get("health")),
             )
             view.worker_phase(event["worker"], "training")
             view.worker_progress(event["worker"], progress)
@@ -235,3 +240,13 @@ class EventView:
 
     def close(self) -> None:
         self.view.run_finished()
+
+
+def _health(fields: object) -> pb.BoardHealth:
+    """A progress event's board health (as the server wrote it); anything else is no health at all."""
+    from google.protobuf import json_format
+
+    try:
+        return json_format.ParseDict(fields or {}, pb.BoardHealth(), ignore_unknown_fields=True)
+    except (json_format.ParseError, TypeError, AttributeError):
+        return pb.BoardHealth()

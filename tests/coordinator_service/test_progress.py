@@ -153,3 +153,25 @@ def test_a_round_finishing_while_the_next_trains_leaves_the_next_round_s_lines_a
     view.feed(finished_1)  # round 1's evaluation ends while round 2 trains
     assert view.view.lines["alice"].state == "training"
     view.close()
+
+
+def test_a_boards_temperature_and_trouble_show_in_its_row_from_the_loop_or_from_events(caplog):
+    health = pb.BoardHealth(cpu_temperature_celsius=71.54, throttled=True, under_voltage_since_boot=True)
+    console = _console()
+    view = LiveProgress(batch_size=64, console=console)
+    view.run_started(rounds=5, first_round=1, workers=["alice"])
+    view.worker_progress("alice", pb.TrainProgress(batches_done=2, batches_total=50, seconds=1.0, health=health))
+    view.live.refresh()
+    view.run_finished()
+    assert any(
+        "alice" in line and line.rstrip().endswith("71.5°C throttled") for line in console.export_text().splitlines()
+    )
+
+    watch = EventView(batch_size=64, rounds=5, console=_console())
+    event = {"event": "worker_progress", "round": 1, "worker": "bob", "batches_done": 1, "seconds": 1.0}
+    watch.feed({**event, "health": {"cpu_temperature_celsius": 48.0, "under_voltage": True}})
+    assert watch.view.lines["bob"].board == "48.0°C [red]under-voltage[/red]"
+    watch.feed({**event, "health": {"cpu_temperature_celsius": "hot", "x": [1]}})  # what no server sends: ignored
+    watch.feed({**event, "health": "melting"})
+    assert watch.view.lines["bob"].board == ""
+    watch.close()

@@ -36,7 +36,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "protocol_version", "software_version", "model_architecture", "parameter_count", "train_samples", "test_samples", "dataset", "partition", "chunk_encodings", "state", "torch_version", "cpu_architecture", "weights_round", "max_payload_bytes", "max_chunk_bytes", "weights_round_id", "weights_trained", "max_local_batches", "task", "task_version", "manifest_fingerprint", "digests", "warning")
+    __slots__ = ("worker_id", "protocol_version", "software_version", "model_architecture", "parameter_count", "train_samples", "test_samples", "dataset", "partition", "chunk_encodings", "state", "torch_version", "cpu_architecture", "weights_round", "max_payload_bytes", "max_chunk_bytes", "weights_round_id", "weights_trained", "max_local_batches", "task", "task_version", "manifest_fingerprint", "digests", "warning", "health")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class WorkerInfo(_message.Message):
     MANIFEST_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
     WARNING_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     protocol_version: str
     software_version: str
@@ -85,7 +86,34 @@ class WorkerInfo(_message.Message):
     manifest_fingerprint: str
     digests: _containers.RepeatedScalarFieldContainer[str]
     warning: str
-    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., model_architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., chunk_encodings: _Optional[_Iterable[_Union[ChunkEncoding, str]]] = ..., state: _Optional[_Union[WorkerState, str]] = ..., torch_version: _Optional[str] = ..., cpu_architecture: _Optional[str] = ..., weights_round: _Optional[int] = ..., max_payload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., weights_round_id: _Optional[str] = ..., weights_trained: _Optional[bool] = ..., max_local_batches: _Optional[int] = ..., task: _Optional[str] = ..., task_version: _Optional[str] = ..., manifest_fingerprint: _Optional[str] = ..., digests: _Optional[_Iterable[str]] = ..., warning: _Optional[str] = ...) -> None: ...
+    health: BoardHealth
+    def __init__(self, worker_id: _Optional[str] = ..., protocol_version: _Optional[str] = ..., software_version: _Optional[str] = ..., model_architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., dataset: _Optional[str] = ..., partition: _Optional[str] = ..., chunk_encodings: _Optional[_Iterable[_Union[ChunkEncoding, str]]] = ..., state: _Optional[_Union[WorkerState, str]] = ..., torch_version: _Optional[str] = ..., cpu_architecture: _Optional[str] = ..., weights_round: _Optional[int] = ..., max_payload_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., weights_round_id: _Optional[str] = ..., weights_trained: _Optional[bool] = ..., max_local_batches: _Optional[int] = ..., task: _Optional[str] = ..., task_version: _Optional[str] = ..., manifest_fingerprint: _Optional[str] = ..., digests: _Optional[_Iterable[str]] = ..., warning: _Optional[str] = ..., health: _Optional[_Union[BoardHealth, _Mapping]] = ...) -> None: ...
+
+class BoardHealth(_message.Message):
+    __slots__ = ("cpu_temperature_celsius", "under_voltage", "frequency_capped", "throttled", "soft_temperature_limit", "under_voltage_since_boot", "frequency_capped_since_boot", "throttled_since_boot", "soft_temperature_limit_since_boot", "memory_available_bytes", "samples_per_second")
+    CPU_TEMPERATURE_CELSIUS_FIELD_NUMBER: _ClassVar[int]
+    UNDER_VOLTAGE_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_CAPPED_FIELD_NUMBER: _ClassVar[int]
+    THROTTLED_FIELD_NUMBER: _ClassVar[int]
+    SOFT_TEMPERATURE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    UNDER_VOLTAGE_SINCE_BOOT_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_CAPPED_SINCE_BOOT_FIELD_NUMBER: _ClassVar[int]
+    THROTTLED_SINCE_BOOT_FIELD_NUMBER: _ClassVar[int]
+    SOFT_TEMPERATURE_LIMIT_SINCE_BOOT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    cpu_temperature_celsius: float
+    under_voltage: bool
+    frequency_capped: bool
+    throttled: bool
+    soft_temperature_limit: bool
+    under_voltage_since_boot: bool
+    frequency_capped_since_boot: bool
+    throttled_since_boot: bool
+    soft_temperature_limit_since_boot: bool
+    memory_available_bytes: int
+    samples_per_second: float
+    def __init__(self, cpu_temperature_celsius: _Optional[float] = ..., under_voltage: _Optional[bool] = ..., frequency_capped: _Optional[bool] = ..., throttled: _Optional[bool] = ..., soft_temperature_limit: _Optional[bool] = ..., under_voltage_since_boot: _Optional[bool] = ..., frequency_capped_since_boot: _Optional[bool] = ..., throttled_since_boot: _Optional[bool] = ..., soft_temperature_limit_since_boot: _Optional[bool] = ..., memory_available_bytes: _Optional[int] = ..., samples_per_second: _Optional[float] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "byte_length")
@@ -184,18 +212,20 @@ class TrainRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., local_seconds: _Optional[float] = ..., update_encoding: _Optional[_Union[ChunkEncoding, str]] = ..., not_true_distillation: _Optional[float] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
-    __slots__ = ("batches_done", "batches_total", "mean_loss", "seconds", "heartbeat")
+    __slots__ = ("batches_done", "batches_total", "mean_loss", "seconds", "heartbeat", "health")
     BATCHES_DONE_FIELD_NUMBER: _ClassVar[int]
     BATCHES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     batches_done: int
     batches_total: int
     mean_loss: float
     seconds: float
     heartbeat: bool
-    def __init__(self, batches_done: _Optional[int] = ..., batches_total: _Optional[int] = ..., mean_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., heartbeat: _Optional[bool] = ...) -> None: ...
+    health: BoardHealth
+    def __init__(self, batches_done: _Optional[int] = ..., batches_total: _Optional[int] = ..., mean_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., heartbeat: _Optional[bool] = ..., health: _Optional[_Union[BoardHealth, _Mapping]] = ...) -> None: ...
 
 class TrainResult(_message.Message):
     __slots__ = ("round", "samples", "batches", "mean_loss", "accuracy", "train_seconds", "test_loss", "test_accuracy", "test_samples", "round_id")

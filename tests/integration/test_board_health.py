@@ -1,0 +1,64 @@
+"""A real worker reads its board (a fake Raspberry Pi tree) and reports it in GetInfo, Train's progress and
+Prometheus."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from coordinator_service.local import LocalWorker, free_port
+from generated.fedpi.v1 import worker_pb2 as pb
+from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
+from tests.conftest import ROOT
+from tests.integration.conftest import DIGITS, METADATA, start_cluster
+from tests.integration.test_metrics import scrape, value
+from tests.worker_service.test_board import fake_pi
+
+
+def test_a_worker_reports_its_board_in_get_info_train_progress_and_metrics(tmp_path):
+    board = fake_pi(tmp_path / "board")
+    port = free_port()
+    args = [*DIGITS, "--board-root", str(board), "--metrics-port", str(port), "--train-delay", "0.05"]
+    cluster = start_cluster([LocalWorker("alice", [*args, "--progress-interval", "0.2"], tmp_path)])
+    try:
+        stub = pb_grpc.WorkerStub(grpc.insecure_channel(cluster.workers[0].address))
+        info = stub.GetInfo(pb.GetInfoRequest(), metadata=METADATA, timeout=10)
+        assert info.health.cpu_temperature_celsius == pytest.approx(71.54)
+        assert info.health.throttled and info.health.under_voltage_since_boot
+        assert not info.health.HasField("samples_per_second")  # nothing trained yet
+
+        request = pb.TrainRequest(round=0, local_batches=12, batch_size=32, learning_rate=0.01)
+        updates = list(stub.Train(request, metadata=METADATA, timeout=60))
+        progress = [u.progress for u in updates if u.HasField("progress")]
+        assert progress and all(p.health.throttled for p in progress)
+        rates = [p.health.samples_per_second for p in progress if p.batches_done]
+        assert rates and all(0 < r < 32 / 0.05 for r in rates)  # 32 samples a batch, at least 0.05 s a batch
+
+        # Cooled down and powered properly: the next reading says so.
+        (board / "sys/devices/platform/soc/soc:firmware/get_throttled").write_text("0x50000\n")
+        (board / "sys/class/thermal/thermal_zone1/temp").write_text("52000\n")
+        info = stub.GetInfo(pb.GetInfoRequest(), metadata=METADATA, timeout=10)
+        assert not info.health.throttled and info.health.throttled_since_boot
+        assert 0 < info.health.samples_per_second < 32 / 0.05  # the Train that finished
+        samples = scrape(port)
+        assert value(samples, "fedpi_worker_cpu_temperature_celsius") == 52.0
+        assert value(samples, "fedpi_worker_throttled") == 0.0
+        assert value(samples, "fedpi_worker_throttled_since_boot") == 1.0
+        assert value(samples, "fedpi_worker_memory_available_bytes") == 124 * 2**20
+
+        status = subprocess.run(
+            [sys.executable, "-m", "fedpi_cli", "status", "--workers", cluster.spec, "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+        health = json.loads(status.stdout)[0]["health"]
+        assert health["cpuTemperatureCelsius"] == 52.0 and health["throttledSinceBoot"] and not health["throttled"]
+    finally:
+        cluster.stop()
