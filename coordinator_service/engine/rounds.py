@@ -179,6 +179,10 @@ class RoundRunner:
 
     # -- step 1: train, and for a streaming rule fold ----------------------------------------------------------
 
+    def _progress(self, worker: str, stats: WorkerRound, progress: pb.TrainProgress) -> None:
+        stats.saw_board(progress.health)
+        self.observer.worker_progress(worker, progress)
+
     async def _train(self, rnd: RoundState, client: WorkerClient, index: int) -> Contribution:
         """Send the global model, train, and check the result before anything of the update is used."""
         stats = WorkerRound(client.name)
@@ -198,7 +202,7 @@ class RoundRunner:
         self.observer.worker_phase(client.name, "training")
         try:
             _check_worker_supports(client, request)
-            result = await client.train(request, partial(self.observer.worker_progress, client.name))
+            result = await client.train(request, partial(self._progress, client.name, stats))
             _check_result(self.strategy, rnd, client, request, result)
         except WorkerError as exc:
             raise PhaseError("train", exc) from exc

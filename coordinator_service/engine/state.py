@@ -39,6 +39,15 @@ class WorkerRound:
     eval_loss: float = 0.0  # federated evaluation: the new global model on this worker's local test split
     eval_accuracy: float = 0.0
     eval_samples: int = 0
+    # Its board while it trained (protocol 1.10): the highest CPU temperature reported, and whether it was ever
+    # throttled or under-volted.
+    cpu_temperature_celsius: float | None = None
+    board_trouble: bool = False
+
+    def saw_board(self, health: pb.BoardHealth) -> None:
+        if health.HasField("cpu_temperature_celsius"):
+            self.cpu_temperature_celsius = max(self.cpu_temperature_celsius or -273.15, health.cpu_temperature_celsius)
+        self.board_trouble |= health.throttled or health.under_voltage
 
     @property
     def receive_mb_per_s(self) -> float:
@@ -101,7 +110,11 @@ class RoundReport:
             "samples": sum(w.samples for w in self.workers),
             "workers": {
                 w.worker: {
-                    **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(w).items() if k != "worker"},
+                    **{
+                        k: (round(v, 4) if isinstance(v, float) else v)
+                        for k, v in asdict(w).items()
+                        if k != "worker" and v is not None  # a board that reports no temperature has none
+                    },
                     "send_mb_per_s": round(w.send_mb_per_s, 2),
                     "receive_mb_per_s": round(w.receive_mb_per_s, 2),
                 }

@@ -90,7 +90,11 @@ def _accuracy_figure(plt, rounds):
 
 
 def _workers_figure(plt, rounds, workers):
-    fig, (seconds, speed) = plt.subplots(1, 2, figsize=(10, 3.6))
+    hot = any("cpu_temperature_celsius" in w for r in rounds for w in r["workers"].values())
+    fig, axes = plt.subplots(1, 3 if hot else 2, figsize=(15 if hot else 10, 3.6))
+    seconds, speed = axes[:2]
+    if hot:
+        _board_panel(axes[2], rounds, workers)
     for name in workers:
         points = [(r["round"], r["workers"][name]) for r in rounds if name in r["workers"]]
         if not points:  # refused or away throughout: nothing to draw, no legend entry
@@ -105,11 +109,27 @@ def _workers_figure(plt, rounds, workers):
         )
     seconds.set(title="Train seconds per round", xlabel="round", ylabel="seconds")
     speed.set(title="Training throughput", xlabel="round", ylabel="samples / s")
-    for ax in (seconds, speed):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         _whole_rounds(ax)
     return fig
+
+
+def _board_panel(ax, rounds, workers) -> None:
+    """Each board's highest CPU temperature in a round, a red cross where it was throttled or under-volted."""
+    for name in workers:
+        points = [
+            (r["round"], r["workers"][name]) for r in rounds if "cpu_temperature_celsius" in r["workers"].get(name, {})
+        ]
+        if not points:
+            continue
+        xs, temps = [x for x, _ in points], [w["cpu_temperature_celsius"] for _, w in points]
+        ax.plot(xs, temps, marker=".", label=name)
+        trouble = [(x, t) for (x, w), t in zip(points, temps, strict=True) if w.get("board_trouble")]
+        if trouble:
+            ax.plot(*zip(*trouble, strict=True), "x", color="red", markersize=9, label=f"{name} throttled")
+    ax.set(title="Board CPU temperature", xlabel="round", ylabel="°C")
 
 
 def _timeline_figure(plt, rounds, workers):

@@ -103,3 +103,33 @@ def test_headless_chromium_renders_the_plots_offline(tmp_path):
     assert len(colours) > 500
     near = lambda rgb: any(sum(abs(a - b) for a, b in zip(c, rgb)) < 40 for c in colours)  # noqa: E731
     assert near((31, 119, 180)) and near((46, 125, 50)) and near((198, 40, 40))
+
+
+def test_board_temperatures_get_their_own_panel_with_the_throttled_rounds_marked(tmp_path):
+    from coordinator_service.observe.report import _pyplot, _workers_figure
+    from generated.fedpi.v1 import worker_pb2 as pb
+
+    rounds = []
+    for r in range(1, 6):
+        pi, laptop = (
+            WorkerRound("pi", samples=100, train_seconds=1.0),
+            WorkerRound("laptop", samples=100, train_seconds=1.0),
+        )
+        for celsius in (60.0 + r, 70.0 + 2 * r):  # two progress messages: the hotter one counts
+            pi.saw_board(pb.BoardHealth(cpu_temperature_celsius=celsius, throttled=r >= 4 and celsius > 70))
+        laptop.saw_board(pb.BoardHealth(memory_available_bytes=1 << 30))
+        rounds.append(json.loads(json.dumps(RoundReport(r, workers=[pi, laptop]).as_event())))
+    assert rounds[0]["workers"]["pi"]["cpu_temperature_celsius"] == 72.0
+    assert "cpu_temperature_celsius" not in rounds[0]["workers"]["laptop"]  # absent, not 0
+    assert [r["workers"]["pi"]["board_trouble"] for r in rounds] == [False, False, False, True, True]
+    fig = _workers_figure(_pyplot(), rounds, ["pi", "laptop"])
+    board = fig.axes[2]
+    assert board.get_title() == "Board CPU temperature"
+    lines = {line.get_label(): line for line in board.get_lines()}
+    assert set(lines) == {"pi", "pi throttled"}  # the laptop reports no temperature: no line
+    assert list(lines["pi"].get_ydata()) == [72.0, 74.0, 76.0, 78.0, 80.0]
+    assert list(lines["pi throttled"].get_xdata()) == [4, 5]
+    plain = [
+        json.loads(json.dumps(RoundReport(1, workers=[WorkerRound("x", samples=1, train_seconds=1.0)]).as_event()))
+    ]
+    assert len(_workers_figure(_pyplot(), plain, ["x"]).axes) == 2
