@@ -265,15 +265,16 @@ def bench_mixed(tmp: Path, minutes: float) -> None:
     with pilan.lan(len(BOARDS), cpu_pct=BOARDS[0][1]):
         for i, (_, pct) in enumerate(BOARDS, 1):
             pilan.set_cpu_share(i, pct)
-        # Local work against time budgets, nothing else: distillation off in both, as when these rows were chosen.
-        plain = ("--not-true-distillation", "0")
+        # Local work against time budgets, nothing else: distillation off and a constant rate in both, as when these
+        # rows were measured (a run stopped by the clock has no last round for a schedule to aim at).
+        plain = ("--not-true-distillation", "0", *CONSTANT)
         settings = (
             Setting("50 batches per round, FedAvg", ("--local-batches", "50", *plain)),
             Setting("--local-seconds 5, FedNova", ("--local-seconds", "5", *plain)),
         )
         print(
             f"\nmixed cluster on pilan (100 Mbit/s): {', '.join(f'{n} {p}% CPU' for n, p in BOARDS)}; "
-            f"MNIST 8,000 / 2,000 iid, --not-true-distillation 0; {minutes:g} minutes each\n"
+            f"MNIST 8,000 / 2,000 iid, --not-true-distillation 0 --lr-schedule constant; {minutes:g} minutes each\n"
         )
         marks = [m for m in (1, 2, 5) if m < minutes] + [minutes]
         print(
