@@ -4,6 +4,7 @@ tests, or the host's /sys mounted elsewhere in a container). Whatever cannot be 
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -38,24 +39,26 @@ class Board:
     def __init__(self, root: str | Path = "/"):
         self.root = Path(root)
 
-    def temperature(self) -> float | None:
-        """Degrees Celsius of the CPU's thermal zone (the first zone if none is named as the CPU's)."""
+    # Where the values are is found once (a glob over sysfs is not free on a Pi); the values are read every time.
+    @cached_property
+    def _cpu_zone(self) -> Path | None:
+        """The CPU's thermal zone (the first zone if none is named as the CPU's)."""
         zones = sorted(self.root.glob("sys/class/thermal/thermal_zone*"))
         named = [z for z in zones if _read(z / "type") in CPU_ZONES]
-        for zone in named or zones[:1]:
-            millidegrees = _number(_read(zone / "temp"))
-            if millidegrees is not None:
-                return millidegrees / 1000
-        return None
+        return (named or zones or [None])[0]
+
+    @cached_property
+    def _throttled_file(self) -> Path | None:
+        return next((path for pattern in THROTTLED_FILES for path in sorted(self.root.glob(pattern))), None)
+
+    def temperature(self) -> float | None:
+        """Degrees Celsius of the CPU's thermal zone."""
+        millidegrees = _number(_read(self._cpu_zone / "temp")) if self._cpu_zone else None
+        return millidegrees / 1000 if millidegrees is not None else None
 
     def throttle_flags(self) -> int | None:
-        for pattern in THROTTLED_FILES:
-            for path in sorted(self.root.glob(pattern)):
-                value = _read(path)
-                flags = _number(value.removeprefix("throttled=").removeprefix("0x"), 16) if value else None
-                if flags is not None:
-                    return flags
-        return None
+        value = _read(self._throttled_file) if self._throttled_file else None
+        return _number(value.removeprefix("throttled=").removeprefix("0x"), 16) if value else None
 
     def memory_available(self) -> int | None:
         """Bytes: the kernel's MemAvailable, or less if this process's cgroup (v2) has a limit closer by."""
