@@ -45,7 +45,7 @@ class Board:
         """The CPU's thermal zone (the first zone if none is named as the CPU's)."""
         zones = sorted(self.root.glob("sys/class/thermal/thermal_zone*"))
         named = [z for z in zones if _read(z / "type") in CPU_ZONES]
-        return (named or zones or [None])[0]
+        return next(iter(named or zones), None)
 
     @cached_property
     def _throttled_file(self) -> Path | None:
