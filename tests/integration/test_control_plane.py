@@ -188,6 +188,7 @@ def test_importing_an_allowed_task_does_not_block_the_service(tmp_path):
     srv = Server(tmp_path / "state", "--allow-task", "tests.slow_task:SlowTask").start()
     try:
         api = stub(srv.address)
+        assert not api.ListRuns(cpb.ListRunsRequest(), timeout=10).runs  # connected: StartRun below starts at once
         with ThreadPoolExecutor(1) as pool:
             start = pool.submit(
                 api.StartRun,
@@ -214,6 +215,7 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_while_the_others_run(tmp_p
     srv = Server(tmp_path / "state", "--allow-task", "tests.slow_task:SlowTask", "--max-concurrent-rpcs", "1").start()
     try:
         api = stub(srv.address)
+        assert not api.ListRuns(cpb.ListRunsRequest(), timeout=10).runs  # connected: StartRun below starts at once
         with ThreadPoolExecutor(1) as pool:
             start = pool.submit(
                 api.StartRun,
@@ -226,7 +228,7 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_while_the_others_run(tmp_p
             )
             import time
 
-            time.sleep(0.5)  # StartRun is importing the task: the one call the server takes at a time
+            time.sleep(1.0)  # StartRun is importing the task (3 s): the one call the server takes at a time
             with pytest.raises(grpc.RpcError) as err:
                 api.ListRuns(cpb.ListRunsRequest(), timeout=10)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
