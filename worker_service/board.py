@@ -67,7 +67,7 @@ class Board:
             if line.startswith("MemAvailable:"):
                 available = _number(line.split()[1])
                 available = available * 1024 if available is not None else None
-        group = self.root / "sys/fs/cgroup" / self._cgroup()
+        group = self._cgroup
         limit_text = _read(group / "memory.max")
         limit = UNLIMITED if limit_text == "max" else _number(limit_text)
         used = _number(_read(group / "memory.current"))
@@ -76,12 +76,12 @@ class Board:
             available = left if available is None else min(available, left)
         return available
 
-    def _cgroup(self) -> str:
-        """This process's cgroup v2 path ("0::/kubepods/..."; "/" inside a container's own cgroup namespace)."""
-        for line in (_read(self.root / "proc/self/cgroup") or "").splitlines():
-            if line.startswith("0::/"):
-                return line[4:]
-        return ""
+    @cached_property
+    def _cgroup(self) -> Path:
+        """This process's cgroup v2 directory ("0::/kubepods/..."; "/" inside a container's own cgroup namespace)."""
+        lines = (_read(self.root / "proc/self/cgroup") or "").splitlines()
+        path = next((line[4:] for line in lines if line.startswith("0::/")), "")
+        return self.root / "sys/fs/cgroup" / path
 
     def health(self, samples_per_second: float | None = None) -> pb.BoardHealth:
         msg = pb.BoardHealth()

@@ -107,7 +107,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.data = data
         self.partition = partition
         self.metrics = metrics or WorkerMetrics(worker_id)
-        self.metrics.watch_board(lambda: self.board.health())
+        self.metrics.watch_board(self.board.health)
         self.limits = limits
         self.progress_every = progress_every
         self.trainer = Trainer(model, data, batch_delay=train_delay, max_batches=limits.max_local_batches, task=task)
