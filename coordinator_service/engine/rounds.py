@@ -20,6 +20,7 @@ import torch
 from coordinator_service.engine.aggregate import WeightedSum, fits, install, is_float
 from coordinator_service.engine.evaluation import evaluate_federated
 from coordinator_service.engine.observer import RunObserver
+from coordinator_service.engine.pacing import Pacer
 from coordinator_service.engine.state import (
     Contribution,
     PhaseError,
@@ -50,6 +51,7 @@ __all__ = ["DEFAULT_MAX_UPDATE_RATIO", "RoundFailed", "RoundReport", "RoundRunne
 # trained from is refused. Honest local training moves a model by a small fraction of its norm per round (docs/guide.md,
 # Robust aggregation); a factor of 10 leaves room for high learning rates and catches overflow-sized values.
 DEFAULT_MAX_UPDATE_RATIO = 10.0
+HEALTH_TIMEOUT = 10.0  # seconds for a GetInfo asking a board short of memory whether it still is
 
 
 class RoundRunner:
@@ -84,6 +86,7 @@ class RoundRunner:
         self._attempts = 0  # every call gets its own round id, so a retried round never mixes with its first try
         self._thread = WeightsThread()
         self._folder = Folder(self.transfers, self._thread)
+        self.pacer = Pacer()  # what each board's health changes about its work
 
     @property
     def transfer(self) -> TransferSettings:
@@ -97,11 +100,25 @@ class RoundRunner:
         index_of = index_of or clients.index
         structlog.contextvars.bind_contextvars(round=server_round)
         try:
+            skipped = await self._short_of_memory(clients)
+            able = [c for c in clients if c.name not in {f.worker for f in skipped}]
             return await self._run_round(
-                server_round, self.strategy.sample(server_round, clients, index_of), index_of, present=len(clients)
+                server_round, self.strategy.sample(server_round, able, index_of), index_of, len(clients), skipped
             )
         finally:
             structlog.contextvars.unbind_contextvars("round")
+
+    async def _short_of_memory(self, clients: list[WorkerClient]) -> list[Failure]:
+        """The workers whose boards said they lack the memory to take the model; each is asked again first (a
+        skipped board sends no progress, so only GetInfo can say it has recovered)."""
+        model_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        short = [c for c in clients if self.pacer.short_of_memory(c.name, c.info, model_bytes, quiet=True)]
+        for client in short:
+            try:
+                self.pacer.saw(client.name, (await asyncio.wait_for(client.get_info(), HEALTH_TIMEOUT)).health)
+            except (TimeoutError, WorkerError):
+                pass  # the round's own calls will say what is wrong with it
+        return [f for c in short if (f := self.pacer.short_of_memory(c.name, c.info, model_bytes)) is not None]
 
     async def _announce(self, rnd: RoundState, clients: list[WorkerClient], present: int) -> None:
         """Log round_started with the model's sha256 digest, hashed on the weights thread once the model is out and
@@ -118,17 +135,25 @@ class RoundRunner:
         )
 
     async def _run_round(
-        self, number: int, clients: list[WorkerClient], index_of: Callable[[WorkerClient], int], present: int
+        self,
+        number: int,
+        clients: list[WorkerClient],
+        index_of: Callable[[WorkerClient], int],
+        present: int,
+        skipped: list[Failure],
     ) -> RoundReport:
         start = time.perf_counter()
         self._attempts += 1
         rnd = RoundState.begin(self.model, self.architecture, f"{self.run_id}/{number}.{self._attempts}", number,
                                self.max_update_ratio)  # fmt: skip
+        rnd.report.absent = skipped
         rnd.unsent = len(clients)
         if not clients:
             rnd.sent.set()
         rnd.announced = asyncio.create_task(self._announce(rnd, clients, present))
         self.observer.round_started(number, [c.name for c in clients])
+        for f in skipped:
+            self.observer.worker_phase(f.worker, f.phase, f.reason)
         rnd.sends = self.transfers.broadcasts(rnd.payload, clients)
         # A streaming rule gets each update folded into the sum as soon as its worker is done; another rule reads
         # them all once every worker is done.
@@ -181,6 +206,8 @@ class RoundRunner:
 
     def _progress(self, worker: str, stats: WorkerRound, progress: pb.TrainProgress) -> None:
         stats.saw_board(progress.health)
+        if progress.HasField("health"):
+            self.pacer.saw(worker, progress.health)
         self.observer.worker_progress(worker, progress)
 
     async def _train(self, rnd: RoundState, client: WorkerClient, index: int) -> Contribution:
@@ -196,6 +223,7 @@ class RoundRunner:
             rnd.send_ended()
         stats.send_seconds = elapsed(t)
         request = self.strategy.configure_train(rnd.number, index)
+        self.pacer.pace(client.name, request, client.info.train_samples if client.info is not None else 0)
         request.round_id = rnd.round_id
         if speaks(client, "1.5"):
             request.update_encoding = offered(client, self.transfer.encoding)  # type: ignore[assignment]
@@ -207,6 +235,7 @@ class RoundRunner:
         except WorkerError as exc:
             raise PhaseError("train", exc) from exc
         stats.samples, stats.train_seconds, stats.batches = result.samples, result.train_seconds, result.batches
+        self.pacer.trained(client.name, result, stats.board_trouble)
         stats.train_loss, stats.train_accuracy = result.mean_loss, result.accuracy
         if rnd.announced is not None:  # round_started is logged before anything of its workers
             await rnd.announced
@@ -247,7 +276,8 @@ class RoundRunner:
     def _require_quorum(self, rnd: RoundState, done: list[Contribution], clients: list[WorkerClient]) -> None:
         failures = rnd.report.failures
         if not self.strategy.accept([c.result for c in done], failures):
-            reasons = "; ".join(f"{f.worker}: {f.reason}" for f in failures) or "no workers available"
+            reasons = "; ".join(f"{f.worker}: {f.reason}" for f in failures + rnd.report.absent)
+            reasons = reasons or "no workers available"
             raise RoundFailed(
                 f"round {rnd.number}: {len(done)} of {len(clients)} workers finished, below the quorum "
                 f"(--min-workers) ({reasons}); the global model is unchanged",

@@ -383,6 +383,6 @@ async def _run_round_with_retries(
             continue
         for failure in report.failures:
             roster.drop(failure.worker)
-        report.absent = roster.away
+        report.absent = roster.away + report.absent  # and those the runner skipped (a board short of memory)
         return report
     raise AssertionError("unreachable")

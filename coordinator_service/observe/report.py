@@ -15,6 +15,7 @@ PHASE_COLOURS = {
     "dropped": "#c62828",
     "refused": "#ef6c00",
     "unavailable": "#9e9e9e",
+    "short of memory": "#6a1b9a",
     "absent": "#e0e0e0",
 }
 # What the data a run used is, when its name alone does not say (the offline fallback above all).
@@ -134,7 +135,7 @@ def _board_panel(ax, rounds, workers) -> None:
 
 def _timeline_figure(plt, rounds, workers):
     """One row per worker, one cell per round: trained, dropped (failed in the round), refused at the handshake,
-    unavailable, or absent (not sampled)."""
+    unavailable, skipped (its board short of memory), or absent (not sampled)."""
     fig, ax = plt.subplots(figsize=(10, 0.6 + 0.45 * len(workers)))
     for row, name in enumerate(workers):
         for r in rounds:
@@ -157,8 +158,8 @@ def _timeline_figure(plt, rounds, workers):
     ax.set_yticks(range(len(workers)), workers)
     _whole_rounds(ax)
     ax.set(
-        title="Workers per round (green: trained, red: dropped, orange: refused, grey: unavailable, light: not "
-        "sampled)",
+        title="Workers per round (green: trained, red: dropped, orange: refused, grey: unavailable, purple: short "
+        "of memory, light: not sampled)",
         xlabel="round",
     )
     ax.invert_yaxis()

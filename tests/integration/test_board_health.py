@@ -14,7 +14,7 @@ from coordinator_service.local import LocalWorker, free_port
 from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
-from tests.integration.conftest import DIGITS, METADATA, start_cluster
+from tests.integration.conftest import DIGITS, METADATA, events, run_coordinator, start_cluster
 from tests.integration.test_metrics import scrape, value
 from tests.worker_service.test_board import fake_pi
 
@@ -60,5 +60,39 @@ def test_a_worker_reports_its_board_in_get_info_train_progress_and_metrics(tmp_p
         assert status.returncode == 0, status.stderr
         health = json.loads(status.stdout)[0]["health"]
         assert health["cpuTemperatureCelsius"] == 52.0 and health["throttledSinceBoot"] and not health["throttled"]
+    finally:
+        cluster.stop()
+
+
+def test_a_board_short_of_memory_sits_rounds_out_until_it_has_enough(tmp_path):
+    """A real worker whose (fake) board has 32 MiB available is skipped with the reason while the other trains;
+    once it reports enough it is asked again before the next round and trains."""
+    short, fine = fake_pi(tmp_path / "short", cgroup=False), fake_pi(tmp_path / "fine")
+    meminfo = short / "proc/meminfo"
+    meminfo.write_text("MemTotal:        3884000 kB\nMemAvailable:      32768 kB\n")
+    workers = [
+        LocalWorker("alice", [*DIGITS, "--partition", "0/2", "--board-root", str(short)], tmp_path),
+        LocalWorker("bob", [*DIGITS, "--partition", "1/2", "--board-root", str(fine)], tmp_path),
+    ]
+    cluster = start_cluster(workers)
+    try:
+        done = run_coordinator(
+            "train", "--workers", cluster.spec, "--rounds", "1", "--local-batches", "2", "--min-workers", "1"
+        )
+        assert done.returncode == 0, done.stderr
+        skipped = [e for e in events(done.stdout) if e.get("event") == "worker_skipped"]
+        assert [(e["worker"], e["phase"]) for e in skipped] == [("alice", "short of memory")]
+        assert "32 MiB of memory available" in skipped[0]["reason"]
+        finished = next(e for e in events(done.stdout) if e.get("event") == "round_finished")
+        assert sorted(finished["workers"]) == ["bob"]
+        assert [(a["worker"], a["phase"]) for a in finished["absent"]] == [("alice", "short of memory")]
+
+        meminfo.write_text("MemTotal:        3884000 kB\nMemAvailable:    2000000 kB\n")
+        done = run_coordinator(
+            "train", "--workers", cluster.spec, "--rounds", "1", "--local-batches", "2", "--min-workers", "1"
+        )
+        assert done.returncode == 0, done.stderr
+        finished = next(e for e in events(done.stdout) if e.get("event") == "round_finished")
+        assert sorted(finished["workers"]) == ["alice", "bob"] and not finished.get("absent")
     finally:
         cluster.stop()
