@@ -159,6 +159,21 @@ class AggregationSettings(_Group):
         description="refuse an update further (L2) from the global model than this many times the model's norm",
     )
 
+    mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="sync: rounds, every worker in step; async: buffered asynchronous versions (FedBuff), no worker "
+        "waits for another (docs/guide.md, Asynchronous mode)",
+    )
+    buffer_size: int = Field(
+        0, ge=0, le=MAX_WORKERS, description="async: updates per server step (0: half the workers, rounded up)"
+    )
+    max_staleness: int = Field(
+        10, ge=0, le=10_000, description="async: refuse an update trained from a model this many versions old or older"
+    )
+    staleness_exponent: float = Field(
+        0.5, ge=0, le=10, description="async: an update weighs (1 + staleness)^-this (0.5: FedBuff's 1/sqrt(1 + tau))"
+    )
+
     @field_validator("aggregation")
     @classmethod
     def _known_rule(cls, value: str) -> str:
@@ -258,12 +273,34 @@ class RunSettings(_Group):
     @model_validator(mode="after")
     def _compatible(self) -> RunSettings:
         STRATEGIES[self.strategy_name].check_rule(self.aggregation.rule)
+        if self.aggregation.mode == "async":
+            self._check_async()
         return self
+
+    def _check_async(self) -> None:
+        """What buffered asynchronous versions cannot do, each said with what to use instead."""
+        a = self.aggregation
+        refused = [
+            (a.strategy == "fednova", "strategy fednova (its correction spans a whole round); async weighs by samples"),
+            (
+                str(a.rule) != "fedavg",
+                f"aggregation {a.rule} (a robust rule needs every update of a round at once; async folds each "
+                f"update as it arrives)",
+            ),
+            (
+                self.sampling.fraction < 1 or bool(self.sampling.workers_per_round),
+                "fraction / workers_per_round (every worker trains all the time)",
+            ),
+            (self.evaluation.federated_evaluation, "federated_evaluation (no round has a fixed set of workers)"),
+        ]
+        for bad, what in refused:
+            if bad:
+                raise ValueError(f"mode async does not go with {what}; use mode sync for it")
 
     @property
     def strategy_name(self) -> str:
         if self.aggregation.strategy == "auto":
-            return "fednova" if self.training.local_seconds else "fedavg"
+            return "fednova" if self.training.local_seconds and self.aggregation.mode == "sync" else "fedavg"
         return self.aggregation.strategy
 
     def flat(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator_service.control.runspec import RunTarget  # noqa: F401 - also for callers
+from coordinator_service.engine.buffered import AsyncSettings
 from coordinator_service.engine.discovery import discover
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.rounds import TransferSettings
@@ -127,6 +128,17 @@ def transfer(settings: RunSettings) -> TransferSettings:
     return TransferSettings(chunk_size=t.chunk_size, encoding=encoding, model_encoding=model_encoding)
 
 
+def asynchronous(settings: RunSettings, n_workers: int) -> AsyncSettings | None:
+    a = settings.aggregation
+    if a.mode != "async":
+        return None
+    return AsyncSettings(
+        buffer_size=a.buffer_size or math.ceil(n_workers / 2),
+        max_staleness=a.max_staleness,
+        staleness_exponent=a.staleness_exponent,
+    )
+
+
 def run_config(
     settings: RunSettings,
     place: RunPlace,
@@ -163,6 +175,7 @@ def run_config(
         security=place.security,
         keep_round_models=place.keep_round_models,
         stop=stop,
+        asynchronous=asynchronous(settings, len(workers)),
     )
 
 

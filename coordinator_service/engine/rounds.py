@@ -84,8 +84,8 @@ class RoundRunner:
         self.federated_evaluation = federated_evaluation
         self.observer = observer or RunObserver()
         self._attempts = 0  # every call gets its own round id, so a retried round never mixes with its first try
-        self._thread = WeightsThread()
-        self._folder = Folder(self.transfers, self._thread)
+        self.weights_thread = WeightsThread()
+        self._folder = Folder(self.transfers, self.weights_thread)
         self.pacer = Pacer()  # what each board's health changes about its work
 
     @property
@@ -125,7 +125,7 @@ class RoundRunner:
         the workers train: beside the sends it would slow them (workers check the digest their stream carries, not
         this one)."""
         await rnd.sent.wait()
-        digest = await self._thread.run(lambda: rnd.payload.digest)
+        digest = await self.weights_thread.run(lambda: rnd.payload.digest)
         log.info(
             "round_started",
             workers=[c.name for c in clients],
@@ -199,7 +199,9 @@ class RoundRunner:
                 self.observer.worker_phase(c.name, "done")
         t = time.perf_counter()
         rnd.report.aggregate_scale = self.strategy.aggregate_scale([c.result for c in done])
-        await self._thread.run(_install, self.model, self.server_optimizer, rnd, flat, rnd.report.aggregate_scale)
+        await self.weights_thread.run(
+            install_aggregate, self.model, self.server_optimizer, rnd, flat, rnd.report.aggregate_scale
+        )
         rnd.aggregation_seconds += elapsed(t)
 
     # -- step 1: train, and for a streaming rule fold ----------------------------------------------------------
@@ -210,8 +212,9 @@ class RoundRunner:
             self.pacer.saw(worker, progress.health)
         self.observer.worker_progress(worker, progress)
 
-    async def _train(self, rnd: RoundState, client: WorkerClient, index: int) -> Contribution:
-        """Send the global model, train, and check the result before anything of the update is used."""
+    async def train_one(self, rnd: RoundState, client: WorkerClient, index: int, repeat: int = 0) -> Contribution:
+        """Send the global model, train, and check the result before anything of the update is used. `repeat`: how
+        often this worker trained from this model before (asynchronous mode), so that each time draws new batches."""
         stats = WorkerRound(client.name)
         t = time.perf_counter()
         self.observer.worker_phase(client.name, "sending")
@@ -224,6 +227,7 @@ class RoundRunner:
         stats.send_seconds = elapsed(t)
         request = self.strategy.configure_train(rnd.number, index)
         self.pacer.pace(client.name, request, client.info.train_samples if client.info is not None else 0)
+        request.seed += repeat * 104_729
         request.round_id = rnd.round_id
         if speaks(client, "1.5"):
             request.update_encoding = offered(client, self.transfer.encoding)  # type: ignore[assignment]
@@ -251,7 +255,7 @@ class RoundRunner:
     async def _train_and_fold(
         self, rnd: RoundState, client: WorkerClient, index: int, total: WeightedSum | None
     ) -> Contribution:
-        contribution = await self._train(rnd, client, index)
+        contribution = await self.train_one(rnd, client, index)
         if total is None:
             return contribution
         rnd.folding.add(client.name)
@@ -327,7 +331,7 @@ def _check_result(
         )
 
 
-def _install(
+def install_aggregate(
     model: torch.nn.Module, server_optimizer: ServerOptimizer, rnd: RoundState, flat: list[torch.Tensor], scale: float
 ) -> None:
     """The aggregate, moved `scale` times from the global model (the strategy's say, e.g. FedNova's) and through

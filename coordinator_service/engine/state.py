@@ -43,6 +43,7 @@ class WorkerRound:
     # throttled or under-volted.
     cpu_temperature_celsius: float | None = None
     board_trouble: bool = False
+    staleness: int | None = None  # asynchronous mode: server versions made since the one it trained from
 
     def saw_board(self, health: pb.BoardHealth) -> None:
         if health.HasField("cpu_temperature_celsius"):
@@ -76,6 +77,7 @@ class RoundReport:
     federated_loss: float | None = None  # the weighted mean of the workers' evaluations, when asked for
     federated_accuracy: float | None = None
     federated_samples: int = 0
+    version: int | None = None  # asynchronous mode: the server version this report made (= round)
 
     @property
     def overhead_seconds(self) -> float:
@@ -86,13 +88,15 @@ class RoundReport:
     def as_event(self) -> dict:
         return {
             "round": self.round,
+            **({"version": self.version} if self.version is not None else {}),
             **(
                 {"test_accuracy": round(self.test_accuracy, 4), "test_loss": round(self.test_loss, 4)}
                 if self.test_accuracy is not None and self.test_loss is not None
                 else {}
             ),
             "wall_seconds": round(self.wall_seconds, 3),
-            "overhead_seconds": round(self.overhead_seconds, 3),
+            # A version has no slowest worker to measure the coordinator's share against.
+            **({"overhead_seconds": round(self.overhead_seconds, 3)} if self.version is None else {}),
             "aggregation_seconds": round(self.aggregation_seconds, 3),
             **({"evaluation_seconds": round(self.evaluation_seconds, 3)} if self.test_accuracy is not None else {}),
             "aggregation": self.aggregation,

@@ -17,6 +17,7 @@ import structlog
 import torch
 
 from coordinator_service.engine import checkpoint
+from coordinator_service.engine.buffered import AsyncSettings, BufferedRunner
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.roster import HandshakeFailed, Roster
 from coordinator_service.engine.rounds import (
@@ -81,6 +82,7 @@ class RunConfig:
     security: ClientSecurity = ClientSecurity()
     keep_round_models: int = 0  # also keep the global model of the last N rounds (the control API's GetModel)
     stop: asyncio.Event | None = None  # set it to end the run after the current round
+    asynchronous: AsyncSettings | None = None  # --mode async: buffered asynchronous versions instead of rounds
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -119,6 +121,8 @@ def describe(cfg: RunConfig, strategy: Strategy) -> dict:
         "sequential_evaluation": cfg.sequential_evaluation,
         "tls": cfg.security.tls,
         "token": cfg.security.token is not None,
+        "mode": "async" if cfg.asynchronous else "sync",
+        **(asdict(cfg.asynchronous) if cfg.asynchronous else {}),
     }
 
 
@@ -201,14 +205,10 @@ async def run(
             workers=[c.name for c in roster.active],
         )
         observer.run_started(cfg.rounds, first_round, [c.name for c in roster.active])
-        for server_round in range(first_round, cfg.rounds + 1):
-            report = await _run_round_with_retries(cfg, roster, runner, server_round, observer)
-            reports.append(report)
-            await finisher.submit(report, model)
-            if cfg.stop is not None and cfg.stop.is_set() and server_round < cfg.rounds:
-                await finisher.drain()
-                log.info("training_stopped", round=server_round, rounds=cfg.rounds)
-                raise RunStopped(server_round)
+        if cfg.asynchronous is not None:
+            await _run_versions(cfg, cfg.asynchronous, roster, runner, finisher, reports, first_round - 1)
+        else:
+            await _run_rounds(cfg, roster, runner, finisher, reports, first_round, observer)
         await finisher.drain()
         model_path = cfg.output_dir / "model.pt"
         _write_atomically(model_path, lambda p: torch.save(model.state_dict(), p))
@@ -353,6 +353,60 @@ def _keep_round_model(directory: Path, server_round: int, model: torch.nn.Module
     _write_atomically(rounds / f"round-{server_round}.pt", lambda p: torch.save(model.state_dict(), p))
     for old in sorted(rounds.glob("round-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-keep]:
         old.unlink()
+
+
+async def _run_rounds(
+    cfg: RunConfig,
+    roster: Roster,
+    runner: RoundRunner,
+    finisher: RoundFinisher,
+    reports: list[RoundReport],
+    first_round: int,
+    observer: RunObserver,
+) -> None:
+    for server_round in range(first_round, cfg.rounds + 1):
+        report = await _run_round_with_retries(cfg, roster, runner, server_round, observer)
+        reports.append(report)
+        await finisher.submit(report, runner.model)
+        if cfg.stop is not None and cfg.stop.is_set() and server_round < cfg.rounds:
+            await finisher.drain()
+            log.info("training_stopped", round=server_round, rounds=cfg.rounds)
+            raise RunStopped(server_round)
+
+
+async def _run_versions(
+    cfg: RunConfig,
+    settings: AsyncSettings,
+    roster: Roster,
+    runner: RoundRunner,
+    finisher: RoundFinisher,
+    reports: list[RoundReport],
+    first_version: int,
+) -> None:
+    """--mode async: server versions until cfg.rounds, each finished (evaluated, checkpointed, logged) as a round."""
+
+    async def finish(report: RoundReport, model: torch.nn.Module) -> None:
+        report.version = report.round
+        reports.append(report)
+        await finisher.submit(report, model)
+
+    buffered = BufferedRunner(
+        runner,
+        roster,
+        settings,
+        finish,
+        stall_timeout=cfg.round_timeout,
+        retry_backoff=cfg.retry_backoff,
+        stop=cfg.stop,
+    )
+    try:
+        made = await buffered.run(first_version, cfg.rounds)
+    finally:
+        log.info("workers_idle", idle_fraction=buffered.busy.idle_fractions(), version=buffered.version)
+    if made < cfg.rounds:
+        await finisher.drain()
+        log.info("training_stopped", round=made, rounds=cfg.rounds)
+        raise RunStopped(made)
 
 
 async def _run_round_with_retries(

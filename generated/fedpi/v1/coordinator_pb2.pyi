@@ -107,16 +107,24 @@ class Sampling(_message.Message):
     def __init__(self, fraction: _Optional[float] = ..., workers_per_round: _Optional[int] = ..., min_workers: _Optional[int] = ...) -> None: ...
 
 class AggregationSettings(_message.Message):
-    __slots__ = ("strategy", "aggregation", "unweighted", "max_update_ratio")
+    __slots__ = ("strategy", "aggregation", "unweighted", "max_update_ratio", "mode", "buffer_size", "max_staleness", "staleness_exponent")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     UNWEIGHTED_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_EXPONENT_FIELD_NUMBER: _ClassVar[int]
     strategy: str
     aggregation: str
     unweighted: bool
     max_update_ratio: float
-    def __init__(self, strategy: _Optional[str] = ..., aggregation: _Optional[str] = ..., unweighted: _Optional[bool] = ..., max_update_ratio: _Optional[float] = ...) -> None: ...
+    mode: str
+    buffer_size: int
+    max_staleness: int
+    staleness_exponent: float
+    def __init__(self, strategy: _Optional[str] = ..., aggregation: _Optional[str] = ..., unweighted: _Optional[bool] = ..., max_update_ratio: _Optional[float] = ..., mode: _Optional[str] = ..., buffer_size: _Optional[int] = ..., max_staleness: _Optional[int] = ..., staleness_exponent: _Optional[float] = ...) -> None: ...
 
 class ServerOptimizerSettings(_message.Message):
     __slots__ = ("server_optimizer", "server_lr", "server_momentum", "server_beta2", "server_tau")
