@@ -23,11 +23,23 @@ def pilan(*args: str) -> str:
     return subprocess.run([str(PILAN), *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def set_cpu_share(pi: int, pct: int) -> None:
-    """pilan gives every Pi the same quota; this gives Pi `pi` its own, in pilan's cgroup, with pilan's period."""
+def set_cpu_share(pi: int, pct: int, period_us: int | None = None) -> None:
+    """pilan gives every Pi the same quota; this gives Pi `pi` its own, in pilan's cgroup, with pilan's period unless
+    `period_us` is given (a share under 10% needs 100 ms: the kernel's smallest quota is 1 ms)."""
     cgroup = Path(os.environ.get("PILAN_CGROUP_ROOT", "/sys/fs/cgroup/cpu")) / f"fpi{pi}"
+    if period_us is not None:
+        (cgroup / "cpu.cfs_quota_us").write_text("-1")  # a quota may never exceed its period, even for a moment
+        (cgroup / "cpu.cfs_period_us").write_text(str(period_us))
     period = int((cgroup / "cpu.cfs_period_us").read_text())
     (cgroup / "cpu.cfs_quota_us").write_text(str(period * pct // 100))
+
+
+def set_rate(pi: int, rate: str) -> None:
+    """Pi `pi`'s link, both ways, at `rate` (tc units) instead of the rate every Pi got from `pilan up`."""
+    burst, latency = "16kb", "50ms"
+    tbf = ["root", "tbf", "rate", rate, "burst", burst, "latency", latency]
+    subprocess.run(["tc", "qdisc", "replace", "dev", f"fpiv{pi}", *tbf], check=True)
+    subprocess.run(["tc", "-n", f"fpi{pi}", "qdisc", "replace", "dev", "eth0", *tbf], check=True)
 
 
 @contextmanager

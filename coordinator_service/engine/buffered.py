@@ -315,6 +315,7 @@ class BufferedRunner:
         report.max_update_distance = current.rnd.max_distance
         report.wall_seconds = elapsed(buffer.started)
         report.absent = list(self.roster.away)
+        report.idle_fraction = self.busy.idle_fractions()
         self._version = number
         if number >= self._last:
             self.busy.until = time.monotonic()
