@@ -22,7 +22,7 @@ K = $(KUBECTL) -n $(NAMESPACE)
 
 CERTS ?= certs
 
-.PHONY: help venv proto run tasks test lint docs fuzz runs model bench bench-learning clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
+.PHONY: help venv proto run tasks test lint docs fuzz runs model bench bench-learning bench-async clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -74,6 +74,9 @@ bench: $(STAMP)  ## benchmarks: wire (loopback and Pi LAN vs raw TCP, compressio
 
 bench-learning: $(STAMP)  ## strategies x partitions on real MNIST / Fashion-MNIST, and a mixed Pi LAN (about 2 hours)
 	$(PY) -m bench.learning $(BENCH_LEARNING_ARGS)
+
+bench-async: $(STAMP)  ## async vs sync rounds on an emulated Pi LAN with a slow board (90 minutes; needs root, pilan)
+	$(PY) -m bench.asynchronous $(BENCH_ASYNC_ARGS)
 
 LOCK = $(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 --generate-hashes --quiet
 

@@ -24,11 +24,12 @@ from the last checkpointed version), logged as `round_finished` (with `version`)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import structlog
@@ -87,16 +88,27 @@ class Busy:
 
     since: float = field(default_factory=time.monotonic)
     until: float | None = None  # the run's last version was made: the clock stops
-    working: dict[str, float] = field(default_factory=dict)
+    working: dict[str, float] = field(default_factory=dict)  # finished spans of work
+    started: dict[str, float] = field(default_factory=dict)  # the span each worker is in now
 
-    def add(self, worker: str, start: float) -> None:
-        """Busy from `start` (time.monotonic) until now, or until the clock stopped."""
-        seconds = max(0.0, min(time.monotonic(), self.until or math.inf) - start)
-        self.working[worker] = self.working.get(worker, 0.0) + seconds
+    def _clock(self) -> float:
+        return min(time.monotonic(), self.until or math.inf)
+
+    @contextlib.contextmanager
+    def span(self, worker: str) -> Iterator[None]:
+        self.started[worker] = time.monotonic()
+        try:
+            yield
+        finally:
+            start = self.started.pop(worker)
+            self.working[worker] = self.working.get(worker, 0.0) + max(0.0, self._clock() - start)
 
     def idle_fractions(self) -> dict[str, float]:
-        wall = max((self.until or time.monotonic()) - self.since, 1e-9)
-        return {w: round(max(0.0, 1 - s / wall), 4) for w, s in self.working.items()}
+        now = self._clock()
+        wall = max(now - self.since, 1e-9)
+        busy = {w: s + max(0.0, now - self.started[w]) if w in self.started else s for w, s in self.working.items()}
+        busy |= {w: max(0.0, now - t) for w, t in self.started.items() if w not in busy}
+        return {w: round(max(0.0, 1 - s / wall), 4) for w, s in busy.items()}
 
 
 class BufferedRunner:
@@ -203,12 +215,9 @@ class BufferedRunner:
     async def _once(self, client: WorkerClient) -> None:
         version = self._versions[self._version]
         version.training += 1
-        t = time.monotonic()
         try:
-            try:
+            with self.busy.span(client.name):
                 contribution = await self._train(version, client)
-            finally:
-                self.busy.add(client.name, t)
             await self._fold(version, contribution)
         finally:
             version.training -= 1
@@ -252,11 +261,8 @@ class BufferedRunner:
         """Stream the update into the scratch sum, then add it to the buffer; a full buffer becomes a version.
         Waiting for its turn is idle time; folding is not."""
         async with self._fold_lock:
-            started = time.monotonic()
-            try:
+            with self.busy.span(c.name):
                 await self._fold_now(version, c)
-            finally:
-                self.busy.add(c.name, started)
 
     async def _fold_now(self, version: Version, c: Contribution) -> None:
         if self._version >= self._last:
@@ -310,6 +316,7 @@ class BufferedRunner:
             install_aggregate, self.runner.model, self.runner.server_optimizer, current.rnd, target, 1.0
         )
         report = RoundReport(number, workers=[c.stats for c in buffer.members], failures=buffer.failures)
+        report.version = number
         report.aggregation = f"fedbuff (buffer {self.settings.buffer_size})"
         report.aggregation_seconds = buffer.aggregation_seconds + elapsed(t)
         report.max_update_distance = current.rnd.max_distance

@@ -83,7 +83,10 @@ class RoundReport:
     @property
     def overhead_seconds(self) -> float:
         """Round wall time beyond the slowest worker's pure training (the coordinator's evaluation is not in the
-        round's wall time: see RoundFinisher)."""
+        round's wall time: see RoundFinisher). A version (asynchronous mode) has no slowest worker to wait for: its
+        overhead is the time the coordinator spent receiving, folding and stepping."""
+        if self.version is not None:
+            return self.aggregation_seconds
         return self.wall_seconds - max((w.train_seconds for w in self.workers), default=0.0)
 
     def as_event(self) -> dict:
@@ -97,8 +100,7 @@ class RoundReport:
                 else {}
             ),
             "wall_seconds": round(self.wall_seconds, 3),
-            # A version has no slowest worker to measure the coordinator's share against.
-            **({"overhead_seconds": round(self.overhead_seconds, 3)} if self.version is None else {}),
+            "overhead_seconds": round(self.overhead_seconds, 3),
             "aggregation_seconds": round(self.aggregation_seconds, 3),
             **({"evaluation_seconds": round(self.evaluation_seconds, 3)} if self.test_accuracy is not None else {}),
             "aggregation": self.aggregation,

@@ -386,7 +386,6 @@ async def _run_versions(
     """--mode async: server versions until cfg.rounds, each finished (evaluated, checkpointed, logged) as a round."""
 
     async def finish(report: RoundReport, model: torch.nn.Module) -> None:
-        report.version = report.round
         reports.append(report)
         await finisher.submit(report, model)
 

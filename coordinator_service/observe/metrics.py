@@ -38,6 +38,19 @@ class PrometheusObserver(RunObserver):
             "fedpi_worker_failures", "Workers dropped from a round, by phase", ["worker", "phase"], registry=r
         )
         self.present = Gauge("fedpi_workers_present", "Workers that passed the handshake and take part", registry=r)
+        # Asynchronous mode (--mode async): a version is a round above; these say how stale and how busy.
+        self.staleness = Gauge(
+            "fedpi_update_staleness",
+            "Versions made since the model of each worker's last update",
+            ["worker"],
+            registry=r,
+        )
+        self.idle = Gauge(
+            "fedpi_worker_idle_fraction",
+            "Share of the run each worker spent neither training nor moving weights",
+            ["worker"],
+            registry=r,
+        )
         # Each board's health as its worker last reported it while training (absent if it cannot read it).
         self.board = {
             field: Gauge(f"fedpi_board_{field}", text, ["worker"], registry=r)
@@ -82,9 +95,15 @@ class PrometheusObserver(RunObserver):
             self.test_loss.set(report.test_loss)
         self.wall.set(report.wall_seconds)
         self.overhead.set(report.overhead_seconds)
+        if report.version is not None:
+            self.current_round.set(report.version)  # no round starts: the newest version is the one in training
         for w in report.workers:
             self.bytes_sent.labels(worker=w.worker).inc(w.bytes_sent)
             self.bytes_received.labels(worker=w.worker).inc(w.bytes_received)
+            if w.staleness is not None:
+                self.staleness.labels(worker=w.worker).set(w.staleness)
+        for worker, idle in (report.idle_fraction or {}).items():
+            self.idle.labels(worker=worker).set(idle)
 
     def round_failed(self, number: int, reason: str) -> None:
         self.rounds_failed.inc()

@@ -56,7 +56,9 @@ class LiveProgress(RunObserver):
     """A rich Live display fed by the round loop's hooks."""
 
     # Log events this view shows itself; the rest still print, above it.
-    SHOWN_EVENTS = frozenset({"round_started", "round_finished", "worker_train_finished", "worker_dropped"})
+    SHOWN_EVENTS = frozenset(
+        {"round_started", "round_finished", "worker_train_finished", "worker_dropped", "update_buffered"}
+    )
 
     def __init__(self, batch_size: int, console: Console | None = None, rounds: int | None = None):
         self.batch_size = batch_size
@@ -134,8 +136,9 @@ class LiveProgress(RunObserver):
             scores = f"federated {event['federated_accuracy']:6.2%}  loss {event['federated_loss']:.4f}"
         else:
             scores = "not evaluated (no test data: --federated-evaluation)"
+        unit = "version" if "version" in event else "round"  # asynchronous mode makes versions
         self.console.print(
-            f"round {event['round']:>3}  {scores}  wall {event['wall_seconds']:.2f} s  "
+            f"{unit} {event['round']:>3}  {scores}  wall {event['wall_seconds']:.2f} s  "
             f"overhead {event['overhead_seconds']:.2f} s  {moved:.1f} MB  {len(workers)} trained",
             highlight=False,
         )
@@ -183,6 +186,8 @@ class LiveProgress(RunObserver):
     def finished(self, event: dict) -> None:
         self.bar.advance(self.task)
         self.print_round(event)
+        if "version" in event:  # asynchronous: no round starts; the header names the newest version
+            self.status = f"version {event['version']} made; every worker trains on"
         if event["round"] == self.round:  # not when the next round is already under way (its evaluation overlaps)
             for name in event.get("workers", {}):
                 if name in self.lines:

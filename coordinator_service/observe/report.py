@@ -195,6 +195,27 @@ def _summary(rounds: list[dict], config: dict) -> list[tuple[str, str]]:
         ("median overhead per round", f"{sorted(r['overhead_seconds'] for r in rounds)[len(rounds) // 2]:.3f} s"),
         ("worker failures in rounds", str(failures)),
         ("workers that took no part", ", ".join(sorted(away)) or "none"),
+        *_asynchronous(rounds, config),
+    ]
+
+
+def _asynchronous(rounds: list[dict], config: dict) -> list[tuple[str, str]]:
+    """--mode async: its settings, how stale the updates were, and how idle each worker was (rounds are versions)."""
+    if config.get("mode") != "async":
+        return []
+    staleness = [w["staleness"] for r in rounds for w in r["workers"].values() if "staleness" in w]
+    idle = rounds[-1].get("idle_fraction", {}) if rounds else {}
+    return [
+        (
+            "mode",
+            f"async (FedBuff): buffer {config.get('buffer_size')}, max staleness {config.get('max_staleness')}, "
+            f"staleness exponent {config.get('staleness_exponent')}; each round is a server version",
+        ),
+        (
+            "update staleness",
+            f"mean {sum(staleness) / len(staleness):.2f}, max {max(staleness)} versions" if staleness else "none",
+        ),
+        ("idle share of the run", ", ".join(f"{w} {v:.1%}" for w, v in sorted(idle.items())) or "not recorded"),
     ]
 
 

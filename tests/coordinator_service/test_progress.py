@@ -175,3 +175,35 @@ def test_a_boards_temperature_and_trouble_show_in_its_row_from_the_loop_or_from_
     watch.feed({**event, "health": "melting"})
     assert watch.view.lines["bob"].board == ""
     watch.close()
+
+
+def test_asynchronous_versions_show_as_versions_in_the_view_and_in_prometheus():
+    from prometheus_client import CollectorRegistry
+
+    from coordinator_service.observe.metrics import PrometheusObserver
+
+    console = _console()
+    view = LiveProgress(batch_size=64, console=console)
+    registry = CollectorRegistry()
+    metrics = PrometheusObserver(registry)
+    view.run_started(rounds=9, first_round=1, workers=["alice", "bob"])
+    report = RoundReport(
+        3,
+        workers=[WorkerRound("alice", staleness=2), WorkerRound("bob", staleness=0)],
+        test_accuracy=0.97,
+        test_loss=0.1,
+        wall_seconds=1.5,
+        aggregation_seconds=0.04,
+        version=3,
+        idle_fraction={"alice": 0.01, "bob": 0.2},
+    )
+    view.round_finished(report)
+    metrics.round_finished(report)
+    view.live.refresh()
+    view.run_finished()
+    screen = console.export_text()
+    assert "version   3  accuracy 97.00%" in screen and "overhead 0.04 s" in screen
+    assert "version 3 made; every worker trains on" in screen
+    assert registry.get_sample_value("fedpi_round") == 3
+    assert registry.get_sample_value("fedpi_update_staleness", {"worker": "alice"}) == 2
+    assert registry.get_sample_value("fedpi_worker_idle_fraction", {"worker": "bob"}) == 0.2

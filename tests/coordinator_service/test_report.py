@@ -133,3 +133,25 @@ def test_board_temperatures_get_their_own_panel_with_the_throttled_rounds_marked
         json.loads(json.dumps(RoundReport(1, workers=[WorkerRound("x", samples=1, train_seconds=1.0)]).as_event()))
     ]
     assert len(_workers_figure(_pyplot(), plain, ["x"]).axes) == 2
+
+
+def test_an_asynchronous_run_reports_its_mode_staleness_and_idle_share(tmp_path):
+    lines = []
+    for v in (1, 2):
+        report = RoundReport(
+            v,
+            workers=[WorkerRound("alice", samples=64, staleness=v - 1), WorkerRound("bob", samples=64, staleness=3)],
+            test_accuracy=0.9,
+            test_loss=0.3,
+            wall_seconds=1.0,
+            version=v,
+            idle_fraction={"alice": 0.012, "bob": 0.25},
+        )
+        lines.append(json.dumps(report.as_event()))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    config = {"mode": "async", "buffer_size": 2, "max_staleness": 10, "staleness_exponent": 0.5, "rounds": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    page = write_report(tmp_path).read_text()
+    assert "async (FedBuff): buffer 2, max staleness 10, staleness exponent 0.5" in page
+    assert "mean 1.75, max 3 versions" in page  # (0 + 3 + 1 + 3) / 4
+    assert "alice 1.2%, bob 25.0%" in page
