@@ -215,6 +215,7 @@ class BufferedRunner:
     async def _once(self, client: WorkerClient) -> None:
         version = self._versions[self._version]
         version.training += 1
+        structlog.contextvars.bind_contextvars(version=version.number)  # this worker's events name what it trains from
         try:
             with self.busy.span(client.name):
                 contribution = await self._train(version, client)

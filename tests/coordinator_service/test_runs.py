@@ -134,6 +134,18 @@ def test_watch_streams_are_capped(tmp_path):
             ValueError,
             "needs at least 5 workers",
         ),
+        (
+            cpb.RunSpec(
+                workers=["a=127.0.0.1:1"], aggregation=cpb.AggregationSettings(mode="async", strategy="fednova")
+            ),
+            SettingsError,
+            "mode async does not go with strategy fednova",
+        ),
+        (
+            cpb.RunSpec(workers=["a=127.0.0.1:1"], aggregation=cpb.AggregationSettings(mode="later")),
+            SettingsError,
+            "mode = 'later'",
+        ),
     ],
 )
 def test_a_spec_is_refused_whole_before_anything_is_created(tmp_path, spec, error, phrase):
@@ -174,3 +186,20 @@ def test_worker_policy_matches_addresses_networks_and_exact_names():
     assert all(policy.allows(a) for a in ok) and not any(policy.allows(a) for a in bad)
     with pytest.raises(ValueError, match="give an IP address"):
         WorkerPolicy.parse(["not a host"])
+
+
+def test_a_run_spec_asks_for_asynchronous_versions_and_the_run_gets_them(tmp_path):
+    from coordinator_service.control import launch
+    from coordinator_service.control.launch import RunPlace
+
+    manager = _manager(tmp_path)
+    spec = cpb.RunSpec(
+        workers=["a=127.0.0.1:1", "b=127.0.0.1:2", "c=127.0.0.1:3"],
+        aggregation=cpb.AggregationSettings(mode="async", max_staleness=4, staleness_exponent=1.0),
+    )
+    _, _, settings = manager.prepare(spec)
+    manager.close()
+    workers = [("a", "127.0.0.1:1"), ("b", "127.0.0.1:2"), ("c", "127.0.0.1:3")]
+    config = launch.run_config(settings, RunPlace(tmp_path), workers, task=None)  # type: ignore[arg-type]
+    assert config.asynchronous == launch.AsyncSettings(buffer_size=2, max_staleness=4, staleness_exponent=1.0)
+    assert launch.run_config(launch.RunSettings(), RunPlace(tmp_path), workers, task=None).asynchronous is None
