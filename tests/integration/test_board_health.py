@@ -4,8 +4,12 @@ Prometheus."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import grpc
 import pytest
@@ -15,6 +19,7 @@ from generated.fedpi.v1 import worker_pb2 as pb
 from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
 from tests.integration.conftest import DIGITS, METADATA, events, run_coordinator, start_cluster
+from tests.integration.faults import CoordinatorRun
 from tests.integration.test_metrics import scrape, value
 from tests.worker_service.test_board import fake_pi
 
@@ -96,3 +101,47 @@ def test_a_board_short_of_memory_sits_rounds_out_until_it_has_enough(tmp_path):
         assert sorted(finished["workers"]) == ["alice", "bob"] and not finished.get("absent")
     finally:
         cluster.stop()
+
+
+def _duty_cycle(pid: int, stop: threading.Event, running: float = 0.03, paused: float = 0.05) -> None:
+    """Run the process `running` s out of every `running + paused`: a board its firmware has slowed."""
+    try:
+        while not stop.is_set():
+            time.sleep(running)
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(paused)
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_real_board_that_throttles_gets_fewer_batches_until_it_recovers(tmp_path):
+    """A real worker reads a fake Pi tree. After round 1 the tree says "throttled now" and the process is slowed to
+    about 40% of its speed; the round after it has trained slowly gets proportionally fewer batches, with the event
+    that says why. Cooled down again, it gets all of them."""
+    board = fake_pi(tmp_path / "board", throttled="0x0")
+    flags = board / "sys/devices/platform/soc/soc:firmware/get_throttled"
+    args = [*DIGITS, "--board-root", str(board), "--train-delay", "0.02", "--progress-interval", "0.2"]
+    cluster = start_cluster([LocalWorker("alice", args, tmp_path)])
+    stop = threading.Event()
+    try:
+        run = CoordinatorRun("train", "--workers", cluster.spec, "--rounds", "5", "--local-batches", "30",
+                             "--output-dir", str(tmp_path / "run"))  # fmt: skip
+        run.wait_for("round_finished", round=1)
+        flags.write_text("0x50004\n")  # throttled now (bit 2), and since boot
+        slow = threading.Thread(target=_duty_cycle, args=(cluster.workers[0].process.pid, stop), daemon=True)
+        slow.start()
+        reduced = run.wait_for("worker_work_reduced", timeout=120)
+        run.wait_for("round_finished", round=reduced["round"])
+        stop.set()
+        slow.join()
+        flags.write_text("0x50000\n")  # cooled down: throttled since boot only
+        assert run.finish() == 0, "".join(run.lines[-30:])
+    finally:
+        stop.set()
+        cluster.stop()
+    assert reduced["worker"] == "alice" and reduced["asked"] == 30 and 3 <= reduced["batches"] < 25, reduced
+    assert "its board is throttled and trains" in reduced["reason"]
+    batches = {r["round"]: r["workers"]["alice"]["batches"] for r in run.rounds()}
+    assert batches[1] == 30 and batches[reduced["round"]] == reduced["batches"]
+    assert batches[5] == 30  # it reported no throttling once the tree said so
