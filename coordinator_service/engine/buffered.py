@@ -142,6 +142,7 @@ class BufferedRunner:
         self._last: int = 0
         self._dispatches: dict[tuple[str, int], int] = {}
         self._workers: dict[str, asyncio.Task] = {}
+        self._admitting: asyncio.Task | None = None
         self._fatal: BaseException | None = None  # what ends the run from inside a server step
         # Versions made and not yet handed on, with their frozen models: handed on by the run's own task, which the
         # end of the run does not cancel half-way as it does the workers'.
@@ -165,8 +166,7 @@ class BufferedRunner:
         try:
             while self._version < last and not (self.stop is not None and self.stop.is_set()):
                 self._advanced.clear()
-                await self.roster.admit()  # workers absent at the start, or refused then, may join
-                self._start_workers()
+                self._admit_soon()
                 try:
                     await asyncio.wait_for(self._advanced.wait(), self.stall_timeout)
                 except TimeoutError:
@@ -182,9 +182,10 @@ class BufferedRunner:
                 await self._hand_on()
         finally:
             self.busy.until = self.busy.until or time.monotonic()
-            for task in self._workers.values():
+            tasks = [*self._workers.values(), *([self._admitting] if self._admitting else [])]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._workers.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         await self._hand_on()
         return self._version
 
@@ -192,6 +193,16 @@ class BufferedRunner:
         while self._made:
             await self.on_version(*self._made.popleft())
             self._room.release()
+
+    def _admit_soon(self) -> None:
+        """Handshake absent workers (absent at the start, refused then, or come back) beside the run, one admission at
+        a time: a worker that does not answer costs the others nothing."""
+        if self._admitting is None or self._admitting.done():
+            self._admitting = asyncio.create_task(self._admit())
+
+    async def _admit(self) -> None:
+        await self.roster.admit()
+        self._start_workers()
 
     def _start_workers(self) -> None:
         for client in self.roster.active:
@@ -205,7 +216,7 @@ class BufferedRunner:
         structlog.contextvars.bind_contextvars(worker=client.name)
         while self._version < self._last:
             try:
-                await self._once(client)
+                await asyncio.wait_for(self._once(client), self.runner.round_timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a worker's failure is recorded, never the run's
@@ -350,6 +361,7 @@ class BufferedRunner:
     def _forget_old_versions(self) -> None:
         for number in [n for n, v in self._versions.items() if n != self._version and v.training == 0]:
             del self._versions[number]
+        self._dispatches = {k: n for k, n in self._dispatches.items() if k[1] in self._versions}
 
     def _new_buffer(self, reuse: WeightedSum | None = None) -> Buffer:
         manifest = self._versions[self._version].rnd.payload.manifest

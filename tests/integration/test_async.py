@@ -4,6 +4,7 @@ mid-run resumes from its last checkpointed version. Each test is bounded and sto
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -96,3 +97,27 @@ def test_a_killed_async_coordinator_resumes_from_its_last_checkpointed_version(c
     assert [e["version"] for e in resumed.rounds()] == list(range(len(before) + 1, 11))
     after = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in after] == list(range(1, 11))
+
+
+def test_a_worker_killed_mid_run_is_dropped_the_run_goes_on_and_it_rejoins_once_restarted(cluster, tmp_path):
+    alice = cluster.workers[0]
+    run = CoordinatorRun("train", "--workers", cluster.spec, "--rounds", "40", *TRAIN, *ASYNC, "--retry-backoff",
+                         "0.5", "--output-dir", str(tmp_path))  # fmt: skip
+    try:
+        run.wait_for("round_finished", round=3)
+        alice.process.kill()
+        alice.process.wait()
+        run.wait_for("worker_dropped", worker="alice")
+        gone = run.wait_for("round_finished", round=8)  # made by the others alone
+        alice.start()
+        asyncio.run(cluster.wait_serving(60))
+        back = run.wait_for("worker_rejoined", worker="alice")
+        assert run.finish() == 0, "".join(run.lines[-30:])
+    finally:
+        run.proc.kill()
+        if alice.process.poll() is not None:
+            alice.start()
+    assert "alice" not in gone["workers"]
+    later = [e for e in run.events if e.get("event") == "update_buffered" and e["worker"] == "alice"]
+    assert any(e["trained_from"] >= back["version"] for e in later)
+    assert [e["version"] for e in run.rounds()] == list(range(1, 41))
