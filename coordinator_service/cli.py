@@ -328,6 +328,7 @@ GROUP_TITLES = {
     "evaluation": "evaluation",
     "transfer": "transfer",
     "timeouts": "timeouts and retries",
+    "privacy": "differential privacy (worker-level)",
 }
 
 

@@ -258,6 +258,29 @@ class Timeouts(_Group):
     keepalive: float = Field(30.0, ge=1, le=3600, description="seconds between keepalive pings on quiet connections")
 
 
+class Privacy(_Group):
+    """Worker-level differential privacy: DP-FedAvg (McMahan et al. 2018) with fixed clipping (docs/guide.md,
+    Differential privacy)."""
+
+    dp_noise_multiplier: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Gaussian noise of this times dp_clip_norm is added to the sum of the clipped updates (0: off)",
+    )
+    dp_clip_norm: float = Field(
+        1.0, gt=0, le=1e6, description="each update is pulled back to at most this L2 distance from the global model"
+    )
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="the delta that epsilon is reported for")
+    dp_target_epsilon: float = Field(
+        0.0, ge=0, le=1e4, description="end the run before a round would take epsilon past this (0: no budget)"
+    )
+
+    @property
+    def on(self) -> bool:
+        return self.dp_noise_multiplier > 0
+
+
 class RunSettings(_Group):
     """Everything a run may tune, grouped."""
 
@@ -269,13 +292,28 @@ class RunSettings(_Group):
     evaluation: Evaluation = Evaluation()
     transfer: Transfer = Transfer()
     timeouts: Timeouts = Timeouts()
+    privacy: Privacy = Privacy()
 
     @model_validator(mode="after")
     def _compatible(self) -> RunSettings:
         STRATEGIES[self.strategy_name].check_rule(self.aggregation.rule)
         if self.aggregation.mode == "async":
             self._check_async()
+        if self.privacy.on:
+            self._check_privacy()
         return self
+
+    def _check_privacy(self) -> None:
+        """What worker-level DP cannot go with: anything that reads or weighs individual updates its own way."""
+        a = self.aggregation
+        refused = [
+            (a.mode == "async", "mode async (the accountant counts rounds of sampled workers)"),
+            (str(a.rule) != "fedavg", f"aggregation {a.rule} (the DP mean clips every update itself)"),
+            (self.strategy_name == "fednova", "strategy fednova (it weighs updates by their steps; use local_batches)"),
+        ]
+        for bad, what in refused:
+            if bad:
+                raise ValueError(f"dp_noise_multiplier does not go with {what}")
 
     def _check_async(self) -> None:
         """What buffered asynchronous versions cannot do, each said with what to use instead."""

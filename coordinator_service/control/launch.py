@@ -16,6 +16,8 @@ from coordinator_service.engine.discovery import discover
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.rounds import TransferSettings
 from coordinator_service.engine.training import RunConfig, run
+from coordinator_service.policy.privacy import Accountant, GaussianMean
+from coordinator_service.policy.rules import AggregationRule
 from coordinator_service.policy.server_opt import ServerOptimizerConfig
 from coordinator_service.policy.strategy import STRATEGIES, FedAvg
 from coordinator_service.settings import RunSettings
@@ -78,7 +80,7 @@ def make_task(target: RunTarget, place: RunPlace) -> Task:
 def min_workers(settings: RunSettings, n_workers: int) -> int:
     """The quorum: min_workers, or a majority of the workers that train in a round."""
     sampling = settings.sampling
-    per_round = FedAvg(fraction=sampling.fraction, workers_per_round=sampling.workers_per_round).sample_size(n_workers)
+    per_round = sample_size(settings, n_workers)
     if sampling.min_workers > per_round:
         raise ValueError(
             f"min_workers {sampling.min_workers} can never be met: only {per_round} of {n_workers} "
@@ -103,7 +105,7 @@ def strategy(settings: RunSettings, n_workers: int) -> FedAvg:
         momentum=t.momentum,
         seed=t.seed,
         min_workers=min_workers(settings, n_workers),
-        weighted=not settings.aggregation.unweighted,
+        weighted=not settings.aggregation.unweighted and not settings.privacy.on,
         lr_schedule=t.effective_lr_schedule,
         lr_decay=t.lr_decay,
         rounds=settings.rounds,
@@ -139,6 +141,28 @@ def asynchronous(settings: RunSettings, n_workers: int) -> AsyncSettings | None:
     )
 
 
+def sample_size(settings: RunSettings, n_workers: int) -> int:
+    """How many of `n_workers` train in a round."""
+    sampling = settings.sampling
+    return FedAvg(fraction=sampling.fraction, workers_per_round=sampling.workers_per_round).sample_size(n_workers)
+
+
+def aggregation(settings: RunSettings, n_workers: int) -> AggregationRule:
+    """The rule the settings name, or with worker-level DP its Gaussian mean."""
+    p = settings.privacy
+    if not p.on:
+        return settings.aggregation.rule
+    return GaussianMean(p.dp_clip_norm, p.dp_noise_multiplier, sample_size(settings, n_workers))
+
+
+def accountant(settings: RunSettings, n_workers: int) -> Accountant | None:
+    p = settings.privacy
+    if not p.on:
+        return None
+    rate = sample_size(settings, n_workers) / max(n_workers, 1)
+    return Accountant(p.dp_noise_multiplier, rate, p.dp_delta, p.dp_target_epsilon)
+
+
 def run_config(
     settings: RunSettings,
     place: RunPlace,
@@ -169,13 +193,14 @@ def run_config(
         sequential_evaluation=settings.evaluation.sequential_evaluation,
         resume=resume,
         latest_link=place.latest_link,
-        aggregation=settings.aggregation.rule,
+        aggregation=aggregation(settings, len(workers)),
         max_update_ratio=settings.aggregation.max_update_ratio,
         transfer=transfer(settings),
         security=place.security,
         keep_round_models=place.keep_round_models,
         stop=stop,
         asynchronous=asynchronous(settings, len(workers)),
+        privacy=accountant(settings, len(workers)),
     )
 
 

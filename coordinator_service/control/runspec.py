@@ -23,7 +23,7 @@ HOST_NAME = re.compile(
 MAX_SETTINGS = 64
 MAX_VALUE_CHARS = 256
 # The typed groups of RunSpec, each a message whose fields are run settings of the same names.
-TYPED_GROUPS = ("training", "sampling", "aggregation", "server", "evaluation", "transfer", "timeouts")
+TYPED_GROUPS = ("training", "sampling", "aggregation", "server", "evaluation", "transfer", "timeouts", "privacy")
 
 
 class InvalidSpec(ValueError):

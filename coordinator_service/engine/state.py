@@ -79,6 +79,7 @@ class RoundReport:
     federated_samples: int = 0
     version: int | None = None  # asynchronous mode: the server version this report made (= round)
     idle_fraction: dict[str, float] | None = None  # asynchronous mode: each worker's idle share of the run so far
+    dp_epsilon: float | None = None  # worker-level DP: epsilon spent by the end of this round, at the run's delta
 
     @property
     def overhead_seconds(self) -> float:
@@ -94,6 +95,7 @@ class RoundReport:
             "round": self.round,
             **({"version": self.version} if self.version is not None else {}),
             **({"idle_fraction": self.idle_fraction} if self.idle_fraction is not None else {}),
+            **({"dp_epsilon": round(self.dp_epsilon, 4)} if self.dp_epsilon is not None else {}),
             **(
                 {"test_accuracy": round(self.test_accuracy, 4), "test_loss": round(self.test_loss, 4)}
                 if self.test_accuracy is not None and self.test_loss is not None

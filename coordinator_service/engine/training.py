@@ -28,6 +28,7 @@ from coordinator_service.engine.rounds import (
     TransferSettings,
 )
 from coordinator_service.engine.worker_client import Expected, WorkerClient
+from coordinator_service.policy.privacy import Accountant
 from coordinator_service.policy.rules import AggregationRule, WeightedMean
 from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
 from coordinator_service.policy.strategy import Strategy
@@ -83,6 +84,7 @@ class RunConfig:
     keep_round_models: int = 0  # also keep the global model of the last N rounds (the control API's GetModel)
     stop: asyncio.Event | None = None  # set it to end the run after the current round
     asynchronous: AsyncSettings | None = None  # --mode async: buffered asynchronous versions instead of rounds
+    privacy: Accountant | None = None  # worker-level DP: epsilon after every round, and the budget
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -122,6 +124,7 @@ def describe(cfg: RunConfig, strategy: Strategy) -> dict:
         "tls": cfg.security.tls,
         "token": cfg.security.token is not None,
         "mode": "async" if cfg.asynchronous else "sync",
+        **({"dp_" + k: v for k, v in asdict(cfg.privacy).items()} if cfg.privacy else {}),
         **(asdict(cfg.asynchronous) if cfg.asynchronous else {}),
     }
 
@@ -365,7 +368,19 @@ async def _run_rounds(
     observer: RunObserver,
 ) -> None:
     for server_round in range(first_round, cfg.rounds + 1):
+        if cfg.privacy is not None and not cfg.privacy.allows(server_round):
+            log.warning(
+                "privacy_budget_reached",
+                round=server_round,
+                epsilon=round(cfg.privacy.epsilon(server_round - 1), 4),
+                would_be=round(cfg.privacy.epsilon(server_round), 4),
+                target_epsilon=cfg.privacy.target_epsilon,
+                delta=cfg.privacy.delta,
+            )
+            return
         report = await _run_round_with_retries(cfg, roster, runner, server_round, observer)
+        if cfg.privacy is not None:
+            report.dp_epsilon = cfg.privacy.epsilon(server_round)
         reports.append(report)
         await finisher.submit(report, runner.model)
         if cfg.stop is not None and cfg.stop.is_set() and server_round < cfg.rounds:

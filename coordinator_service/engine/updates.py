@@ -128,6 +128,10 @@ class ArrivedUpdates:
     def arrived(self) -> Sequence[Contribution]:
         return tuple(self.done)
 
+    @property
+    def reference(self) -> Sequence[torch.Tensor]:
+        return self.rnd.reference
+
     def failed(self, message: str) -> RoundFailed:
         return RoundFailed(f"round {self.rnd.number}: {message}", self.rnd.report.failures)
 

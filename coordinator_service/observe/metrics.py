@@ -45,6 +45,9 @@ class PrometheusObserver(RunObserver):
             ["worker"],
             registry=r,
         )
+        self.epsilon = Gauge(
+            "fedpi_dp_epsilon", "Worker-level DP: epsilon spent so far, at the run's delta", registry=r
+        )
         self.idle = Gauge(
             "fedpi_worker_idle_fraction",
             "Share of the run each worker spent neither training nor moving weights",
@@ -95,6 +98,8 @@ class PrometheusObserver(RunObserver):
             self.test_loss.set(report.test_loss)
         self.wall.set(report.wall_seconds)
         self.overhead.set(report.overhead_seconds)
+        if report.dp_epsilon is not None:
+            self.epsilon.set(report.dp_epsilon)
         if report.version is not None:
             self.current_round.set(report.version)  # no round starts: the newest version is the one in training
         for w in report.workers:

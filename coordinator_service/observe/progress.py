@@ -132,6 +132,8 @@ class LiveProgress(RunObserver):
         missing += [f"{f['worker']} {f['phase']}" for f in event.get("absent", [])]
         if "test_accuracy" in event:
             scores = f"accuracy {event['test_accuracy']:6.2%}  loss {event['test_loss']:.4f}"
+            if "dp_epsilon" in event:
+                scores += f"  epsilon {event['dp_epsilon']:.2f}"
         elif "federated_accuracy" in event:
             scores = f"federated {event['federated_accuracy']:6.2%}  loss {event['federated_loss']:.4f}"
         else:

@@ -90,6 +90,19 @@ def _accuracy_figure(plt, rounds):
     return fig
 
 
+def _privacy_figure(plt, rounds):
+    """Test accuracy against the epsilon spent by each round (worker-level DP)."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    points = [(r["dp_epsilon"], r["test_accuracy"]) for r in rounds if "dp_epsilon" in r and "test_accuracy" in r]
+    ax.plot([e for e, _ in points], [a for _, a in points], marker="o")
+    from matplotlib.ticker import PercentFormatter
+
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set(title="Test accuracy against privacy spent", xlabel="epsilon spent (at the run's delta)", ylabel="accuracy")
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def _workers_figure(plt, rounds, workers):
     hot = any("cpu_temperature_celsius" in w for r in rounds for w in r["workers"].values())
     fig, axes = plt.subplots(1, 3 if hot else 2, figsize=(15 if hot else 10, 3.6))
@@ -196,6 +209,21 @@ def _summary(rounds: list[dict], config: dict) -> list[tuple[str, str]]:
         ("worker failures in rounds", str(failures)),
         ("workers that took no part", ", ".join(sorted(away)) or "none"),
         *_asynchronous(rounds, config),
+        *_privacy(rounds, config),
+    ]
+
+
+def _privacy(rounds: list[dict], config: dict) -> list[tuple[str, str]]:
+    spent = [r["dp_epsilon"] for r in rounds if "dp_epsilon" in r]
+    if not spent:
+        return []
+    return [
+        (
+            "differential privacy (worker-level)",
+            f"epsilon {spent[-1]:.2f} at delta {config.get('dp_delta', '?')} after {len(spent)} rounds (noise "
+            f"multiplier {config.get('dp_noise_multiplier', '?')}, workers sampled at rate "
+            f"{config.get('dp_sample_rate', '?')})",
+        )
     ]
 
 
@@ -275,6 +303,8 @@ def write_report(run_dir: Path) -> Path:
         "workers": ("Workers", _workers_figure(plt, rounds, workers)),
         "timeline": ("Failures and rejoins", _timeline_figure(plt, rounds, workers)),
     }
+    if any("dp_epsilon" in r for r in rounds):
+        figures["privacy"] = ("Privacy spent and accuracy", _privacy_figure(plt, rounds))
     sections = []
     for name, (title, fig) in figures.items():
         png = _png(plt, fig)

@@ -66,6 +66,11 @@ class RoundUpdates(Protocol):
     def arrived(self) -> Sequence[Update]:
         """The updates that arrived intact, in the order their workers were asked."""
 
+    @property
+    def reference(self) -> Sequence[torch.Tensor]:
+        """The global model the round's workers trained from, flat, in manifest order, in its own dtypes (read it,
+        never write it)."""
+
     async def mean(self) -> list[torch.Tensor]:
         """The weighted mean of the streamed sum (streaming rules)."""
 

@@ -26,7 +26,7 @@ RUN_STATE_STOPPED: RunState
 RUN_STATE_INTERRUPTED: RunState
 
 class RunSpec(_message.Message):
-    __slots__ = ("task", "model", "dataset", "rounds", "workers", "workers_dns", "expect_workers", "settings", "run_id", "preset", "training", "sampling", "aggregation", "server", "evaluation", "transfer", "timeouts")
+    __slots__ = ("task", "model", "dataset", "rounds", "workers", "workers_dns", "expect_workers", "settings", "run_id", "preset", "training", "sampling", "aggregation", "server", "evaluation", "transfer", "timeouts", "privacy")
     class SettingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class RunSpec(_message.Message):
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
     TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     task: str
     model: str
     dataset: str
@@ -68,7 +69,8 @@ class RunSpec(_message.Message):
     evaluation: EvaluationSettings
     transfer: TransferSettings
     timeouts: Timeouts
-    def __init__(self, task: _Optional[str] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., rounds: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., workers_dns: _Optional[str] = ..., expect_workers: _Optional[int] = ..., settings: _Optional[_Mapping[str, str]] = ..., run_id: _Optional[str] = ..., preset: _Optional[str] = ..., training: _Optional[_Union[LocalTraining, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationSettings, _Mapping]] = ..., server: _Optional[_Union[ServerOptimizerSettings, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationSettings, _Mapping]] = ..., transfer: _Optional[_Union[TransferSettings, _Mapping]] = ..., timeouts: _Optional[_Union[Timeouts, _Mapping]] = ...) -> None: ...
+    privacy: PrivacySettings
+    def __init__(self, task: _Optional[str] = ..., model: _Optional[str] = ..., dataset: _Optional[str] = ..., rounds: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., workers_dns: _Optional[str] = ..., expect_workers: _Optional[int] = ..., settings: _Optional[_Mapping[str, str]] = ..., run_id: _Optional[str] = ..., preset: _Optional[str] = ..., training: _Optional[_Union[LocalTraining, _Mapping]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationSettings, _Mapping]] = ..., server: _Optional[_Union[ServerOptimizerSettings, _Mapping]] = ..., evaluation: _Optional[_Union[EvaluationSettings, _Mapping]] = ..., transfer: _Optional[_Union[TransferSettings, _Mapping]] = ..., timeouts: _Optional[_Union[Timeouts, _Mapping]] = ..., privacy: _Optional[_Union[PrivacySettings, _Mapping]] = ...) -> None: ...
 
 class LocalTraining(_message.Message):
     __slots__ = ("local_batches", "local_epochs", "local_seconds", "batch_size", "lr", "momentum", "lr_decay", "proximal_mu", "seed", "not_true_distillation", "lr_schedule")
@@ -175,6 +177,18 @@ class Timeouts(_message.Message):
     retry_backoff: float
     keepalive: float
     def __init__(self, round_timeout: _Optional[float] = ..., idle_timeout: _Optional[float] = ..., rpc_timeout: _Optional[float] = ..., handshake_timeout: _Optional[float] = ..., round_retries: _Optional[int] = ..., retry_backoff: _Optional[float] = ..., keepalive: _Optional[float] = ...) -> None: ...
+
+class PrivacySettings(_message.Message):
+    __slots__ = ("dp_noise_multiplier", "dp_clip_norm", "dp_delta", "dp_target_epsilon")
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    DP_TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    dp_noise_multiplier: float
+    dp_clip_norm: float
+    dp_delta: float
+    dp_target_epsilon: float
+    def __init__(self, dp_noise_multiplier: _Optional[float] = ..., dp_clip_norm: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_target_epsilon: _Optional[float] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("name", "state", "reason")

@@ -1,0 +1,31 @@
+"""Worker-level differential privacy with real workers: every round reports the epsilon the accountant gives, and
+the run ends, finished and saved, before a round would spend more than --dp-target-epsilon."""
+
+from __future__ import annotations
+
+import json
+
+from coordinator_service.policy.privacy import Accountant
+from tests.integration.conftest import events, run_coordinator
+
+# Noise of 1 x the clip norm on the sum of 3 updates, each clipped to 0.003: small enough for the model to stay sane.
+DP = ["--dp-noise-multiplier", "1", "--dp-clip-norm", "0.003"]
+
+
+def test_the_run_reports_epsilon_every_round_and_stops_at_its_budget(digits_cluster, tmp_path):
+    accountant = Accountant(noise_multiplier=1.0, sample_rate=1.0, delta=1e-5)  # 3 of 3 workers every round
+    target = (accountant.epsilon(3) + accountant.epsilon(4)) / 2
+    done = run_coordinator("train", "--workers", digits_cluster.spec, "--rounds", "10", "--dataset", "digits-5k",
+                           "--local-batches", "5", *DP, "--dp-target-epsilon", f"{target:.6f}", "--output-dir",
+                           str(tmp_path))  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:]
+    log = events(done.stdout)
+    stop = next(e for e in log if e.get("event") == "privacy_budget_reached")
+    assert stop["round"] == 4 and stop["epsilon"] <= target < stop["would_be"]
+    rounds = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [r["dp_epsilon"] for r in rounds] == [round(accountant.epsilon(n), 4) for n in (1, 2, 3)]
+    assert (tmp_path / "model.pt").is_file()
+    assert any(e.get("event") == "dp_noise_added" and e["noise_std"] == round(0.003 / 3, 6) for e in log)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["dp_noise_multiplier"], config["dp_sample_rate"], config["dp_delta"]) == (1.0, 1.0, 1e-5)
