@@ -273,12 +273,30 @@ class Privacy(_Group):
     )
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="the delta that epsilon is reported for")
     dp_target_epsilon: float = Field(
-        0.0, ge=0, le=1e4, description="end the run before a round would take epsilon past this (0: no budget)"
+        0.0,
+        ge=0,
+        le=1e4,
+        description="end the run before a round would take either epsilon (worker-level, or any worker's DP-SGD) past "
+        "this (0: no budget)",
+    )
+    dp_sgd_noise_multiplier: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="sample-level DP on every worker (DP-SGD): noise of this times dp_sgd_max_grad_norm on each "
+        "batch's sum of clipped per-sample gradients (0: off)",
+    )
+    dp_sgd_max_grad_norm: float = Field(
+        1.0, gt=0, le=1e6, description="DP-SGD: each sample's gradient is clipped to this"
     )
 
     @property
     def on(self) -> bool:
         return self.dp_noise_multiplier > 0
+
+    @property
+    def dp_sgd(self) -> bool:
+        return self.dp_sgd_noise_multiplier > 0
 
 
 class RunSettings(_Group):
@@ -301,7 +319,20 @@ class RunSettings(_Group):
             self._check_async()
         if self.privacy.on:
             self._check_privacy()
+        if self.privacy.dp_sgd:
+            self._check_dp_sgd()
         return self
+
+    def _check_dp_sgd(self) -> None:
+        t = self.training
+        refused = [
+            (self.aggregation.mode == "async", "mode async (the budget counts rounds)"),
+            (t.local_seconds > 0, "local_seconds (the accountant needs the number of steps in advance)"),
+            (t.proximal_mu > 0, "proximal_mu (its term has no per-sample gradient)"),
+        ]
+        for bad, what in refused:
+            if bad:
+                raise ValueError(f"dp_sgd_noise_multiplier does not go with {what}")
 
     def _check_privacy(self) -> None:
         """What worker-level DP cannot go with: anything that reads or weighs individual updates its own way."""

@@ -333,6 +333,7 @@ def _result(request: pb.TrainRequest, outcome: TrainOutcome) -> pb.TrainResult:
         test_loss=outcome.test_loss,
         test_accuracy=outcome.test_accuracy,
         test_samples=outcome.test_samples,
+        dp_epsilon=outcome.dp_epsilon,
     )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from fedpi.data import Dataset
 # training on a Pi 4 with the reference CNN, and a bound on what a request can make a worker do.
 from fedpi.names import DEFAULT_MAX_LOCAL_BATCHES  # noqa: E402,F401 - re-exported
 from fedpi.task import StepResult, Task, batch_of
+from worker_service.dp_sgd import Ledger, private_steps
 
 MAX_LOCAL_SECONDS = 86_400.0
 MAX_DISTILLATION = 100.0  # beta beyond this drowns the task's own loss
@@ -42,6 +45,24 @@ class TrainConfig:
     proximal_mu: float = 0.0  # FedProx: the loss gains mu/2 * ||w - w_start||^2
     local_seconds: float = 0.0  # a time budget instead of a number of batches
     not_true_distillation: float = 0.0  # FedNTD's beta: the weight of the not-true distillation term
+    dp_sgd_noise_multiplier: float = 0.0  # DP-SGD when positive (worker_service.dp_sgd)
+    dp_sgd_max_grad_norm: float = 0.0
+    dp_delta: float = 0.0
+    round_id: str = ""  # RUN/ROUND.ATTEMPT: DP-SGD accounts per run
+
+    def _validate_dp_sgd(self) -> None:
+        if not 0 < self.dp_sgd_noise_multiplier <= 100:
+            raise ValueError(f"dp_sgd_noise_multiplier must be in (0, 100], got {self.dp_sgd_noise_multiplier}")
+        if not 0 < self.dp_sgd_max_grad_norm < 1e6:
+            raise ValueError(f"DP-SGD needs dp_sgd_max_grad_norm in (0, 1e6), got {self.dp_sgd_max_grad_norm}")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"DP-SGD needs dp_delta in (0, 1), got {self.dp_delta}")
+        if self.local_seconds or self.proximal_mu:
+            raise ValueError("DP-SGD goes with local_batches or local_epochs, without proximal_mu")
+
+    @property
+    def private(self) -> bool:
+        return self.dp_sgd_noise_multiplier > 0
 
     @classmethod
     def from_request(cls, request: object) -> TrainConfig:
@@ -75,6 +96,8 @@ class TrainConfig:
             raise ValueError(
                 f"not_true_distillation must be in [0, {MAX_DISTILLATION:g}], got {self.not_true_distillation}"
             )
+        if self.dp_sgd_noise_multiplier:
+            self._validate_dp_sgd()
         if train_samples == 0:
             raise ValueError("this worker's shard holds no training samples")
         if not self.local_seconds and self.total_batches(train_samples) > max_batches:
@@ -94,6 +117,7 @@ class TrainOutcome:
     test_loss: float = 0.0
     test_accuracy: float = 0.0
     test_samples: int = 0
+    dp_epsilon: float | None = None  # with DP-SGD: this run's epsilon on this worker's data so far
 
     def summary(self) -> dict[str, float]:
         """What a log line says of it."""
@@ -154,6 +178,7 @@ class Trainer:
         self._momentum: dict[str, torch.Tensor] = {}  # by parameter name: SGD's buffers, kept for the next round
         self._teacher: nn.Module | None = None  # the installed weights, frozen, while not-true distillation is on
         self._warned_no_scores = False
+        self.ledger = Ledger()  # DP-SGD's accountants, per run
         # The first optimizer ever created imports torch's compiler stack (about 2 s): pay that at start-up,
         # before the worker reports SERVING, not inside round 1.
         torch.optim.SGD(model.parameters(), lr=0.01)
@@ -186,11 +211,44 @@ class Trainer:
         # With a time budget the number of batches is not known in advance: progress reports 0 as the total.
         shown_total = 0 if cfg.local_seconds else total
         # A fresh optimizer each round, as the reference does: no stale momentum across rounds.
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
-        self._start_momentum_at_zero(optimizer, cfg.momentum)
-        # FedProx keeps the weights it started from (the global model); plain FedAvg needs no copy.
+        sgd = torch.optim.SGD(self.model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+        self._start_momentum_at_zero(sgd, cfg.momentum)
+        optimizer: torch.optim.Optimizer = sgd
+        # FedProx keeps the weights it started from (the global model); plain FedAvg needs no copy. Both, and the
+        # distillation teacher, are taken before DP-SGD's hooks are on the model.
         anchor = [p.detach().clone() for p in self.model.parameters()] if cfg.proximal_mu else None
         teacher = self._frozen_copy() if cfg.not_true_distillation else None
+        with contextlib.ExitStack() as private:
+            if cfg.private:
+                optimizer = private.enter_context(
+                    private_steps(
+                        self.model, optimizer, cfg.dp_sgd_noise_multiplier, cfg.dp_sgd_max_grad_norm, cfg.batch_size
+                    )  # fmt: skip
+                )
+            outcome = self._steps(cfg, optimizer, anchor, teacher, shown_total, progress, cancelled, progress_every)
+        if cfg.private:
+            rate = min(1.0, cfg.batch_size / len(self.data.train))
+            run = cfg.round_id.split("/")[0]
+            epsilon = self.ledger.spend(run, cfg.dp_sgd_noise_multiplier, rate, outcome.batches, cfg.dp_delta)
+            outcome = dataclasses.replace(outcome, dp_epsilon=epsilon)
+        if cfg.evaluate and len(self.data.test):
+            loss, acc = self.task.evaluate(self.model, self.data.test)
+            outcome = dataclasses.replace(outcome, test_loss=loss, test_accuracy=acc, test_samples=len(self.data.test))
+        return outcome
+
+    def _steps(
+        self,
+        cfg: TrainConfig,
+        optimizer: torch.optim.Optimizer,
+        anchor: list[torch.Tensor] | None,
+        teacher: nn.Module | None,
+        shown_total: int,
+        progress: Progress,
+        cancelled: threading.Event,
+        progress_every: float,
+    ) -> TrainOutcome:
+        """The round's batches: each one's objective, backward and step, with progress reports."""
+        total = cfg.total_batches(len(self.data.train), self.max_batches)
         self.model.train()
         loss_sum, correct, samples, batches = 0.0, 0, 0, 0
         start = last_report = time.perf_counter()
@@ -213,14 +271,7 @@ class Trainer:
                 last_report = now
             if out_of_time:
                 break
-        seconds = time.perf_counter() - start
-        outcome = TrainOutcome(samples, batches, loss_sum / samples, correct / samples, seconds)
-        if cfg.evaluate and len(self.data.test):
-            loss, acc = self.task.evaluate(self.model, self.data.test)
-            outcome = TrainOutcome(
-                **{**outcome.__dict__, "test_loss": loss, "test_accuracy": acc, "test_samples": len(self.data.test)}
-            )
-        return outcome
+        return TrainOutcome(samples, batches, loss_sum / samples, correct / samples, time.perf_counter() - start)
 
     def _objective(
         self, step: StepResult, cfg: TrainConfig, anchor: list[torch.Tensor] | None, teacher: nn.Module | None

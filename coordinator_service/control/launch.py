@@ -16,7 +16,7 @@ from coordinator_service.engine.discovery import discover
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.rounds import TransferSettings
 from coordinator_service.engine.training import RunConfig, run
-from coordinator_service.policy.privacy import Accountant, GaussianMean
+from coordinator_service.policy.privacy import Accountant, GaussianMean, SampleAccountant
 from coordinator_service.policy.rules import AggregationRule
 from coordinator_service.policy.server_opt import ServerOptimizerConfig
 from coordinator_service.policy.strategy import STRATEGIES, FedAvg
@@ -113,6 +113,9 @@ def strategy(settings: RunSettings, n_workers: int) -> FedAvg:
         not_true_distillation=t.not_true_distillation,
         fraction=settings.sampling.fraction,
         workers_per_round=settings.sampling.workers_per_round,
+        dp_sgd_noise_multiplier=settings.privacy.dp_sgd_noise_multiplier,
+        dp_sgd_max_grad_norm=settings.privacy.dp_sgd_max_grad_norm,
+        dp_delta=settings.privacy.dp_delta,
     )
 
 
@@ -163,6 +166,15 @@ def accountant(settings: RunSettings, n_workers: int) -> Accountant | None:
     return Accountant(p.dp_noise_multiplier, rate, p.dp_delta, p.dp_target_epsilon)
 
 
+def dp_sgd(settings: RunSettings) -> SampleAccountant | None:
+    p, t = settings.privacy, settings.training
+    if not p.dp_sgd:
+        return None
+    return SampleAccountant(
+        p.dp_sgd_noise_multiplier, p.dp_delta, t.batch_size, t.local_batches, t.local_epochs, p.dp_target_epsilon
+    )
+
+
 def run_config(
     settings: RunSettings,
     place: RunPlace,
@@ -201,6 +213,7 @@ def run_config(
         stop=stop,
         asynchronous=asynchronous(settings, len(workers)),
         privacy=accountant(settings, len(workers)),
+        dp_sgd=dp_sgd(settings),
     )
 
 

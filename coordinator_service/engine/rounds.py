@@ -241,6 +241,7 @@ class RoundRunner:
         stats.samples, stats.train_seconds, stats.batches = result.samples, result.train_seconds, result.batches
         self.pacer.trained(client.name, result, stats.board_trouble)
         stats.train_loss, stats.train_accuracy = result.mean_loss, result.accuracy
+        stats.dp_epsilon = result.dp_epsilon if result.HasField("dp_epsilon") else None
         if rnd.announced is not None:  # round_started is logged before anything of its workers
             await rnd.announced
         log.info(
@@ -303,6 +304,7 @@ def _check_worker_supports(client: WorkerClient, request: pb.TrainRequest) -> No
         ("1.2", "FedProx (--proximal-mu)", request.proximal_mu),
         ("1.3", "a time budget (--local-seconds)", request.local_seconds),
         ("1.8", "not-true distillation (--not-true-distillation; 0 turns it off)", request.not_true_distillation),
+        ("1.11", "DP-SGD (--dp-sgd-noise-multiplier)", request.dp_sgd_noise_multiplier),
     ]
     for minimum, feature, used in needs:
         if used and client.info is not None:

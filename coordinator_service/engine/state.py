@@ -44,6 +44,7 @@ class WorkerRound:
     cpu_temperature_celsius: float | None = None
     board_trouble: bool = False
     staleness: int | None = None  # asynchronous mode: server versions made since the one it trained from
+    dp_epsilon: float | None = None  # DP-SGD: the epsilon its data has spent in the run, as it reports
 
     def saw_board(self, health: pb.BoardHealth) -> None:
         if health.HasField("cpu_temperature_celsius"):
@@ -82,6 +83,10 @@ class RoundReport:
     dp_epsilon: float | None = None  # worker-level DP: epsilon spent by the end of this round, at the run's delta
 
     @property
+    def dp_sgd_epsilons(self) -> list[float]:
+        return [w.dp_epsilon for w in self.workers if w.dp_epsilon is not None]
+
+    @property
     def overhead_seconds(self) -> float:
         """Round wall time beyond the slowest worker's pure training (the coordinator's evaluation is not in the
         round's wall time: see RoundFinisher). A version (asynchronous mode) has no slowest worker to wait for: its
@@ -96,6 +101,7 @@ class RoundReport:
             **({"version": self.version} if self.version is not None else {}),
             **({"idle_fraction": self.idle_fraction} if self.idle_fraction is not None else {}),
             **({"dp_epsilon": round(self.dp_epsilon, 4)} if self.dp_epsilon is not None else {}),
+            **({"dp_sgd_epsilon": round(max(sgd), 4)} if (sgd := self.dp_sgd_epsilons) else {}),
             **(
                 {"test_accuracy": round(self.test_accuracy, 4), "test_loss": round(self.test_loss, 4)}
                 if self.test_accuracy is not None and self.test_loss is not None

@@ -28,7 +28,7 @@ from coordinator_service.engine.rounds import (
     TransferSettings,
 )
 from coordinator_service.engine.worker_client import Expected, WorkerClient
-from coordinator_service.policy.privacy import Accountant
+from coordinator_service.policy.privacy import Accountant, SampleAccountant
 from coordinator_service.policy.rules import AggregationRule, WeightedMean
 from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
 from coordinator_service.policy.strategy import Strategy
@@ -85,6 +85,7 @@ class RunConfig:
     stop: asyncio.Event | None = None  # set it to end the run after the current round
     asynchronous: AsyncSettings | None = None  # --mode async: buffered asynchronous versions instead of rounds
     privacy: Accountant | None = None  # worker-level DP: epsilon after every round, and the budget
+    dp_sgd: SampleAccountant | None = None  # DP-SGD on the workers: the budget foreseen per worker
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -368,15 +369,7 @@ async def _run_rounds(
     observer: RunObserver,
 ) -> None:
     for server_round in range(first_round, cfg.rounds + 1):
-        if cfg.privacy is not None and not cfg.privacy.allows(server_round):
-            log.warning(
-                "privacy_budget_reached",
-                round=server_round,
-                epsilon=round(cfg.privacy.epsilon(server_round - 1), 4),
-                would_be=round(cfg.privacy.epsilon(server_round), 4),
-                target_epsilon=cfg.privacy.target_epsilon,
-                delta=cfg.privacy.delta,
-            )
+        if not _within_budget(cfg, roster, server_round):
             return
         report = await _run_round_with_retries(cfg, roster, runner, server_round, observer)
         if cfg.privacy is not None:
@@ -387,6 +380,31 @@ async def _run_rounds(
             await finisher.drain()
             log.info("training_stopped", round=server_round, rounds=cfg.rounds)
             raise RunStopped(server_round)
+
+
+def _within_budget(cfg: RunConfig, roster: Roster, server_round: int) -> bool:
+    """Whether round `server_round` keeps every privacy guarantee within --dp-target-epsilon; logs the one it would
+    break: worker-level DP, or DP-SGD on the worker whose data it would take furthest."""
+    over: list[tuple[str, float, float, float]] = []  # guarantee, epsilon so far, after the round, target
+    if cfg.privacy is not None and not cfg.privacy.allows(server_round):
+        eps = cfg.privacy.epsilon
+        over.append(("worker-level", eps(server_round - 1), eps(server_round), cfg.privacy.target_epsilon))
+    sgd = cfg.dp_sgd
+    shards = {c.name: c.info.train_samples for c in roster.active if c.info is not None}
+    if sgd is not None and shards and not sgd.allows(server_round, list(shards.values())):
+        worker = max(shards, key=lambda name: sgd.epsilon(server_round, shards[name]))
+        before, after = sgd.epsilon(server_round - 1, shards[worker]), sgd.epsilon(server_round, shards[worker])
+        over.append((f"DP-SGD on {worker}", before, after, sgd.target_epsilon))
+    for guarantee, epsilon, would_be, target in over:
+        log.warning(
+            "privacy_budget_reached",
+            round=server_round,
+            guarantee=guarantee,
+            epsilon=round(epsilon, 4),
+            would_be=round(would_be, 4),
+            target_epsilon=target,
+        )
+    return not over
 
 
 async def _run_versions(

@@ -1,18 +1,21 @@
-"""Worker-level differential privacy: DP-FedAvg with fixed clipping (McMahan et al., "Learning Differentially Private
-Recurrent Language Models", ICLR 2018), and its accountant.
+"""Differential privacy on the coordinator's side.
 
-Each round, every update is pulled back to at most `clip_norm` (L2) from the global model, so one worker can change
-the sum by at most that much; the clipped updates are summed with equal weights, Gaussian noise of standard
-deviation `noise_multiplier x clip_norm` is added to the sum, and the sum is divided by the number of workers a
-round samples (fixed, so that who dropped out changes nothing but the sum). What a worker's data can reveal through
-the released models is then bounded by (epsilon, delta), which the accountant reports after every round: Opacus's
-Renyi-DP accountant (Mironov 2017; sampled Gaussian mechanism), the workers of a round counted as sampled with
-probability workers per round / workers. Without sampling (every worker every round) epsilon grows fast; the
-guarantee is meant for fleets that sample a few of many boards.
+Worker-level: DP-FedAvg with fixed clipping (McMahan et al., "Learning Differentially Private Recurrent Language
+Models", ICLR 2018), and its accountant. Each round, every update is pulled back to at most `clip_norm` (L2) from
+the global model, so one worker can change the sum by at most that much; the clipped updates are summed with equal
+weights, Gaussian noise of standard deviation `noise_multiplier x clip_norm` is added to the sum, and the sum is
+divided by the number of workers a round samples (fixed, so that who dropped out changes nothing but the sum). What a
+worker's data can reveal through the released models is then bounded by (epsilon, delta), which the accountant
+reports after every round: Opacus's Renyi-DP accountant (Mironov 2017; sampled Gaussian mechanism), the workers of a
+round counted as sampled with probability workers per round / workers. Without sampling (every worker every round)
+epsilon grows fast; the guarantee is meant for fleets that sample a few of many boards.
 
 The noise is drawn from torch's generator, seeded each round from the operating system's CSPRNG: sound against a
 coordinator's observers, not against floating-point attacks on the noise itself (Mironov 2012), as Opacus without its
-secure mode."""
+secure mode.
+
+Sample-level (DP-SGD) runs on the workers (worker_service.dp_sgd); the coordinator only foresees its epsilon, so that
+no round starts that would take a worker past the budget."""
 
 from __future__ import annotations
 
@@ -72,18 +75,45 @@ class Accountant:
 
     def epsilon(self, rounds: int) -> float:
         """Epsilon at `delta` after `rounds` rounds of the sampled Gaussian mechanism."""
-        if rounds <= 0:
-            return 0.0
-        try:
-            from opacus.accountants import RDPAccountant
-        except ImportError:
-            raise PrivacyUnavailable(
-                "differential privacy needs its accountant: pip install 'fedpi[privacy]' (Opacus)"
-            ) from None
-        accountant = RDPAccountant()
-        accountant.history = [(self.noise_multiplier, self.sample_rate, rounds)]
-        return float(accountant.get_epsilon(self.delta))
+        return _rdp_epsilon(self.noise_multiplier, self.sample_rate, rounds, self.delta)
 
     def allows(self, rounds: int) -> bool:
         """Whether `rounds` rounds stay within the budget."""
         return not self.target_epsilon or self.epsilon(rounds) <= self.target_epsilon
+
+
+def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    if steps <= 0:
+        return 0.0
+    try:
+        from opacus.accountants import RDPAccountant
+    except ImportError:
+        raise PrivacyUnavailable(
+            "differential privacy needs its accountant: pip install 'fedpi[privacy]' (Opacus)"
+        ) from None
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    return float(accountant.get_epsilon(delta))
+
+
+@dataclass(frozen=True)
+class SampleAccountant:
+    """DP-SGD's epsilon on one worker's data, as that worker accounts it (worker_service.dp_sgd), foreseen by the
+    coordinator from the worker's shard size so that a round that would pass the budget is never started."""
+
+    noise_multiplier: float
+    delta: float
+    batch_size: int
+    local_batches: int
+    local_epochs: int
+    target_epsilon: float = 0.0
+
+    def steps(self, shard: int) -> int:
+        return self.local_batches or self.local_epochs * -(-shard // self.batch_size)
+
+    def epsilon(self, rounds: int, shard: int) -> float:
+        rate = min(1.0, self.batch_size / max(shard, 1))
+        return _rdp_epsilon(self.noise_multiplier, rate, rounds * self.steps(shard), self.delta)
+
+    def allows(self, rounds: int, shards: list[int]) -> bool:
+        return not self.target_epsilon or all(self.epsilon(rounds, n) <= self.target_epsilon for n in shards)

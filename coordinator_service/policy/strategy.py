@@ -113,6 +113,9 @@ class FedAvg(Strategy):
         not_true_distillation: float = 0.0,
         fraction: float = 1.0,
         workers_per_round: int = 0,
+        dp_sgd_noise_multiplier: float = 0.0,
+        dp_sgd_max_grad_norm: float = 0.0,
+        dp_delta: float = 0.0,
     ):
         if not 0 < fraction <= 1:
             raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
@@ -137,6 +140,9 @@ class FedAvg(Strategy):
         self.not_true_distillation = not_true_distillation  # FedNTD's beta (Lee et al., 2022) when positive
         self.fraction = fraction
         self.workers_per_round = workers_per_round
+        self.dp_sgd_noise_multiplier = dp_sgd_noise_multiplier  # DP-SGD on every worker when positive
+        self.dp_sgd_max_grad_norm = dp_sgd_max_grad_norm
+        self.dp_delta = dp_delta
 
     def learning_rate_of(self, server_round: int) -> float:
         """The local learning rate of a round (from 1). Cosine (Loshchilov and Hutter's SGDR, one cycle over the run)
@@ -163,6 +169,9 @@ class FedAvg(Strategy):
             evaluate=self.evaluate_locally,
             proximal_mu=self.proximal_mu,
             not_true_distillation=self.not_true_distillation,
+            dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,
+            dp_sgd_max_grad_norm=self.dp_sgd_max_grad_norm if self.dp_sgd_noise_multiplier else 0.0,
+            dp_delta=self.dp_delta if self.dp_sgd_noise_multiplier else 0.0,
         )
 
     def sample_size(self, present: int) -> int:

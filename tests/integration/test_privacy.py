@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from coordinator_service.policy.privacy import Accountant
 from tests.integration.conftest import events, run_coordinator
 
@@ -29,3 +31,29 @@ def test_the_run_reports_epsilon_every_round_and_stops_at_its_budget(digits_clus
     assert any(e.get("event") == "dp_noise_added" and e["noise_std"] == round(0.003 / 3, 6) for e in log)
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["dp_noise_multiplier"], config["dp_sample_rate"], config["dp_delta"]) == (1.0, 1.0, 1e-5)
+
+
+def test_dp_sgd_workers_report_their_epsilon_and_no_round_takes_one_past_the_budget(digits_cluster, tmp_path):
+    """Each real worker trains with DP-SGD and reports its own epsilon; the coordinator foresees it from the shard
+    sizes and starts no round that would pass the budget."""
+    from coordinator_service.policy.privacy import SampleAccountant
+
+    sgd = SampleAccountant(noise_multiplier=1.5, delta=1e-5, batch_size=64, local_batches=10, local_epochs=0)
+    shard = 4000 // 3  # the digits cluster's workers each hold a third of the 4,000 training digits
+    target = (sgd.epsilon(2, shard) + sgd.epsilon(3, shard)) / 2
+    done = run_coordinator("train", "--workers", digits_cluster.spec, "--rounds", "10", "--dataset", "digits-5k",
+                           "--local-batches", "10", "--dp-sgd-noise-multiplier", "1.5", "--dp-sgd-max-grad-norm", "1",
+                           "--dp-target-epsilon", f"{target:.6f}", "--output-dir", str(tmp_path))  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:]
+    stop = next(e for e in events(done.stdout) if e.get("event") == "privacy_budget_reached")
+    assert stop["round"] == 3 and stop["guarantee"].startswith("DP-SGD on ")
+    rounds = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        reported = {name: w["dp_epsilon"] for name, w in r["workers"].items()}
+        assert len(reported) == 3
+        for name, epsilon in reported.items():
+            shard_of = {"alice": 1334, "bob": 1333, "charlie": 1333}.get(name, shard)
+            assert epsilon == pytest.approx(sgd.epsilon(r["round"], shard_of), rel=1e-3), name
+        assert r["dp_sgd_epsilon"] == max(reported.values())
+    assert rounds[-1]["test_accuracy"] > 0.5  # it still learns

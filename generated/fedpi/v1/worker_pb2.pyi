@@ -182,7 +182,7 @@ class SetWeightsResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id", "proximal_mu", "local_seconds", "update_encoding", "not_true_distillation")
+    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id", "proximal_mu", "local_seconds", "update_encoding", "not_true_distillation", "dp_sgd_noise_multiplier", "dp_sgd_max_grad_norm", "dp_delta")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +196,9 @@ class TrainRequest(_message.Message):
     LOCAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_ENCODING_FIELD_NUMBER: _ClassVar[int]
     NOT_TRUE_DISTILLATION_FIELD_NUMBER: _ClassVar[int]
+    DP_SGD_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DP_SGD_MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     round: int
     local_batches: int
     local_epochs: int
@@ -209,7 +212,10 @@ class TrainRequest(_message.Message):
     local_seconds: float
     update_encoding: ChunkEncoding
     not_true_distillation: float
-    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., local_seconds: _Optional[float] = ..., update_encoding: _Optional[_Union[ChunkEncoding, str]] = ..., not_true_distillation: _Optional[float] = ...) -> None: ...
+    dp_sgd_noise_multiplier: float
+    dp_sgd_max_grad_norm: float
+    dp_delta: float
+    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., local_seconds: _Optional[float] = ..., update_encoding: _Optional[_Union[ChunkEncoding, str]] = ..., not_true_distillation: _Optional[float] = ..., dp_sgd_noise_multiplier: _Optional[float] = ..., dp_sgd_max_grad_norm: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
     __slots__ = ("batches_done", "batches_total", "mean_loss", "seconds", "heartbeat", "health")
@@ -228,7 +234,7 @@ class TrainProgress(_message.Message):
     def __init__(self, batches_done: _Optional[int] = ..., batches_total: _Optional[int] = ..., mean_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., heartbeat: _Optional[bool] = ..., health: _Optional[_Union[BoardHealth, _Mapping]] = ...) -> None: ...
 
 class TrainResult(_message.Message):
-    __slots__ = ("round", "samples", "batches", "mean_loss", "accuracy", "train_seconds", "test_loss", "test_accuracy", "test_samples", "round_id")
+    __slots__ = ("round", "samples", "batches", "mean_loss", "accuracy", "train_seconds", "test_loss", "test_accuracy", "test_samples", "round_id", "dp_epsilon")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +245,7 @@ class TrainResult(_message.Message):
     TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    DP_EPSILON_FIELD_NUMBER: _ClassVar[int]
     round: int
     samples: int
     batches: int
@@ -249,7 +256,8 @@ class TrainResult(_message.Message):
     test_accuracy: float
     test_samples: int
     round_id: str
-    def __init__(self, round: _Optional[int] = ..., samples: _Optional[int] = ..., batches: _Optional[int] = ..., mean_loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., train_seconds: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_samples: _Optional[int] = ..., round_id: _Optional[str] = ...) -> None: ...
+    dp_epsilon: float
+    def __init__(self, round: _Optional[int] = ..., samples: _Optional[int] = ..., batches: _Optional[int] = ..., mean_loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., train_seconds: _Optional[float] = ..., test_loss: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., test_samples: _Optional[int] = ..., round_id: _Optional[str] = ..., dp_epsilon: _Optional[float] = ...) -> None: ...
 
 class TrainUpdate(_message.Message):
     __slots__ = ("progress", "result")
