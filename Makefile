@@ -22,7 +22,7 @@ K = $(KUBECTL) -n $(NAMESPACE)
 
 CERTS ?= certs
 
-.PHONY: help venv proto run tasks test lint docs fuzz runs model bench bench-learning bench-async clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
+.PHONY: help venv proto run tasks test lint docs fuzz runs model bench bench-learning bench-async bench-privacy clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -74,6 +74,9 @@ bench: $(STAMP)  ## benchmarks: wire (loopback and Pi LAN vs raw TCP, compressio
 
 bench-learning: $(STAMP)  ## strategies x partitions on real MNIST / Fashion-MNIST, and a mixed Pi LAN (about 2 hours)
 	$(PY) -m bench.learning $(BENCH_LEARNING_ARGS)
+
+bench-privacy: $(STAMP)  ## accuracy under DP-SGD at epsilon 1, 3 and 8 beside the non-private run (real MNIST)
+	$(PY) -m bench.privacy $(BENCH_PRIVACY_ARGS)
 
 bench-async: $(STAMP)  ## async vs sync rounds on an emulated Pi LAN with a slow board (90 minutes; needs root, pilan)
 	$(PY) -m bench.asynchronous $(BENCH_ASYNC_ARGS)
