@@ -328,7 +328,7 @@ GROUP_TITLES = {
     "evaluation": "evaluation",
     "transfer": "transfer",
     "timeouts": "timeouts and retries",
-    "privacy": "differential privacy (worker-level)",
+    "privacy": "differential privacy (worker-level, and DP-SGD on every worker)",
 }
 
 

@@ -259,8 +259,8 @@ class Timeouts(_Group):
 
 
 class Privacy(_Group):
-    """Worker-level differential privacy: DP-FedAvg (McMahan et al. 2018) with fixed clipping (docs/guide.md,
-    Differential privacy)."""
+    """Differential privacy (docs/guide.md): worker-level DP-FedAvg with fixed clipping (McMahan et al. 2018) on the
+    coordinator, and DP-SGD (Abadi et al. 2016) on every worker."""
 
     dp_noise_multiplier: float = Field(
         0.0,
