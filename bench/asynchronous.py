@@ -22,9 +22,8 @@ import tempfile
 from pathlib import Path
 
 from bench import pilan
-from bench.learning import DATASETS, Setting, _timed_run
+from bench.learning import DATASETS, Setting, _pi_workers, _timed_run
 from coordinator_service.local import LocalCluster, LocalWorker
-from tests.conftest import SHARED_MNIST
 
 # name, % of one core, link rate, CPU period (µs; a share under 10% needs 100 ms)
 BOARDS = (
@@ -43,27 +42,7 @@ TARGETS = (0.97, 0.98)
 
 
 def _workers(tmp: Path, split: str) -> list[LocalWorker]:
-    return [
-        pilan.pi_worker(
-            i,
-            name,
-            [
-                "--dataset",
-                "mnist-10k",
-                "--data-dir",
-                str(SHARED_MNIST),
-                "--no-download",
-                "--partition",
-                f"{i - 1}/{len(BOARDS)}",
-                "--partition-scheme",
-                split,
-                "--threads",
-                "1",
-            ],
-            tmp,
-        )
-        for i, (name, *_) in enumerate(BOARDS, 1)
-    ]
+    return _pi_workers(tmp, [name for name, *_ in BOARDS], "--partition-scheme", split)
 
 
 def _clock(metrics: list[dict]) -> list[tuple[float, float]]:

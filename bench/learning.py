@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,25 +191,12 @@ def bench_table(tmp: Path, datasets: list[str], strategies: list[Setting]) -> No
 BOARDS = (("pi4-a", 15), ("pi4-b", 15), ("pi5", 30))  # name, % of one core (pilan's calibration)
 
 
-def _pi_workers(tmp: Path) -> list[LocalWorker]:
+def _pi_workers(tmp: Path, names: Sequence[str] = tuple(n for n, _ in BOARDS), *extra: str) -> list[LocalWorker]:
+    """A worker per board, Pi i holding shard i of the MNIST digits (`extra`: more worker flags, e.g. the split)."""
+    data = ["--dataset", "mnist-10k", "--data-dir", str(SHARED_MNIST), "--no-download", "--threads", "1"]
     return [
-        pilan.pi_worker(
-            i,
-            name,
-            [
-                "--dataset",
-                "mnist-10k",
-                "--data-dir",
-                str(SHARED_MNIST),
-                "--no-download",
-                "--partition",
-                f"{i - 1}/{len(BOARDS)}",
-                "--threads",
-                "1",
-            ],
-            tmp,
-        )
-        for i, (name, _) in enumerate(BOARDS, 1)
+        pilan.pi_worker(i, name, [*data, "--partition", f"{i - 1}/{len(names)}", *extra], tmp)
+        for i, name in enumerate(names, 1)
     ]
 
 

@@ -330,9 +330,7 @@ class RunSettings(_Group):
             (t.local_seconds > 0, "local_seconds (the accountant needs the number of steps in advance)"),
             (t.proximal_mu > 0, "proximal_mu (its term has no per-sample gradient)"),
         ]
-        for bad, what in refused:
-            if bad:
-                raise ValueError(f"dp_sgd_noise_multiplier does not go with {what}")
+        _refuse("dp_sgd_noise_multiplier", refused)
 
     def _check_privacy(self) -> None:
         """What worker-level DP cannot go with: anything that reads or weighs individual updates its own way."""
@@ -342,9 +340,7 @@ class RunSettings(_Group):
             (str(a.rule) != "fedavg", f"aggregation {a.rule} (the DP mean clips every update itself)"),
             (self.strategy_name == "fednova", "strategy fednova (it weighs updates by their steps; use local_batches)"),
         ]
-        for bad, what in refused:
-            if bad:
-                raise ValueError(f"dp_noise_multiplier does not go with {what}")
+        _refuse("dp_noise_multiplier", refused)
 
     def _check_async(self) -> None:
         """What buffered asynchronous versions cannot do, each said with what to use instead."""
@@ -362,9 +358,7 @@ class RunSettings(_Group):
             ),
             (self.evaluation.federated_evaluation, "federated_evaluation (no round has a fixed set of workers)"),
         ]
-        for bad, what in refused:
-            if bad:
-                raise ValueError(f"mode async does not go with {what}; use mode sync for it")
+        _refuse("mode async", refused, "; use mode sync for it")
 
     @property
     def strategy_name(self) -> str:
@@ -378,6 +372,13 @@ class RunSettings(_Group):
         for name, value in self:
             out.update(value.model_dump() if isinstance(value, _Group) else {name: value})
         return out
+
+
+def _refuse(setting: str, refused: list[tuple[bool, str]], advice: str = "") -> None:
+    """ValueError naming the first of `refused` whose condition holds: what `setting` does not go with, and why."""
+    for bad, what in refused:
+        if bad:
+            raise ValueError(f"{setting} does not go with {what}{advice}")
 
 
 # -- where each field lives ----------------------------------------------------------------------------------------
