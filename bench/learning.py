@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -228,8 +227,14 @@ def _timed_run(tmp: Path, name: str, spec: str, minutes: float, *args: str) -> l
         try:
             proc.wait(minutes * 60)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(120)
+            # SIGTERM, not SIGINT: a benchmark started in the background ignores SIGINT, and so do its children. The
+            # rounds finished by then are in metrics.jsonl (each written whole).
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     return _metrics(out)
 
 
