@@ -11,12 +11,16 @@ shuffled epoch), and the epsilon this worker's data has spent in the run is repo
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+# Opacus's per-sample hooks make torch say this on every backward of a first layer, whose input needs no gradient:
+# expected, and said in every worker's log once a batch otherwise.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 MAX_RUNS = 16  # accountants kept for this many runs (a worker serves one run at a time; older ones are forgotten)
 
 
