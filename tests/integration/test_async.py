@@ -13,8 +13,8 @@ from coordinator_service.local import LocalWorker
 from tests.integration.conftest import DIGITS, events, run_coordinator, start_cluster
 from tests.integration.faults import CoordinatorRun
 
-# charlie takes 0.15 s a batch, alice and bob 0.02 s: charlie is several times slower.
-DELAYS = {"alice": "0.02", "bob": "0.02", "charlie": "0.15"}
+# charlie takes 0.3 s a batch, alice and bob 0.02 s: charlie is several times slower, even on a busy machine.
+DELAYS = {"alice": "0.02", "bob": "0.02", "charlie": "0.3"}
 TRAIN = ["--dataset", "digits-5k", "--local-batches", "6", "--lr", "0.05", "--min-workers", "1"]
 ASYNC = ["--mode", "async", "--buffer-size", "2"]
 
@@ -52,8 +52,8 @@ def test_a_slow_worker_keeps_no_one_waiting_and_its_stale_updates_weigh_less(clu
     sync_rounds = [json.loads(line) for line in (tmp_path / "sync" / "metrics.jsonl").read_text().splitlines()]
     for fast in ("alice", "bob"):
         # In step, a fast worker waits for charlie most of each round; on its own it hardly waits.
-        assert _idle_in_sync(sync_rounds, fast) > 0.5
-        assert idle[fast] < 0.15, idle
+        in_step = _idle_in_sync(sync_rounds, fast)
+        assert in_step > 0.4 and idle[fast] < min(0.15, in_step / 3), (in_step, idle)
 
     buffered = [e for e in log if e.get("event") == "update_buffered"]
     assert {e["worker"] for e in buffered} == {"alice", "bob", "charlie"}
