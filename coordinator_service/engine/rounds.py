@@ -9,6 +9,7 @@ aggregate replaces the global model only if it is finite (install)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -324,6 +325,10 @@ def _check_result(
         )
     shard = client.info.train_samples if client.info is not None else 0
     max_batches = client.info.max_local_batches if client.info is not None else 0
+    if result.HasField("dp_epsilon") and not 0 <= result.dp_epsilon < math.inf:
+        raise WorkerRejected(
+            client.name, f"reported a DP-SGD epsilon of {result.dp_epsilon}, not a number >= 0; its update was refused"
+        )
     bound = strategy.max_samples(request, shard, max_batches)
     if not 0 < result.samples <= bound:
         raise WorkerRejected(

@@ -470,3 +470,17 @@ def test_round_started_names_the_model_by_its_digest_hashed_only_once_every_send
     assert len(started) == 1 and started[0]["model_digest"] == expected
     events = [e["event"] for e in logs]
     assert events.index("round_started") < events.index("worker_train_finished")
+
+
+@pytest.mark.parametrize("epsilon", [float("nan"), float("inf"), -1.0])
+def test_a_dp_sgd_epsilon_that_is_not_a_number_at_least_0_is_refused(epsilon):
+    class BadEpsilon(FakeWorker):
+        async def train(self, request, on_progress=None):
+            result = await super().train(request)
+            result.dp_epsilon = epsilon
+            return result
+
+    model = tiny_model()
+    report = _run(_runner(model), [FakeWorker("a", 1), BadEpsilon("b", 2)])
+    assert [(f.worker, f.phase) for f in report.failures] == [("b", "train")]
+    assert "not a number >= 0" in report.failures[0].reason
