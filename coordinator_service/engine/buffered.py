@@ -165,10 +165,11 @@ class BufferedRunner:
         self._buffer = self._new_buffer()
         try:
             while self._version < last and not (self.stop is not None and self.stop.is_set()):
-                self._advanced.clear()
                 self._admit_soon()
                 try:
-                    await asyncio.wait_for(self._advanced.wait(), self.stall_timeout)
+                    if not self._made:
+                        self._advanced.clear()
+                        await asyncio.wait_for(self._advanced.wait(), self.stall_timeout)
                 except TimeoutError:
                     reasons = "; ".join(f"{f.worker}: {f.reason}" for f in self._buffer.failures + self.roster.away)
                     raise RoundFailed(
@@ -179,7 +180,7 @@ class BufferedRunner:
                     ) from None
                 if self._fatal is not None:
                     raise self._fatal
-                await self._hand_on()
+                await self._hand_on(1)  # one at a time: a stop asked for meanwhile ends the run at the next version
         finally:
             self.busy.until = self.busy.until or time.monotonic()
             tasks = [*self._workers.values(), *([self._admitting] if self._admitting else [])]
@@ -189,8 +190,9 @@ class BufferedRunner:
         await self._hand_on()
         return self._version
 
-    async def _hand_on(self) -> None:
-        while self._made:
+    async def _hand_on(self, most: int | None = None) -> None:
+        """Finish the versions made so far (at most `most` of them), oldest first."""
+        for _ in range(len(self._made) if most is None else min(most, len(self._made))):
             await self.on_version(*self._made.popleft())
             self._room.release()
 
@@ -320,13 +322,19 @@ class BufferedRunner:
 
     async def _step(self, buffer: Buffer) -> None:
         """x_{v+1} = the server optimizer's step from x_v towards x_v + sum(s_i w_i d_i) / sum(w_i)."""
-        current = self._versions[self._version]
-        t = time.perf_counter()
-        number = self._version + 1
-        target = await self.runner.weights_thread.run(_target, current.rnd, buffer)
-        await self.runner.weights_thread.run(
-            install_aggregate, self.runner.model, self.runner.server_optimizer, current.rnd, target, 1.0
-        )
+        # Room first: from here on a version is either made and handed on whole, or (cancelled) not made at all.
+        await self._room.acquire()
+        try:
+            current = self._versions[self._version]
+            t = time.perf_counter()
+            number = self._version + 1
+            target = await self.runner.weights_thread.run(_target, current.rnd, buffer)
+            await self.runner.weights_thread.run(
+                install_aggregate, self.runner.model, self.runner.server_optimizer, current.rnd, target, 1.0
+            )
+        except BaseException:
+            self._room.release()
+            raise
         report = RoundReport(number, workers=[c.stats for c in buffer.members], failures=buffer.failures)
         report.version = number
         report.aggregation = f"fedbuff (buffer {self.settings.buffer_size})"
@@ -341,7 +349,6 @@ class BufferedRunner:
         self._new_version()
         self._buffer = self._new_buffer(reuse=buffer.total)
         self._forget_old_versions()
-        await self._room.acquire()
         self._made.append((report, self._versions[number].model))
         self._advanced.set()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from coordinator_service import settings as run_settings
-from coordinator_service.engine.buffered import STALE, AsyncSettings, BufferedRunner
+from coordinator_service.engine.buffered import MAX_WAITING_VERSIONS, STALE, AsyncSettings, BufferedRunner
 from tests.coordinator_service.test_rounds import FakeWorker, _runner, tiny_model
 
 
@@ -71,12 +71,14 @@ def _plus(state, updates, exponent=0.5):
     return out
 
 
-def _buffered(model, workers, **settings):
+def _buffered(model, workers, stop=None, on_each=None, **settings):
     runner = _runner(model)
     made: list = []
 
     async def on_version(report, frozen):
         made.append((report, copy.deepcopy(frozen.state_dict())))
+        if on_each is not None:
+            await on_each()
 
     buffered = BufferedRunner(
         runner,
@@ -85,6 +87,7 @@ def _buffered(model, workers, **settings):
         on_version,
         stall_timeout=30,
         retry_backoff=0.01,
+        stop=stop,
     )
     return buffered, made
 
@@ -150,6 +153,23 @@ def test_an_update_older_than_max_staleness_is_refused_unfetched_and_its_worker_
     v2 = _plus(v1, [(c, 64, 0), (b, 120, 0)])
     for k, v in _flat_floats(made[1][1]).items():
         torch.testing.assert_close(v, v2[k], rtol=1e-6, atol=1e-7)
+
+
+def test_a_stop_asked_for_while_versions_keep_coming_ends_the_run_and_every_version_made_is_handed_on():
+    """Workers that never wait make versions faster than they are handed on (evaluated, checkpointed): the stop,
+    asked for while the first is handed on, still ends the run within the versions already waiting, and none of
+    those is lost."""
+    stop = asyncio.Event()
+
+    async def slow_hand_on():
+        stop.set()
+        await asyncio.sleep(0.2)
+
+    workers = [FakeWorker(n, i, 32) for i, n in enumerate("abc", start=1)]
+    buffered, made = _buffered(tiny_model(), workers, stop=stop, on_each=slow_hand_on, buffer_size=1)
+    last = asyncio.run(buffered.run(0, 200))
+    assert 1 <= last <= 1 + MAX_WAITING_VERSIONS
+    assert [r.round for r, _ in made] == list(range(1, last + 1))
 
 
 def test_the_staleness_weight_follows_its_exponent():

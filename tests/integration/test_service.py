@@ -486,12 +486,17 @@ def test_a_coordinator_stopped_with_sigterm_marks_its_run_interrupted(tmp_path, 
     assert events[-1]["event"] == "run_ended" and events[-1]["state"] == "interrupted"
 
 
+# Versions of ten batches come faster than a StopRun can follow a watched event, so the run is made long
+# enough that the stop always lands before its end.
+ASYNC_VERSIONS = 12
+
+
 def test_an_asynchronous_run_on_the_service_stops_after_a_version_and_resumes_from_it(server, digits_cluster):
     api = stub(server.address)
     api.StartRun(
         cpb.RunSpec(
             run_id="async",
-            rounds=6,
+            rounds=ASYNC_VERSIONS,
             workers=digits_cluster.spec.split(","),
             settings=SETTINGS,
             aggregation=cpb.AggregationSettings(mode="async", buffer_size=2),
@@ -502,12 +507,12 @@ def test_an_asynchronous_run_on_the_service_stops_after_a_version_and_resumes_fr
     api.StopRun(cpb.StopRunRequest(run_id="async"), timeout=10)
     watch(api, "async", from_start=False)
     stopped = api.GetRun(cpb.GetRunRequest(run_id="async"), timeout=10)
-    assert stopped.state == cpb.RUN_STATE_STOPPED and stopped.resumable and 2 <= stopped.round < 6
+    assert stopped.state == cpb.RUN_STATE_STOPPED and stopped.resumable and 2 <= stopped.round < ASYNC_VERSIONS
     api.ResumeRun(cpb.ResumeRunRequest(run_id="async"), timeout=30)
     resumed = after_resume(watch(api, "async"))
     assert any(e["event"] == "training_resumed" and e["from_round"] == stopped.round for e in resumed)
     versions = [e["version"] for e in resumed if e["event"] == "round_finished"]
-    assert versions == list(range(stopped.round + 1, 7))
+    assert versions == list(range(stopped.round + 1, ASYNC_VERSIONS + 1))
     finished = api.GetRun(cpb.GetRunRequest(run_id="async"), timeout=10)
-    assert finished.state == cpb.RUN_STATE_FINISHED and finished.round == 6
+    assert finished.state == cpb.RUN_STATE_FINISHED and finished.round == ASYNC_VERSIONS
     assert json.loads(finished.settings_json)["aggregation"]["mode"] == "async"
