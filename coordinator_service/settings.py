@@ -289,6 +289,41 @@ class Privacy(_Group):
     dp_sgd_max_grad_norm: float = Field(
         1.0, gt=0, le=1e6, description="DP-SGD: each sample's gradient is clipped to this"
     )
+    secure_aggregation: bool = Field(
+        False,
+        description="workers mask their updates (SecAgg+): the coordinator learns only their weighted sum "
+        "(docs/guide.md, Secure aggregation)",
+    )
+    secagg_neighbours: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="secure aggregation: each worker shares its secrets with and masks against this many others, "
+        "an even number (SecAgg+); 0: all others (SecAgg)",
+    )
+    secagg_threshold: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="secure aggregation: shares that rebuild a worker's secrets, a majority of its neighbours "
+        "(0: the smallest majority)",
+    )
+    secagg_clip: float = Field(
+        1.0,
+        gt=0,
+        le=1e4,
+        description="secure aggregation: each coordinate of a worker's sample-weighted update is clipped to "
+        "[-clip, clip] before it is quantised to 32 bits",
+    )
+
+    @model_validator(mode="after")
+    def _even_neighbours(self) -> Privacy:
+        if self.secagg_neighbours % 2:
+            raise ValueError(
+                f"secagg_neighbours must be even (each worker joined to as many on either side of a ring), "
+                f"got {self.secagg_neighbours}; 0 joins every worker to all others"
+            )
+        return self
 
     @property
     def on(self) -> bool:
@@ -321,7 +356,32 @@ class RunSettings(_Group):
             self._check_privacy()
         if self.privacy.dp_sgd:
             self._check_dp_sgd()
+        if self.privacy.secure_aggregation:
+            self._check_secure_aggregation()
         return self
+
+    def _check_secure_aggregation(self) -> None:
+        """What needs to see one update: the coordinator sees only the sum."""
+        a = self.aggregation
+        refused = [
+            (a.mode == "async", "mode async (a sum is unmasked once a round)"),
+            (
+                str(a.rule) != "fedavg",
+                f"aggregation {a.rule} (a robust rule reads every update; the coordinator sees only their sum)",
+            ),
+            (
+                a.max_update_ratio != default("max_update_ratio"),
+                "max_update_ratio (no update is seen to be measured; secagg_clip bounds each one on its worker)",
+            ),
+            (self.strategy_name == "fednova", "strategy fednova (it weighs updates by their steps; use local_batches)"),
+            (
+                self.privacy.on,
+                "dp_noise_multiplier (the coordinator cannot clip updates it does not see; use dp_sgd_noise_multiplier "
+                "on the workers)",
+            ),
+            (self.transfer.compression != "none", f"compression {self.transfer.compression} (32-bit masked integers)"),
+        ]
+        _refuse("secure_aggregation", refused)
 
     def _check_dp_sgd(self) -> None:
         t = self.training

@@ -7,6 +7,7 @@ import platform
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -22,6 +23,7 @@ from fedpi.net.protocol import (
     ProtocolMismatch,
     check_compatible,
 )
+from fedpi.secagg import OutOfOrder, Unavailable, require
 from fedpi.task import Task, fingerprint
 from fedpi.weights import compression, serde
 from generated.fedpi.v1 import worker_pb2 as pb
@@ -31,6 +33,9 @@ from worker_service.metrics import WorkerMetrics
 from worker_service.state import Busy, TooManyDownloads, WeightsState
 from worker_service.trainer import DEFAULT_MAX_LOCAL_BATCHES, TrainConfig, Trainer, TrainOutcome
 from worker_service.training_job import TrainingJob
+
+if TYPE_CHECKING:  # worker_service.secagg needs `cryptography` (fedpi[privacy]): imported when first asked for
+    from worker_service.secagg import Session
 
 log = structlog.get_logger()
 
@@ -60,6 +65,8 @@ def status_of(exc: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, Busy):
         return grpc.StatusCode.ABORTED
+    if isinstance(exc, (OutOfOrder, Unavailable)):
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, TooManyDownloads):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, ValueError):
@@ -117,6 +124,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         # Measured now, not by the first GetWeights: on a Pi's CPU share it takes a noticeable part of a second.
         self.digests = serde.digests_by_speed()
         self.state = WeightsState(worker_id, model_name, model)
+        self.secagg: Session | None = None  # the secure aggregation of the latest round that asked for one
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -210,7 +218,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         outcome: TrainOutcome | None = None
         failure: Exception | None = None
         async with self.state.lock:
-            self.state.start_training(request.round, request.update_encoding == pb.CHUNK_ENCODING_INT8_DELTA)
+            self.state.start_training(
+                request.round, request.update_encoding == pb.CHUNK_ENCODING_INT8_DELTA, request.secure_aggregation
+            )
             self.metrics.training.set(1)
             structlog.contextvars.bind_contextvars(round=request.round)
             job = TrainingJob(self.trainer, cfg, self.progress_every)
@@ -234,6 +244,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if outcome is None:
             await self._abort(context, failure or RuntimeError("training ended without a result"), "Train")
             return
+        self.state.samples = outcome.samples
         self.metrics.trained(outcome.train_seconds, outcome.batches, outcome.samples)
         if outcome.train_seconds > 0:
             self.samples_per_second = outcome.samples / outcome.train_seconds
@@ -289,6 +300,79 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     await context.write(chunk)
         finally:
             self.state.downloads -= 1
+
+    # -- secure aggregation (worker_service.secagg) ------------------------------------------------------------
+
+    def _session(self, round_id: str) -> Session:
+        if self.secagg is None:
+            raise OutOfOrder(f"no secure aggregation was set up on this worker (SecAggKeys for {round_id!r})")
+        self.secagg.check_round(round_id)
+        return self.secagg
+
+    async def SecAggKeys(
+        self, request: pb.SecAggKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggKeysResponse:
+        try:
+            check_protocol(context)
+            require()
+            from worker_service.secagg import Session
+
+            session = Session(request.config)
+        except (ValueError, ProtocolMismatch, Unavailable) as exc:
+            await self._abort(context, exc, "SecAggKeys")
+        self.secagg = session
+        log.info("secagg_keys_made", round_id=session.round_id, index=session.me, neighbours=len(session.neighbours))
+        return session.public_keys()
+
+    async def SecAggShares(
+        self, request: pb.SecAggSharesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggSharesResponse:
+        try:
+            check_protocol(context)
+            response = self._session(request.round_id).shares(request.peers)
+        except (ValueError, ProtocolMismatch, OutOfOrder) as exc:
+            await self._abort(context, exc, "SecAggShares")
+        return response
+
+    async def GetMaskedUpdate(self, request: pb.GetMaskedUpdateRequest, context: grpc.aio.ServicerContext) -> None:
+        try:
+            check_protocol(context)
+            session = self._session(request.round_id)
+            chunk_size = request.chunk_size or self.limits.default_chunk_bytes
+            if not 0 < chunk_size <= self.limits.max_chunk_bytes or chunk_size % 4:
+                raise ValueError(
+                    f"chunk_size must be a multiple of 4 between 4 and {self.limits.max_chunk_bytes} bytes, "
+                    f"got {request.chunk_size}"
+                )
+            self.state.check_masked(request.round_id, self.limits.max_concurrent_downloads)
+            elements = chunk_size // 4
+            chunks = session.masked_update(request.peers, self.state.deltas(elements), self.state.samples, chunk_size)
+        except (ValueError, ProtocolMismatch, OutOfOrder, Busy, TooManyDownloads) as exc:
+            await self._abort(context, exc, "GetMaskedUpdate")
+        self.state.downloads += 1  # an install meanwhile leaves the tensors this stream reads
+        try:
+            count = sum(t.numel() for t in self.model.state_dict().values() if t.is_floating_point()) + 1
+            await context.write(pb.MaskedChunk(header=pb.MaskedUpdateHeader(round_id=session.round_id, elements=count)))
+            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                await context.write(chunk)
+        finally:
+            self.state.downloads -= 1
+
+    async def SecAggUnmask(
+        self, request: pb.SecAggUnmaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggUnmaskResponse:
+        try:
+            check_protocol(context)
+            response = self._session(request.round_id).unmask(request)
+        except (ValueError, ProtocolMismatch, OutOfOrder) as exc:
+            await self._abort(context, exc, "SecAggUnmask")
+        log.info(
+            "secagg_unmasked",
+            round_id=request.round_id,
+            survivors=len(request.survivors),
+            dropped=len(request.dropped),
+        )
+        return response
 
 
 async def receive_upload(

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 
+import numpy as np
 import torch
 
 from fedpi.net.protocol import ProtocolMismatch
@@ -80,6 +81,7 @@ class WeightsState:
         self._base: list[torch.Tensor | None] | None = None
         self._residual: list[torch.Tensor | None] | None = None
         self._int8: tuple[int, Replay] | None = None  # (chunk size, its chunks)
+        self.samples = 0  # trained by the last Train: the weight of its update
 
     # -- who holds the model -----------------------------------------------------------------------------------
 
@@ -164,12 +166,13 @@ class WeightsState:
             finally:
                 self.evaluating = False
 
-    def start_training(self, round_: int, int8_update: bool) -> None:
+    def start_training(self, round_: int, int8_update: bool, secure_aggregation: bool = False) -> None:
         """Under the lock, before the model changes."""
         self.training_round = round_
         self.leave_snapshot()
         self._snapshot = self._int8 = None
-        self._keep_base(int8_update)
+        self.samples = 0
+        self._keep_base(int8_update or secure_aggregation, residual=int8_update)
 
     def end_training(self, finished: bool) -> None:
         """Under the lock. Partly trained weights are nobody's: the next SetWeights makes the model whole again."""
@@ -179,16 +182,40 @@ class WeightsState:
         else:
             self.set_identity(NOT_TRAINABLE, "")
 
-    def _keep_base(self, keep: bool) -> None:
-        """Before a Train whose update goes back as int8 deltas: keep the weights it starts from."""
+    def _keep_base(self, keep: bool, residual: bool) -> None:
+        """Before a Train whose update goes back as deltas (int8, or masked): keep the weights it starts from."""
         if not keep:
             self._base = None
             return
         self._base = [
             t.detach().reshape(-1).clone() if t.is_floating_point() else None for t in self.model.state_dict().values()
         ]
-        if self._residual is None:
+        if residual and self._residual is None:
             self._residual = [torch.zeros(len(t), dtype=torch.float32) if t is not None else None for t in self._base]
+
+    # -- GetMaskedUpdate ---------------------------------------------------------------------------------------
+
+    def check_masked(self, round_id: str, max_downloads: int) -> None:
+        self.check_free("call GetMaskedUpdate after Train has finished")
+        if round_id != self.round_id or not self.trained or self._base is None:
+            raise ProtocolMismatch(
+                f"worker {self.worker_id} has no update of round id {round_id!r} to mask: it holds "
+                f"{'trained' if self.trained else 'untrained'} weights of round id {self.round_id!r}"
+                f"{'' if self._base is not None else ', not trained for secure aggregation'} "
+                f"(SetWeights, then Train with secure_aggregation set)"
+            )
+        self.check_download(pb.CHUNK_ENCODING_RAW, max_downloads)
+
+    def deltas(self, piece: int) -> Iterator[np.ndarray]:
+        """Trained minus set weights of the floating-point tensors, in manifest order, `piece` elements at a time.
+        Taken from the tensors as they are now: while a stream reads them (`downloads`), an install leaves them be."""
+        base = self._base or []
+        pairs = [(t.detach().reshape(-1), b) for t, b in zip(self.model.state_dict().values(), base) if b is not None]
+        return (
+            (now[start : start + piece].double() - before[start : start + piece].double()).numpy()
+            for now, before in pairs
+            for start in range(0, len(now), piece)
+        )
 
     # -- GetWeights --------------------------------------------------------------------------------------------
 

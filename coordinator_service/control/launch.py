@@ -15,6 +15,7 @@ from coordinator_service.engine.buffered import AsyncSettings
 from coordinator_service.engine.discovery import discover
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.rounds import TransferSettings
+from coordinator_service.engine.secure import SecureSettings
 from coordinator_service.engine.training import RunConfig, run
 from coordinator_service.policy.privacy import Accountant, GaussianMean, SampleAccountant
 from coordinator_service.policy.rules import AggregationRule
@@ -175,6 +176,18 @@ def dp_sgd(settings: RunSettings) -> SampleAccountant | None:
     )
 
 
+def secure(settings: RunSettings) -> SecureSettings | None:
+    p = settings.privacy
+    if not p.secure_aggregation:
+        return None
+    return SecureSettings(
+        neighbours=p.secagg_neighbours,
+        threshold=p.secagg_threshold,
+        clip=p.secagg_clip,
+        chunk_bytes=settings.transfer.chunk_size // 4 * 4,
+    )
+
+
 def run_config(
     settings: RunSettings,
     place: RunPlace,
@@ -214,6 +227,7 @@ def run_config(
         asynchronous=asynchronous(settings, len(workers)),
         privacy=accountant(settings, len(workers)),
         dp_sgd=dp_sgd(settings),
+        secure=secure(settings),
     )
 
 

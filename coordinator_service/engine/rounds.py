@@ -22,6 +22,7 @@ from coordinator_service.engine.aggregate import WeightedSum, fits, install, is_
 from coordinator_service.engine.evaluation import evaluate_federated
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.pacing import Pacer
+from coordinator_service.engine.secure import SecureRound, SecureSettings
 from coordinator_service.engine.state import (
     Contribution,
     PhaseError,
@@ -72,6 +73,7 @@ class RoundRunner:
         server_optimizer: ServerOptimizer | None = None,
         federated_evaluation: bool = False,
         observer: RunObserver | None = None,
+        secure: SecureSettings | None = None,
     ):
         self.model = model
         self.architecture = architecture
@@ -83,6 +85,7 @@ class RoundRunner:
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.server_optimizer = server_optimizer or ServerOptimizer()
         self.federated_evaluation = federated_evaluation
+        self.secure = secure  # secure aggregation: masked updates, summed and unmasked (engine.secure)
         self.observer = observer or RunObserver()
         self._attempts = 0  # every call gets its own round id, so a retried round never mixes with its first try
         self.weights_thread = WeightsThread()
@@ -148,6 +151,9 @@ class RoundRunner:
         rnd = RoundState.begin(self.model, self.architecture, f"{self.run_id}/{number}.{self._attempts}", number,
                                self.max_update_ratio)  # fmt: skip
         rnd.report.absent = skipped
+        secure = await self._secure_setup(rnd, clients, index_of) if self.secure is not None else None
+        if secure is not None:
+            clients = [c for c in clients if secure.takes_part(c)]
         rnd.unsent = len(clients)
         if not clients:
             rnd.sent.set()
@@ -158,8 +164,8 @@ class RoundRunner:
         rnd.sends = self.transfers.broadcasts(rnd.payload, clients)
         # A streaming rule gets each update folded into the sum as soon as its worker is done; another rule reads
         # them all once every worker is done.
-        total = self._folder.new_sum(rnd) if self.aggregation.streams else None
-        steps = [self._train_and_fold(rnd, c, index_of(c), total) for c in clients]
+        total = self._folder.new_sum(rnd) if self.aggregation.streams and secure is None else None
+        steps = [self._train_and_fold(rnd, c, index_of(c), total, secure) for c in clients]
         outcomes = await asyncio.gather(
             *(asyncio.wait_for(s, self.round_timeout) for s in steps), return_exceptions=True
         )
@@ -167,7 +173,10 @@ class RoundRunner:
         done, failed, tainted = _settle(rnd, clients, outcomes, self.round_timeout)
         for f in failed:
             self._record_failure(rnd, f)
-        await self._aggregate(rnd, done, clients, total, tainted)
+        if secure is None:
+            await self._aggregate(rnd, done, clients, total, tainted)
+        else:
+            await self._aggregate_secure(rnd, done, clients, secure, tainted)
         report = rnd.report
         for c in done:
             c.stats.update_distance = c.distance
@@ -205,6 +214,43 @@ class RoundRunner:
         )
         rnd.aggregation_seconds += elapsed(t)
 
+    async def _aggregate_secure(
+        self, rnd: RoundState, done: list[Contribution], clients: list[WorkerClient], secure: SecureRound, tainted: bool
+    ) -> None:
+        """The masked updates' sum, unmasked: the weighted mean, through the strategy and the server optimizer."""
+        if tainted:
+            for c, cause in await secure.refold(done):
+                done.remove(c)
+                self._drop(rnd, c, cause)
+        self._require_quorum(rnd, done, clients)
+        t = time.perf_counter()
+        flat = await secure.unmask(done)
+        rnd.report.aggregate_scale = self.strategy.aggregate_scale([c.result for c in done])
+        await self.weights_thread.run(
+            install_aggregate, self.model, self.server_optimizer, rnd, flat, rnd.report.aggregate_scale
+        )
+        rnd.aggregation_seconds += elapsed(t)
+        rnd.report.secure_aggregation = secure.summary()
+
+    async def _secure_setup(
+        self, rnd: RoundState, clients: list[WorkerClient], index_of: Callable[[WorkerClient], int]
+    ) -> SecureRound:
+        """Keys and shares before any weights move; workers that cannot take part are this round's failures."""
+        assert self.secure is not None
+        for client in clients:
+            _check_worker_supports(client, pb.TrainRequest(secure_aggregation=True))
+        bounds = []
+        for client in clients:
+            request = self.strategy.configure_train(rnd.number, index_of(client))
+            shard = client.info.train_samples if client.info is not None else 0
+            batches = client.info.max_local_batches if client.info is not None else 0
+            bounds.append(self.strategy.max_samples(request, shard, batches))
+        unweighted = not getattr(self.strategy, "weighted", True)
+        secure = SecureRound(self.secure, rnd, clients, 1 if unweighted else max(bounds), unweighted)
+        for f in await secure.setup():
+            self._record_failure(rnd, f)
+        return secure
+
     # -- step 1: train, and for a streaming rule fold ----------------------------------------------------------
 
     def _progress(self, worker: str, stats: WorkerRound, progress: pb.TrainProgress) -> None:
@@ -230,7 +276,8 @@ class RoundRunner:
         self.pacer.pace(client.name, request, client.info.train_samples if client.info is not None else 0)
         request.seed += repeat * 104_729
         request.round_id = rnd.round_id
-        if speaks(client, "1.5"):
+        request.secure_aggregation = self.secure is not None
+        if speaks(client, "1.5") and self.secure is None:
             request.update_encoding = offered(client, self.transfer.encoding)  # type: ignore[assignment]
         self.observer.worker_phase(client.name, "training")
         try:
@@ -255,9 +302,20 @@ class RoundRunner:
         return Contribution(client, stats, result, self.strategy.weight(result))
 
     async def _train_and_fold(
-        self, rnd: RoundState, client: WorkerClient, index: int, total: WeightedSum | None
+        self, rnd: RoundState, client: WorkerClient, index: int, total: WeightedSum | None, secure: SecureRound | None
     ) -> Contribution:
         contribution = await self.train_one(rnd, client, index)
+        if secure is not None:
+            rnd.folding.add(client.name)
+            self.observer.worker_phase(client.name, "receiving")
+            t = time.perf_counter()
+            try:
+                await secure.fold(contribution)
+            except (WorkerError, serde.WeightsError) as exc:
+                raise PhaseError("get_masked_update", exc) from exc
+            contribution.stats.receive_seconds = elapsed(t)
+            self.observer.worker_phase(client.name, "done")
+            return contribution
         if total is None:
             return contribution
         rnd.folding.add(client.name)
@@ -306,6 +364,7 @@ def _check_worker_supports(client: WorkerClient, request: pb.TrainRequest) -> No
         ("1.3", "a time budget (--local-seconds)", request.local_seconds),
         ("1.8", "not-true distillation (--not-true-distillation; 0 turns it off)", request.not_true_distillation),
         ("1.11", "DP-SGD (--dp-sgd-noise-multiplier)", request.dp_sgd_noise_multiplier),
+        ("1.12", "secure aggregation (--secure-aggregation)", request.secure_aggregation),
     ]
     for minimum, feature, used in needs:
         if used and client.info is not None:

@@ -81,6 +81,7 @@ class RoundReport:
     version: int | None = None  # asynchronous mode: the server version this report made (= round)
     idle_fraction: dict[str, float] | None = None  # asynchronous mode: each worker's idle share of the run so far
     dp_epsilon: float | None = None  # worker-level DP: epsilon spent by the end of this round, at the run's delta
+    secure_aggregation: dict | None = None  # engine.secure.SecureRound.summary
 
     @property
     def dp_sgd_epsilons(self) -> list[float]:
@@ -102,6 +103,7 @@ class RoundReport:
             **({"idle_fraction": self.idle_fraction} if self.idle_fraction is not None else {}),
             **({"dp_epsilon": round(self.dp_epsilon, 4)} if self.dp_epsilon is not None else {}),
             **({"dp_sgd_epsilon": round(max(sgd), 4)} if (sgd := self.dp_sgd_epsilons) else {}),
+            **({"secure_aggregation": self.secure_aggregation} if self.secure_aggregation is not None else {}),
             **(
                 {"test_accuracy": round(self.test_accuracy, 4), "test_loss": round(self.test_loss, 4)}
                 if self.test_accuracy is not None and self.test_loss is not None

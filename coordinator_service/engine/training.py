@@ -27,6 +27,7 @@ from coordinator_service.engine.rounds import (
     RoundRunner,
     TransferSettings,
 )
+from coordinator_service.engine.secure import SecureSettings
 from coordinator_service.engine.worker_client import Expected, WorkerClient
 from coordinator_service.policy.privacy import Accountant, SampleAccountant
 from coordinator_service.policy.rules import AggregationRule, WeightedMean
@@ -86,6 +87,7 @@ class RunConfig:
     asynchronous: AsyncSettings | None = None  # --mode async: buffered asynchronous versions instead of rounds
     privacy: Accountant | None = None  # worker-level DP: epsilon after every round, and the budget
     dp_sgd: SampleAccountant | None = None  # DP-SGD on the workers: the budget foreseen per worker
+    secure: SecureSettings | None = None  # secure aggregation: the coordinator sees only the sum of the updates
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -127,6 +129,7 @@ def describe(cfg: RunConfig, strategy: Strategy) -> dict:
         "mode": "async" if cfg.asynchronous else "sync",
         **({"dp_" + k: v for k, v in asdict(cfg.privacy).items()} if cfg.privacy else {}),
         **(asdict(cfg.asynchronous) if cfg.asynchronous else {}),
+        **({"secure_aggregation": asdict(cfg.secure)} if cfg.secure else {}),
     }
 
 
@@ -188,6 +191,7 @@ async def run(
         server_optimizer=server_optimizer,
         federated_evaluation=cfg.federated_evaluation,
         observer=observer,
+        secure=cfg.secure,
     )
     finisher = RoundFinisher(cfg, test_split, observer, metrics, metrics_path, server_optimizer)
     reports: list[RoundReport] = []

@@ -271,6 +271,40 @@ class WorkerClient:
         finally:
             call.cancel()
 
+    # -- secure aggregation (engine.secure) --------------------------------------------------------------------
+
+    async def secagg_keys(self, config: pb.SecAggConfig) -> pb.SecAggKeysResponse:
+        try:
+            return await self._stub.SecAggKeys(
+                pb.SecAggKeysRequest(config=config), timeout=self.rpc_timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise translate(self.name, "SecAggKeys", exc) from None
+
+    async def secagg_shares(self, request: pb.SecAggSharesRequest) -> pb.SecAggSharesResponse:
+        try:
+            return await self._stub.SecAggShares(request, timeout=self.rpc_timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(self.name, "SecAggShares", exc) from None
+
+    async def get_masked_update(self, request: pb.GetMaskedUpdateRequest, expected_bytes: int) -> AsyncIterator:
+        call = self._stub.GetMaskedUpdate(
+            request, timeout=self._transfer_timeout(expected_bytes), metadata=self._metadata
+        )
+        try:
+            async for chunk in call:
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise translate(self.name, "GetMaskedUpdate", exc) from None
+        finally:
+            call.cancel()
+
+    async def secagg_unmask(self, request: pb.SecAggUnmaskRequest) -> pb.SecAggUnmaskResponse:
+        try:
+            return await self._stub.SecAggUnmask(request, timeout=self.rpc_timeout, metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise translate(self.name, "SecAggUnmask", exc) from None
+
 
 def speaks(client: WorkerClient, version: str) -> bool:
     """Whether the worker (as of its last handshake) speaks protocol `version` or later."""

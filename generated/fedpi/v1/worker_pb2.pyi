@@ -182,7 +182,7 @@ class SetWeightsResponse(_message.Message):
     def __init__(self, round: _Optional[int] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id", "proximal_mu", "local_seconds", "update_encoding", "not_true_distillation", "dp_sgd_noise_multiplier", "dp_sgd_max_grad_norm", "dp_delta")
+    __slots__ = ("round", "local_batches", "local_epochs", "batch_size", "learning_rate", "momentum", "seed", "evaluate", "round_id", "proximal_mu", "local_seconds", "update_encoding", "not_true_distillation", "dp_sgd_noise_multiplier", "dp_sgd_max_grad_norm", "dp_delta", "secure_aggregation")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,7 @@ class TrainRequest(_message.Message):
     DP_SGD_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     DP_SGD_MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     round: int
     local_batches: int
     local_epochs: int
@@ -215,7 +216,8 @@ class TrainRequest(_message.Message):
     dp_sgd_noise_multiplier: float
     dp_sgd_max_grad_norm: float
     dp_delta: float
-    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., local_seconds: _Optional[float] = ..., update_encoding: _Optional[_Union[ChunkEncoding, str]] = ..., not_true_distillation: _Optional[float] = ..., dp_sgd_noise_multiplier: _Optional[float] = ..., dp_sgd_max_grad_norm: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
+    secure_aggregation: bool
+    def __init__(self, round: _Optional[int] = ..., local_batches: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., evaluate: _Optional[bool] = ..., round_id: _Optional[str] = ..., proximal_mu: _Optional[float] = ..., local_seconds: _Optional[float] = ..., update_encoding: _Optional[_Union[ChunkEncoding, str]] = ..., not_true_distillation: _Optional[float] = ..., dp_sgd_noise_multiplier: _Optional[float] = ..., dp_sgd_max_grad_norm: _Optional[float] = ..., dp_delta: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
     __slots__ = ("batches_done", "batches_total", "mean_loss", "seconds", "heartbeat", "health")
@@ -300,3 +302,143 @@ class GetWeightsRequest(_message.Message):
     digest_in_trailer: bool
     digests: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, chunk_size: _Optional[int] = ..., encoding: _Optional[_Union[ChunkEncoding, str]] = ..., digest_in_trailer: _Optional[bool] = ..., digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggConfig(_message.Message):
+    __slots__ = ("round_id", "index", "neighbours", "threshold", "clip", "workers", "max_weight", "unweighted")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    UNWEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    index: int
+    neighbours: _containers.RepeatedScalarFieldContainer[int]
+    threshold: int
+    clip: float
+    workers: int
+    max_weight: int
+    unweighted: bool
+    def __init__(self, round_id: _Optional[str] = ..., index: _Optional[int] = ..., neighbours: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., clip: _Optional[float] = ..., workers: _Optional[int] = ..., max_weight: _Optional[int] = ..., unweighted: _Optional[bool] = ...) -> None: ...
+
+class SecAggKeysRequest(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: SecAggConfig
+    def __init__(self, config: _Optional[_Union[SecAggConfig, _Mapping]] = ...) -> None: ...
+
+class SecAggKeysResponse(_message.Message):
+    __slots__ = ("round_id", "cipher_public_key", "mask_public_key")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    def __init__(self, round_id: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+
+class PeerKeys(_message.Message):
+    __slots__ = ("index", "cipher_public_key", "mask_public_key")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    def __init__(self, index: _Optional[int] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+
+class SecAggSharesRequest(_message.Message):
+    __slots__ = ("round_id", "peers")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    peers: _containers.RepeatedCompositeFieldContainer[PeerKeys]
+    def __init__(self, round_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerKeys, _Mapping]]] = ...) -> None: ...
+
+class SealedShare(_message.Message):
+    __slots__ = ("sender", "receiver", "nonce", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: int
+    receiver: int
+    nonce: bytes
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[int] = ..., receiver: _Optional[int] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class SecAggSharesResponse(_message.Message):
+    __slots__ = ("round_id", "shares", "self_mask_commitment")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    self_mask_commitment: bytes
+    def __init__(self, round_id: _Optional[str] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ..., self_mask_commitment: _Optional[bytes] = ...) -> None: ...
+
+class GetMaskedUpdateRequest(_message.Message):
+    __slots__ = ("round_id", "peers", "chunk_size")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    peers: _containers.RepeatedScalarFieldContainer[int]
+    chunk_size: int
+    def __init__(self, round_id: _Optional[str] = ..., peers: _Optional[_Iterable[int]] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+
+class MaskedUpdateHeader(_message.Message):
+    __slots__ = ("round_id", "elements")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    elements: int
+    def __init__(self, round_id: _Optional[str] = ..., elements: _Optional[int] = ...) -> None: ...
+
+class MaskedUpdateTrailer(_message.Message):
+    __slots__ = ("clipped",)
+    CLIPPED_FIELD_NUMBER: _ClassVar[int]
+    clipped: int
+    def __init__(self, clipped: _Optional[int] = ...) -> None: ...
+
+class MaskedChunk(_message.Message):
+    __slots__ = ("header", "data", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: MaskedUpdateHeader
+    data: WeightsData
+    trailer: MaskedUpdateTrailer
+    def __init__(self, header: _Optional[_Union[MaskedUpdateHeader, _Mapping]] = ..., data: _Optional[_Union[WeightsData, _Mapping]] = ..., trailer: _Optional[_Union[MaskedUpdateTrailer, _Mapping]] = ...) -> None: ...
+
+class SecAggUnmaskRequest(_message.Message):
+    __slots__ = ("round_id", "survivors", "dropped", "shares")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShare]
+    def __init__(self, round_id: _Optional[str] = ..., survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ..., shares: _Optional[_Iterable[_Union[SealedShare, _Mapping]]] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("owner", "share")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner: int
+    share: bytes
+    def __init__(self, owner: _Optional[int] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class SecAggUnmaskResponse(_message.Message):
+    __slots__ = ("round_id", "self_mask_shares", "mask_key_shares")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    round_id: str
+    self_mask_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    mask_key_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, round_id: _Optional[str] = ..., self_mask_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., mask_key_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...

@@ -59,6 +59,26 @@ class WorkerStub:
                 request_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateResult.FromString,
                 _registered_method=True)
+        self.SecAggKeys = channel.unary_unary(
+                '/fedpi.v1.Worker/SecAggKeys',
+                request_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggKeysRequest.SerializeToString,
+                response_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggKeysResponse.FromString,
+                _registered_method=True)
+        self.SecAggShares = channel.unary_unary(
+                '/fedpi.v1.Worker/SecAggShares',
+                request_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggSharesRequest.SerializeToString,
+                response_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggSharesResponse.FromString,
+                _registered_method=True)
+        self.GetMaskedUpdate = channel.unary_stream(
+                '/fedpi.v1.Worker/GetMaskedUpdate',
+                request_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.GetMaskedUpdateRequest.SerializeToString,
+                response_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.MaskedChunk.FromString,
+                _registered_method=True)
+        self.SecAggUnmask = channel.unary_unary(
+                '/fedpi.v1.Worker/SecAggUnmask',
+                request_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggUnmaskRequest.SerializeToString,
+                response_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggUnmaskResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -103,6 +123,40 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAggKeys(self, request, context):
+        """Since 1.12: secure aggregation (SecAgg+, Bell et al. 2020), one stage a call, all for one round_id. The
+        coordinator relays what workers send each other, sealed so that only the addressee opens it; workers never dial
+        each other. A stage out of order, for another round, or that would reveal more than the protocol allows is
+        refused with FAILED_PRECONDITION.
+        1. Fresh key pairs for the round: their public halves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggShares(self, request, context):
+        """2. Given the neighbours' public keys: shares of this worker's self-mask seed and mask private key, one sealed
+        for each neighbour.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMaskedUpdate(self, request, context):
+        """3. After Train: the update, quantised and masked, as uint32 elements; the same bytes however often it is fetched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecAggUnmask(self, request, context):
+        """4. Which workers' updates were summed and which dropped: the shares that remove the masks of the sum, never
+        both shares of one worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +184,26 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateRequest.FromString,
                     response_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateResult.SerializeToString,
+            ),
+            'SecAggKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggKeys,
+                    request_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggKeysRequest.FromString,
+                    response_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggKeysResponse.SerializeToString,
+            ),
+            'SecAggShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggShares,
+                    request_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggSharesRequest.FromString,
+                    response_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggSharesResponse.SerializeToString,
+            ),
+            'GetMaskedUpdate': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetMaskedUpdate,
+                    request_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.GetMaskedUpdateRequest.FromString,
+                    response_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.MaskedChunk.SerializeToString,
+            ),
+            'SecAggUnmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggUnmask,
+                    request_deserializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggUnmaskRequest.FromString,
+                    response_serializer=generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggUnmaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +341,114 @@ class Worker:
             '/fedpi.v1.Worker/Evaluate',
             generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateRequest.SerializeToString,
             generated_dot_fedpi_dot_v1_dot_worker__pb2.EvaluateResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpi.v1.Worker/SecAggKeys',
+            generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggKeysRequest.SerializeToString,
+            generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpi.v1.Worker/SecAggShares',
+            generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggSharesRequest.SerializeToString,
+            generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggSharesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMaskedUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedpi.v1.Worker/GetMaskedUpdate',
+            generated_dot_fedpi_dot_v1_dot_worker__pb2.GetMaskedUpdateRequest.SerializeToString,
+            generated_dot_fedpi_dot_v1_dot_worker__pb2.MaskedChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggUnmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpi.v1.Worker/SecAggUnmask',
+            generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggUnmaskRequest.SerializeToString,
+            generated_dot_fedpi_dot_v1_dot_worker__pb2.SecAggUnmaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
