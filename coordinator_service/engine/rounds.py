@@ -22,7 +22,7 @@ from coordinator_service.engine.aggregate import WeightedSum, fits, install, is_
 from coordinator_service.engine.evaluation import evaluate_federated
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.pacing import Pacer
-from coordinator_service.engine.secure import SecureRound, SecureSettings
+from coordinator_service.engine.secure import PHASE, SecureRound, SecureSettings
 from coordinator_service.engine.state import (
     Contribution,
     PhaseError,
@@ -237,8 +237,14 @@ class RoundRunner:
     ) -> SecureRound:
         """Keys and shares before any weights move; workers that cannot take part are this round's failures."""
         assert self.secure is not None
+        able = []
         for client in clients:
-            _check_worker_supports(client, pb.TrainRequest(secure_aggregation=True))
+            try:
+                _check_worker_supports(client, pb.TrainRequest(secure_aggregation=True))
+                able.append(client)
+            except WorkerIncompatible as exc:
+                self._record_failure(rnd, failure(client.name, PhaseError(PHASE, exc), 0))
+        clients = able
         bounds = []
         for client in clients:
             request = self.strategy.configure_train(rnd.number, index_of(client))
@@ -246,7 +252,7 @@ class RoundRunner:
             batches = client.info.max_local_batches if client.info is not None else 0
             bounds.append(self.strategy.max_samples(request, shard, batches))
         unweighted = not getattr(self.strategy, "weighted", True)
-        secure = SecureRound(self.secure, rnd, clients, 1 if unweighted else max(bounds), unweighted)
+        secure = SecureRound(self.secure, rnd, clients, 1 if unweighted else max(bounds, default=1), unweighted)
         for f in await secure.setup():
             self._record_failure(rnd, f)
         return secure

@@ -114,7 +114,7 @@ class SecureRound:
         )
 
     def takes_part(self, client: WorkerClient) -> bool:
-        return self.index[client.name] in self.shared
+        return self.index.get(client.name) in self.shared
 
     def peers(self, i: int) -> list[int]:
         """Whom worker i masks against: its neighbours that sent their shares."""

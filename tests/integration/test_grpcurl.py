@@ -160,3 +160,22 @@ def test_weights_sent_back_by_grpcurl_are_installed(address):
     reply = json.loads(grpcurl("-d", "@", address, "fedpi.v1.Worker/SetWeights", stdin=stream))
     assert reply["round"] == "41" and reply["bytes_received"] == messages[0]["header"]["total_bytes"]
     assert json.loads(grpcurl(address, "fedpi.v1.Worker/GetInfo"))["weights_round"] == "41"
+
+
+def test_secure_aggregation_keys_by_hand_and_a_stage_out_of_order_is_refused(address):
+    """The README's secure-aggregation probe: fresh public keys for a round; unmasking before any masked update is
+    FAILED_PRECONDITION, saying what comes first."""
+    config = {"round_id": "probe/1.1", "index": 1, "neighbours": [2, 3], "threshold": 2, "clip": 1.0, "workers": 3,
+              "max_weight": 640}  # fmt: skip
+    keys = json.loads(grpcurl("-d", json.dumps({"config": config}), address, "fedpi.v1.Worker/SecAggKeys"))
+    assert keys["round_id"] == "probe/1.1"
+    public = {base64.b64decode(keys["cipher_public_key"]), base64.b64decode(keys["mask_public_key"])}
+    assert len(public) == 2 and all(len(k) == 32 for k in public)
+    binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+    proc = subprocess.run(
+        [binary, "-plaintext", "-d", '{"round_id": "probe/1.1", "survivors": [2, 3]}', address,
+         "fedpi.v1.Worker/SecAggUnmask"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "FailedPrecondition" in proc.stderr and "sent no masked update" in proc.stderr, proc.stderr

@@ -38,25 +38,33 @@ def rounds(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_unmasked_model_is_plain_fedavg_within_the_quantization_bound(five, tmp_path):
-    plain, _ = train(five, tmp_path / "plain")
-    secure, log = train(five, tmp_path / "secure", "--secure-aggregation")
-    assert plain.returncode == 0, plain.stdout[-2000:]
+@pytest.fixture(scope="module")
+def plain_model(five, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain")
+    done, _ = train(five, out)
+    assert done.returncode == 0, done.stdout[-2000:]
+    return model(out), rounds(out)[0]
+
+
+@pytest.mark.parametrize("neighbours, threshold", [(0, 3), (2, 2)], ids=["secagg", "secagg-plus"])
+def test_the_unmasked_model_is_plain_fedavg_within_the_quantization_bound(five, plain_model, tmp_path, neighbours,
+                                                                          threshold):  # fmt: skip
+    secure, log = train(five, tmp_path, "--secure-aggregation", "--secagg-neighbours", str(neighbours))
     assert secure.returncode == 0, secure.stdout[-2000:]
-    report = rounds(tmp_path / "secure")[0]
+    report = rounds(tmp_path)[0]
     info = report["secure_aggregation"]
-    assert (info["workers"], info["neighbours"], info["threshold"]) == (5, 4, 3)
+    assert (info["workers"], info["neighbours"], info["threshold"]) == (5, neighbours or 4, threshold)
     assert info["clipped_coordinates"] == 0 and info["dropped_after_sharing"] == []
     bound = info["quantization_error_bound"]
     assert 0 < bound < 1e-7
-    a, b = model(tmp_path / "plain"), model(tmp_path / "secure")
+    a, b = plain_model[0], model(tmp_path)
     for k in a:
         x, y = a[k].double(), b[k].double()
         # Within the bound on the mean, plus one float32 rounding of each model's weights (at most eps x |w|).
         slack = bound + torch.finfo(torch.float32).eps * torch.maximum(x.abs(), y.abs())
         assert bool(((x - y).abs() <= slack).all()), (k, float((x - y).abs().max()), bound)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # quantised: not the plain path under another name
-    assert report["samples"] == rounds(tmp_path / "plain")[0]["samples"]
+    assert report["samples"] == plain_model[1]["samples"]
     assert any(e.get("event") == "secagg_unmasked" and e["survivors"] == 5 for e in log)
 
 
