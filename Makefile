@@ -22,7 +22,7 @@ K = $(KUBECTL) -n $(NAMESPACE)
 
 CERTS ?= certs
 
-.PHONY: help venv proto run tasks test lint docs fuzz runs model bench bench-learning bench-async bench-privacy clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
+.PHONY: help venv proto run tasks test lint docs fuzz runs model bench bench-learning bench-async bench-privacy bench-secure clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -77,6 +77,9 @@ bench-learning: $(STAMP)  ## strategies x partitions on real MNIST / Fashion-MNI
 
 bench-privacy: $(STAMP)  ## accuracy under DP-SGD at epsilon 1, 3 and 8 beside the non-private run (real MNIST)
 	$(PY) -m bench.privacy $(BENCH_PRIVACY_ARGS)
+
+bench-secure: $(STAMP)  ## what secure aggregation costs: round wall, bytes, memory from 5 to 10 workers, Pi LAN
+	$(PY) -m bench.secure $(BENCH_SECURE_ARGS)
 
 bench-async: $(STAMP)  ## async vs sync rounds on an emulated Pi LAN with a slow board (90 minutes; needs root, pilan)
 	$(PY) -m bench.asynchronous $(BENCH_ASYNC_ARGS)

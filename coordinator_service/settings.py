@@ -369,10 +369,6 @@ class RunSettings(_Group):
                 str(a.rule) != "fedavg",
                 f"aggregation {a.rule} (a robust rule reads every update; the coordinator sees only their sum)",
             ),
-            (
-                a.max_update_ratio != default("max_update_ratio"),
-                "max_update_ratio (no update is seen to be measured; secagg_clip bounds each one on its worker)",
-            ),
             (self.strategy_name == "fednova", "strategy fednova (it weighs updates by their steps; use local_batches)"),
             (
                 self.privacy.on,

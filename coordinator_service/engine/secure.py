@@ -99,6 +99,7 @@ class SecureRound:
         self.sum = np.zeros(self.coordinates + 1, dtype=np.uint32)
         self.clipped = 0
         self.error_bound = 0.0
+        self.mean_distance = 0.0
         self.recovered: list[str] = []  # dropped after sharing: their pairwise masks rebuilt from shares
 
     def config(self, i: int) -> pb.SecAggConfig:
@@ -130,6 +131,7 @@ class SecureRound:
             "dropped_after_sharing": self.recovered,
             "clipped_coordinates": self.clipped,
             "quantization_error_bound": float(f"{self.error_bound:.3g}"),
+            "mean_update_distance": round(self.mean_distance, 4),
         }
 
     # -- before training: keys, then shares ---------------------------------------------------------------------
@@ -281,7 +283,7 @@ class SecureRound:
             self.sum[start : start + UNMASK_CHUNK] = apply(self.sum[start : start + UNMASK_CHUNK], masks)
         self.recovered = [self.clients[v].name for v in sorted(dropped)]
         log.info("secagg_unmasked", survivors=len(survivors), dropped=len(dropped), masks=len(masks))
-        return self._decode(len(survivors))
+        return self._decode(done)
 
     async def _reveal(self, i: int, survivors: set[int], dropped: set[int]) -> pb.SecAggUnmaskResponse:
         mine = self.graph[i]
@@ -310,11 +312,25 @@ class SecureRound:
             f"round {self.rnd.number}: {message}; the global model is unchanged", self.rnd.report.failures
         )
 
-    def _decode(self, contributors: int) -> list[torch.Tensor]:
+    def _decode(self, done: Sequence[Contribution]) -> list[torch.Tensor]:
+        """The mean update, checked as far as a sum can be: its total weight against the weights the workers reported
+        in the clear, and its distance from the global model against the distance bound (which one update can no
+        longer be held to)."""
         total_weight = int(self.sum[-1:].view(np.int32)[0])
-        if total_weight <= 0:
-            raise self._failed(f"the unmasked total weight is {total_weight}: the shares or updates were not whole")
+        reported = sum(1 if self.unweighted else c.result.samples for c in done)
+        if total_weight != reported:
+            raise self._failed(
+                f"the unmasked total weight is {total_weight}, not the {reported} the workers reported: an update "
+                f"or a share was altered"
+            )
         mean = self.quantizer.mean_delta(self.sum[:-1], total_weight)
+        distance = float(np.sqrt(np.dot(mean, mean)))
+        if not distance <= self.rnd.max_distance:
+            raise self._failed(
+                f"the round's mean update is {distance:.4g} from the global model, beyond the distance bound "
+                f"{self.rnd.max_distance:.4g} (--max-update-ratio): a worker sent integers outside the range"
+            )
+        self.mean_distance = distance
         flat, start = [], 0
         for meta, reference in zip(self.rnd.payload.manifest, self.rnd.reference):
             if not masked(meta):  # integer, bool and complex tensors keep the global model's values
@@ -322,7 +338,7 @@ class SecureRound:
                 continue
             flat.append(reference.double() + torch.from_numpy(mean[start : start + meta.numel]))
             start += meta.numel
-        self.error_bound = self.quantizer.error_bound(contributors, total_weight)
+        self.error_bound = self.quantizer.error_bound(len(done), total_weight)
         return flat
 
 

@@ -36,7 +36,6 @@ def test_the_default_is_secagg_with_the_smallest_majority_of_holders():
         ({"mode": "async"}, "mode async"),
         ({"aggregation": "median"}, "aggregation median"),
         ({"aggregation": "trimmed-mean"}, "aggregation trimmed-mean"),
-        ({"max_update_ratio": 5}, "max_update_ratio"),
         ({"local_seconds": 10}, "strategy fednova"),
         ({"dp_noise_multiplier": 1.0}, "dp_noise_multiplier"),
         ({"compression": "int8"}, "compression int8"),
@@ -110,13 +109,14 @@ class Masking(FakeWorker):
         return self.session.unmask(request)
 
 
-def _secure_runner(model, **secure) -> RoundRunner:
+def _secure_runner(model, max_update_ratio: float = 10.0, **secure) -> RoundRunner:
     return RoundRunner(
         model=model,
         architecture=ARCH,
         strategy=FedAvg(local_batches=2, batch_size=64),
         transfer=TransferSettings(chunk_size=7),
         secure=SecureSettings(chunk_bytes=64, **secure),
+        max_update_ratio=max_update_ratio,
     )
 
 
@@ -191,3 +191,46 @@ def test_an_upload_that_breaks_half_way_leaves_nothing_in_the_sum_and_its_masks_
                 w.state = before
             exact = before[k].double() + sum(w.samples * w.step()[k].double() for w in honest) / total
             assert bool(((v.double() - exact).abs() <= bound + 1.2e-7 * exact.abs()).all()), k
+
+
+class Forging(Masking):
+    """Masks integers of its own choosing instead of its quantised update: `coordinates` for every coordinate,
+    `weight` for the weight (None: the honest one)."""
+
+    def __init__(self, *args, coordinates=None, weight=None, **kw):
+        super().__init__(*args, **kw)
+        self.forged = (coordinates, weight)
+
+    async def secagg_keys(self, config):
+        answer = await super().secagg_keys(config)
+        coordinates, weight = self.forged
+        honest = self.session.quantizer
+
+        class Forged(type(honest)):
+            def quantize(self, delta, w, rng):
+                q, clipped = honest.quantize(delta, w, rng)
+                return (q if coordinates is None else np.full(len(q), coordinates, dtype=np.uint32)), clipped
+
+            def weight_element(self, w):
+                return honest.weight_element(w) if weight is None else np.array([weight], dtype=np.uint32)
+
+        self.session.quantizer = Forged(honest.clip, honest.workers, honest.max_weight)
+        return answer
+
+
+@pytest.mark.parametrize(
+    "forged, reason",
+    [
+        (dict(coordinates=2**30), "beyond the distance bound"),  # +2 clip x W / total weight on every coordinate
+        (dict(weight=100_000), "not the 136 the workers reported"),
+    ],
+)
+def test_a_worker_that_masks_integers_outside_the_range_fails_the_round_it_cannot_be_found_in(forged, reason):
+    from coordinator_service.engine.state import RoundFailed
+
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    workers = [Masking("a", 1, 32), Masking("b", 2, 32), Forging("c", 3, 40, **forged), Masking("d", 4, 32)]
+    with pytest.raises(RoundFailed, match=reason):
+        asyncio.run(_secure_runner(model, max_update_ratio=1.0).run_round(1, workers))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
