@@ -125,7 +125,71 @@ def bench_pilan(tmp: Path) -> None:
               f"{walls['secure'] / walls['plain']:.2f} |", flush=True)  # fmt: skip
 
 
-BENCHES = {"loopback": bench_loopback, "memory": bench_memory, "pilan": bench_pilan}
+def worker_timing(model: str, neighbours: int) -> dict[str, float]:
+    """One worker's secure-aggregation work for a round of `model`, timed stage by stage: keys, shares for its
+    neighbours, and its masked update (quantising and masking every parameter) as GetMaskedUpdate streams it."""
+    import time
+
+    from fedpi.models import build_model
+    from generated.fedpi.v1 import worker_pb2 as pb
+    from worker_service.secagg import Session
+
+    state = build_model(model, seed=1).state_dict()
+    deltas = [t.detach().reshape(-1).double().numpy() * 1e-3 for t in state.values() if t.is_floating_point()]
+    n = neighbours + 1
+    others = [Session(pb.SecAggConfig(round_id="t/1.1", index=i, neighbours=[j for j in range(1, n + 1) if j != i],
+                                      threshold=n // 2 + 1, clip=1.0, workers=n, max_weight=640))
+              for i in range(1, n + 1)]  # fmt: skip
+    keys = {s.me: s.public_keys() for s in others}
+    me = others[0]
+    times = {}
+    t = time.perf_counter()
+    me.public_keys()
+    Session(me.config)  # two fresh X25519 key pairs
+    times["keys"] = time.perf_counter() - t
+    peers = [pb.PeerKeys(index=j, cipher_public_key=k.cipher_public_key, mask_public_key=k.mask_public_key)
+             for j, k in keys.items() if j != 1]  # fmt: skip
+    t = time.perf_counter()
+    me.shares(peers)
+    times["shares"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in me.masked_update([p.index for p in peers], deltas, 640, 1 << 20):
+        pass
+    times["masked_update"] = time.perf_counter() - t
+    return times
+
+
+def bench_pi_timing(tmp: Path) -> None:
+    """worker_timing on one emulated Pi 4 (15% of a core), for the reference CNN and large-mlp."""
+    if not pilan.available():
+        print("pi-timing  skipped: needs root and ../shared/tools/pilan")
+        return
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    print("\none worker's secure-aggregation work a round at a Pi 4's CPU share (pilan, 15% of a core), 4 neighbours\n")
+    print("| model | keys | shares | masked update (quantise + 5 masks) |")
+    print("|---|---|---|---|")
+    with pilan.lan(1, "none", 15):
+        for model in ("reference-cnn", "large-mlp"):
+            code = (
+                f"import json; from bench.secure import worker_timing; print(json.dumps(worker_timing({model!r}, 4)))"
+            )
+            env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+            argv = [str(pilan.PILAN), "exec", "1", sys.executable, "-c", code]
+            out = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
+            t = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {model} | {t['keys'] * 1e3:.1f} ms | {t['shares'] * 1e3:.1f} ms | {t['masked_update']:.2f} s |",
+                  flush=True)  # fmt: skip
+
+
+BENCHES = {
+    "loopback": bench_loopback,
+    "memory": bench_memory,
+    "pilan": bench_pilan,
+    "pi-timing": bench_pi_timing,
+}
 
 
 def main() -> None:

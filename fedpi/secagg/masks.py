@@ -57,12 +57,17 @@ class Quantizer:
         return contributors * self.step * self.max_weight / total_weight
 
     def quantize(self, delta: np.ndarray, weight: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        """The coordinates of (weight / W) * delta as integers mod 2^32, and how many were clipped."""
-        scaled = delta.astype(np.float64) * (weight / self.max_weight)
-        clipped = int(np.count_nonzero(np.abs(scaled) > self.clip))
-        grid = np.clip(scaled, -self.clip, self.clip) * self.scale
-        rounded = np.floor(grid + rng.random(grid.shape))  # unbiased: E[rounded] = grid
-        return rounded.astype(np.int64).astype(np.uint32), clipped
+        """The coordinates of (weight / W) * delta as integers mod 2^32, and how many were clipped. In place on one
+        float64 copy: on a Pi's CPU share every pass over a large model counts."""
+        grid = np.multiply(delta, weight / self.max_weight * self.scale, dtype=np.float64)
+        bound = float(self.bound)
+        clipped = 0
+        if len(grid) and not -bound <= grid.min() <= grid.max() <= bound:  # NaN too
+            clipped = int(np.count_nonzero(~(np.abs(grid) <= bound)))
+            np.clip(np.nan_to_num(grid, copy=False), -bound, bound, out=grid)
+        grid += rng.random(len(grid))
+        np.floor(grid, out=grid)  # unbiased: E[floor(x + U)] = x, and within [-B, B]
+        return grid.astype(np.int32).view(np.uint32), clipped
 
     def weight_element(self, weight: int) -> np.ndarray:
         if not 0 <= weight <= self.max_weight:
