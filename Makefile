@@ -84,8 +84,8 @@ bench-secure: $(STAMP)  ## what secure aggregation costs: round wall, bytes, mem
 bench-async: $(STAMP)  ## async vs sync rounds on an emulated Pi LAN with a slow board (90 minutes; needs root, pilan)
 	$(PY) -m bench.asynchronous $(BENCH_ASYNC_ARGS)
 
-# The image carries fedpi[privacy]: secure aggregation and DP-SGD work on every Pi (docs/deploy.md gives its cost).
-LOCK = $(VENV)/bin/uv pip compile pyproject.toml --extra privacy --python-version 3.11 --generate-hashes --quiet
+# The image carries fedpi[secure]: secure aggregation works on every Pi (docs/deploy.md: what fedpi[privacy] would cost).
+LOCK = $(VENV)/bin/uv pip compile pyproject.toml --extra secure --python-version 3.11 --generate-hashes --quiet
 
 lock: $(STAMP)  ## pin the image's dependencies with hashes: requirements/image-arm64.txt, image-amd64.txt
 	$(LOCK) --python-platform aarch64-manylinux_2_28 --override requirements/torch-arm64.txt -o requirements/image-arm64.txt

@@ -34,7 +34,7 @@ from worker_service.state import Busy, TooManyDownloads, WeightsState
 from worker_service.trainer import DEFAULT_MAX_LOCAL_BATCHES, TrainConfig, Trainer, TrainOutcome
 from worker_service.training_job import TrainingJob
 
-if TYPE_CHECKING:  # worker_service.secagg needs `cryptography` (fedpi[privacy]): imported when first asked for
+if TYPE_CHECKING:  # worker_service.secagg needs `cryptography` (fedpi[secure]): imported when first asked for
     from worker_service.secagg import Session
 
 log = structlog.get_logger()

@@ -8,7 +8,7 @@ class OutOfOrder(Exception):
 
 
 class Unavailable(Exception):
-    """This installation lacks `cryptography`, which comes with fedpi[privacy]."""
+    """This installation lacks `cryptography`, which comes with fedpi[secure] (and fedpi[privacy])."""
 
 
 def require() -> None:
@@ -17,5 +17,5 @@ def require() -> None:
         import cryptography  # noqa: F401
     except ImportError:
         raise Unavailable(
-            "secure aggregation needs the `cryptography` package: install fedpi[privacy] on this machine"
+            "secure aggregation needs the `cryptography` package: install fedpi[secure] on this machine"
         ) from None
