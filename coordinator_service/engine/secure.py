@@ -195,9 +195,8 @@ class SecureRound:
 
     # -- after training: masked updates into the sum ------------------------------------------------------------
 
-    async def fold(self, c: Contribution, into: np.ndarray | None = None) -> None:
+    async def fold(self, c: Contribution) -> None:
         """Stream worker c's masked update into the sum, chunk by chunk, checking the stream's shape as it goes."""
-        into = self.sum if into is None else into
         i = self.index[c.name]
         total = (self.coordinates + 1) * ELEMENT_BYTES
         request = pb.GetMaskedUpdateRequest(
@@ -220,7 +219,7 @@ class SecureRound:
                     raise WorkerRejected(c.name, f"its masked update's chunk at byte {data.offset} is out of place")
                 start = offset // ELEMENT_BYTES
                 values = np.frombuffer(data.data, dtype="<u4")
-                into[start : start + len(values)] += values
+                self.sum[start : start + len(values)] += values
                 offset += len(data.data)
                 c.stats.bytes_received += len(data.data)
             elif kind == "trailer" and header is not None and offset == total:
@@ -229,7 +228,7 @@ class SecureRound:
                 raise WorkerRejected(c.name, f"its masked update stream has a {kind} where none belongs")
         if trailer is None:
             raise WorkerRejected(c.name, f"its masked update ended after {offset} of {total} bytes")
-        if trailer.clipped and into is self.sum:
+        if trailer.clipped:
             self.clipped += trailer.clipped
             log.info("secagg_clipped", worker=c.name, coordinates=trailer.clipped, clip=self.settings.clip)
 
@@ -238,6 +237,7 @@ class SecureRound:
         bytes, as a worker masks and rounds its update once. Returns who failed this time."""
         log.warning("aggregation_restarted", workers=[c.name for c in done])
         self.sum = np.zeros_like(self.sum)
+        self.clipped = 0
         outcomes = await asyncio.gather(*(self.fold(c) for c in done), return_exceptions=True)
         return [(c, o) for c, o in zip(done, outcomes) if isinstance(o, BaseException)]
 
