@@ -6,12 +6,18 @@ makes each worker's epsilon about 1, 3 and 8 after the 20 rounds (delta 1e-5; Op
 worker's shard and batch giving the sampling rate). Prints the final test accuracy and the epsilon the workers
 reported, beside the non-private run.
 
+Then worker-level DP across a fleet (`--dp-noise-multiplier`): 10 local workers of 800 digits each, 5 sampled a
+round, updates clipped to the median update norm of the same fleet without privacy (the usual choice of a fixed
+clip), at the noise multiplier that makes the accountant's epsilon about 1, 3 and 8
+after the 20 rounds (sample rate 0.5), beside the same fleet without privacy.
+
     python -m bench.privacy [--epsilons 1,3,8] [--rounds 20] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -20,6 +26,7 @@ from bench.learning import DATASETS, _demo
 ROUNDS = 20
 BATCH, SHARD = 64, 8000 // 3  # each of the 3 workers' 2,666 or 2,667 training digits
 CLIP = 1.0
+FLEET, PER_ROUND = 10, 5
 
 
 def noise_for(epsilon: float, rounds: int) -> float:
@@ -54,15 +61,62 @@ def bench(out: Path, epsilons: list[float], rounds: int) -> None:
         )
 
 
+def fleet_noise_for(epsilon: float, rounds: int) -> float:
+    """The worker-level noise multiplier whose epsilon after `rounds` is `epsilon` (bisection on the accountant)."""
+    from coordinator_service.policy.privacy import Accountant
+
+    low, high = 0.3, 50.0
+    for _ in range(50):
+        mid = (low + high) / 2
+        if Accountant(mid, PER_ROUND / FLEET, 1e-5).epsilon(rounds) > epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def bench_fleet(out: Path, epsilons: list[float], rounds: int) -> None:
+    data = DATASETS["mnist-10k"]
+    if not data.available:
+        print(f"privacy  skipped: {data.missing}")
+        return
+    print(f"\nworker-level DP: MNIST 8,000 / 2,000 iid, {FLEET} workers, {PER_ROUND} sampled a round, {rounds} rounds "
+          f"of one epoch, delta 1e-5\n")  # fmt: skip
+    print("| run | noise multiplier | clip | noise per weight | epsilon reported | final test accuracy |")
+    print("|---|---|---|---|---|---|")
+    fleet = ["--local-workers", str(FLEET), "--workers-per-round", str(PER_ROUND), "--min-workers", "1"]
+    clip = 0.0
+    for name, epsilon in [("non-private", None)] + [(f"worker-level DP, epsilon {e:g}", e) for e in epsilons]:
+        args = ["--rounds", str(rounds), *data.args, *fleet]
+        sigma = fleet_noise_for(epsilon, rounds) if epsilon else None
+        if sigma is not None:
+            args += ["--dp-noise-multiplier", f"{sigma:.6f}", "--dp-clip-norm", f"{clip:.6f}"]
+        metrics = _demo(out / ("fleet_" + name.replace(" ", "_").replace(",", "")), *args)
+        if sigma is None:
+            clip = statistics.median(w["update_distance"] for m in metrics for w in m["workers"].values())
+        spent = metrics[-1].get("dp_epsilon")
+        print(
+            f"| {name} | {f'{sigma:.3f}' if sigma else '-'} | {clip:.3f} | "
+            f"{f'{sigma * clip / PER_ROUND:.4f}' if sigma else '-'} | {f'{spent:.2f}' if spent else '-'} | "
+            f"{metrics[-1]['test_accuracy']:.2%} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epsilons", default="1,3,8", help="comma-separated targets")
     p.add_argument("--rounds", type=int, default=ROUNDS)
     p.add_argument("--keep", help="keep every run's output here")
+    p.add_argument("--fleet-only", action="store_true", help="only the worker-level DP fleet")
     args = p.parse_args()
     epsilons = [float(e) for e in args.epsilons.split(",") if e]
+    p_fleet = args.fleet_only
     with tempfile.TemporaryDirectory() as tmp:
-        bench(Path(args.keep) if args.keep else Path(tmp), epsilons, args.rounds)
+        out = Path(args.keep) if args.keep else Path(tmp)
+        if not p_fleet:
+            bench(out, epsilons, args.rounds)
+        bench_fleet(out, epsilons, args.rounds)
 
 
 if __name__ == "__main__":
