@@ -22,7 +22,7 @@ K = $(KUBECTL) -n $(NAMESPACE)
 
 CERTS ?= certs
 
-.PHONY: help venv proto run tasks test lint docs fuzz runs model bench bench-learning bench-async bench-privacy bench-secure clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
+.PHONY: help venv proto run tasks test test-scenarios lint docs fuzz runs model bench bench-learning bench-async bench-privacy bench-secure clean lock image image-tar image-test render certs secrets deploy train status undeploy probe
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -50,8 +50,11 @@ run: $(STAMP)  ## three local workers + a coordinator on 127.0.0.1: a real train
 tasks: $(STAMP)  ## list the installed tasks (make run TASK=NAME trains one)
 	$(PY) -m coordinator_service tasks
 
-test: lint docs  ## the whole test suite (after lint and the docs build)
-	$(PY) -m pytest
+test: lint docs  ## the test suite (after lint and the docs build), without the long scenarios
+	$(PY) -m pytest -m "not scenario"
+
+test-scenarios: $(STAMP)  ## the long end-to-end scenarios: faults, poisoning, async and board health, Fashion-MNIST
+	$(PY) -m pytest -m scenario
 
 lint: $(STAMP)  ## ruff (lint, format), the import contracts (lint-imports) and type checks (mypy)
 	$(VENV)/bin/ruff check .

@@ -13,6 +13,10 @@ from coordinator_service.local import LocalWorker
 from tests.integration.conftest import DIGITS, events, run_coordinator, start_cluster
 from tests.integration.faults import CoordinatorRun
 
+# A long scenario (asynchronous runs with workers slowed, killed and restarted):
+# `make test-scenarios` runs it, and CI after `make test`.
+pytestmark = pytest.mark.scenario
+
 # charlie takes 0.3 s a batch, alice and bob 0.02 s: charlie is several times slower, even on a busy machine.
 DELAYS = {"alice": "0.02", "bob": "0.02", "charlie": "0.3"}
 TRAIN = ["--dataset", "digits-5k", "--local-batches", "6", "--lr", "0.05", "--min-workers", "1"]

@@ -23,6 +23,10 @@ from tests.integration.faults import CoordinatorRun
 from tests.integration.test_metrics import scrape, value
 from tests.worker_service.test_board import fake_pi
 
+# A long scenario (boards throttled and short of memory over many rounds):
+# `make test-scenarios` runs it, and CI after `make test`.
+pytestmark = pytest.mark.scenario
+
 
 def test_a_worker_reports_its_board_in_get_info_train_progress_and_metrics(tmp_path):
     board = fake_pi(tmp_path / "board")

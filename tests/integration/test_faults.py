@@ -19,6 +19,10 @@ from generated.fedpi.v1 import worker_pb2_grpc as pb_grpc
 from tests.integration.conftest import DIGITS, METADATA, start_cluster
 from tests.integration.faults import CoordinatorRun, FaultyProxy
 
+# A long scenario (workers killed, frozen and restarted, a coordinator killed and resumed: minutes of real rounds):
+# `make test-scenarios` runs it, and CI after `make test`.
+pytestmark = pytest.mark.scenario
+
 NAMES = ["alice", "bob", "charlie"]
 # Slowed a little so that a round lasts long enough to hit it in the middle of Train.
 WORKER_ARGS = [*DIGITS, "--train-delay", "0.1"]

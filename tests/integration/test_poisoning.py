@@ -12,6 +12,10 @@ import torch
 from coordinator_service.local import LocalWorker
 from tests.integration.conftest import DIGITS, events, run_coordinator, start_cluster
 
+# A long scenario (five workers, one malicious, under every rule):
+# `make test-scenarios` runs it, and CI after `make test`.
+pytestmark = pytest.mark.scenario
+
 HONEST = ["alice", "bob", "charlie", "dave"]
 ATTACKS = ("scaled:40", "huge")
 TRAIN = [

@@ -17,6 +17,10 @@ from fedpi import data as datasets
 from fedpi.task import Partition, initial_model, task_class
 from fedpi.weights import serde
 
+# A long scenario (three workers train Fashion-MNIST for real):
+# `make test-scenarios` runs it, and CI after `make test`.
+pytestmark = pytest.mark.scenario
+
 
 @pytest.fixture(scope="module")
 def fashion():
