@@ -21,7 +21,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.learning import DATASETS, _demo
+from bench.learning import DATASETS, _demo, _metrics
 
 ROUNDS = 20
 BATCH, SHARD = 64, 8000 // 3  # each of the 3 workers' 2,666 or 2,667 training digits
@@ -91,14 +91,21 @@ def bench_fleet(out: Path, epsilons: list[float], rounds: int) -> None:
         sigma = fleet_noise_for(epsilon, rounds) if epsilon else None
         if sigma is not None:
             args += ["--dp-noise-multiplier", f"{sigma:.6f}", "--dp-clip-norm", f"{clip:.6f}"]
-        metrics = _demo(out / ("fleet_" + name.replace(" ", "_").replace(",", "")), *args)
+        run_dir = out / ("fleet_" + name.replace(" ", "_").replace(",", ""))
+        try:
+            metrics = _demo(run_dir, *args)
+            outcome = f"{metrics[-1]['test_accuracy']:.2%}"
+        except SystemExit as failed:  # noise that wrecks the model ends the run: say where, keep the table going
+            metrics = _metrics(run_dir)
+            reason = str(failed).split("training_failed")[0][-160:] if "NaN" not in str(failed) else "NaN updates"
+            outcome = f"run failed in round {len(metrics) + 1} ({reason}); {metrics[-1]['test_accuracy']:.2%} before"
         if sigma is None:
             clip = statistics.median(w["update_distance"] for m in metrics for w in m["workers"].values())
         spent = metrics[-1].get("dp_epsilon")
         print(
             f"| {name} | {f'{sigma:.3f}' if sigma else '-'} | {clip:.3f} | "
             f"{f'{sigma * clip / PER_ROUND:.4f}' if sigma else '-'} | {f'{spent:.2f}' if spent else '-'} | "
-            f"{metrics[-1]['test_accuracy']:.2%} |",
+            f"{outcome} |",
             flush=True,
         )
 
