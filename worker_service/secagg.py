@@ -137,22 +137,13 @@ class Session:
                        pairwise_sign(self.me, v))
             for v in sorted(self._masked_with or ())
         ]  # fmt: skip
-        clipped = 0
-
-        def quantized() -> Iterator[np.ndarray]:
-            nonlocal clipped
-            for d in deltas:
-                q, n = self.quantizer.quantize(d, weight, rng)
-                clipped += n
-                yield q
-            yield self.quantizer.weight_element(weight)
-
+        quantized = _Quantized(self.quantizer, deltas, weight, rng)
         offset = 0
-        for chunk in chunked(quantized(), elements):
+        for chunk in chunked(quantized, elements):
             data = apply(chunk, masks).astype("<u4").tobytes()
             yield pb.MaskedChunk(data=pb.WeightsData(offset=offset, data=data))
             offset += len(data)
-        yield pb.MaskedChunk(trailer=pb.MaskedUpdateTrailer(clipped=clipped))
+        yield pb.MaskedChunk(trailer=pb.MaskedUpdateTrailer(clipped=quantized.clipped))
 
     # -- 4 -----------------------------------------------------------------------------------------------------
 
@@ -201,3 +192,18 @@ class Session:
         if missing:
             raise ValueError(f"no sealed share from workers {sorted(missing)} came with the request")
         return held
+
+
+class _Quantized:
+    """An update's quantised pieces, then its weight element; counts the coordinates clipped on the way."""
+
+    def __init__(self, quantizer: Quantizer, deltas: Iterable[np.ndarray], weight: int, rng: np.random.Generator):
+        self.quantizer, self.deltas, self.weight, self.rng = quantizer, deltas, weight, rng
+        self.clipped = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for d in self.deltas:
+            coordinates, clipped = self.quantizer.quantize(d, self.weight, self.rng)
+            self.clipped += clipped
+            yield coordinates
+        yield self.quantizer.weight_element(self.weight)

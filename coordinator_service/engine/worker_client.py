@@ -273,19 +273,18 @@ class WorkerClient:
 
     # -- secure aggregation (engine.secure) --------------------------------------------------------------------
 
-    async def secagg_keys(self, config: pb.SecAggConfig) -> pb.SecAggKeysResponse:
+    async def _short(self, method: str, request):
+        """A short unary call of secure aggregation, its errors translated."""
         try:
-            return await self._stub.SecAggKeys(
-                pb.SecAggKeysRequest(config=config), timeout=self.rpc_timeout, metadata=self._metadata
-            )
+            return await getattr(self._stub, method)(request, timeout=self.rpc_timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
-            raise translate(self.name, "SecAggKeys", exc) from None
+            raise translate(self.name, method, exc) from None
+
+    async def secagg_keys(self, config: pb.SecAggConfig) -> pb.SecAggKeysResponse:
+        return await self._short("SecAggKeys", pb.SecAggKeysRequest(config=config))
 
     async def secagg_shares(self, request: pb.SecAggSharesRequest) -> pb.SecAggSharesResponse:
-        try:
-            return await self._stub.SecAggShares(request, timeout=self.rpc_timeout, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise translate(self.name, "SecAggShares", exc) from None
+        return await self._short("SecAggShares", request)
 
     async def get_masked_update(self, request: pb.GetMaskedUpdateRequest, expected_bytes: int) -> AsyncIterator:
         call = self._stub.GetMaskedUpdate(
@@ -300,10 +299,7 @@ class WorkerClient:
             call.cancel()
 
     async def secagg_unmask(self, request: pb.SecAggUnmaskRequest) -> pb.SecAggUnmaskResponse:
-        try:
-            return await self._stub.SecAggUnmask(request, timeout=self.rpc_timeout, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise translate(self.name, "SecAggUnmask", exc) from None
+        return await self._short("SecAggUnmask", request)
 
 
 def speaks(client: WorkerClient, version: str) -> bool:
