@@ -234,3 +234,22 @@ def test_a_worker_that_masks_integers_outside_the_range_fails_the_round_it_canno
     with pytest.raises(RoundFailed, match=reason):
         asyncio.run(_secure_runner(model, max_update_ratio=1.0).run_round(1, workers))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class OutOfPlace(Masking):
+    """Its masked update skips a chunk: data arriving over the network is checked as it is folded."""
+
+    async def get_masked_update(self, request, expected_bytes):
+        count = 0
+        async for chunk in super().get_masked_update(request, expected_bytes):
+            count += 1
+            if count != 3:  # header, first chunk, then the second one goes missing
+                yield chunk
+
+
+def test_a_masked_stream_with_a_chunk_out_of_place_is_refused_and_the_round_goes_on_without_it():
+    honest = [Masking(n, i, 32) for i, n in enumerate("abc", start=1)]
+    report = asyncio.run(_secure_runner(tiny_model()).run_round(1, [*honest, OutOfPlace("x", 9, 32)]))
+    [failure] = report.failures
+    assert failure.worker == "x" and failure.phase == "get_masked_update" and "out of place" in failure.reason
+    assert report.secure_aggregation["dropped_after_sharing"] == ["x"]

@@ -179,3 +179,17 @@ def test_secure_aggregation_keys_by_hand_and_a_stage_out_of_order_is_refused(add
     )  # fmt: skip
     assert proc.returncode != 0
     assert "FailedPrecondition" in proc.stderr and "sent no masked update" in proc.stderr, proc.stderr
+
+
+def test_a_masked_update_in_a_chunk_size_that_cuts_elements_is_refused(address):
+    config = {"round_id": "probe/2.1", "index": 1, "neighbours": [2, 3], "threshold": 2, "clip": 1.0, "workers": 3,
+              "max_weight": 640}  # fmt: skip
+    grpcurl("-d", json.dumps({"config": config}), address, "fedpi.v1.Worker/SecAggKeys")
+    binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+    proc = subprocess.run(
+        [binary, "-plaintext", "-d", '{"round_id": "probe/2.1", "peers": [2, 3], "chunk_size": 6}', address,
+         "fedpi.v1.Worker/GetMaskedUpdate"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "InvalidArgument" in proc.stderr and "multiple of 4" in proc.stderr, proc.stderr
