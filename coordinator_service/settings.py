@@ -259,8 +259,8 @@ class Timeouts(_Group):
 
 
 class Privacy(_Group):
-    """Differential privacy (docs/guide.md): worker-level DP-FedAvg with fixed clipping (McMahan et al. 2018) on the
-    coordinator, and DP-SGD (Abadi et al. 2016) on every worker."""
+    """Differential privacy (docs/guide.md): worker-level DP-FedAvg with fixed or adaptive clipping (McMahan et al.
+    2018, Andrew et al. 2021) on the coordinator, and DP-SGD (Abadi et al. 2016) on every worker."""
 
     dp_noise_multiplier: float = Field(
         0.0,
@@ -269,7 +269,28 @@ class Privacy(_Group):
         description="Gaussian noise of this times dp_clip_norm is added to the sum of the clipped updates (0: off)",
     )
     dp_clip_norm: float = Field(
-        1.0, gt=0, le=1e6, description="each update is pulled back to at most this L2 distance from the global model"
+        1.0,
+        gt=0,
+        le=1e6,
+        description="each update is pulled back to at most this L2 distance from the global model (with "
+        "dp_clip_quantile: the first round's)",
+    )
+    dp_clip_quantile: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="adaptive clipping (Andrew et al. 2021): the clip norm follows the share of updates to leave "
+        "unclipped, e.g. 0.5 (0: a fixed dp_clip_norm)",
+    )
+    dp_clip_lr: float = Field(
+        0.2, gt=0, le=10, description="adaptive clipping: how fast the clip norm moves (geometric steps)"
+    )
+    dp_clipped_count_stddev: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="adaptive clipping: the noise on the count of clipped updates, above dp_noise_multiplier / 2 "
+        "(0: workers per round / 20, at least dp_noise_multiplier)",
     )
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="the delta that epsilon is reported for")
     dp_target_epsilon: float = Field(
@@ -325,9 +346,27 @@ class Privacy(_Group):
             )
         return self
 
+    @model_validator(mode="after")
+    def _count_noise(self) -> Privacy:
+        if (
+            self.dp_clip_quantile
+            and self.dp_clipped_count_stddev
+            and not (self.dp_clipped_count_stddev > self.dp_noise_multiplier / 2)
+        ):
+            raise ValueError(
+                f"dp_clipped_count_stddev {self.dp_clipped_count_stddev:g} must exceed half of dp_noise_multiplier "
+                f"({self.dp_noise_multiplier / 2:g}): the count's noise and the sum's share the budget; 0 picks one"
+            )
+        return self
+
     @property
     def on(self) -> bool:
         return self.dp_noise_multiplier > 0
+
+    def count_stddev(self, workers_per_round: int) -> float:
+        """Adaptive clipping's noise on the count: as set, or the paper's workers / 20, at least the noise
+        multiplier (which costs the sum 15% more noise) so that small fleets can use it."""
+        return self.dp_clipped_count_stddev or max(workers_per_round / 20, self.dp_noise_multiplier)
 
     @property
     def dp_sgd(self) -> bool:

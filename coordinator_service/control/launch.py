@@ -17,7 +17,7 @@ from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.rounds import TransferSettings
 from coordinator_service.engine.secure import SecureSettings
 from coordinator_service.engine.training import RunConfig, run
-from coordinator_service.policy.privacy import Accountant, GaussianMean, SampleAccountant
+from coordinator_service.policy.privacy import Accountant, AdaptiveClip, GaussianMean, SampleAccountant
 from coordinator_service.policy.rules import AggregationRule
 from coordinator_service.policy.server_opt import ServerOptimizerConfig
 from coordinator_service.policy.strategy import STRATEGIES, FedAvg
@@ -156,7 +156,11 @@ def aggregation(settings: RunSettings, n_workers: int) -> AggregationRule:
     p = settings.privacy
     if not p.on:
         return settings.aggregation.rule
-    return GaussianMean(p.dp_clip_norm, p.dp_noise_multiplier, sample_size(settings, n_workers))
+    per_round = sample_size(settings, n_workers)
+    adaptive = None
+    if p.dp_clip_quantile:
+        adaptive = AdaptiveClip(p.dp_clip_norm, p.dp_clip_quantile, p.dp_clip_lr, p.count_stddev(per_round))
+    return GaussianMean(p.dp_clip_norm, p.dp_noise_multiplier, per_round, adaptive)
 
 
 def accountant(settings: RunSettings, n_workers: int) -> Accountant | None:

@@ -30,6 +30,7 @@ class Checkpoint:
     metrics: list[dict]
     rng: dict
     server_optimizer: dict = field(default_factory=dict)  # its state (momentum, second moments), if it keeps one
+    aggregation: dict = field(default_factory=dict)  # the rule's state (an adaptive clip norm), if it keeps one
 
     @staticmethod
     def capture_rng() -> dict:

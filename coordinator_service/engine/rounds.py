@@ -37,6 +37,7 @@ from coordinator_service.engine.transfer import Transfers
 from coordinator_service.engine.updates import ArrivedUpdates, Folder, WeightsThread
 from coordinator_service.engine.worker_client import WorkerClient, offered, speaks
 from coordinator_service.engine.worker_errors import WorkerError, WorkerIncompatible, WorkerRejected
+from coordinator_service.policy.privacy import GaussianMean
 from coordinator_service.policy.rules import AggregationRule, WeightedMean
 from coordinator_service.policy.server_opt import ServerOptimizer
 from coordinator_service.policy.strategy import Failure, Strategy
@@ -204,6 +205,8 @@ class RoundRunner:
         self._require_quorum(rnd, done, clients)
         flat = await self.aggregation.combine(updates)
         self._require_quorum(rnd, done, clients)  # the rule may have dropped workers whose updates broke
+        if isinstance(self.aggregation, GaussianMean):
+            rnd.report.dp_clipping = dict(self.aggregation.last)
         if not self.aggregation.streams:
             for c in done:
                 self.observer.worker_phase(c.name, "done")

@@ -82,6 +82,7 @@ class RoundReport:
     idle_fraction: dict[str, float] | None = None  # asynchronous mode: each worker's idle share of the run so far
     dp_epsilon: float | None = None  # worker-level DP: epsilon spent by the end of this round, at the run's delta
     secure_aggregation: dict | None = None  # engine.secure.SecureRound.summary
+    dp_clipping: dict | None = None  # worker-level DP: the clip norm, the noise, and where adaptive clipping moved it
 
     @property
     def dp_sgd_epsilons(self) -> list[float]:
@@ -104,6 +105,7 @@ class RoundReport:
             **({"dp_epsilon": round(self.dp_epsilon, 4)} if self.dp_epsilon is not None else {}),
             **({"dp_sgd_epsilon": round(max(sgd), 4)} if (sgd := self.dp_sgd_epsilons) else {}),
             **({"secure_aggregation": self.secure_aggregation} if self.secure_aggregation is not None else {}),
+            **({"dp_clipping": self.dp_clipping} if self.dp_clipping is not None else {}),
             **(
                 {"test_accuracy": round(self.test_accuracy, 4), "test_loss": round(self.test_loss, 4)}
                 if self.test_accuracy is not None and self.test_loss is not None

@@ -153,6 +153,7 @@ async def run(
         model.load_state_dict(ckpt.state_dict)
         if ckpt.server_optimizer:
             server_optimizer.load_state_dict(ckpt.server_optimizer)
+        cfg.aggregation.load_state_dict(ckpt.aggregation)
         ckpt.restore_rng()
         metrics, first_round = ckpt.metrics, ckpt.round + 1
         log.info("training_resumed", from_round=ckpt.round, checkpoint=str(cfg.output_dir / checkpoint.CHECKPOINT_NAME))
@@ -252,6 +253,7 @@ class _Completed:
     model: torch.nn.Module  # the global model after the round (a copy when the next round may change the live one)
     rng: dict
     server_optimizer: dict
+    aggregation: dict
 
 
 class RoundFinisher:
@@ -291,6 +293,7 @@ class RoundFinisher:
             model if sequential else self._copy_of(model),
             checkpoint.Checkpoint.capture_rng(),
             copy.deepcopy(self.server_optimizer.state_dict()),
+            copy.deepcopy(self.cfg.aggregation.state_dict()),
         )
         self._pending = asyncio.create_task(self._finish(completed))
         if sequential:
@@ -347,6 +350,7 @@ class RoundFinisher:
                 metrics=list(self.metrics),
                 rng=done.rng,
                 server_optimizer=done.server_optimizer,
+                aggregation=done.aggregation,
             ),
         )
         with self.metrics_path.open("a") as f:

@@ -104,6 +104,14 @@ class AggregationRule(ABC):
     async def combine(self, updates: RoundUpdates) -> list[torch.Tensor]:
         """The round's aggregate, flat, one tensor per manifest entry, not yet installed."""
 
+    def state_dict(self) -> dict:
+        """What the rule learns from round to round (plain types), checkpointed with the model; most learn nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take up the state a checkpoint kept (state_dict's), on resuming a run."""
+        del state  # a rule that learns nothing has nothing to take up
+
     def __str__(self) -> str:
         return self.name
 

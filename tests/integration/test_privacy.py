@@ -57,3 +57,26 @@ def test_dp_sgd_workers_report_their_epsilon_and_no_round_takes_one_past_the_bud
             assert epsilon == pytest.approx(sgd.epsilon(r["round"], shard_of), rel=1e-3), name
         assert r["dp_sgd_epsilon"] == max(reported.values())
     assert rounds[-1]["test_accuracy"] > 0.5  # it still learns
+
+
+def test_adaptive_clipping_moves_the_clip_each_round_and_a_resumed_run_goes_on_from_the_checkpointed_one(
+    digits_cluster, tmp_path
+):
+    """Round r + 1 clips to the norm round r moved to, across a resume too: the clip is checkpointed state."""
+    adaptive = ["--dp-noise-multiplier", "1", "--dp-clip-norm", "0.003", "--dp-clip-quantile", "0.5"]
+    common = ["--workers", digits_cluster.spec, "--dataset", "digits-5k", "--local-batches", "5", *adaptive,
+              "--output-dir", str(tmp_path)]  # fmt: skip
+    first = run_coordinator("train", *common, "--rounds", "2")
+    assert first.returncode == 0, first.stdout[-2000:]
+    resumed = run_coordinator("train", *common, "--rounds", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    rounds = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    clips = [r["dp_clipping"] for r in rounds]
+    assert clips[0]["clip_norm"] == 0.003
+    for before, after in zip(clips, clips[1:]):
+        assert after["clip_norm"] == pytest.approx(before["next_clip_norm"], rel=1e-5)
+        assert 0 <= before["clipped"] <= 3 and "unclipped_share" in before
+    # 1 x 0.003 / 3 with z = 1 and count noise 1: the sum's multiplier is (1 - 1/4)^(-1/2)
+    assert clips[0]["noise_std"] == round(0.003 / 3 * (1 - 0.25) ** -0.5, 6)
+    assert len({c["clip_norm"] for c in clips}) == 4  # it moved every round

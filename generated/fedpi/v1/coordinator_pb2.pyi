@@ -179,7 +179,7 @@ class Timeouts(_message.Message):
     def __init__(self, round_timeout: _Optional[float] = ..., idle_timeout: _Optional[float] = ..., rpc_timeout: _Optional[float] = ..., handshake_timeout: _Optional[float] = ..., round_retries: _Optional[int] = ..., retry_backoff: _Optional[float] = ..., keepalive: _Optional[float] = ...) -> None: ...
 
 class PrivacySettings(_message.Message):
-    __slots__ = ("dp_noise_multiplier", "dp_clip_norm", "dp_delta", "dp_target_epsilon", "dp_sgd_noise_multiplier", "dp_sgd_max_grad_norm", "secure_aggregation", "secagg_neighbours", "secagg_threshold", "secagg_clip")
+    __slots__ = ("dp_noise_multiplier", "dp_clip_norm", "dp_delta", "dp_target_epsilon", "dp_sgd_noise_multiplier", "dp_sgd_max_grad_norm", "secure_aggregation", "secagg_neighbours", "secagg_threshold", "secagg_clip", "dp_clip_quantile", "dp_clip_lr", "dp_clipped_count_stddev")
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     DP_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,9 @@ class PrivacySettings(_message.Message):
     SECAGG_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     SECAGG_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SECAGG_CLIP_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIP_QUANTILE_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIP_LR_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIPPED_COUNT_STDDEV_FIELD_NUMBER: _ClassVar[int]
     dp_noise_multiplier: float
     dp_clip_norm: float
     dp_delta: float
@@ -200,7 +203,10 @@ class PrivacySettings(_message.Message):
     secagg_neighbours: int
     secagg_threshold: int
     secagg_clip: float
-    def __init__(self, dp_noise_multiplier: _Optional[float] = ..., dp_clip_norm: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_target_epsilon: _Optional[float] = ..., dp_sgd_noise_multiplier: _Optional[float] = ..., dp_sgd_max_grad_norm: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ..., secagg_neighbours: _Optional[int] = ..., secagg_threshold: _Optional[int] = ..., secagg_clip: _Optional[float] = ...) -> None: ...
+    dp_clip_quantile: float
+    dp_clip_lr: float
+    dp_clipped_count_stddev: float
+    def __init__(self, dp_noise_multiplier: _Optional[float] = ..., dp_clip_norm: _Optional[float] = ..., dp_delta: _Optional[float] = ..., dp_target_epsilon: _Optional[float] = ..., dp_sgd_noise_multiplier: _Optional[float] = ..., dp_sgd_max_grad_norm: _Optional[float] = ..., secure_aggregation: _Optional[bool] = ..., secagg_neighbours: _Optional[int] = ..., secagg_threshold: _Optional[int] = ..., secagg_clip: _Optional[float] = ..., dp_clip_quantile: _Optional[float] = ..., dp_clip_lr: _Optional[float] = ..., dp_clipped_count_stddev: _Optional[float] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("name", "state", "reason")
