@@ -409,11 +409,6 @@ class RunSettings(_Group):
                 f"aggregation {a.rule} (a robust rule reads every update; the coordinator sees only their sum)",
             ),
             (self.strategy_name == "fednova", "strategy fednova (it weighs updates by their steps; use local_batches)"),
-            (
-                self.privacy.on,
-                "dp_noise_multiplier (the coordinator cannot clip updates it does not see; use dp_sgd_noise_multiplier "
-                "on the workers)",
-            ),
             (self.transfer.compression != "none", f"compression {self.transfer.compression} (32-bit masked integers)"),
         ]
         _refuse("secure_aggregation", refused)

@@ -88,8 +88,10 @@ async def rounds(address: str) -> None:
                 data += chunk.data.data
         timed["masked update"] = time.monotonic() - t
         total = np.frombuffer(bytes(data), "<u4").copy()
+        zeros = np.zeros(len(total) - 1)
         for i, s in others.items():  # their updates are zero: in the sum, all pairwise masks cancel
-            for chunk in s.masked_update([j for j in (1, 2, 3) if j != i], [np.zeros(len(total) - 1)], 0, 1 << 20):
+            peers = [j for j in (1, 2, 3) if j != i]
+            for chunk in s.masked_update(peers, lambda: [zeros], len(zeros), 0, 1 << 20):
                 if chunk.WhichOneof("kind") == "data":
                     start = chunk.data.offset // 4
                     values = np.frombuffer(chunk.data.data, "<u4")

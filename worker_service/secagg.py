@@ -4,14 +4,25 @@ no repr or log; the coordinator sees public keys, sealed shares, a masked update
 
 from __future__ import annotations
 
+import math
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from fedpi.secagg import OutOfOrder, keys, shamir
 from fedpi.secagg.keys import KeyPair
-from fedpi.secagg.masks import ELEMENT_BYTES, MaskStream, Quantizer, SignedMask, apply, chunked, pairwise_sign
+from fedpi.secagg.masks import (
+    ELEMENT_BYTES,
+    DistributedNoise,
+    MaskStream,
+    Quantizer,
+    SignedMask,
+    apply,
+    chunked,
+    pairwise_sign,
+    wrap,
+)
 from generated.fedpi.v1 import worker_pb2 as pb
 
 SEED_BYTES = 32
@@ -38,7 +49,22 @@ def check_config(c: pb.SecAggConfig) -> None:
             f"threshold {c.threshold} must be a majority of the {holders} holders of a worker's shares, itself and "
             f"its {len(neighbours)} neighbours ({holders // 2 + 1}..{holders})"
         )
-    Quantizer(c.clip, c.workers, c.max_weight)  # raises ValueError on a range that would wrap
+    quantizer(c)  # raises ValueError on a range that would wrap
+
+
+def noise(c: pb.SecAggConfig) -> DistributedNoise | None:
+    """Distributed DP's noise, if the config asks for it; ValueError if it asks for it wrongly."""
+    if not c.dp_clip_norm:
+        return None
+    if not c.unweighted or c.max_weight != 1:
+        raise ValueError("distributed DP weighs every worker alike: it needs unweighted and max_weight 1")
+    if not 1 <= c.dp_survivors <= c.workers:
+        raise ValueError(f"dp_survivors {c.dp_survivors} is outside 1..{c.workers}, the round's workers")
+    return DistributedNoise(c.dp_clip_norm, c.dp_noise_multiplier, c.dp_survivors, c.coordinates, c.dp_count_stddev)
+
+
+def quantizer(c: pb.SecAggConfig) -> Quantizer:
+    return Quantizer(c.clip, c.workers, c.max_weight, noise(c))
 
 
 class Session:
@@ -50,11 +76,13 @@ class Session:
         self.round_id = config.round_id
         self.me = config.index
         self.neighbours = set(config.neighbours)
-        self.quantizer = Quantizer(config.clip, config.workers, config.max_weight)
+        self.quantizer = quantizer(config)
         self._cipher = KeyPair()
         self._mask = KeyPair()
         self._seed = secrets.token_bytes(SEED_BYTES)  # b_u: the self mask
-        self._rounding = secrets.randbits(128)  # the same stochastic rounding on every fetch of the update
+        # The same rounding and noise on every fetch of the update: two differently noised copies would average out.
+        self._rounding = secrets.randbits(128)
+        self._noise = (secrets.randbits(128), secrets.randbits(128))  # the Poisson draws added, and those taken away
         self._peers: dict[int, pb.PeerKeys] = {}  # neighbours this worker sent shares to
         self._own = b""  # its own share of both its secrets
         self._masked_with: frozenset[int] | None = None
@@ -106,12 +134,28 @@ class Session:
 
     # -- 3 -----------------------------------------------------------------------------------------------------
 
+    def elements(self, coordinates: int) -> int:
+        """The masked update's length: the coordinates, adaptive clipping's count if asked for, the weight."""
+        noise = self.quantizer.noise
+        return coordinates + (1 if noise is not None and noise.count_stddev else 0) + 1
+
     def masked_update(
-        self, peers: Iterable[int], deltas: Iterable[np.ndarray], weight: int, chunk_bytes: int
+        self,
+        peers: Iterable[int],
+        deltas: Callable[[], Iterable[np.ndarray]],
+        coordinates: int,
+        weight: int,
+        chunk_bytes: int,
     ) -> Iterator[pb.MaskedChunk]:
-        """Header, chunks (made as they are sent, from `deltas`: the float coordinates of trained minus set weights,
-        in manifest order, in pieces of any size) and trailer. The same bytes on every call."""
+        """Chunks (made as they are sent, from `deltas()`: the float coordinates of trained minus set weights, in
+        manifest order, in pieces of any size; read twice with distributed DP, once for the norm) and trailer. The
+        same bytes on every call."""
         chosen = frozenset(peers)
+        noise = self.quantizer.noise
+        if noise is not None and noise.coordinates != coordinates:
+            raise ValueError(
+                f"distributed DP was set up for {noise.coordinates} coordinates; this worker's model has {coordinates}"
+            )
         if not self._peers:
             raise OutOfOrder(f"round id {self.round_id!r}: no shares were sent yet (SecAggShares comes first)")
         if not chosen <= set(self._peers):
@@ -130,14 +174,19 @@ class Session:
         self._masked_with = chosen
         return self._chunks(deltas, 1 if self.config.unweighted else weight, max(chunk_bytes // ELEMENT_BYTES, 1))
 
-    def _chunks(self, deltas: Iterable[np.ndarray], weight: int, elements: int) -> Iterator[pb.MaskedChunk]:
+    def _chunks(
+        self, deltas: Callable[[], Iterable[np.ndarray]], weight: int, elements: int
+    ) -> Iterator[pb.MaskedChunk]:
         rng = np.random.default_rng(self._rounding)
         masks = [SignedMask(MaskStream(self._seed), 1)] + [
             SignedMask(MaskStream(self._mask.agree(self._peers[v].mask_public_key, MASK, self.round_id)),
                        pairwise_sign(self.me, v))
             for v in sorted(self._masked_with or ())
         ]  # fmt: skip
-        quantized = _Quantized(self.quantizer, deltas, weight, rng)
+        if self.quantizer.noise is None:
+            quantized = _Quantized(self.quantizer, deltas(), weight, rng)
+        else:
+            quantized = _Noised(self.quantizer, self.quantizer.noise, deltas, rng, self._noise)
         offset = 0
         for chunk in chunked(quantized, elements):
             data = apply(chunk, masks).astype("<u4").tobytes()
@@ -207,3 +256,40 @@ class _Quantized:
             self.clipped += clipped
             yield coordinates
         yield self.quantizer.weight_element(self.weight)
+
+
+class _Noised(_Quantized):
+    """Distributed DP: the update clipped to the clip norm as a whole, quantised, each integer noised; then adaptive
+    clipping's noised count if asked for, then the weight (1)."""
+
+    def __init__(
+        self,
+        quantizer: Quantizer,
+        noise: DistributedNoise,
+        deltas: Callable[[], Iterable[np.ndarray]],
+        rng: np.random.Generator,
+        seeds: tuple[int, int],
+    ):
+        super().__init__(quantizer, (), 1, rng)
+        self.noise, self.make_deltas, self.seeds = noise, deltas, seeds
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        norm = math.sqrt(sum(float(np.dot(d, d)) for d in self.make_deltas()))
+        within = norm <= self.noise.clip_norm
+        factor = 1.0 if within else (self.noise.clip_norm / norm if math.isfinite(norm) else 0.0)
+        added, taken = (np.random.default_rng(seed) for seed in self.seeds)
+
+        def noised(values: np.ndarray, mu: float) -> np.ndarray:
+            # separate streams for the two Poisson draws: the same noise however the update is cut into pieces
+            return wrap(values + (added.poisson(mu, len(values)) - taken.poisson(mu, len(values))))
+
+        mu = self.noise.skellam_mu(self.quantizer.scale)
+        for d in self.make_deltas():
+            coordinates, clipped = self.quantizer.quantize(d, 1, self.rng, factor)
+            self.clipped += clipped
+            yield noised(coordinates.view(np.int32).astype(np.int64), mu)
+        if self.noise.count_stddev:
+            k = self.noise.count_scale(self.quantizer.workers)
+            count = np.array([k // 2 if within else -(k // 2)], dtype=np.int64)
+            yield noised(count, self.noise.count_mu(self.quantizer.workers))
+        yield self.quantizer.weight_element(1)

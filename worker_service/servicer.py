@@ -7,6 +7,7 @@ import platform
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import grpc
@@ -346,13 +347,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 )
             self.state.check_masked(request.round_id, self.limits.max_concurrent_downloads)
             elements = chunk_size // 4
-            chunks = session.masked_update(request.peers, self.state.deltas(elements), self.state.samples, chunk_size)
+            coordinates = sum(t.numel() for t in self.model.state_dict().values() if t.is_floating_point())
+            chunks = session.masked_update(
+                request.peers, partial(self.state.deltas, elements), coordinates, self.state.samples, chunk_size
+            )
         except (ValueError, ProtocolMismatch, OutOfOrder, Busy, TooManyDownloads) as exc:
             await self._abort(context, exc, "GetMaskedUpdate")
         self.state.downloads += 1  # an install meanwhile leaves the tensors this stream reads
         try:
-            count = sum(t.numel() for t in self.model.state_dict().values() if t.is_floating_point()) + 1
-            await context.write(pb.MaskedChunk(header=pb.MaskedUpdateHeader(round_id=session.round_id, elements=count)))
+            header = pb.MaskedUpdateHeader(round_id=session.round_id, elements=session.elements(coordinates))
+            await context.write(pb.MaskedChunk(header=header))
             while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
                 await context.write(chunk)
         finally:

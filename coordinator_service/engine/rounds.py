@@ -234,16 +234,21 @@ class RoundRunner:
         )
         rnd.aggregation_seconds += elapsed(t)
         rnd.report.secure_aggregation = secure.summary()
+        if secure.dp is not None:
+            rnd.report.dp_clipping = dict(secure.dp.last)
 
     async def _secure_setup(
         self, rnd: RoundState, clients: list[WorkerClient], index_of: Callable[[WorkerClient], int]
     ) -> SecureRound:
         """Keys and shares before any weights move; workers that cannot take part are this round's failures."""
         assert self.secure is not None
+        dp = self.aggregation if isinstance(self.aggregation, GaussianMean) else None
         able = []
         for client in clients:
             try:
                 _check_worker_supports(client, pb.TrainRequest(secure_aggregation=True))
+                if dp is not None:  # an older worker would send its update unclipped and without noise
+                    _require(client, "1.13", "distributed DP (--dp-noise-multiplier with --secure-aggregation)")
                 able.append(client)
             except WorkerIncompatible as exc:
                 self._record_failure(rnd, failure(client.name, PhaseError(PHASE, exc), 0))
@@ -255,7 +260,9 @@ class RoundRunner:
             batches = client.info.max_local_batches if client.info is not None else 0
             bounds.append(self.strategy.max_samples(request, shard, batches))
         unweighted = not getattr(self.strategy, "weighted", True)
-        secure = SecureRound(self.secure, rnd, clients, 1 if unweighted else max(bounds, default=1), unweighted)
+        quorum = getattr(self.strategy, "min_workers", 0)
+        max_weight = 1 if unweighted else max(bounds, default=1)
+        secure = SecureRound(self.secure, rnd, clients, max_weight, unweighted, dp, quorum)
         for f in await secure.setup():
             self._record_failure(rnd, f)
         return secure
@@ -376,11 +383,16 @@ def _check_worker_supports(client: WorkerClient, request: pb.TrainRequest) -> No
         ("1.12", "secure aggregation (--secure-aggregation)", request.secure_aggregation),
     ]
     for minimum, feature, used in needs:
-        if used and client.info is not None:
-            try:
-                check_minimum(client.info.protocol_version, minimum, feature)
-            except ProtocolMismatch as exc:
-                raise WorkerIncompatible(client.name, str(exc)) from None
+        if used:
+            _require(client, minimum, feature)
+
+
+def _require(client: WorkerClient, minimum: str, feature: str) -> None:
+    if client.info is not None:
+        try:
+            check_minimum(client.info.protocol_version, minimum, feature)
+        except ProtocolMismatch as exc:
+            raise WorkerIncompatible(client.name, str(exc)) from None
 
 
 def _check_result(

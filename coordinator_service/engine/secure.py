@@ -18,10 +18,20 @@ import torch
 from coordinator_service.engine.state import Contribution, RoundFailed, RoundState
 from coordinator_service.engine.worker_client import WorkerClient
 from coordinator_service.engine.worker_errors import WorkerError, WorkerRejected
+from coordinator_service.policy.privacy import GaussianMean
 from coordinator_service.policy.strategy import Failure
 from fedpi.secagg import shamir
 from fedpi.secagg.keys import KeyPair, commitment
-from fedpi.secagg.masks import ELEMENT_BYTES, MaskStream, Quantizer, SignedMask, apply, pairwise_sign
+from fedpi.secagg.masks import (
+    ELEMENT_BYTES,
+    TAIL,
+    DistributedNoise,
+    MaskStream,
+    Quantizer,
+    SignedMask,
+    apply,
+    pairwise_sign,
+)
 from fedpi.weights.manifest import TensorMeta
 from generated.fedpi.v1 import worker_pb2 as pb
 
@@ -72,7 +82,11 @@ class SecureRound:
         clients: Sequence[WorkerClient],
         max_weight: int,
         unweighted: bool,
+        dp: GaussianMean | None = None,
+        survivors: int = MIN_WORKERS,
     ):
+        """With `dp`, distributed DP: every worker noises its own update, 1 / `survivors` of the noise each, and no
+        sum of fewer than `survivors` updates is unmasked."""
         if len(clients) < MIN_WORKERS:
             raise RoundFailed(
                 f"round {rnd.number}: secure aggregation needs at least {MIN_WORKERS} workers in a round, "
@@ -90,20 +104,26 @@ class SecureRound:
                 f"holders of a worker's shares, itself and its {degree} neighbours ({holders // 2 + 1}..{holders})"
             )
         self.graph = neighbour_graph(len(clients), degree)
-        self.quantizer = Quantizer(settings.clip, len(clients), max_weight)
         self.coordinates = sum(m.numel for m in rnd.payload.manifest if masked(m))
+        self.dp, self.noise = dp, None
+        if dp is not None:
+            count_stddev = dp.adaptive.count_stddev if dp.adaptive is not None else 0.0
+            survivors = min(max(survivors, MIN_WORKERS), len(clients))
+            self.noise = DistributedNoise(dp.clip, dp.sum_noise_multiplier, survivors, self.coordinates, count_stddev)
+        self.quantizer = Quantizer(settings.clip, len(clients), max_weight, self.noise)
+        self.elements = self.coordinates + (1 if self.noise is not None and self.noise.count_stddev else 0) + 1
         self.keys: dict[int, pb.SecAggKeysResponse] = {}
         self.sealed: dict[int, list[pb.SealedShare]] = {}  # by receiver
         self.shared: set[int] = set()
         self.commitments: dict[int, bytes] = {}
-        self.sum = np.zeros(self.coordinates + 1, dtype=np.uint32)
+        self.sum = np.zeros(self.elements, dtype=np.uint32)
         self.clipped = 0
         self.error_bound = 0.0
         self.mean_distance = 0.0
         self.recovered: list[str] = []  # dropped after sharing: their pairwise masks rebuilt from shares
 
     def config(self, i: int) -> pb.SecAggConfig:
-        return pb.SecAggConfig(
+        config = pb.SecAggConfig(
             round_id=self.rnd.round_id,
             index=i,
             neighbours=sorted(self.graph[i]),
@@ -113,6 +133,11 @@ class SecureRound:
             max_weight=self.quantizer.max_weight,
             unweighted=self.unweighted,
         )
+        if (noise := self.noise) is not None:
+            config.dp_clip_norm, config.dp_noise_multiplier = noise.clip_norm, noise.noise_multiplier
+            config.dp_survivors, config.coordinates = noise.survivors, noise.coordinates
+            config.dp_count_stddev = noise.count_stddev
+        return config
 
     def takes_part(self, client: WorkerClient) -> bool:
         return self.index.get(client.name) in self.shared
@@ -198,7 +223,7 @@ class SecureRound:
     async def fold(self, c: Contribution) -> None:
         """Stream worker c's masked update into the sum, chunk by chunk, checking the stream's shape as it goes."""
         i = self.index[c.name]
-        total = (self.coordinates + 1) * ELEMENT_BYTES
+        total = self.elements * ELEMENT_BYTES
         request = pb.GetMaskedUpdateRequest(
             round_id=self.rnd.round_id, peers=self.peers(i), chunk_size=self.settings.chunk_bytes
         )
@@ -207,11 +232,11 @@ class SecureRound:
             kind = chunk.WhichOneof("kind")
             if kind == "header" and header is None and offset == 0:
                 header = chunk.header
-                if header.round_id != self.rnd.round_id or header.elements != self.coordinates + 1:
+                if header.round_id != self.rnd.round_id or header.elements != self.elements:
                     raise WorkerRejected(
                         c.name,
                         f"its masked update is {header.elements} elements of round id {header.round_id!r}; "
-                        f"expected {self.coordinates + 1} of {self.rnd.round_id!r}",
+                        f"expected {self.elements} of {self.rnd.round_id!r}",
                     )
             elif kind == "data" and header is not None and trailer is None:
                 data = chunk.data
@@ -251,6 +276,13 @@ class SecureRound:
             raise RoundFailed(
                 f"round {self.rnd.number}: {len(survivors)} masked updates arrived, fewer than the secure "
                 f"aggregation threshold {self.threshold}: the sum cannot be unmasked; the global model is unchanged",
+                self.rnd.report.failures,
+            )
+        if self.noise is not None and len(survivors) < self.noise.survivors:
+            raise RoundFailed(
+                f"round {self.rnd.number}: {len(survivors)} masked updates arrived; distributed DP noises a sum only "
+                f"when at least {self.noise.survivors} are in it (the quorum): the sum is not unmasked; the global "
+                f"model is unchanged",
                 self.rnd.report.failures,
             )
         answers = await asyncio.gather(
@@ -307,6 +339,23 @@ class SecureRound:
         except shamir.ShareError as exc:
             raise self._failed(f"worker {self.clients[owner].name}'s {what}: {exc}") from None
 
+    def _noised_mean(self, survivors: int) -> tuple[np.ndarray, float]:
+        """Distributed DP's mean, (sum of clipped updates + noise) / workers per round as the DP mean divides, and how
+        far from the global model it can honestly be: the clipped updates, the noise's norm out to its tail, and the
+        rounding. Adaptive clipping learns from the noised count."""
+        assert self.noise is not None and self.dp is not None
+        scale, expected = self.quantizer.scale, self.dp.expected_workers
+        coordinates = self.sum[: self.coordinates].view(np.int32).astype(np.float64)
+        mean = coordinates / (scale * expected)
+        std = self.noise.sum_std(scale, survivors) / expected
+        rounding = survivors * np.sqrt(self.coordinates) / (scale * expected)
+        bound = self.noise.clip_norm * survivors / expected + std * (np.sqrt(self.coordinates) + TAIL) + rounding
+        count = None
+        if self.noise.count_stddev:
+            count = int(self.sum[-2:-1].view(np.int32)[0]) / self.noise.count_scale(self.quantizer.workers)
+        self.dp.clipped(self.noise.clip_norm, None, survivors, count, noise_std=std)
+        return mean, bound
+
     def _failed(self, message: str) -> RoundFailed:
         return RoundFailed(
             f"round {self.rnd.number}: {message}; the global model is unchanged", self.rnd.report.failures
@@ -323,12 +372,17 @@ class SecureRound:
                 f"the unmasked total weight is {total_weight}, not the {reported} the workers reported: an update "
                 f"or a share was altered"
             )
-        mean = self.quantizer.mean_delta(self.sum[:-1], total_weight)
+        if self.noise is None:
+            mean = self.quantizer.mean_delta(self.sum[:-1], total_weight)
+            bound = self.rnd.max_distance
+        else:
+            mean, bound = self._noised_mean(total_weight)
         distance = float(np.sqrt(np.dot(mean, mean)))
-        if not distance <= self.rnd.max_distance:
+        if not distance <= bound:
             raise self._failed(
-                f"the round's mean update is {distance:.4g} from the global model, beyond the distance bound "
-                f"{self.rnd.max_distance:.4g} (--max-update-ratio): a worker sent integers outside the range"
+                f"the round's mean update is {distance:.4g} from the global model, beyond the bound {bound:.4g} "
+                f"({'the clip norm and the noise' if self.noise else '--max-update-ratio'}): a worker sent integers "
+                f"outside the range"
             )
         self.mean_distance = distance
         flat, start = [], 0
@@ -338,7 +392,8 @@ class SecureRound:
                 continue
             flat.append(reference.double() + torch.from_numpy(mean[start : start + meta.numel]))
             start += meta.numel
-        self.error_bound = self.quantizer.error_bound(len(done), total_weight)
+        denominator = total_weight if self.dp is None else self.dp.expected_workers
+        self.error_bound = self.quantizer.error_bound(len(done), denominator)
         return flat
 
 

@@ -115,17 +115,20 @@ class GaussianMean(AggregationRule):
         self.clipped(clip, clipped, len(arrived), count)
         return flat
 
-    def clipped(self, clip: float, clipped: int | None, workers: int, noisy_count: float | None) -> None:
-        """Record a round's clipping (`clipped` is None when no one may count it: under secure aggregation) and, with
-        adaptive clipping, move the clip from the noisy centred count (AdaptiveClip.update)."""
-        std = self.sum_noise_multiplier * clip / self.expected_workers
+    def clipped(
+        self, clip: float, clipped: int | None, workers: int, noisy_count: float | None, noise_std: float | None = None
+    ) -> None:
+        """Record a round's clipping (`clipped` is None when no one may count it: under secure aggregation, where the
+        workers noise their own updates and `noise_std` is what their noise came to) and, with adaptive clipping,
+        move the clip from the noisy centred count (AdaptiveClip.update)."""
+        std = self.sum_noise_multiplier * clip / self.expected_workers if noise_std is None else noise_std
         self.last.clear()
-        self.last.update(clip_norm=round(clip, 6), noise_std=round(std, 6))
+        self.last.update(clip_norm=float(f"{clip:.6g}"), noise_std=float(f"{std:.4g}"))
         if clipped is not None:
             self.last["clipped"] = clipped
         if self.adaptive is not None and noisy_count is not None:
             share = self.adaptive.update(noisy_count, self.expected_workers)
-            self.last.update(unclipped_share=round(share, 4), next_clip_norm=round(self.adaptive.norm, 6))
+            self.last.update(unclipped_share=round(share, 4), next_clip_norm=float(f"{self.adaptive.norm:.6g}"))
         log.info("dp_noise_added", workers=workers, **self.last)
 
     def state_dict(self) -> dict:

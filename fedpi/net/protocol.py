@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fedpi
 
-PROTOCOL_VERSION = "1.12"
+PROTOCOL_VERSION = "1.13"
 # Call metadata key in which a coordinator states the protocol it speaks.
 VERSION_METADATA_KEY = "fedpi-protocol-version"
 SERVICE_NAME = "fedpi.v1.Worker"

@@ -37,7 +37,6 @@ def test_the_default_is_secagg_with_the_smallest_majority_of_holders():
         ({"aggregation": "median"}, "aggregation median"),
         ({"aggregation": "trimmed-mean"}, "aggregation trimmed-mean"),
         ({"local_seconds": 10}, "strategy fednova"),
-        ({"dp_noise_multiplier": 1.0}, "dp_noise_multiplier"),
         ({"compression": "int8"}, "compression int8"),
     ],
 )
@@ -86,7 +85,7 @@ class Masking(FakeWorker):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.info.protocol_version = "1.12"
+        self.info.protocol_version = "1.13"
 
     async def secagg_keys(self, config):
         self.session = Session(config)
@@ -99,9 +98,13 @@ class Masking(FakeWorker):
     async def get_masked_update(self, request, expected_bytes):
         step = self.step()
         deltas = [step[k].double().reshape(-1).numpy() for k, v in self.state.items() if v.is_floating_point()]
-        elements = sum(len(d) for d in deltas) + 1
+        coordinates = sum(len(d) for d in deltas)
+        elements = self.session.elements(coordinates)
         yield pb.MaskedChunk(header=pb.MaskedUpdateHeader(round_id=request.round_id, elements=elements))
-        for chunk in self.session.masked_update(request.peers, deltas, self.samples, request.chunk_size):
+        chunks = self.session.masked_update(
+            request.peers, lambda: deltas, coordinates, self.samples, request.chunk_size
+        )
+        for chunk in chunks:
             await asyncio.sleep(0)
             yield chunk
 
@@ -221,7 +224,7 @@ class Forging(Masking):
 @pytest.mark.parametrize(
     "forged, reason",
     [
-        (dict(coordinates=2**30), "beyond the distance bound"),  # +2 clip x W / total weight on every coordinate
+        (dict(coordinates=2**30), "beyond the bound"),  # +2 clip x W / total weight on every coordinate
         (dict(weight=100_000), "not the 136 the workers reported"),
     ],
 )
@@ -253,3 +256,122 @@ def test_a_masked_stream_with_a_chunk_out_of_place_is_refused_and_the_round_goes
     [failure] = report.failures
     assert failure.worker == "x" and failure.phase == "get_masked_update" and "out of place" in failure.reason
     assert report.secure_aggregation["dropped_after_sharing"] == ["x"]
+
+
+# -- distributed DP: worker-level DP with secure aggregation, each worker noising its own update -------------------
+
+from coordinator_service.policy.privacy import AdaptiveClip, GaussianMean  # noqa: E402
+from fedpi.secagg.masks import DistributedNoise, Quantizer  # noqa: E402
+
+
+class Scaled(Masking):
+    """An honest step times `factor`."""
+
+    def __init__(self, name, seed, factor: float):
+        super().__init__(name, seed)
+        self.factor = factor
+
+    def step(self):
+        return {k: v * self.factor if v.is_floating_point() else v for k, v in super().step().items()}
+
+
+def _dp_runner(model, rule: GaussianMean, quorum: int, chunk_bytes: int = 256) -> RoundRunner:
+    return RoundRunner(
+        model=model,
+        architecture=ARCH,
+        strategy=FedAvg(local_batches=2, batch_size=64, min_workers=quorum, weighted=False),
+        transfer=TransferSettings(chunk_size=4096),
+        secure=SecureSettings(chunk_bytes=chunk_bytes),
+        aggregation=rule,
+        max_update_ratio=10.0,
+    )
+
+
+def _flat_norm(step: dict) -> float:
+    return sum(float(v.double().pow(2).sum()) for v in step.values() if v.is_floating_point()) ** 0.5
+
+
+def test_distributed_dp_is_the_dp_mean_of_the_clipped_steps_and_adaptive_clipping_learns_from_the_masked_count():
+    """Noise too small to matter: the unmasked mean is x + sum(clip(d_i)) / expected within the rounding bound, and
+    the clip moves by the count the workers masked, as computed here from the steps' norms."""
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    workers = [Scaled(n, i, f) for i, (n, f) in enumerate([("a", 1.0), ("b", 30.0), ("c", 2.0), ("d", 8.0)], 1)]
+    for w in workers:
+        w.state = before
+    norms = [_flat_norm(w.step()) for w in workers]
+    clip = sorted(norms)[1] * 1.01  # two within, two beyond
+    rule = GaussianMean(clip, 1e-9, 5, AdaptiveClip(norm=clip, quantile=0.5, lr=0.3, count_stddev=1e-9))
+    report = asyncio.run(_dp_runner(model, rule, quorum=4).run_round(1, workers))
+    assert not report.failures and len(report.workers) == 4
+    bound = report.secure_aggregation["quantization_error_bound"]
+    for k, v in model.state_dict().items():
+        if not v.is_floating_point():
+            continue
+        exact = before[k].double() + sum(min(1.0, clip / n) * w.step()[k].double() for n, w in zip(norms, workers)) / 5
+        slack = 3 * bound + torch.finfo(torch.float32).eps * exact.abs()
+        assert bool(((v.double() - exact).abs() <= slack).all()), k
+    share = (2 - 2) / 2 / 5 + 0.5  # two within (+1/2 each), two beyond (-1/2 each)
+    assert report.dp_clipping["unclipped_share"] == pytest.approx(share, abs=1e-6)
+    assert rule.clip == pytest.approx(clip * np.exp(-0.3 * (share - 0.5)), rel=1e-9)
+    assert "clipped" not in report.dp_clipping  # nobody but the workers knows who was clipped
+
+
+@pytest.mark.parametrize("quorum, survivors", [(5, 5), (1, 3)])
+def test_each_worker_adds_its_share_of_the_noise_so_the_sum_carries_what_the_configuration_says(quorum, survivors):
+    """Five workers, nothing clipped: the unmasked mean's noise has deviation z (scale C + sqrt(d)) sqrt(5 / t) /
+    (scale m), t = the quorum (at least 3); measured over the coordinates, and fresh every round."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(150, 150), torch.nn.Linear(150, 3))
+    coordinates = sum(v.numel() for v in model.state_dict().values())
+    noises = []
+    for round_ in (1, 2):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        workers = [Scaled(n, i, 1.0) for i, n in enumerate("abcde", 1)]
+        rule = GaussianMean(clip_norm=100.0, noise_multiplier=2.0, expected_workers=5)
+        report = asyncio.run(_dp_runner(model, rule, quorum, chunk_bytes=1 << 16).run_round(round_, workers))
+        assert len(report.workers) == 5
+        for w in workers:
+            w.state = before
+        noise = torch.cat([(v.double() - before[k].double() - sum(w.step()[k].double() for w in workers) / 5).flatten()
+                           for k, v in model.state_dict().items()])  # fmt: skip
+        noises.append(noise)
+        scale = Quantizer(1.0, 5, 1, DistributedNoise(100.0, 2.0, survivors, coordinates)).scale
+        want = 2.0 * (scale * 100.0 + coordinates**0.5) * (5 / survivors) ** 0.5 / (scale * 5)
+        assert noise.std().item() == pytest.approx(want, rel=0.03)
+        assert report.dp_clipping["noise_std"] == pytest.approx(want, rel=1e-3)
+        with torch.no_grad():  # the next round starts from the same model
+            for k, v in model.state_dict().items():
+                v.copy_(before[k])
+    assert abs(torch.corrcoef(torch.stack(noises))[0, 1].item()) < 0.05
+
+
+class NeverUploads(Masking):
+    async def get_masked_update(self, request, expected_bytes):
+        from coordinator_service.engine.worker_errors import WorkerUnavailable
+
+        raise WorkerUnavailable(self.name, "GetMaskedUpdate failed with UNAVAILABLE")
+        yield
+
+
+def test_distributed_dp_unmasks_no_sum_of_fewer_workers_than_its_noise_was_split_among():
+    """Quorum 1, so the noise is split among 3 (the fewest a secure round has); SecAgg+ with 2 neighbours could
+    unmask 2 updates, but 2 would carry only 2/3 of the noise: the round fails instead."""
+    from coordinator_service.engine.state import RoundFailed
+
+    rule = GaussianMean(clip_norm=1.0, noise_multiplier=1.0, expected_workers=5)
+    workers = [Masking("a", 1), Masking("b", 2), NeverUploads("c", 3), NeverUploads("d", 4), NeverUploads("e", 5)]
+    runner = _dp_runner(tiny_model(), rule, quorum=1)
+    runner.secure = SecureSettings(chunk_bytes=256, neighbours=2)
+    with pytest.raises(RoundFailed, match="distributed DP noises a sum only when at least 3 are in it"):
+        asyncio.run(runner.run_round(1, workers))
+
+
+def test_a_worker_too_old_for_distributed_dp_sits_the_round_out_rather_than_send_its_update_un_noised():
+    workers = [Masking(n, i) for i, n in enumerate("abcd", start=1)]
+    workers[0].info.protocol_version = "1.12"  # secure aggregation, but it would ignore the noise it is asked for
+    rule = GaussianMean(clip_norm=1.0, noise_multiplier=1.0, expected_workers=4)
+    report = asyncio.run(_dp_runner(tiny_model(), rule, quorum=3).run_round(1, workers))
+    [failure] = report.failures
+    assert failure.worker == "a" and "1.13" in failure.reason and "distributed DP" in failure.reason
+    assert [w.worker for w in report.workers] == ["b", "c", "d"]

@@ -68,6 +68,34 @@ def test_the_unmasked_model_is_plain_fedavg_within_the_quantization_bound(five, 
     assert any(e.get("event") == "secagg_unmasked" and e["survivors"] == 5 for e in log)
 
 
+def test_distributed_dp_is_the_central_dp_mean_and_adaptive_clip_with_the_noise_turned_down(five, tmp_path):
+    """The same two rounds with worker-level DP on the coordinator and with the workers noising their own masked
+    updates: with the noise turned down, the same clip norms, round by round (adaptive clipping learns from the count
+    the workers masked), and the same model. The noise itself is measured in
+    tests/coordinator_service/test_secure.py."""
+    dp = ["--dp-noise-multiplier", "1e-6", "--dp-clip-norm", "0.43", "--dp-clip-quantile", "0.5",
+          "--dp-clipped-count-stddev", "1e-6"]  # fmt: skip
+    keep = ["--keep-round-models", "2"]
+    central, _ = train(five, tmp_path / "central", *dp, *keep, rounds=2)
+    assert central.returncode == 0, central.stdout[-2000:]
+    distributed, log = train(five, tmp_path / "distributed", *dp, *keep, "--secure-aggregation", rounds=2)
+    assert distributed.returncode == 0, distributed.stdout[-2000:]
+    a_and_b = ("central", "distributed")
+    a, b = (rounds(tmp_path / run) for run in a_and_b)
+    for x, y in zip(a, b):
+        assert y["dp_clipping"]["clip_norm"] == pytest.approx(x["dp_clipping"]["clip_norm"], rel=1e-4)
+        assert y["dp_clipping"]["next_clip_norm"] == pytest.approx(x["dp_clipping"]["next_clip_norm"], rel=1e-4)
+        assert y["dp_epsilon"] == x["dp_epsilon"] and "secure_aggregation" in y
+    assert 0 < a[0]["dp_clipping"]["clipped"] < 5  # the clip sat among the updates' norms
+    assert a[0]["dp_clipping"]["next_clip_norm"] != 0.43
+    # Round 1's models: each run's noise (deviation about 1e-7 a weight) out to 6 deviations; later rounds train
+    # from these and drift apart by more.
+    ma, mb = (torch.load(tmp_path / run / "rounds" / "round-1.pt", weights_only=True) for run in a_and_b)
+    for k in ma:
+        assert torch.allclose(ma[k].double(), mb[k].double(), atol=2e-6, rtol=0), (k, (ma[k] - mb[k]).abs().max())
+    assert any(e.get("event") == "dp_noise_added" and "clipped" not in e for e in log)
+
+
 @pytest.fixture(scope="module")
 def dropping(tmp_path_factory):
     """alice, bob and charlie honest; dave drops after sharing (its Train fails), erin after its masked upload."""

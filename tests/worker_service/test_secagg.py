@@ -15,6 +15,7 @@ from worker_service.secagg import Session
 
 N, WEIGHT, CLIP = 4, 10, 1.0
 DELTA = np.random.default_rng(7).normal(0, 0.01, 5000)
+DP = dict(unweighted=True, max_weight=1, dp_clip_norm=0.5, dp_noise_multiplier=1.0, dp_survivors=3, coordinates=5000)
 
 
 def config(i: int, round_id: str = "run/1.1", threshold: int = 3, **kw) -> pb.SecAggConfig:
@@ -40,7 +41,7 @@ def set_up(round_id: str = "run/1.1") -> tuple[dict[int, Session], dict[int, lis
 
 def fetch(session: Session, delta=DELTA, chunk_bytes: int = 4096, peers=None) -> np.ndarray:
     peers = [j for j in range(1, N + 1) if j != session.me] if peers is None else peers
-    chunks = session.masked_update(peers, [delta[:1234], delta[1234:]], WEIGHT, chunk_bytes)
+    chunks = session.masked_update(peers, lambda: [delta[:1234], delta[1234:]], len(delta), WEIGHT, chunk_bytes)
     return np.concatenate([np.frombuffer(c.data.data, "<u4") for c in chunks if c.WhichOneof("kind") == "data"])
 
 
@@ -146,6 +147,10 @@ def test_a_claim_of_too_few_survivors_reveals_nothing():
         (dict(neighbours=[1, 2]), "distinct other workers"),
         (dict(round_id=""), "needs the round_id"),
         (dict(clip=0.0), "positive number"),
+        (dict(DP, max_weight=10), "weighs every worker alike"),
+        (dict(DP, dp_survivors=5), "outside 1..4"),
+        (dict(DP, dp_noise_multiplier=0.0), "positive clip norm and noise multiplier"),
+        (dict(DP, dp_noise_multiplier=1e9), "too large for 5000 coordinates"),
     ],
 )
 def test_a_config_that_would_weaken_the_protocol_is_refused(change, message):
@@ -157,3 +162,23 @@ def test_no_secret_is_in_the_session_s_repr():
     sessions, _ = set_up()
     text = repr(sessions[1])
     assert sessions[1]._seed.hex() not in text and "run/1.1" in text
+
+
+def test_with_distributed_dp_the_noised_update_is_the_same_bytes_however_it_is_cut_and_fetched():
+    """Two differently noised copies of one update would average the noise away."""
+    session = Session(config(1, **DP))
+    peers = [2, 3, 4]
+    s = set_up()  # keys for the peers
+    keys = {i: x.public_keys() for i, x in s[0].items()}
+    session.shares([pb.PeerKeys(index=j, cipher_public_key=keys[j].cipher_public_key,
+                                mask_public_key=keys[j].mask_public_key) for j in peers])  # fmt: skip
+
+    def fetch_dp(chunk_bytes, pieces):
+        chunks = session.masked_update(peers, lambda: np.array_split(DELTA, pieces), len(DELTA), 1, chunk_bytes)
+        return np.concatenate([np.frombuffer(c.data.data, "<u4") for c in chunks if c.WhichOneof("kind") == "data"])
+
+    first = fetch_dp(4096, 2)
+    assert len(first) == 5000 + 1
+    assert np.array_equal(first, fetch_dp(12, 7))
+    with pytest.raises(ValueError, match="set up for 5000 coordinates; this worker's model has 4999"):
+        session.masked_update(peers, lambda: [DELTA[1:]], 4999, 1, 4096)

@@ -304,7 +304,7 @@ class GetWeightsRequest(_message.Message):
     def __init__(self, chunk_size: _Optional[int] = ..., encoding: _Optional[_Union[ChunkEncoding, str]] = ..., digest_in_trailer: _Optional[bool] = ..., digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SecAggConfig(_message.Message):
-    __slots__ = ("round_id", "index", "neighbours", "threshold", "clip", "workers", "max_weight", "unweighted")
+    __slots__ = ("round_id", "index", "neighbours", "threshold", "clip", "workers", "max_weight", "unweighted", "dp_clip_norm", "dp_noise_multiplier", "dp_survivors", "coordinates", "dp_count_stddev")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +313,11 @@ class SecAggConfig(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     UNWEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DP_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATES_FIELD_NUMBER: _ClassVar[int]
+    DP_COUNT_STDDEV_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     index: int
     neighbours: _containers.RepeatedScalarFieldContainer[int]
@@ -321,7 +326,12 @@ class SecAggConfig(_message.Message):
     workers: int
     max_weight: int
     unweighted: bool
-    def __init__(self, round_id: _Optional[str] = ..., index: _Optional[int] = ..., neighbours: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., clip: _Optional[float] = ..., workers: _Optional[int] = ..., max_weight: _Optional[int] = ..., unweighted: _Optional[bool] = ...) -> None: ...
+    dp_clip_norm: float
+    dp_noise_multiplier: float
+    dp_survivors: int
+    coordinates: int
+    dp_count_stddev: float
+    def __init__(self, round_id: _Optional[str] = ..., index: _Optional[int] = ..., neighbours: _Optional[_Iterable[int]] = ..., threshold: _Optional[int] = ..., clip: _Optional[float] = ..., workers: _Optional[int] = ..., max_weight: _Optional[int] = ..., unweighted: _Optional[bool] = ..., dp_clip_norm: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_survivors: _Optional[int] = ..., coordinates: _Optional[int] = ..., dp_count_stddev: _Optional[float] = ...) -> None: ...
 
 class SecAggKeysRequest(_message.Message):
     __slots__ = ("config",)
