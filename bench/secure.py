@@ -127,7 +127,8 @@ def bench_pilan(tmp: Path) -> None:
 
 def worker_timing(model: str, neighbours: int) -> dict[str, float]:
     """One worker's secure-aggregation work for a round of `model`, timed stage by stage: keys, shares for its
-    neighbours, and its masked update (quantising and masking every parameter) as GetMaskedUpdate streams it."""
+    neighbours, and its masked update (quantising and masking every parameter) as GetMaskedUpdate streams it; then
+    the same masked update with distributed DP (the norm, and Skellam noise on every integer)."""
     import time
 
     from fedpi.models import build_model
@@ -136,10 +137,14 @@ def worker_timing(model: str, neighbours: int) -> dict[str, float]:
 
     state = build_model(model, seed=1).state_dict()
     deltas = [t.detach().reshape(-1).double().numpy() * 1e-3 for t in state.values() if t.is_floating_point()]
+    coordinates = sum(len(d) for d in deltas)
     n = neighbours + 1
-    others = [Session(pb.SecAggConfig(round_id="t/1.1", index=i, neighbours=[j for j in range(1, n + 1) if j != i],
-                                      threshold=n // 2 + 1, clip=1.0, workers=n, max_weight=640))
-              for i in range(1, n + 1)]  # fmt: skip
+
+    def config(i: int, **dp) -> pb.SecAggConfig:
+        return pb.SecAggConfig(round_id="t/1.1", index=i, neighbours=[j for j in range(1, n + 1) if j != i],
+                               threshold=n // 2 + 1, clip=1.0, workers=n, **{"max_weight": 640, **dp})  # fmt: skip
+
+    others = [Session(config(i)) for i in range(1, n + 1)]
     keys = {s.me: s.public_keys() for s in others}
     me = others[0]
     times = {}
@@ -153,9 +158,16 @@ def worker_timing(model: str, neighbours: int) -> dict[str, float]:
     me.shares(peers)
     times["shares"] = time.perf_counter() - t
     t = time.perf_counter()
-    for _ in me.masked_update([p.index for p in peers], lambda: deltas, sum(len(d) for d in deltas), 640, 1 << 20):
+    for _ in me.masked_update([p.index for p in peers], lambda: deltas, coordinates, 640, 1 << 20):
         pass
     times["masked_update"] = time.perf_counter() - t
+    noised = Session(config(1, max_weight=1, unweighted=True, dp_clip_norm=1.0, dp_noise_multiplier=1.0,
+                            dp_survivors=n // 2 + 1, coordinates=coordinates, dp_count_stddev=1.0))  # fmt: skip
+    noised.shares(peers)
+    t = time.perf_counter()
+    for _ in noised.masked_update([p.index for p in peers], lambda: deltas, coordinates, 1, 1 << 20):
+        pass
+    times["masked_update_dp"] = time.perf_counter() - t
     return times
 
 
@@ -169,8 +181,8 @@ def bench_pi_timing(tmp: Path) -> None:
     from tests.conftest import ROOT
 
     print("\none worker's secure-aggregation work a round at a Pi 4's CPU share (pilan, 15% of a core), 4 neighbours\n")
-    print("| model | keys | shares | masked update (quantise + 5 masks) |")
-    print("|---|---|---|---|")
+    print("| model | keys | shares | masked update (quantise + 5 masks) | the same with distributed DP |")
+    print("|---|---|---|---|---|")
     with pilan.lan(1, "none", 15):
         for model in ("reference-cnn", "large-mlp"):
             code = (
@@ -180,8 +192,8 @@ def bench_pi_timing(tmp: Path) -> None:
             argv = [str(pilan.PILAN), "exec", "1", sys.executable, "-c", code]
             out = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
             t = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {model} | {t['keys'] * 1e3:.1f} ms | {t['shares'] * 1e3:.1f} ms | {t['masked_update']:.2f} s |",
-                  flush=True)  # fmt: skip
+            print(f"| {model} | {t['keys'] * 1e3:.1f} ms | {t['shares'] * 1e3:.1f} ms | {t['masked_update']:.2f} s | "
+                  f"{t['masked_update_dp']:.2f} s |", flush=True)  # fmt: skip
 
 
 BENCHES = {

@@ -81,6 +81,7 @@ class RoundReport:
     version: int | None = None  # asynchronous mode: the server version this report made (= round)
     idle_fraction: dict[str, float] | None = None  # asynchronous mode: each worker's idle share of the run so far
     dp_epsilon: float | None = None  # worker-level DP: epsilon spent by the end of this round, at the run's delta
+    dp_epsilon_coordinator: float | None = None  # distributed DP: the same against the coordinator (no sampling)
     secure_aggregation: dict | None = None  # engine.secure.SecureRound.summary
     dp_clipping: dict | None = None  # worker-level DP: the clip norm, the noise, and where adaptive clipping moved it
 
@@ -103,6 +104,11 @@ class RoundReport:
             **({"version": self.version} if self.version is not None else {}),
             **({"idle_fraction": self.idle_fraction} if self.idle_fraction is not None else {}),
             **({"dp_epsilon": round(self.dp_epsilon, 4)} if self.dp_epsilon is not None else {}),
+            **(
+                {"dp_epsilon_coordinator": round(self.dp_epsilon_coordinator, 4)}
+                if self.dp_epsilon_coordinator is not None
+                else {}
+            ),
             **({"dp_sgd_epsilon": round(max(sgd), 4)} if (sgd := self.dp_sgd_epsilons) else {}),
             **({"secure_aggregation": self.secure_aggregation} if self.secure_aggregation is not None else {}),
             **({"dp_clipping": self.dp_clipping} if self.dp_clipping is not None else {}),

@@ -382,6 +382,8 @@ async def _run_rounds(
         report = await _run_round_with_retries(cfg, roster, runner, server_round, observer)
         if cfg.privacy is not None:
             report.dp_epsilon = cfg.privacy.epsilon(server_round)
+            if cfg.secure is not None:  # distributed DP: a guarantee against the coordinator too
+                report.dp_epsilon_coordinator = cfg.privacy.unsampled(server_round)
         reports.append(report)
         await finisher.submit(report, runner.model)
         if cfg.stop is not None and cfg.stop.is_set() and server_round < cfg.rounds:

@@ -154,6 +154,11 @@ class Accountant:
         """Epsilon at `delta` after `rounds` rounds of the sampled Gaussian mechanism."""
         return _rdp_epsilon(self.noise_multiplier, self.sample_rate, rounds, self.delta)
 
+    def unsampled(self, rounds: int) -> float:
+        """Epsilon after `rounds` rounds for one who knows who was sampled (under secure aggregation, the
+        coordinator): a worker that took part in every one of them."""
+        return _rdp_epsilon(self.noise_multiplier, 1.0, rounds, self.delta)
+
     def allows(self, rounds: int) -> bool:
         """Whether `rounds` rounds stay within the budget."""
         return not self.target_epsilon or self.epsilon(rounds) <= self.target_epsilon

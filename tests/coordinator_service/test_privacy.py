@@ -214,3 +214,14 @@ def test_adaptive_clipping_refuses_count_noise_that_leaves_the_sum_none():
         run_settings.merge({"dp_noise_multiplier": 1.0, "dp_clip_quantile": 0.5, "dp_clipped_count_stddev": 0.4})
     assert run_settings.merge({"dp_noise_multiplier": 1.0, "dp_clip_quantile": 0.5}).privacy.count_stddev(5) == 1.0
     assert run_settings.merge({"dp_noise_multiplier": 1.0, "dp_clip_quantile": 0.5}).privacy.count_stddev(100) == 5.0
+
+
+def test_against_one_who_knows_who_was_sampled_sampling_amplifies_nothing():
+    from opacus.accountants import RDPAccountant
+
+    accountant = Accountant(noise_multiplier=1.1, sample_rate=0.1, delta=1e-5)
+    reference = RDPAccountant()
+    for _ in range(5):
+        reference.step(noise_multiplier=1.1, sample_rate=1.0)
+    assert accountant.unsampled(5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    assert accountant.unsampled(5) > accountant.epsilon(5)

@@ -86,6 +86,7 @@ def test_distributed_dp_is_the_central_dp_mean_and_adaptive_clip_with_the_noise_
         assert y["dp_clipping"]["clip_norm"] == pytest.approx(x["dp_clipping"]["clip_norm"], rel=1e-4)
         assert y["dp_clipping"]["next_clip_norm"] == pytest.approx(x["dp_clipping"]["next_clip_norm"], rel=1e-4)
         assert y["dp_epsilon"] == x["dp_epsilon"] and "secure_aggregation" in y
+        assert y["dp_epsilon_coordinator"] == y["dp_epsilon"] and "dp_epsilon_coordinator" not in x  # 5 of 5 sampled
     assert 0 < a[0]["dp_clipping"]["clipped"] < 5  # the clip sat among the updates' norms
     assert a[0]["dp_clipping"]["next_clip_norm"] != 0.43
     # Round 1's models: each run's noise (deviation about 1e-7 a weight) out to 6 deviations; later rounds train
