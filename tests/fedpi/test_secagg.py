@@ -126,3 +126,23 @@ def test_a_mask_stream_is_the_same_however_it_is_cut():
     assert not np.array_equal(MaskStream(b"j" * 32).next(1000), whole)
     pieces = [np.arange(5), np.arange(0), np.arange(7)]
     assert [len(c) for c in chunked(pieces, 4)] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("workers, survivors", [(3, 3), (5, 3), (10, 6), (100, 51)])
+@pytest.mark.parametrize(
+    "noise_multiplier, clip_norm, coordinates", [(0.5, 1.0, 431_080), (5.0, 0.01, 26_305_034), (2.0, 100.0, 23_000)]
+)
+def test_with_distributed_dp_the_sum_and_its_noise_fit_and_each_worker_s_noise_is_drawable(
+    workers, survivors, noise_multiplier, clip_norm, coordinates
+):
+    """N workers at the edge of the range, plus the sum's noise out to TAIL deviations, stay within int32; no
+    worker's noise deviation passes MAX_NOISE_STD, where numpy's Poisson draws keep their variance."""
+    from fedpi.secagg.masks import LARGEST, MAX_NOISE_STD, TAIL, DistributedNoise
+
+    noise = DistributedNoise(clip_norm, noise_multiplier, survivors, coordinates, count_stddev=1.0)
+    q = Quantizer(clip=0.5, workers=workers, max_weight=1, noise=noise)
+    sum_std = noise.sum_std(q.scale, workers) * q.scale
+    assert workers * (q.bound + 1) + TAIL * sum_std <= LARGEST
+    assert (2 * noise.skellam_mu(q.scale)) ** 0.5 <= MAX_NOISE_STD * (1 + 1e-9)
+    k = noise.count_scale(workers)
+    assert k % 2 == 0 and workers * k / 2 + TAIL * (2 * noise.count_mu(workers) * workers) ** 0.5 <= LARGEST
