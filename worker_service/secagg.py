@@ -213,6 +213,18 @@ class Session:
                 f"{len(survivors) + 1} survivors among this worker and its neighbours, fewer than the threshold "
                 f"{self.config.threshold}: nothing is revealed"
             )
+        noise = self.quantizer.noise
+        if (
+            noise is not None
+            and len(self.neighbours) == self.config.workers - 1
+            and len(survivors) + 1 < noise.survivors
+        ):
+            # With every worker a neighbour, the survivors named are the whole sum (naming one that sent nothing
+            # would leave its masks in it): a sum of fewer than the noise was split among is not unmasked.
+            raise OutOfOrder(
+                f"{len(survivors) + 1} updates in the sum, fewer than the {noise.survivors} that distributed DP split "
+                f"its noise among: nothing is revealed"
+            )
         held = self._open(request.shares, survivors | dropped)
         held[self.me] = self._own
         response = pb.SecAggUnmaskResponse(round_id=self.round_id)

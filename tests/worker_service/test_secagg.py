@@ -24,8 +24,8 @@ def config(i: int, round_id: str = "run/1.1", threshold: int = 3, **kw) -> pb.Se
     return pb.SecAggConfig(**{**fields, **kw})
 
 
-def set_up(round_id: str = "run/1.1") -> tuple[dict[int, Session], dict[int, list[pb.SealedShare]]]:
-    sessions = {i: Session(config(i, round_id)) for i in range(1, N + 1)}
+def set_up(round_id: str = "run/1.1", **kw) -> tuple[dict[int, Session], dict[int, list[pb.SealedShare]]]:
+    sessions = {i: Session(config(i, round_id, **kw)) for i in range(1, N + 1)}
     keys = {i: s.public_keys() for i, s in sessions.items()}
     sealed: dict[int, list[pb.SealedShare]] = {}
     for i, s in sessions.items():
@@ -39,9 +39,9 @@ def set_up(round_id: str = "run/1.1") -> tuple[dict[int, Session], dict[int, lis
     return sessions, sealed
 
 
-def fetch(session: Session, delta=DELTA, chunk_bytes: int = 4096, peers=None) -> np.ndarray:
+def fetch(session: Session, delta=DELTA, chunk_bytes: int = 4096, peers=None, weight: int = WEIGHT) -> np.ndarray:
     peers = [j for j in range(1, N + 1) if j != session.me] if peers is None else peers
-    chunks = session.masked_update(peers, lambda: [delta[:1234], delta[1234:]], len(delta), WEIGHT, chunk_bytes)
+    chunks = session.masked_update(peers, lambda: [delta[:1234], delta[1234:]], len(delta), weight, chunk_bytes)
     return np.concatenate([np.frombuffer(c.data.data, "<u4") for c in chunks if c.WhichOneof("kind") == "data"])
 
 
@@ -137,6 +137,17 @@ def test_a_claim_of_too_few_survivors_reveals_nothing():
     fetch(sessions[1])
     with pytest.raises(OutOfOrder, match="fewer than the threshold 3"):
         sessions[1].unmask(unmask_request(1, sealed, [2], [3, 4]))
+
+
+def test_with_distributed_dp_and_every_worker_a_neighbour_no_sum_of_fewer_than_the_noise_was_split_among_is_unmasked():
+    """The coordinator named 4 workers to split the noise among; a sum of 3 would carry 3/4 of it."""
+    sessions, sealed = set_up(**{**DP, "dp_survivors": 4})
+    fetch(sessions[1], weight=1)
+    with pytest.raises(OutOfOrder, match="3 updates in the sum, fewer than the 4 that distributed DP split"):
+        sessions[1].unmask(unmask_request(1, sealed, [2, 3], [4]))
+    sessions, sealed = set_up(**{**DP, "dp_survivors": 3})
+    fetch(sessions[1], weight=1)
+    assert sessions[1].unmask(unmask_request(1, sealed, [2, 3], [4])).self_mask_shares
 
 
 @pytest.mark.parametrize(
