@@ -53,7 +53,7 @@ tasks: $(STAMP)  ## list the installed tasks (make run TASK=NAME trains one)
 test: lint docs  ## the test suite (after lint and the docs build), without the long scenarios
 	$(PY) -m pytest -m "not scenario"
 
-test-scenarios: $(STAMP)  ## the long end-to-end scenarios: faults, poisoning, async and board health, Fashion-MNIST
+test-scenarios: $(STAMP)  ## the long end-to-end scenarios: faults, poisoning, async and board health, secure aggregation and privacy, Fashion-MNIST
 	$(PY) -m pytest -m scenario
 
 lint: $(STAMP)  ## ruff (lint, format), the import contracts (lint-imports) and type checks (mypy)

@@ -10,6 +10,10 @@ import pytest
 from coordinator_service.policy.privacy import Accountant
 from tests.integration.conftest import events, run_coordinator
 
+# A long scenario (real runs to a privacy budget, DP-SGD on every worker, a resumed adaptive-clipping run):
+# `make test-scenarios` runs it, and CI after `make test`.
+pytestmark = pytest.mark.scenario
+
 # Noise of 1 x the clip norm on the sum of 3 updates, each clipped to 0.003: small enough for the model to stay sane.
 DP = ["--dp-noise-multiplier", "1", "--dp-clip-norm", "0.003"]
 

@@ -12,6 +12,10 @@ import torch
 from coordinator_service.local import LocalWorker
 from tests.integration.conftest import DIGITS, events, run_coordinator, start_cluster
 
+# A long scenario (five real workers a round, runs with and without masking, dropouts and a failing round):
+# `make test-scenarios` runs it, and CI after `make test`.
+pytestmark = pytest.mark.scenario
+
 NAMES = ["alice", "bob", "charlie", "dave", "erin"]
 ROUND = ["--dataset", "digits-5k", "--local-batches", "5", "--round-retries", "0", "--handshake-timeout", "5"]
 
