@@ -187,8 +187,10 @@ class AggregationSettings(_Group):
 class ServerOptimizerSettings(_Group):
     """How the aggregate becomes the next global model (docs/guide.md, Server optimizers)."""
 
-    server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
-        "fedavg", description="fedavg takes the aggregate; the others step towards it"
+    server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "feddyn"] = Field(
+        "fedavg",
+        description="fedavg takes the aggregate; the others step towards it; feddyn also regularises every worker "
+        "(docs/guide.md, Server optimizers)",
     )
     server_lr: float | None = Field(
         None,
@@ -199,6 +201,9 @@ class ServerOptimizerSettings(_Group):
     server_momentum: float = Field(0.9, ge=0, lt=1, description="server beta1 (fedavgm's momentum)")
     server_beta2: float = Field(0.99, ge=0, lt=1, description="second-moment decay of fedadam / fedyogi")
     server_tau: float = Field(1e-3, gt=0, le=1, description="adaptivity of fedadam / fedyogi / fedadagrad")
+    feddyn_alpha: float = Field(
+        0.1, gt=0, le=10, description="feddyn's alpha: the weight of each worker's dynamic regulariser"
+    )
 
     @property
     def effective_lr(self) -> float:
@@ -397,7 +402,22 @@ class RunSettings(_Group):
             self._check_dp_sgd()
         if self.privacy.secure_aggregation:
             self._check_secure_aggregation()
+        if self.server.server_optimizer == "feddyn":
+            self._check_feddyn()
         return self
+
+    def _check_feddyn(self) -> None:
+        """FedDyn's workers and server keep state round by round, over a step of known shape."""
+        refused = [
+            (self.aggregation.mode == "async", "mode async (its server correction spans whole rounds)"),
+            (
+                self.strategy_name == "fednova",
+                "strategy fednova (it rescales the mean FedDyn corrects; use local_batches)",
+            ),
+            (bool(self.training.proximal_mu), "proximal_mu (FedDyn's regulariser has its own proximal term)"),
+            (self.privacy.dp_sgd, "dp_sgd_noise_multiplier (DP-SGD steps from per-sample gradients only)"),
+        ]
+        _refuse("server_optimizer feddyn", refused)
 
     def _check_secure_aggregation(self) -> None:
         """What needs to see one update: the coordinator sees only the sum."""

@@ -48,7 +48,8 @@ class TrainConfig:
     dp_sgd_noise_multiplier: float = 0.0  # DP-SGD when positive (worker_service.dp_sgd)
     dp_sgd_max_grad_norm: float = 0.0
     dp_delta: float = 0.0
-    round_id: str = ""  # RUN/ROUND.ATTEMPT: DP-SGD accounts per run
+    round_id: str = ""  # RUN/ROUND.ATTEMPT: DP-SGD accounts per run, FedDyn keeps its linear term per run
+    feddyn_alpha: float = 0.0  # FedDyn: the loss gains -<g, w> + alpha/2 * ||w - w_start||^2
 
     def _validate_dp_sgd(self) -> None:
         if not 0 < self.dp_sgd_noise_multiplier <= 100:
@@ -57,8 +58,8 @@ class TrainConfig:
             raise ValueError(f"DP-SGD needs dp_sgd_max_grad_norm in (0, 1e6), got {self.dp_sgd_max_grad_norm}")
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"DP-SGD needs dp_delta in (0, 1), got {self.dp_delta}")
-        if self.local_seconds or self.proximal_mu:
-            raise ValueError("DP-SGD goes with local_batches or local_epochs, without proximal_mu")
+        if self.local_seconds or self.proximal_mu or self.feddyn_alpha:
+            raise ValueError("DP-SGD goes with local_batches or local_epochs, without proximal_mu or feddyn_alpha")
 
     @property
     def private(self) -> bool:
@@ -92,6 +93,10 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.proximal_mu < 1e6:
             raise ValueError(f"proximal_mu must be in [0, 1e6), got {self.proximal_mu}")
+        if not 0 <= self.feddyn_alpha <= 10:
+            raise ValueError(f"feddyn_alpha must be in [0, 10], got {self.feddyn_alpha}")
+        if self.feddyn_alpha and self.proximal_mu:
+            raise ValueError("feddyn_alpha and proximal_mu exclude each other: FedDyn's term has its own proximal part")
         if not 0 <= self.not_true_distillation <= MAX_DISTILLATION:
             raise ValueError(
                 f"not_true_distillation must be in [0, {MAX_DISTILLATION:g}], got {self.not_true_distillation}"
@@ -156,6 +161,15 @@ def _class_scores(step: StepResult) -> tuple[torch.Tensor, torch.Tensor] | None:
     return scores, labels
 
 
+def _feddyn_gradient(model: nn.Module, anchor: list[torch.Tensor], linear: list[torch.Tensor], alpha: float) -> None:
+    """FedDyn's regulariser -<g, w> + alpha/2 ||w - w_start||^2 (Acar et al., "Federated Learning Based on Dynamic
+    Regularization", ICLR 2021), added to the gradients directly: alpha (w - w_start) - g."""
+    with torch.no_grad():
+        for p, a, g in zip(model.parameters(), anchor, linear):
+            if p.grad is not None:
+                p.grad.add_(p.detach() - a, alpha=alpha).sub_(g)
+
+
 def _proximal(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's term mu/2 * ||w - w_start||^2 (Li et al., "Federated Optimization in Heterogeneous Networks", 2020)."""
     return cast(torch.Tensor, mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor)))
@@ -177,6 +191,7 @@ class Trainer:
         self.max_batches = max_batches
         self._momentum: dict[str, torch.Tensor] = {}  # by parameter name: SGD's buffers, kept for the next round
         self._teacher: nn.Module | None = None  # the installed weights, frozen, while not-true distillation is on
+        self._feddyn: tuple[str, list[torch.Tensor]] | None = None  # FedDyn's linear term g, and the run it is for
         self._warned_no_scores = False
         self.ledger = Ledger()  # DP-SGD's accountants, per run
         # The first optimizer ever created imports torch's compiler stack (about 2 s): pay that at start-up,
@@ -216,7 +231,8 @@ class Trainer:
         optimizer: torch.optim.Optimizer = sgd
         # FedProx keeps the weights it started from (the global model); plain FedAvg needs no copy. Both, and the
         # distillation teacher, are taken before DP-SGD's hooks are on the model.
-        anchor = [p.detach().clone() for p in self.model.parameters()] if cfg.proximal_mu else None
+        anchor = [p.detach().clone() for p in self.model.parameters()] if cfg.proximal_mu or cfg.feddyn_alpha else None
+        linear = self._feddyn_term(cfg) if cfg.feddyn_alpha else None
         teacher = self._frozen_copy() if cfg.not_true_distillation else None
         with contextlib.ExitStack() as private:
             if cfg.private:
@@ -225,7 +241,13 @@ class Trainer:
                         self.model, optimizer, cfg.dp_sgd_noise_multiplier, cfg.dp_sgd_max_grad_norm, cfg.batch_size
                     )  # fmt: skip
                 )
-            outcome = self._steps(cfg, optimizer, anchor, teacher, shown_total, progress, cancelled, progress_every)
+            outcome = self._steps(
+                cfg, optimizer, anchor, teacher, linear, shown_total, progress, cancelled, progress_every
+            )
+        if linear is not None and anchor is not None:  # g <- g - alpha (w_end - w_start)
+            with torch.no_grad():
+                for g, p, a in zip(linear, self.model.parameters(), anchor):
+                    g.sub_(p.detach() - a, alpha=cfg.feddyn_alpha)
         if cfg.private:
             rate = min(1.0, cfg.batch_size / len(self.data.train))
             run = cfg.round_id.split("/")[0]
@@ -242,6 +264,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         anchor: list[torch.Tensor] | None,
         teacher: nn.Module | None,
+        linear: list[torch.Tensor] | None,
         shown_total: int,
         progress: Progress,
         cancelled: threading.Event,
@@ -258,6 +281,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             step = self.task.train_step(self.model, batch_of(self.data.train, index))
             self._objective(step, cfg, anchor, teacher).backward()
+            if linear is not None and anchor is not None:
+                _feddyn_gradient(self.model, anchor, linear, cfg.feddyn_alpha)
             optimizer.step()
             if self.batch_delay and cancelled.wait(self.batch_delay):
                 raise TrainingCancelled("training cancelled by the caller")
@@ -278,7 +303,7 @@ class Trainer:
     ) -> torch.Tensor:
         """The batch's loss plus the terms the round asks for: FedProx's, not-true distillation's."""
         objective = step.loss
-        if anchor:
+        if anchor and cfg.proximal_mu:
             objective = objective + _proximal(self.model, anchor, cfg.proximal_mu)
         if teacher is not None:
             classes = _class_scores(step)
@@ -289,6 +314,14 @@ class Trainer:
                 targets = teacher(step.inputs)
             objective = objective + cfg.not_true_distillation * not_true_kl(classes[0], targets, classes[1])
         return objective
+
+    def _feddyn_term(self, cfg: TrainConfig) -> list[torch.Tensor]:
+        """FedDyn's linear term for this run: zero at its first round here (a restarted worker starts it again)."""
+        run = cfg.round_id.split("/")[0]
+        if self._feddyn is None or self._feddyn[0] != run:
+            self._feddyn = (run, [torch.zeros_like(p, memory_format=torch.contiguous_format)
+                                  for p in self.model.parameters()])  # fmt: skip
+        return self._feddyn[1]
 
     def _frozen_copy(self) -> nn.Module:
         """The weights as installed, frozen: not-true distillation's teacher. One module, refilled every round."""

@@ -117,13 +117,19 @@ def strategy(settings: RunSettings, n_workers: int) -> FedAvg:
         dp_sgd_noise_multiplier=settings.privacy.dp_sgd_noise_multiplier,
         dp_sgd_max_grad_norm=settings.privacy.dp_sgd_max_grad_norm,
         dp_delta=settings.privacy.dp_delta,
+        feddyn_alpha=settings.server.feddyn_alpha if settings.server.server_optimizer == "feddyn" else 0.0,
     )
 
 
 def server_optimizer(settings: RunSettings) -> ServerOptimizerConfig:
     s = settings.server
     return ServerOptimizerConfig(
-        name=s.server_optimizer, lr=s.effective_lr, beta1=s.server_momentum, beta2=s.server_beta2, tau=s.server_tau
+        name=s.server_optimizer,
+        lr=s.effective_lr,
+        beta1=s.server_momentum,
+        beta2=s.server_beta2,
+        tau=s.server_tau,
+        alpha=s.feddyn_alpha,
     )
 
 

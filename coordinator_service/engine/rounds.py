@@ -381,6 +381,7 @@ def _check_worker_supports(client: WorkerClient, request: pb.TrainRequest) -> No
         ("1.8", "not-true distillation (--not-true-distillation; 0 turns it off)", request.not_true_distillation),
         ("1.11", "DP-SGD (--dp-sgd-noise-multiplier)", request.dp_sgd_noise_multiplier),
         ("1.12", "secure aggregation (--secure-aggregation)", request.secure_aggregation),
+        ("1.13", "FedDyn (--server-optimizer feddyn)", request.feddyn_alpha),
     ]
     for minimum, feature, used in needs:
         if used:
@@ -427,7 +428,8 @@ def install_aggregate(
         for g, a in zip(rnd.reference, flat):
             if a.is_floating_point():
                 a.sub_(g).mul_(scale).add_(g)
-    server_optimizer.step(rnd.reference, flat)
+    parameters = {name for name, _ in model.named_parameters()}
+    server_optimizer.step(rnd.reference, flat, [meta.name in parameters for meta in rnd.payload.manifest])
     for meta, values in zip(rnd.payload.manifest, flat):
         # Finite in double precision is not enough: the model keeps its own dtype.
         if not (fits(values, meta.torch_dtype) if is_float(meta) else serde.all_finite(values)):

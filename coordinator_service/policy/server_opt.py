@@ -9,6 +9,12 @@ Federated Visual Classification", 2019):
     FedAdagrad  m <- beta1 m + (1 - beta1) d,  v <- v + d^2                      x <- x + lr m / (sqrt(v) + tau)
     FedYogi     m as Adagrad,  v <- v - (1 - beta2) d^2 sign(v - d^2)                     (same step)
     FedAdam     m as Adagrad,  v <- beta2 v + (1 - beta2) d^2                             (same step)
+    FedDyn      h <- h - alpha d                         x <- a - h / alpha
+
+FedDyn (Acar et al., "Federated Learning Based on Dynamic Regularization", ICLR 2021) is also the workers': each
+adds a linear term and a proximal one to its loss (worker_service.trainer); h, the server's side, corrects the mean
+by what the workers' regularisers have drifted it. Here d is the mean over the round's workers, as if every worker
+trained (the paper scales it by the share that did).
 
 Only floating-point tensors are optimised; integer buffers (BatchNorm's counters) take the aggregate. The state (m, v)
 is one or two model-sized buffers, saved in every checkpoint so that --resume continues the same trajectory.
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "feddyn")
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class ServerOptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    alpha: float = 0.1  # FedDyn's
 
 
 class ServerOptimizer:
@@ -45,18 +52,31 @@ class ServerOptimizer:
         self.m: list[torch.Tensor] | None = None  # moments, made on the first step: one per float tensor
         self.v: list[torch.Tensor] = []
 
-    def step(self, global_model: Sequence[torch.Tensor], aggregate: Sequence[torch.Tensor]) -> None:
-        """Replace each floating-point tensor of `aggregate` (flat, accumulator dtype) by the next global model."""
+    def step(
+        self,
+        global_model: Sequence[torch.Tensor],
+        aggregate: Sequence[torch.Tensor],
+        trained: Sequence[bool] | None = None,
+    ) -> None:
+        """Replace each floating-point tensor of `aggregate` (flat, accumulator dtype) by the next global model.
+        `trained` marks the model's parameters among them: FedDyn corrects only those (the workers regularise only
+        those; a buffer such as BatchNorm's running variance takes the mean)."""
         c = self.config
         if c.name == "fedavg":
             return
-        pairs = [(g, a) for g, a in zip(global_model, aggregate) if a.is_floating_point()]
+        if trained is None or c.name != "feddyn":
+            trained = [True] * len(aggregate)
+        pairs = [(g, a) for g, a, t in zip(global_model, aggregate, trained) if a.is_floating_point() and t]
         if self.m is None:
             self.m = [torch.zeros_like(a) for _, a in pairs]
-            self.v = [torch.full_like(a, c.tau**2) for _, a in pairs] if c.name != "fedavgm" else []
+            self.v = [torch.full_like(a, c.tau**2) for _, a in pairs] if c.name not in ("fedavgm", "feddyn") else []
         for i, (g, a) in enumerate(pairs):
             d = a - g.to(a.dtype)
             m = self.m[i]
+            if c.name == "feddyn":
+                m.sub_(d, alpha=c.alpha)
+                a.sub_(m, alpha=1 / c.alpha)
+                continue
             if c.name == "fedavgm":
                 m.mul_(c.beta1).add_(d)
                 a.copy_(g.to(a.dtype) + c.lr * m)

@@ -116,6 +116,7 @@ class FedAvg(Strategy):
         dp_sgd_noise_multiplier: float = 0.0,
         dp_sgd_max_grad_norm: float = 0.0,
         dp_delta: float = 0.0,
+        feddyn_alpha: float = 0.0,
     ):
         if not 0 < fraction <= 1:
             raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
@@ -143,6 +144,7 @@ class FedAvg(Strategy):
         self.dp_sgd_noise_multiplier = dp_sgd_noise_multiplier  # DP-SGD on every worker when positive
         self.dp_sgd_max_grad_norm = dp_sgd_max_grad_norm
         self.dp_delta = dp_delta
+        self.feddyn_alpha = feddyn_alpha  # FedDyn's workers' regulariser (Acar et al., 2021) when positive
 
     def learning_rate_of(self, server_round: int) -> float:
         """The local learning rate of a round (from 1). Cosine (Loshchilov and Hutter's SGDR, one cycle over the run)
@@ -172,6 +174,7 @@ class FedAvg(Strategy):
             dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,
             dp_sgd_max_grad_norm=self.dp_sgd_max_grad_norm if self.dp_sgd_noise_multiplier else 0.0,
             dp_delta=self.dp_delta if self.dp_sgd_noise_multiplier else 0.0,
+            feddyn_alpha=self.feddyn_alpha,
         )
 
     def sample_size(self, present: int) -> int:

@@ -427,6 +427,7 @@ def test_lr_decay_with_a_schedule_it_does_not_apply_to_is_refused():
     [
         ("1.1", "1.2", {"proximal_mu": 0.01}, ["FedProx", "1.2"]),
         ("1.7", "1.8", {"not_true_distillation": 1.0}, ["--not-true-distillation", "1.8"]),
+        ("1.12", "1.13", {"feddyn_alpha": 0.1}, ["FedDyn", "1.13"]),
     ],
 )
 def test_an_option_is_sent_only_to_workers_that_understand_it(older, newer, option, named):

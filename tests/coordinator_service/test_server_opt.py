@@ -97,3 +97,41 @@ def test_bad_settings_are_refused():
         ServerOptimizer(ServerOptimizerConfig(name="sgd"))
     with pytest.raises(ValueError, match="positive"):
         ServerOptimizer(ServerOptimizerConfig(name="fedadam", lr=-math.inf))
+
+
+def test_feddyn_corrects_the_mean_by_h_on_the_parameters_and_leaves_buffers_the_mean():
+    """The same mean step d every round: h1 = -alpha d, x1 = a1 - h1 / alpha = x0 + 2d; h2 = -2 alpha d,
+    x2 = x1 + d + 2d = x0 + 5d. BatchNorm's running statistics are no parameters: they take the mean, x0 + 2d."""
+    model = tiny_model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    parameters = {name for name, _ in model.named_parameters()}
+    runner = _runner(model, server_optimizer=ServerOptimizer(ServerOptimizerConfig(name="feddyn", alpha=0.3)))
+    workers = [FakeWorker("a", 1, 64), FakeWorker("b", 2, 64)]
+    for w in workers:
+        w.state = start
+    mean_step = {k: (workers[0].step()[k].double() + workers[1].step()[k].double()) / 2 for k in start}
+    for r in (1, 2):
+        asyncio.run(runner.run_round(r, workers))
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            times = 5 if k in parameters else 2
+            torch.testing.assert_close(v.double(), start[k].double() + times * mean_step[k], rtol=1e-4, atol=1e-6)
+    assert {"running_mean", "running_var"} & {k.split(".")[-1] for k in start}  # buffers were there to leave alone
+
+
+def test_feddyn_reaches_every_worker_s_request_and_refuses_what_it_cannot_go_with():
+    from coordinator_service import settings as run_settings
+    from coordinator_service.control import launch
+
+    s = run_settings.merge({"server_optimizer": "feddyn", "feddyn_alpha": 0.2})
+    assert launch.strategy(s, 3).configure_train(1, 0).feddyn_alpha == 0.2
+    assert launch.server_optimizer(s).alpha == 0.2
+    assert launch.strategy(run_settings.merge({}), 3).configure_train(1, 0).feddyn_alpha == 0.0
+    for layer, named in (
+        ({"mode": "async"}, "mode async"),
+        ({"local_seconds": 5}, "strategy fednova"),
+        ({"proximal_mu": 0.1}, "proximal_mu"),
+        ({"dp_sgd_noise_multiplier": 1.0}, "dp_sgd_noise_multiplier"),
+    ):
+        with pytest.raises(run_settings.SettingsError, match=f"server_optimizer feddyn does not go with {named}"):
+            run_settings.merge({"server_optimizer": "feddyn", **layer})

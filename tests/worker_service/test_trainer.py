@@ -159,3 +159,48 @@ def test_momentum_kept_between_rounds_trains_exactly_as_a_fresh_optimizer(data):
             optimizer.step()
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
     assert len(buffers[0]) == len(list(model.parameters())) and buffers[0] == buffers[1] == buffers[2]
+
+
+def _one_batch(trainer: Trainer, start: dict, round_id: str, alpha: float) -> dict[str, torch.Tensor]:
+    trainer.model.load_state_dict(start)
+    cfg = TrainConfig(local_batches=1, learning_rate=0.1, seed=3, round_id=round_id, feddyn_alpha=alpha)
+    trainer.train(cfg, lambda *p: None, threading.Event())
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_feddyn_keeps_a_linear_term_per_run_as_its_formula_says(data):
+    """One batch a round from the same weights w0 and batch, lr 0.1, alpha 0.5. Round 1 is a plain step w1 (g = 0,
+    and w = w_start at the only step); then g = -alpha (w1 - w0), so round 2 of the same run steps by
+    (1 - alpha lr) (w1 - w0); another run starts g at zero again."""
+    model = build_model("reference-cnn")
+    w0 = copy.deepcopy(model.state_dict())
+    plain = _one_batch(Trainer(copy.deepcopy(model), data), w0, "plain/1.1", 0.0)
+    trainer = Trainer(model, data)
+    first = _one_batch(trainer, w0, "run/1.1", 0.5)
+    second = _one_batch(trainer, w0, "run/2.1", 0.5)
+    other = _one_batch(trainer, w0, "another/1.1", 0.5)
+    for k in w0:
+        torch.testing.assert_close(first[k], plain[k])
+        torch.testing.assert_close(second[k] - w0[k], (1 - 0.5 * 0.1) * (plain[k] - w0[k]), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(other[k], plain[k])
+    assert any(not torch.equal(second[k], plain[k]) for k in w0)
+
+
+def test_feddyn_s_gradient_is_the_loss_s_plus_alpha_times_the_distance_minus_the_linear_term():
+    from worker_service.trainer import _feddyn_gradient
+
+    model = torch.nn.Linear(3, 2)
+    anchor = [p.detach().clone() - 0.5 for p in model.parameters()]
+    linear = [torch.full_like(p, 0.25) for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    _feddyn_gradient(model, anchor, linear, 0.2)
+    for p in model.parameters():
+        torch.testing.assert_close(p.grad, torch.full_like(p, 1 + 0.2 * 0.5 - 0.25))
+
+
+def test_feddyn_alpha_must_be_sane_and_alone():
+    with pytest.raises(ValueError, match="feddyn_alpha must be in"):
+        TrainConfig(feddyn_alpha=-1).validate(100)
+    with pytest.raises(ValueError, match="exclude each other"):
+        TrainConfig(feddyn_alpha=0.1, proximal_mu=0.1).validate(100)

@@ -129,18 +129,20 @@ class AggregationSettings(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., aggregation: _Optional[str] = ..., unweighted: _Optional[bool] = ..., max_update_ratio: _Optional[float] = ..., mode: _Optional[str] = ..., buffer_size: _Optional[int] = ..., max_staleness: _Optional[int] = ..., staleness_exponent: _Optional[float] = ...) -> None: ...
 
 class ServerOptimizerSettings(_message.Message):
-    __slots__ = ("server_optimizer", "server_lr", "server_momentum", "server_beta2", "server_tau")
+    __slots__ = ("server_optimizer", "server_lr", "server_momentum", "server_beta2", "server_tau", "feddyn_alpha")
     SERVER_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SERVER_LR_FIELD_NUMBER: _ClassVar[int]
     SERVER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     SERVER_BETA2_FIELD_NUMBER: _ClassVar[int]
     SERVER_TAU_FIELD_NUMBER: _ClassVar[int]
+    FEDDYN_ALPHA_FIELD_NUMBER: _ClassVar[int]
     server_optimizer: str
     server_lr: float
     server_momentum: float
     server_beta2: float
     server_tau: float
-    def __init__(self, server_optimizer: _Optional[str] = ..., server_lr: _Optional[float] = ..., server_momentum: _Optional[float] = ..., server_beta2: _Optional[float] = ..., server_tau: _Optional[float] = ...) -> None: ...
+    feddyn_alpha: float
+    def __init__(self, server_optimizer: _Optional[str] = ..., server_lr: _Optional[float] = ..., server_momentum: _Optional[float] = ..., server_beta2: _Optional[float] = ..., server_tau: _Optional[float] = ..., feddyn_alpha: _Optional[float] = ...) -> None: ...
 
 class EvaluationSettings(_message.Message):
     __slots__ = ("federated_evaluation", "sequential_evaluation")
