@@ -83,6 +83,7 @@ STRATEGIES = (
     Setting("Not-true distillation, 50 batches, lr decay 0.95", ("--lr-decay", "0.95", *B50)),
     Setting("Not-true distillation, 50 batches, constant lr (the defaults before these)", (*CONSTANT, *B50)),
     Setting("The defaults without distillation", ("--not-true-distillation", "0")),
+    Setting("The defaults with FedDyn (alpha 0.1)", ("--server-optimizer", "feddyn")),
 )
 PARTITIONS = (
     Setting("iid, 20 rounds", ("--partition-scheme", "iid", "--rounds", "20")),
