@@ -135,9 +135,7 @@ class Session:
     # -- 3 -----------------------------------------------------------------------------------------------------
 
     def elements(self, coordinates: int) -> int:
-        """The masked update's length: the coordinates, adaptive clipping's count if asked for, the weight."""
-        noise = self.quantizer.noise
-        return coordinates + (1 if noise is not None and noise.count_stddev else 0) + 1
+        return self.quantizer.elements(coordinates)
 
     def masked_update(
         self,

@@ -51,6 +51,11 @@ class TrainConfig:
     round_id: str = ""  # RUN/ROUND.ATTEMPT: DP-SGD accounts per run, FedDyn keeps its linear term per run
     feddyn_alpha: float = 0.0  # FedDyn: the loss gains -<g, w> + alpha/2 * ||w - w_start||^2
 
+    @property
+    def run(self) -> str:
+        """The run this round belongs to (RUN of RUN/ROUND.ATTEMPT)."""
+        return self.round_id.split("/")[0]
+
     def _validate_dp_sgd(self) -> None:
         if not 0 < self.dp_sgd_noise_multiplier <= 100:
             raise ValueError(f"dp_sgd_noise_multiplier must be in (0, 100], got {self.dp_sgd_noise_multiplier}")
@@ -250,8 +255,7 @@ class Trainer:
                     g.sub_(p.detach() - a, alpha=cfg.feddyn_alpha)
         if cfg.private:
             rate = min(1.0, cfg.batch_size / len(self.data.train))
-            run = cfg.round_id.split("/")[0]
-            epsilon = self.ledger.spend(run, cfg.dp_sgd_noise_multiplier, rate, outcome.batches, cfg.dp_delta)
+            epsilon = self.ledger.spend(cfg.run, cfg.dp_sgd_noise_multiplier, rate, outcome.batches, cfg.dp_delta)
             outcome = dataclasses.replace(outcome, dp_epsilon=epsilon)
         if cfg.evaluate and len(self.data.test):
             loss, acc = self.task.evaluate(self.model, self.data.test)
@@ -317,9 +321,8 @@ class Trainer:
 
     def _feddyn_term(self, cfg: TrainConfig) -> list[torch.Tensor]:
         """FedDyn's linear term for this run: zero at its first round here (a restarted worker starts it again)."""
-        run = cfg.round_id.split("/")[0]
-        if self._feddyn is None or self._feddyn[0] != run:
-            self._feddyn = (run, [torch.zeros_like(p, memory_format=torch.contiguous_format)
+        if self._feddyn is None or self._feddyn[0] != cfg.run:
+            self._feddyn = (cfg.run, [torch.zeros_like(p, memory_format=torch.contiguous_format)
                                   for p in self.model.parameters()])  # fmt: skip
         return self._feddyn[1]
 

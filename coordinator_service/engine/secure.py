@@ -111,7 +111,7 @@ class SecureRound:
             survivors = min(max(survivors, MIN_WORKERS), len(clients))
             self.noise = DistributedNoise(dp.clip, dp.sum_noise_multiplier, survivors, self.coordinates, count_stddev)
         self.quantizer = Quantizer(settings.clip, len(clients), max_weight, self.noise)
-        self.elements = self.coordinates + (1 if self.noise is not None and self.noise.count_stddev else 0) + 1
+        self.elements = self.quantizer.elements(self.coordinates)
         self.keys: dict[int, pb.SecAggKeysResponse] = {}
         self.sealed: dict[int, list[pb.SealedShare]] = {}  # by receiver
         self.shared: set[int] = set()

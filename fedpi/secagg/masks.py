@@ -161,6 +161,10 @@ class Quantizer:
         np.floor(grid, out=grid)  # unbiased: E[floor(x + U)] = x, and within [-B, B]
         return grid.astype(np.int32).view(np.uint32), clipped
 
+    def elements(self, coordinates: int) -> int:
+        """A masked update's length: the coordinates, adaptive clipping's noised count if it carries one, the weight."""
+        return coordinates + (1 if self.noise is not None and self.noise.count_stddev else 0) + 1
+
     def weight_element(self, weight: int) -> np.ndarray:
         if not 0 <= weight <= self.max_weight:
             raise ValueError(f"weight {weight} is outside 0..{self.max_weight}, the round's bound")

@@ -162,6 +162,11 @@ def test_with_distributed_dp_and_every_worker_a_neighbour_no_sum_of_fewer_than_t
         (dict(DP, dp_survivors=5), "outside 1..4"),
         (dict(DP, dp_noise_multiplier=0.0), "positive clip norm and noise multiplier"),
         (dict(DP, dp_noise_multiplier=1e9), "too large for 5000 coordinates"),
+        (dict(DP, dp_clip_norm=float("nan")), "positive clip norm and noise multiplier"),
+        (dict(DP, dp_clip_norm=-1.0), "positive clip norm and noise multiplier"),
+        (dict(DP, dp_count_stddev=-1.0), "count_stddev >= 0"),
+        (dict(DP, dp_count_stddev=float("inf")), "count_stddev >= 0"),
+        (dict(DP, coordinates=-5), "coordinates >= 0"),
     ],
 )
 def test_a_config_that_would_weaken_the_protocol_is_refused(change, message):

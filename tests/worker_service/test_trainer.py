@@ -202,5 +202,11 @@ def test_feddyn_s_gradient_is_the_loss_s_plus_alpha_times_the_distance_minus_the
 def test_feddyn_alpha_must_be_sane_and_alone():
     with pytest.raises(ValueError, match="feddyn_alpha must be in"):
         TrainConfig(feddyn_alpha=-1).validate(100)
+    with pytest.raises(ValueError, match="feddyn_alpha must be in"):
+        TrainConfig(feddyn_alpha=float("nan")).validate(100)
+    with pytest.raises(ValueError, match="feddyn_alpha"):
+        TrainConfig(feddyn_alpha=0.1, dp_sgd_noise_multiplier=1.0, dp_sgd_max_grad_norm=1.0, dp_delta=1e-5).validate(
+            100
+        )
     with pytest.raises(ValueError, match="exclude each other"):
         TrainConfig(feddyn_alpha=0.1, proximal_mu=0.1).validate(100)
