@@ -6,12 +6,15 @@
    (`--strategies 2,3` runs only those rows). Datasets: the 8,000 / 2,000 real
    MNIST digits in ../shared/data/mnist (mnist-10k) and Debian's Fashion-MNIST (60,000 / 10,000), each skipped with
    a message where it is not installed.
-2. mixed: a mixed cluster on an emulated Pi LAN (../shared/tools/pilan, 100 Mbit/s): two Pi 4s (15% of a core) and
+2. agreement: round 1 of the defaults on each split, with 3 and 10 local workers; prints the update agreement that
+   `--server-optimizer auto` chooses FedAvg or FedDyn by (docs/guide.md, Server optimizers).
+3. mixed: a mixed cluster on an emulated Pi LAN (../shared/tools/pilan, 100 Mbit/s): two Pi 4s (15% of a core) and
    a Pi 5 (30%). Ten minutes of wall clock with a fixed number of local batches, then ten with a time budget per
    round (--local-seconds) and FedNova; test accuracy after 1, 2, 5 and 10 minutes of rounds (the sum of their
    walls) and the median round wall.
 
-    python -m bench.learning [table] [mixed] [--datasets mnist-10k,fashion-mnist] [--strategies 1,2] [--minutes 10]
+    python -m bench.learning [table] [agreement] [mixed] [--datasets mnist-10k,fashion-mnist] [--strategies 1,2]
+        [--minutes 10]
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ class Setting:
 # Each strategy as its paper runs it, on top of the defaults unless it says otherwise (docs/guide.md: Strategies).
 CONSTANT = ("--lr-schedule", "constant")  # with 50 batches: the rows measured before the current defaults
 B50 = ("--local-batches", "50")
+FEDAVG = ("--server-optimizer", "fedavg")  # the rows measured before auto became the default
 STRATEGIES = (
     Setting("FedAvg (seed config)", ("--preset", "seed")),
-    Setting("FedAvg (defaults: one epoch, not-true distillation, cosine lr)", ()),
+    Setting("The defaults (auto: FedAvg, or FedDyn when round 1's updates disagree)", ()),
     Setting(
-        "FedAvg, constant lr, no distillation (the earlier defaults)", ("--not-true-distillation", "0", *CONSTANT, *B50)
+        "FedAvg, constant lr, no distillation (the earlier defaults)",
+        ("--not-true-distillation", "0", *CONSTANT, *B50, *FEDAVG),
     ),
     Setting(
         "FedAvgM (local momentum 0.5, lr 0.02)",
@@ -80,10 +85,11 @@ STRATEGIES = (
     ),
     Setting("FedAdam", ("--server-optimizer", "fedadam", "--not-true-distillation", "0", *CONSTANT, *B50)),
     Setting("FedProx", ("--proximal-mu", "0.01", "--not-true-distillation", "0", *CONSTANT, *B50)),
-    Setting("Not-true distillation, 50 batches, lr decay 0.95", ("--lr-decay", "0.95", *B50)),
-    Setting("Not-true distillation, 50 batches, constant lr (the defaults before these)", (*CONSTANT, *B50)),
-    Setting("The defaults without distillation", ("--not-true-distillation", "0")),
-    Setting("The defaults with FedDyn (alpha 0.1)", ("--server-optimizer", "feddyn")),
+    Setting("Not-true distillation, 50 batches, lr decay 0.95", ("--lr-decay", "0.95", *B50, *FEDAVG)),
+    Setting("Not-true distillation, 50 batches, constant lr (the defaults before these)", (*CONSTANT, *B50, *FEDAVG)),
+    Setting("The defaults without distillation", ("--not-true-distillation", "0", *FEDAVG)),
+    Setting("The defaults with FedDyn (alpha 0.1) from round 1", ("--server-optimizer", "feddyn")),
+    Setting("The defaults with FedAvg throughout", FEDAVG),
 )
 PARTITIONS = (
     Setting("iid, 20 rounds", ("--partition-scheme", "iid", "--rounds", "20")),
@@ -127,7 +133,7 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _demo(out: Path, *args: str, timeout: float = 3600) -> list[dict]:
+def _demo(out: Path, *args: str, workers: int = 3, timeout: float = 3600) -> list[dict]:
     proc = subprocess.run(
         [
             sys.executable,
@@ -135,7 +141,7 @@ def _demo(out: Path, *args: str, timeout: float = 3600) -> list[dict]:
             "coordinator_service",
             "demo",
             "--local-workers",
-            "3",
+            str(workers),
             "--no-download",
             "--output-dir",
             str(out),
@@ -184,6 +190,26 @@ def bench_table(tmp: Path, datasets: list[str], strategies: list[Setting]) -> No
                 metrics = _demo(out, *data.args, *partition.args, *strategy.args)
                 cells.append(_cell(metrics, data.target))
             print(f"| {strategy.name} | " + " | ".join(cells) + " |", flush=True)
+
+
+def bench_agreement(tmp: Path, datasets: list[str]) -> None:
+    """Round 1 of the defaults on each split: the update agreement `--server-optimizer auto` chooses by."""
+    print("\nUpdate agreement of round 1 (the defaults; auto turns FedDyn on below 0.4)\n")
+    print("| data | split | 3 workers | 10 workers |")
+    print("|---|---|---|---|")
+    for key in datasets:
+        data = DATASETS[key]
+        if not data.available:
+            print(f"learning  {key} skipped: {data.missing}")
+            continue
+        for partition in PARTITIONS:
+            cells = []
+            for workers in (3, 10):
+                out = tmp / key / f"{partition.name}-{workers}".replace(" ", "_")
+                [first] = _demo(out, *data.args, *partition.args, "--rounds", "1", workers=workers)
+                cells.append(f"{first['update_agreement']:.2f}")
+            split = partition.name.split(",")[0]
+            print(f"| {data.name.split(',')[0]} | {split} | " + " | ".join(cells) + " |", flush=True)
 
 
 # -- mixed cluster on an emulated Pi LAN --------------------------------------------------------------------------
@@ -261,7 +287,7 @@ def bench_mixed(tmp: Path, minutes: float) -> None:
             pilan.set_cpu_share(i, pct)
         # Local work against time budgets, nothing else: distillation off and a constant rate in both, as when these
         # rows were measured (a run stopped by the clock has no last round for a schedule to aim at).
-        plain = ("--not-true-distillation", "0", *CONSTANT)
+        plain = ("--not-true-distillation", "0", *CONSTANT, *FEDAVG)
         settings = (
             Setting("50 batches per round, FedAvg", ("--local-batches", "50", *plain)),
             Setting("--local-seconds 5, FedNova", ("--local-seconds", "5", *plain)),
@@ -298,14 +324,15 @@ def bench_mixed(tmp: Path, minutes: float) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="*", help="which to run: table, mixed (default: both)")
+    p.add_argument("names", nargs="*", help="which to run: table, agreement, mixed (default: all three)")
     p.add_argument("--datasets", default="mnist-10k,fashion-mnist", help="for table: comma-separated")
     p.add_argument("--strategies", help="for table: comma-separated row numbers, from 1 (default: all)")
     p.add_argument("--minutes", type=float, default=10.0, help="for mixed: wall clock per configuration")
     p.add_argument("--keep", help="keep every run's output in this directory")
     args = p.parse_args()
-    if set(args.names) - {"table", "mixed"}:
-        p.error(f"unknown benchmark {', '.join(sorted(set(args.names) - {'table', 'mixed'}))}; choose table or mixed")
+    known = {"table", "agreement", "mixed"}
+    if set(args.names) - known:
+        p.error(f"unknown benchmark {', '.join(sorted(set(args.names) - known))}; choose from {', '.join(known)}")
     datasets = [d for d in args.datasets.split(",") if d]
     unknown = set(datasets) - set(DATASETS)
     if unknown:
@@ -318,6 +345,8 @@ def main() -> None:
         out = Path(args.keep) if args.keep else Path(tmp)
         if "table" in args.names or not args.names:
             bench_table(out / "table", datasets, strategies)
+        if "agreement" in args.names or not args.names:
+            bench_agreement(out / "agreement", datasets)
         if "mixed" in args.names or not args.names:
             bench_mixed(out / "mixed", args.minutes)
 

@@ -187,10 +187,10 @@ class AggregationSettings(_Group):
 class ServerOptimizerSettings(_Group):
     """How the aggregate becomes the next global model (docs/guide.md, Server optimizers)."""
 
-    server_optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "feddyn"] = Field(
-        "fedavg",
-        description="fedavg takes the aggregate; the others step towards it; feddyn also regularises every worker "
-        "(docs/guide.md, Server optimizers)",
+    server_optimizer: Literal["auto", "fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "feddyn"] = Field(
+        "auto",
+        description="fedavg takes the aggregate; the others step towards it; feddyn also regularises every worker; "
+        "auto is fedavg, or feddyn once the first round's updates disagree (docs/guide.md, Server optimizers)",
     )
     server_lr: float | None = Field(
         None,
@@ -207,7 +207,7 @@ class ServerOptimizerSettings(_Group):
 
     @property
     def effective_lr(self) -> float:
-        return self.server_lr or (1.0 if self.server_optimizer in ("fedavg", "fedavgm") else 0.01)
+        return self.server_lr or (1.0 if self.server_optimizer in ("auto", "fedavg", "fedavgm") else 0.01)
 
 
 class Evaluation(_Group):
@@ -403,12 +403,28 @@ class RunSettings(_Group):
         if self.privacy.secure_aggregation:
             self._check_secure_aggregation()
         if self.server.server_optimizer == "feddyn":
-            self._check_feddyn()
+            _refuse("server_optimizer feddyn", self._feddyn_conflicts())
         return self
 
-    def _check_feddyn(self) -> None:
+    @property
+    def server_optimizer_name(self) -> str:
+        """The server optimizer the run starts with: `auto` where it may choose FedDyn, else fedavg."""
+        name = self.server.server_optimizer
+        if name != "auto":
+            return name
+        return "fedavg" if any(on for on, _ in self._feddyn_conflicts() + self._auto_conflicts()) else "auto"
+
+    def _auto_conflicts(self) -> list[tuple[bool, str]]:
+        """Where auto cannot measure how alike the updates are, or must not say it."""
+        return [
+            (str(self.aggregation.rule) != "fedavg", "a robust rule's result is not the mean the agreement reads"),
+            (self.privacy.on, "worker-level DP: the agreement would be a release the accountant does not count"),
+            (self.privacy.secure_aggregation, "secure aggregation: the coordinator sees no single update"),
+        ]
+
+    def _feddyn_conflicts(self) -> list[tuple[bool, str]]:
         """FedDyn's workers and server keep state round by round, over a step of known shape."""
-        refused = [
+        return [
             (self.aggregation.mode == "async", "mode async (its server correction spans whole rounds)"),
             (
                 self.strategy_name == "fednova",
@@ -417,7 +433,6 @@ class RunSettings(_Group):
             (bool(self.training.proximal_mu), "proximal_mu (FedDyn's regulariser has its own proximal term)"),
             (self.privacy.dp_sgd, "dp_sgd_noise_multiplier (DP-SGD steps from per-sample gradients only)"),
         ]
-        _refuse("server_optimizer feddyn", refused)
 
     def _check_secure_aggregation(self) -> None:
         """What needs to see one update: the coordinator sees only the sum."""

@@ -249,7 +249,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.metrics.trained(outcome.train_seconds, outcome.batches, outcome.samples)
         if outcome.train_seconds > 0:
             self.samples_per_second = outcome.samples / outcome.train_seconds
-        log.info("training_finished", round=request.round, **outcome.summary())
+        regulariser = {"feddyn_alpha": cfg.feddyn_alpha} if cfg.feddyn_alpha else {}  # auto may turn it on mid-run
+        log.info("training_finished", round=request.round, **outcome.summary(), **regulariser)
         await context.write(pb.TrainUpdate(result=_result(request, outcome)))
 
     async def Evaluate(self, request: pb.EvaluateRequest, context: grpc.aio.ServicerContext) -> pb.EvaluateResult:

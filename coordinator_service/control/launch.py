@@ -124,7 +124,7 @@ def strategy(settings: RunSettings, n_workers: int) -> FedAvg:
 def server_optimizer(settings: RunSettings) -> ServerOptimizerConfig:
     s = settings.server
     return ServerOptimizerConfig(
-        name=s.server_optimizer,
+        name=settings.server_optimizer_name,
         lr=s.effective_lr,
         beta1=s.server_momentum,
         beta2=s.server_beta2,

@@ -61,6 +61,17 @@ def model_norm(reference: Sequence[torch.Tensor], manifest: Sequence[TensorMeta]
     return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t, m in zip(reference, manifest) if is_float(m)))
 
 
+def distance(flat: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], manifest: Sequence[TensorMeta]) -> float:
+    """L2 distance between two flat models over their floating-point tensors, as UpdateCheck measures an update."""
+    return math.sqrt(
+        sum(
+            float(torch.linalg.vector_norm(a - r.to(a.dtype))) ** 2
+            for a, r, m in zip(flat, reference, manifest)
+            if is_float(m)
+        )
+    )
+
+
 class Segmenter:
     """Cuts a payload, given as raw byte pieces in order, into runs of whole elements of one tensor each.
 

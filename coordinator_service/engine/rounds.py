@@ -18,7 +18,7 @@ from functools import partial
 import structlog
 import torch
 
-from coordinator_service.engine.aggregate import WeightedSum, fits, install, is_float
+from coordinator_service.engine.aggregate import WeightedSum, distance, fits, install, is_float
 from coordinator_service.engine.evaluation import evaluate_federated
 from coordinator_service.engine.observer import RunObserver
 from coordinator_service.engine.pacing import Pacer
@@ -39,7 +39,7 @@ from coordinator_service.engine.worker_client import WorkerClient, offered, spea
 from coordinator_service.engine.worker_errors import WorkerError, WorkerIncompatible, WorkerRejected
 from coordinator_service.policy.privacy import GaussianMean
 from coordinator_service.policy.rules import AggregationRule, WeightedMean
-from coordinator_service.policy.server_opt import ServerOptimizer
+from coordinator_service.policy.server_opt import AUTO_AGREEMENT, ServerOptimizer, update_agreement
 from coordinator_service.policy.strategy import Failure, Strategy
 from fedpi.net.protocol import ProtocolMismatch, check_minimum
 from fedpi.runtime import elapsed
@@ -211,11 +211,39 @@ class RoundRunner:
             for c in done:
                 self.observer.worker_phase(c.name, "done")
         t = time.perf_counter()
+        if type(self.aggregation) is WeightedMean:  # the others' result is not the mean the agreement reads
+            rnd.report.update_agreement = await self._agreement(rnd, updates, flat)
         rnd.report.aggregate_scale = self.strategy.aggregate_scale([c.result for c in done])
         await self.weights_thread.run(
             install_aggregate, self.model, self.server_optimizer, rnd, flat, rnd.report.aggregate_scale
         )
+        rnd.report.server_optimizer = self.server_optimizer.active
+        self._choose_server_optimizer(rnd.report.update_agreement, done)
         rnd.aggregation_seconds += elapsed(t)
+
+    async def _agreement(self, rnd: RoundState, updates: ArrivedUpdates, flat: list[torch.Tensor]) -> float | None:
+        arrived = updates.arrived
+        if len(arrived) < 2:
+            return None
+        mean = await self.weights_thread.run(distance, flat, rnd.reference, rnd.payload.manifest)
+        return update_agreement([u.distance for u in arrived], [u.weight for u in arrived], mean)
+
+    def _choose_server_optimizer(self, agreement: float | None, done: list[Contribution]) -> None:
+        """auto's choice, after the round that measured it: from the next round on, the workers and the server
+        both run what it chose (a round trained without FedDyn's regulariser is not stepped as if it had been)."""
+        if self.server_optimizer.chosen or agreement is None:
+            return
+        # FedDyn needs every worker's regulariser: with an older worker, stay with FedAvg rather than refuse it.
+        old = [c.name for c in done if not speaks(c.client, "1.13")]
+        self.server_optimizer.choose(agreement, feddyn=not old)
+        self.strategy.feddyn_alpha = self.server_optimizer.worker_alpha
+        log.info(
+            "server_optimizer_chosen",
+            server_optimizer=self.server_optimizer.active,
+            update_agreement=round(agreement, 4),
+            threshold=AUTO_AGREEMENT,
+            **({"workers_before_1_13": old} if old else {}),
+        )
 
     async def _aggregate_secure(
         self, rnd: RoundState, done: list[Contribution], clients: list[WorkerClient], secure: SecureRound, tainted: bool

@@ -84,6 +84,8 @@ class RoundReport:
     dp_epsilon_coordinator: float | None = None  # distributed DP: the same against the coordinator (no sampling)
     secure_aggregation: dict | None = None  # engine.secure.SecureRound.summary
     dp_clipping: dict | None = None  # worker-level DP: the clip norm, the noise, and where adaptive clipping moved it
+    update_agreement: float | None = None  # fedavg's rule: how alike the updates were (policy.server_opt)
+    server_optimizer: str | None = None  # what stepped the model this round (auto: fedavg until it chose)
 
     @property
     def dp_sgd_epsilons(self) -> list[float]:
@@ -112,6 +114,8 @@ class RoundReport:
             **({"dp_sgd_epsilon": round(max(sgd), 4)} if (sgd := self.dp_sgd_epsilons) else {}),
             **({"secure_aggregation": self.secure_aggregation} if self.secure_aggregation is not None else {}),
             **({"dp_clipping": self.dp_clipping} if self.dp_clipping is not None else {}),
+            **({"update_agreement": round(self.update_agreement, 4)} if self.update_agreement is not None else {}),
+            **({"server_optimizer": self.server_optimizer} if self.server_optimizer is not None else {}),
             **(
                 {"test_accuracy": round(self.test_accuracy, 4), "test_loss": round(self.test_loss, 4)}
                 if self.test_accuracy is not None and self.test_loss is not None

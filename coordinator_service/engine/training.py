@@ -153,6 +153,8 @@ async def run(
         model.load_state_dict(ckpt.state_dict)
         if ckpt.server_optimizer:
             server_optimizer.load_state_dict(ckpt.server_optimizer)
+            if cfg.server_optimizer.name == "auto":  # the workers go on with what auto chose
+                strategy.feddyn_alpha = server_optimizer.worker_alpha
         cfg.aggregation.load_state_dict(ckpt.aggregation)
         ckpt.restore_rng()
         metrics, first_round = ckpt.metrics, ckpt.round + 1

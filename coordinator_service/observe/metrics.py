@@ -48,6 +48,11 @@ class PrometheusObserver(RunObserver):
         self.epsilon = Gauge(
             "fedpi_dp_epsilon", "Worker-level DP: epsilon spent so far, at the run's delta", registry=r
         )
+        self.agreement = Gauge(
+            "fedpi_update_agreement",
+            "How alike the last round's updates were: their mean pairwise cosine (--server-optimizer auto)",
+            registry=r,
+        )
         self.idle = Gauge(
             "fedpi_worker_idle_fraction",
             "Share of the run each worker spent neither training nor moving weights",
@@ -100,6 +105,8 @@ class PrometheusObserver(RunObserver):
         self.overhead.set(report.overhead_seconds)
         if report.dp_epsilon is not None:
             self.epsilon.set(report.dp_epsilon)
+        if report.update_agreement is not None:
+            self.agreement.set(report.update_agreement)
         if report.version is not None:
             self.current_round.set(report.version)  # no round starts: the newest version is the one in training
         for w in report.workers:

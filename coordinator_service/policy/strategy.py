@@ -32,6 +32,8 @@ class Strategy(ABC):
     name: ClassVar[str] = ""
     # Whether the strategy's correction lives in the updates' weights, so that a rule ignoring weights undoes it.
     needs_weighted_rule: ClassVar[bool] = False
+    # FedDyn's alpha in every TrainRequest while the server optimizer runs FedDyn (auto may turn it on mid-run).
+    feddyn_alpha: float = 0.0
 
     @classmethod
     def check_rule(cls, rule: AggregationRule) -> None:

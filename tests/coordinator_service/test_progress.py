@@ -207,3 +207,15 @@ def test_asynchronous_versions_show_as_versions_in_the_view_and_in_prometheus():
     assert registry.get_sample_value("fedpi_round") == 3
     assert registry.get_sample_value("fedpi_update_staleness", {"worker": "alice"}) == 2
     assert registry.get_sample_value("fedpi_worker_idle_fraction", {"worker": "bob"}) == 0.2
+
+
+def test_prometheus_serves_the_update_agreement_of_the_last_round():
+    from prometheus_client import CollectorRegistry
+
+    from coordinator_service.observe.metrics import PrometheusObserver
+
+    registry = CollectorRegistry()
+    metrics = PrometheusObserver(registry)
+    metrics.round_finished(RoundReport(1, update_agreement=0.15))
+    metrics.round_finished(RoundReport(2))  # a round without a measure leaves the last one
+    assert registry.get_sample_value("fedpi_update_agreement") == 0.15

@@ -52,10 +52,13 @@ class FakeWorker:
         return stream.wire_bytes
 
     def step(self) -> dict[str, torch.Tensor]:
+        return self.step_on(self.state)
+
+    def step_on(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed)
         return {
             k: (torch.randn(v.shape, generator=gen) * 0.01 if v.is_floating_point() else torch.ones_like(v))
-            for k, v in self.state.items()
+            for k, v in state.items()
         }
 
     def update(self) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from coordinator_service.engine import checkpoint
-from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig
+from coordinator_service.policy.server_opt import ServerOptimizer, ServerOptimizerConfig, update_agreement
 from tests.coordinator_service.test_rounds import FakeWorker, _runner, tiny_model
 
 
@@ -135,3 +135,129 @@ def test_feddyn_reaches_every_worker_s_request_and_refuses_what_it_cannot_go_wit
     ):
         with pytest.raises(run_settings.SettingsError, match=f"server_optimizer feddyn does not go with {named}"):
             run_settings.merge({"server_optimizer": "feddyn", **layer})
+
+
+def test_update_agreement_is_the_weighted_mean_of_the_pairwise_cosines():
+    """From the mean's norm and each update's norm, against every pair's cosine computed whole."""
+    gen = torch.Generator().manual_seed(3)
+    shared = torch.randn(500, generator=gen, dtype=torch.float64)
+    for spread in (0.1, 1.0, 10.0):
+        updates = [shared + spread * torch.randn(500, generator=gen, dtype=torch.float64) for _ in range(4)]
+        weights = [3.0, 1.0, 2.0, 5.0]
+        w = [x / sum(weights) for x in weights]
+        norms = [float(u.norm()) for u in updates]
+        pairs = [(i, j) for i in range(4) for j in range(4) if i != j]
+        whole = sum(
+            w[i] * w[j] * norms[i] * norms[j] * float(torch.nn.functional.cosine_similarity(updates[i], updates[j], 0))
+            for i, j in pairs
+        ) / sum(w[i] * w[j] * norms[i] * norms[j] for i, j in pairs)
+        mean = float(sum(wi * u for wi, u in zip(w, updates)).norm())
+        assert update_agreement(norms, weights, mean) == pytest.approx(whole, rel=1e-9)
+    assert update_agreement([1.0, 1.0], [1.0, 1.0], 1.0) == pytest.approx(1.0)  # the same update twice
+    assert update_agreement([1.0, 1.0], [1.0, 1.0], math.sqrt(0.5)) == pytest.approx(0.0)  # at right angles
+    assert update_agreement([1.0], [1.0], 1.0) is None
+    assert update_agreement([1.0, 0.0], [1.0, 1.0], 0.5) is None  # one update did not move
+
+
+class Agreeing(FakeWorker):
+    """A step shared by every worker, plus a tenth of its own."""
+
+    def step(self):
+        own, shared = super().step(), FakeWorker("shared", 99).step_on(self.state)
+        return {k: shared[k] + 0.1 * own[k] if v.is_floating_point() else own[k] for k, v in self.state.items()}
+
+
+def _fleet(cls, n=3):
+    workers = [cls(name, seed) for seed, name in enumerate("abcdefgh"[:n], start=1)]
+    for w in workers:
+        w.info.protocol_version = "1.13"
+    return workers
+
+
+def _mean_step(workers, state):
+    for w in workers:
+        w.state = state
+    steps = [w.step() for w in workers]
+    return {k: sum(s[k].double() for s in steps) / len(steps) for k in state}
+
+
+@pytest.mark.parametrize("cls, chosen", [(FakeWorker, "feddyn"), (Agreeing, "fedavg")])
+def test_auto_chooses_feddyn_after_a_round_of_diverging_updates_and_fedavg_after_agreeing_ones(cls, chosen):
+    """Round 1 is FedAvg and measures the agreement: independent random steps give about 0 (the tiny model has few
+    weights, so not quite 0); a shared step with a tenth of noise about 0.99. Round 2 then runs the choice on both
+    sides. With FedDyn, every worker is asked for its regulariser and the parameters move by twice the mean step
+    (h = -alpha d from 0); with FedAvg, by the mean step."""
+    model = tiny_model()
+    parameters = {name for name, _ in model.named_parameters()}
+    runner = _runner(model, server_optimizer=ServerOptimizer(ServerOptimizerConfig(name="auto", alpha=0.1)))
+    workers = _fleet(cls)
+    x0 = {k: v.clone() for k, v in model.state_dict().items()}
+    step1 = _mean_step(workers, x0)
+    first = asyncio.run(runner.run_round(1, workers))
+    assert first.server_optimizer == "fedavg" and workers[0].last_request.feddyn_alpha == 0
+    assert (first.update_agreement < 0.3) if chosen == "feddyn" else (first.update_agreement > 0.95)
+    x1 = {k: v.clone() for k, v in model.state_dict().items()}
+    for k, v in x1.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v.double(), x0[k].double() + step1[k], rtol=1e-4, atol=1e-6)
+    step2 = _mean_step(workers, x1)
+    second = asyncio.run(runner.run_round(2, workers))
+    assert second.server_optimizer == chosen
+    assert all(w.last_request.feddyn_alpha == (0.1 if chosen == "feddyn" else 0) for w in workers)
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            times = 2 if chosen == "feddyn" and k in parameters else 1
+            torch.testing.assert_close(v.double(), x1[k].double() + times * step2[k], rtol=1e-4, atol=1e-6)
+    assert runner.server_optimizer.agreement == pytest.approx(first.update_agreement)
+
+
+def test_auto_measures_the_agreement_of_the_updates_it_averaged():
+    """The event's agreement equals the pairwise cosines of the workers' steps computed whole (equal weights)."""
+    model = tiny_model()
+    runner = _runner(model, server_optimizer=ServerOptimizer(ServerOptimizerConfig(name="auto")))
+    workers = _fleet(FakeWorker)
+    for w in workers:
+        w.state = model.state_dict()
+    steps = [torch.cat([v.double().flatten() for v in w.step().values() if v.is_floating_point()]) for w in workers]
+    norms = [s.norm() for s in steps]
+    pairs = [(i, j) for i in range(3) for j in range(3) if i != j]
+    whole = sum(float(steps[i] @ steps[j]) for i, j in pairs) / sum(float(norms[i] * norms[j]) for i, j in pairs)
+    report = asyncio.run(runner.run_round(1, workers))
+    assert report.update_agreement == pytest.approx(whole, abs=1e-5)
+
+
+def test_auto_stays_with_fedavg_when_a_worker_cannot_run_feddyn_and_keeps_its_choice_across_a_resume():
+    model = tiny_model()
+    runner = _runner(model, server_optimizer=ServerOptimizer(ServerOptimizerConfig(name="auto")))
+    workers = _fleet(FakeWorker)
+    workers[1].info.protocol_version = "1.12"
+    asyncio.run(runner.run_round(1, workers))
+    assert runner.server_optimizer.chosen and runner.server_optimizer.active == "fedavg"
+    assert runner.server_optimizer.agreement < 0.3  # it disagreed, yet FedDyn would have refused bob
+    asyncio.run(runner.run_round(2, workers))
+    assert workers[0].last_request.feddyn_alpha == 0
+
+    diverged = ServerOptimizer(ServerOptimizerConfig(name="auto"))
+    diverged.choose(0.2)
+    resumed = ServerOptimizer(ServerOptimizerConfig(name="auto"))
+    resumed.load_state_dict(diverged.state_dict())
+    assert (resumed.active, resumed.agreement, resumed.worker_alpha) == ("feddyn", 0.2, 0.1)
+    assert not resumed.choose(0.9)  # chosen once for the whole run
+    assert resumed.active == "feddyn"
+
+
+def test_auto_is_the_default_and_is_fedavg_where_it_cannot_measure_or_feddyn_cannot_run():
+    from coordinator_service import settings as run_settings
+    from coordinator_service.control import launch
+
+    assert launch.server_optimizer(run_settings.merge({})).name == "auto"
+    for layer in (
+        {"mode": "async"},
+        {"local_seconds": 5},
+        {"proximal_mu": 0.1},
+        {"dp_sgd_noise_multiplier": 1.0},
+        {"aggregation": "median"},
+        {"dp_noise_multiplier": 1.0, "dp_clip_norm": 1.0},
+        {"secure_aggregation": True},
+    ):
+        assert launch.server_optimizer(run_settings.merge(layer)).name == "fedavg", layer

@@ -6,13 +6,15 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from coordinator_service.local import LocalWorker
 from coordinator_service.policy.strategy import FedAvg
 from fedpi.data import load_dataset, shard
 from fedpi.models import build_model, evaluate
 from tests.conftest import ROOT
-from tests.integration.conftest import events, run_coordinator
+from tests.integration.conftest import DIGITS, events, run_coordinator, start_cluster
 
 
 def test_two_rounds_on_real_digits_clear_90_percent(digits_cluster, tmp_path):
@@ -246,3 +248,36 @@ def test_compressed_updates_move_the_bytes_they_promise_and_learn_like_raw_ones(
         accuracy
     )
     assert accuracy["fp16"] != accuracy["none"] or runs["fp16"][-1]["test_loss"] != runs["none"][-1]["test_loss"]
+
+
+@pytest.fixture(scope="module")
+def labels_cluster(tmp_path_factory):
+    """Three workers of which each holds only some of the digits (0-3, 4-6, 7-9)."""
+    logs = tmp_path_factory.mktemp("labels")
+    names = ["alice", "bob", "charlie"]
+    args = [*DIGITS, "--partition-scheme", "labels"]
+    cluster = start_cluster([LocalWorker(n, [*args, "--partition", f"{i}/3"], logs) for i, n in enumerate(names)])
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.parametrize("split, chosen", [("iid", "fedavg"), ("labels", "feddyn")])
+def test_auto_runs_feddyn_from_round_2_when_the_workers_hold_different_digits(split, chosen, request, tmp_path):
+    """No flags: round 1 is FedAvg and measures how alike the updates are; rounds 2 and 3 run what it chose, FedDyn's
+    requests accepted by every real worker."""
+    cluster = request.getfixturevalue("digits_cluster" if split == "iid" else "labels_cluster")
+    proc = run_coordinator(
+        "train", "--workers", cluster.spec, "--rounds", "3", "--dataset", "digits-5k", "--local-batches", "10",
+        "--output-dir", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["server_optimizer"] for m in metrics] == ["fedavg", chosen, chosen]
+    assert all(len(m["workers"]) == 3 and not m["failures"] for m in metrics)
+    agreement = metrics[0]["update_agreement"]
+    assert agreement < 0.4 if chosen == "feddyn" else agreement > 0.4
+    [choice] = [e for e in events(proc.stdout) if e.get("event") == "server_optimizer_chosen"]
+    assert (choice["server_optimizer"], choice["round"], choice["update_agreement"]) == (chosen, 1, agreement)
+    for w in cluster.workers:  # each trained rounds 2 and 3 with FedDyn's regulariser, or none of them
+        finished = [e for e in events(w.log_path.read_text()) if e.get("event") == "training_finished"][-3:]
+        assert [e.get("feddyn_alpha", 0) for e in finished] == [0, *[0.1 if chosen == "feddyn" else 0] * 2], w.name
