@@ -70,7 +70,7 @@ class LocalTraining(_Group):
         description="FedProx: workers add mu/2 * ||w - w_global||^2 to their loss (0: plain FedAvg)",
     )
     not_true_distillation: float = Field(
-        1.0,
+        0.5,
         ge=0,
         le=100,
         description="FedNTD's beta: a classifier's workers keep the global model's view of the classes other than "

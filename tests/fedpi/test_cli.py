@@ -74,7 +74,7 @@ def test_presets_set_defaults_that_flags_and_the_environment_override(monkeypatc
     default = settings(["demo"]).training
     seed = settings(["demo", "--preset", "seed"]).training
     assert (seed.lr, seed.momentum, seed.local_batches, seed.batch_size) == (0.01, 0.0, 50, 64)
-    assert (default.not_true_distillation, seed.not_true_distillation) == (1.0, 0.0)
+    assert (default.not_true_distillation, seed.not_true_distillation) == (0.5, 0.0)
     assert (default.effective_lr_schedule, seed.effective_lr_schedule) == ("cosine", "constant")
     assert (default.lr, default.momentum) != (seed.lr, seed.momentum)
     assert settings(["train", "--preset=seed", "--lr", "0.2"]).training.lr == 0.2
