@@ -46,6 +46,7 @@ class Setting:
 CONSTANT = ("--lr-schedule", "constant")  # with 50 batches: the rows measured before the current defaults
 B50 = ("--local-batches", "50")
 FEDAVG = ("--server-optimizer", "fedavg")  # the rows measured before auto became the default
+NTD1 = ("--not-true-distillation", "1")  # and before beta 0.5 did
 STRATEGIES = (
     Setting("FedAvg (seed config)", ("--preset", "seed")),
     Setting("The defaults (auto: FedAvg, or FedDyn when round 1's updates disagree)", ()),
@@ -85,11 +86,13 @@ STRATEGIES = (
     ),
     Setting("FedAdam", ("--server-optimizer", "fedadam", "--not-true-distillation", "0", *CONSTANT, *B50)),
     Setting("FedProx", ("--proximal-mu", "0.01", "--not-true-distillation", "0", *CONSTANT, *B50)),
-    Setting("Not-true distillation, 50 batches, lr decay 0.95", ("--lr-decay", "0.95", *B50, *FEDAVG)),
-    Setting("Not-true distillation, 50 batches, constant lr (the defaults before these)", (*CONSTANT, *B50, *FEDAVG)),
+    Setting("Not-true distillation, 50 batches, lr decay 0.95", ("--lr-decay", "0.95", *B50, *FEDAVG, *NTD1)),
+    Setting(
+        "Not-true distillation, 50 batches, constant lr (the defaults before these)", (*CONSTANT, *B50, *FEDAVG, *NTD1)
+    ),
     Setting("The defaults without distillation", ("--not-true-distillation", "0", *FEDAVG)),
-    Setting("The defaults with FedDyn (alpha 0.1) from round 1", ("--server-optimizer", "feddyn")),
-    Setting("The defaults with FedAvg throughout", FEDAVG),
+    Setting("FedDyn (alpha 0.1) from round 1, not-true distillation beta 1", ("--server-optimizer", "feddyn", *NTD1)),
+    Setting("FedAvg, not-true distillation beta 1 (the defaults before auto)", (*FEDAVG, *NTD1)),
 )
 PARTITIONS = (
     Setting("iid, 20 rounds", ("--partition-scheme", "iid", "--rounds", "20")),
