@@ -66,6 +66,7 @@ class LiveProgress(RunObserver):
         self.lines: dict[str, _WorkerLine] = {}
         self.round = 0
         self.status = "starting: waiting for the workers"
+        self.optimizer: tuple[str, float | None] | None = None  # the last round's server optimizer, and agreement
         # The ETA follows the rounds done so far however long they take (rich's default forgets after 30 s).
         self.bar = Progress(
             TextColumn("[bold]rounds"),
@@ -146,6 +147,18 @@ class LiveProgress(RunObserver):
         )
         if missing:  # on a line of its own: the row stays within 100 columns
             self.console.print(f"{'':11}{', '.join(missing)}", highlight=False)
+        self._print_optimizer_change(event)
+
+    def _print_optimizer_change(self, event: dict) -> None:
+        """auto's choice, on the first round it steps with (the round before measured the agreement it chose by)."""
+        name = event.get("server_optimizer")
+        if name is None:
+            return
+        if self.optimizer is not None and self.optimizer[0] != name:
+            agreement = self.optimizer[1]
+            why = f": round {event['round'] - 1}'s updates agreed {agreement:.2f}" if agreement is not None else ""
+            self.console.print(f"{'':11}server optimizer {name} from this round{why}", highlight=False)
+        self.optimizer = (name, event.get("update_agreement"))
 
     # -- hooks -------------------------------------------------------------------------------------------------
 

@@ -219,3 +219,17 @@ def test_prometheus_serves_the_update_agreement_of_the_last_round():
     metrics.round_finished(RoundReport(1, update_agreement=0.15))
     metrics.round_finished(RoundReport(2))  # a round without a measure leaves the last one
     assert registry.get_sample_value("fedpi_update_agreement") == 0.15
+
+
+def test_the_view_says_when_auto_turns_feddyn_on_and_by_what_agreement():
+    console = _console()
+    view = LiveProgress(batch_size=64, console=console)
+    view.run_started(rounds=3, first_round=1, workers=["alice"])
+    for number, name, agreement in ((1, "fedavg", 0.12), (2, "feddyn", 0.3), (3, "feddyn", 0.2)):
+        report = RoundReport(number, test_accuracy=0.9, test_loss=0.3, update_agreement=agreement)
+        report.server_optimizer = name
+        view.round_finished(report)
+    view.run_finished()
+    screen = console.export_text()
+    assert "server optimizer feddyn from this round: round 1's updates agreed 0.12" in screen
+    assert screen.count("server optimizer") == 1
