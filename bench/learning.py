@@ -297,7 +297,7 @@ def bench_mixed(tmp: Path, minutes: float) -> None:
         )
         print(
             f"\nmixed cluster on pilan (100 Mbit/s): {', '.join(f'{n} {p}% CPU' for n, p in BOARDS)}; "
-            f"MNIST 8,000 / 2,000 iid, --not-true-distillation 0 --lr-schedule constant; {minutes:g} minutes each\n"
+            f"MNIST 8,000 / 2,000 iid, {' '.join(plain)}; {minutes:g} minutes each\n"
         )
         marks = [m for m in (1, 2, 5) if m < minutes] + [minutes]
         print(
