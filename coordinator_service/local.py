@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -112,13 +114,23 @@ class LocalWorker:
         await wait_serving(self.health_address, self.process, timeout, self.log_path)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 class LocalCluster:
-    """A context manager around several LocalWorkers: all stopped on exit, also on Ctrl-C or an exception."""
+    """A context manager around several LocalWorkers: all stopped on exit, also on Ctrl-C, SIGTERM (`timeout`, a
+    service manager) or an exception."""
 
     def __init__(self, workers: Sequence[LocalWorker]):
         self.workers = list(workers)
+        self._sigterm: Any = None
 
     def __enter__(self) -> LocalCluster:
+        # SIGTERM's default ends the process at once, without the `with` that stops the workers; SystemExit unwinds
+        # it like Ctrl-C. Only the main thread may set a handler.
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             for w in self.workers:
                 w.start()
@@ -131,8 +143,13 @@ class LocalCluster:
         self.stop()
 
     def stop(self) -> None:
-        for w in self.workers:
-            w.stop()
+        try:
+            for w in self.workers:
+                w.stop()
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm)
+                self._sigterm = None
 
     async def wait_serving(self, timeout: float = 120.0) -> None:
         await asyncio.gather(*(w.wait_serving(timeout) for w in self.workers))

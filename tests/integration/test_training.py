@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
 
@@ -281,3 +283,30 @@ def test_auto_runs_feddyn_from_round_2_when_the_workers_hold_different_digits(sp
     for w in cluster.workers:  # each trained rounds 2 and 3 with FedDyn's regulariser, or none of them
         finished = [e for e in events(w.log_path.read_text()) if e.get("event") == "training_finished"][-3:]
         assert [e.get("feddyn_alpha", 0) for e in finished] == [0, *[0.1 if chosen == "feddyn" else 0] * 2], w.name
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_demo_stopped_by_a_signal_stops_its_local_workers(sig, tmp_path):
+    """`timeout`, a service manager or Ctrl-C ends `fedpi demo` mid-run: none of its worker processes outlives it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "coordinator_service", "demo", "--local-workers", "2", "--dataset", "digits-5k",
+         "--rounds", "50", "--output-dir", str(tmp_path), "--log-format", "json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        addresses = []
+        for line in proc.stdout:
+            event = json.loads(line) if line.startswith("{") else {}
+            addresses = event.get("workers", addresses) if event.get("event") == "local_workers_starting" else addresses
+            if event.get("event") == "round_started":
+                break
+        assert len(addresses) == 2
+        proc.send_signal(sig)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    for address in addresses:
+        host, port = address.rsplit(":", 1)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=5).close()
