@@ -214,12 +214,21 @@ class RoundRunner:
         if type(self.aggregation) is WeightedMean:  # the others' result is not the mean the agreement reads
             rnd.report.update_agreement = await self._agreement(rnd, updates, flat)
         rnd.report.aggregate_scale = self.strategy.aggregate_scale([c.result for c in done])
-        await self.weights_thread.run(
-            install_aggregate, self.model, self.server_optimizer, rnd, flat, rnd.report.aggregate_scale
-        )
+        await self._install(rnd, flat)
         rnd.report.server_optimizer = self.server_optimizer.active
         self._choose_server_optimizer(rnd.report.update_agreement, done)
         rnd.aggregation_seconds += elapsed(t)
+
+    async def _install(self, rnd: RoundState, flat: list[torch.Tensor]) -> None:
+        await self.weights_thread.run(
+            install_aggregate,
+            self.model,
+            self.server_optimizer,
+            rnd,
+            flat,
+            rnd.report.aggregate_scale,
+            self.strategy.lr_factor(rnd.number),
+        )
 
     async def _agreement(self, rnd: RoundState, updates: ArrivedUpdates, flat: list[torch.Tensor]) -> float | None:
         arrived = updates.arrived
@@ -257,9 +266,7 @@ class RoundRunner:
         t = time.perf_counter()
         flat = await secure.unmask(done)
         rnd.report.aggregate_scale = self.strategy.aggregate_scale([c.result for c in done])
-        await self.weights_thread.run(
-            install_aggregate, self.model, self.server_optimizer, rnd, flat, rnd.report.aggregate_scale
-        )
+        await self._install(rnd, flat)
         rnd.aggregation_seconds += elapsed(t)
         rnd.report.secure_aggregation = secure.summary()
         if secure.dp is not None:
@@ -448,16 +455,22 @@ def _check_result(
 
 
 def install_aggregate(
-    model: torch.nn.Module, server_optimizer: ServerOptimizer, rnd: RoundState, flat: list[torch.Tensor], scale: float
+    model: torch.nn.Module,
+    server_optimizer: ServerOptimizer,
+    rnd: RoundState,
+    flat: list[torch.Tensor],
+    scale: float,
+    schedule: float = 1.0,
 ) -> None:
     """The aggregate, moved `scale` times from the global model (the strategy's say, e.g. FedNova's) and through
-    the server optimizer, becomes the global model if it is finite."""
+    the server optimizer (at the round's learning-rate factor `schedule`), becomes the global model if it is
+    finite."""
     if scale != 1.0:
         for g, a in zip(rnd.reference, flat):
             if a.is_floating_point():
                 a.sub_(g).mul_(scale).add_(g)
     parameters = {name for name, _ in model.named_parameters()}
-    server_optimizer.step(rnd.reference, flat, [meta.name in parameters for meta in rnd.payload.manifest])
+    server_optimizer.step(rnd.reference, flat, [meta.name in parameters for meta in rnd.payload.manifest], schedule)
     for meta, values in zip(rnd.payload.manifest, flat):
         # Finite in double precision is not enough: the model keeps its own dtype.
         if not (fits(values, meta.torch_dtype) if is_float(meta) else serde.all_finite(values)):

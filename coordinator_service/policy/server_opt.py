@@ -9,12 +9,16 @@ Federated Visual Classification", 2019):
     FedAdagrad  m <- beta1 m + (1 - beta1) d,  v <- v + d^2                      x <- x + lr m / (sqrt(v) + tau)
     FedYogi     m as Adagrad,  v <- v - (1 - beta2) d^2 sign(v - d^2)                     (same step)
     FedAdam     m as Adagrad,  v <- beta2 v + (1 - beta2) d^2                             (same step)
-    FedDyn      h <- h - alpha d                         x <- a - h / alpha
+    FedDyn      h <- h - alpha d                         x <- a - s h / alpha
 
 FedDyn (Acar et al., "Federated Learning Based on Dynamic Regularization", ICLR 2021) is also the workers': each
 adds a linear term and a proximal one to its loss (worker_service.trainer); h, the server's side, corrects the mean
 by what the workers' regularisers have drifted it. Here d is the mean over the round's workers, as if every worker
-trained (the paper scales it by the share that did).
+trained (the paper scales it by the share that did). s is the round's learning-rate factor: the workers' rate that
+round over the first round's (1 with a constant rate). The correction h / alpha is a step the server takes with the
+workers' sum of past gradients, and it anneals with their rate: where the schedule has stilled the workers, a full
+correction would go on moving the model each round along gradients that no worker measures any more (measured: the
+test loss then rises over the last rounds while the workers barely move; docs/guide.md, Server optimizers).
 
 `auto`, the default, is FedAvg until a round has two or more updates, then FedDyn for the rest of the run if those
 updates disagree (update_agreement below AUTO_AGREEMENT) and FedAvg otherwise. Agreeing updates are what IID shards
@@ -102,10 +106,12 @@ class ServerOptimizer:
         global_model: Sequence[torch.Tensor],
         aggregate: Sequence[torch.Tensor],
         trained: Sequence[bool] | None = None,
+        schedule: float = 1.0,
     ) -> None:
         """Replace each floating-point tensor of `aggregate` (flat, accumulator dtype) by the next global model.
         `trained` marks the model's parameters among them: FedDyn corrects only those (the workers regularise only
-        those; a buffer such as BatchNorm's running variance takes the mean)."""
+        those; a buffer such as BatchNorm's running variance takes the mean). `schedule` is the round's
+        learning-rate factor, s in FedDyn's correction."""
         c, name = self.config, self.active
         if name == "fedavg":
             return
@@ -120,7 +126,7 @@ class ServerOptimizer:
             m = self.m[i]
             if name == "feddyn":
                 m.sub_(d, alpha=c.alpha)
-                a.sub_(m, alpha=1 / c.alpha)
+                a.sub_(m, alpha=schedule / c.alpha)
                 continue
             if name == "fedavgm":
                 m.mul_(c.beta1).add_(d)

@@ -61,6 +61,10 @@ class Strategy(ABC):
         way). FedNova moves further, by the mean number of local steps, once every update is normalised per step."""
         return 1.0
 
+    def lr_factor(self, server_round: int) -> float:
+        """The workers' learning rate in this round over the first round's (default: 1, a constant rate)."""
+        return 1.0
+
     def max_samples(self, request: pb.TrainRequest, shard_size: int, max_local_batches: int) -> int:
         """The most samples a worker can honestly report for `request` on a shard of `shard_size` (from its
         handshake): batches x batch size, epochs x shard, or its batch limit x batch size for a time budget. A
@@ -158,6 +162,9 @@ class FedAvg(Strategy):
             done = min(server_round - 1, self.rounds - 1) / self.rounds
             return self.learning_rate * 0.5 * (1 + math.cos(math.pi * done))
         return self.learning_rate * self.lr_decay ** (server_round - 1)
+
+    def lr_factor(self, server_round: int) -> float:
+        return self.learning_rate_of(server_round) / self.learning_rate
 
     def configure_train(self, server_round: int, worker_index: int) -> pb.TrainRequest:
         return pb.TrainRequest(

@@ -119,6 +119,28 @@ def test_feddyn_corrects_the_mean_by_h_on_the_parameters_and_leaves_buffers_the_
     assert {"running_mean", "running_var"} & {k.split(".")[-1] for k in start}  # buffers were there to leave alone
 
 
+def test_feddyn_s_correction_anneals_with_the_workers_learning_rate():
+    """Cosine over 3 rounds gives the workers 1, 0.75 and 0.25 of their rate; the correction -h / alpha follows it.
+    The same mean step d every round: h_r = -r alpha d, x_r = x_(r-1) + d + s_r r d, so x3 = x0 + (3 + 1 + 1.5 +
+    0.75) d on the parameters (a correction at full strength would give 9 d), and x0 + 3 d on the buffers."""
+    model = tiny_model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    parameters = {name for name, _ in model.named_parameters()}
+    runner = _runner(model, server_optimizer=ServerOptimizer(ServerOptimizerConfig(name="feddyn", alpha=0.3)))
+    runner.strategy.lr_schedule, runner.strategy.rounds = "cosine", 3
+    workers = [FakeWorker("a", 1, 64), FakeWorker("b", 2, 64)]
+    for w in workers:
+        w.state = start
+    mean_step = {k: (workers[0].step()[k].double() + workers[1].step()[k].double()) / 2 for k in start}
+    for r in (1, 2, 3):
+        asyncio.run(runner.run_round(r, workers))
+    assert [runner.strategy.lr_factor(r) for r in (1, 2, 3)] == pytest.approx([1, 0.75, 0.25])
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            times = 6.25 if k in parameters else 3
+            torch.testing.assert_close(v.double(), start[k].double() + times * mean_step[k], rtol=1e-4, atol=1e-6)
+
+
 def test_feddyn_reaches_every_worker_s_request_and_refuses_what_it_cannot_go_with():
     from coordinator_service import settings as run_settings
     from coordinator_service.control import launch
