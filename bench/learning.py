@@ -3,9 +3,9 @@
 1. table: 3 local workers train each strategy on each partition of a real dataset (IID for 20 rounds, the `labels`
    split and Dirichlet alpha=0.1 for 40), the coordinator evaluating on the held-out test split every round. Prints
    the final test accuracy, its spread over the last 5 rounds and the first round that reached the target accuracy
-   (`--strategies 2,3` runs only those rows). Datasets: the 8,000 / 2,000 real
-   MNIST digits in ../shared/data/mnist (mnist-10k) and Debian's Fashion-MNIST (60,000 / 10,000), each skipped with
-   a message where it is not installed.
+   (`--strategies 2,3` runs only those rows; `--seeds 0,1,2` gives the mean over those seeds, then each one's).
+   Datasets: the 8,000 / 2,000 real MNIST digits in ../shared/data/mnist (mnist-10k) and Debian's Fashion-MNIST
+   (60,000 / 10,000), each skipped with a message where it is not installed.
 2. agreement: round 1 of the defaults on each split, with 3 and 10 local workers; prints the update agreement that
    `--server-optimizer auto` chooses FedAvg or FedDyn by (docs/guide.md, Server optimizers).
 3. mixed: a mixed cluster on an emulated Pi LAN (../shared/tools/pilan, 100 Mbit/s): two Pi 4s (15% of a core) and
@@ -14,7 +14,7 @@
    walls) and the median round wall.
 
     python -m bench.learning [table] [agreement] [mixed] [--datasets mnist-10k,fashion-mnist] [--strategies 1,2]
-        [--minutes 10]
+        [--seeds 0] [--minutes 10]
 """
 
 from __future__ import annotations
@@ -166,14 +166,21 @@ def _first_round(metrics: list[dict], target: float) -> str:
     return next((str(m["round"]) for m in metrics if m["test_accuracy"] >= target), "-")
 
 
-def _cell(metrics: list[dict], target: float) -> str:
-    """Final accuracy, the spread (max - min) over the last 5 rounds in points, and the first round at the target."""
-    last = [m["test_accuracy"] for m in metrics[-5:]]
+def _cell(runs: list[list[dict]], target: float) -> str:
+    """Final accuracy, the spread (max - min) over the last 5 rounds in points, and the first round at the target:
+    of the run, or with several seeds of the mean accuracy per round, followed by each seed's final accuracy."""
+    curve = [
+        {"round": ms[0]["round"], "test_accuracy": statistics.fmean(m["test_accuracy"] for m in ms)}
+        for ms in zip(*runs)
+    ]
+    last = [m["test_accuracy"] for m in curve[-5:]]
     spread = (max(last) - min(last)) * 100
-    return f"{last[-1]:.2%} ±{spread:.2f} ({_first_round(metrics, target)})"
+    finals = ", ".join(f"{r[-1]['test_accuracy']:.2%}" for r in runs)
+    seeds = f" [{finals}]" if len(runs) > 1 else ""
+    return f"{last[-1]:.2%} ±{spread:.2f} ({_first_round(curve, target)}){seeds}"
 
 
-def bench_table(tmp: Path, datasets: list[str], strategies: list[Setting]) -> None:
+def bench_table(tmp: Path, datasets: list[str], strategies: list[Setting], seeds: list[int]) -> None:
     for key in datasets:
         data = DATASETS[key]
         if not data.available:
@@ -182,16 +189,20 @@ def bench_table(tmp: Path, datasets: list[str], strategies: list[Setting]) -> No
         print(
             f"\n{data.name}, 3 workers, one local epoch of batches of 64 per round unless the row says otherwise; "
             f"final "
-            f"test accuracy, ± its spread over the last 5 rounds in points (first round at >= {data.target:.0%})\n"
+            f"test accuracy, ± its spread over the last 5 rounds in points (first round at >= {data.target:.0%})"
+            + (f"; the mean over seeds {', '.join(map(str, seeds))}, then each seed's" if len(seeds) > 1 else "")
+            + "\n"
         )
         print("| strategy | " + " | ".join(p.name for p in PARTITIONS) + " |")
         print("|---|" + "---|" * len(PARTITIONS))
         for strategy in strategies:
             cells = []
             for partition in PARTITIONS:
-                out = tmp / key / f"{strategy.name}-{partition.name}".replace(" ", "_")
-                metrics = _demo(out, *data.args, *partition.args, *strategy.args)
-                cells.append(_cell(metrics, data.target))
+                runs = []
+                for seed in seeds:
+                    out = tmp / key / f"{strategy.name}-{partition.name}-{seed}".replace(" ", "_")
+                    runs.append(_demo(out, *data.args, *partition.args, "--seed", str(seed), *strategy.args))
+                cells.append(_cell(runs, data.target))
             print(f"| {strategy.name} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -330,6 +341,7 @@ def main() -> None:
     p.add_argument("names", nargs="*", help="which to run: table, agreement, mixed (default: all three)")
     p.add_argument("--datasets", default="mnist-10k,fashion-mnist", help="for table: comma-separated")
     p.add_argument("--strategies", help="for table: comma-separated row numbers, from 1 (default: all)")
+    p.add_argument("--seeds", default="0", help="for table: comma-separated seeds; a cell gives their mean")
     p.add_argument("--minutes", type=float, default=10.0, help="for mixed: wall clock per configuration")
     p.add_argument("--keep", help="keep every run's output in this directory")
     args = p.parse_args()
@@ -347,7 +359,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.keep) if args.keep else Path(tmp)
         if "table" in args.names or not args.names:
-            bench_table(out / "table", datasets, strategies)
+            bench_table(out / "table", datasets, strategies, [int(n) for n in args.seeds.split(",")])
         if "agreement" in args.names or not args.names:
             bench_agreement(out / "agreement", datasets)
         if "mixed" in args.names or not args.names:
