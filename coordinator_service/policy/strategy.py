@@ -179,7 +179,9 @@ class FedAvg(Strategy):
             seed=self.seed * 1_000_003 + server_round * 1_009 + worker_index,
             evaluate=self.evaluate_locally,
             proximal_mu=self.proximal_mu,
-            not_true_distillation=self.not_true_distillation,
+            # The distillation anneals with the rate: it holds the classes a worker lacks while its steps are
+            # large enough to forget them, and gives way as the schedule stills them (docs/guide.md).
+            not_true_distillation=self.not_true_distillation * self.lr_factor(server_round),
             dp_sgd_noise_multiplier=self.dp_sgd_noise_multiplier,
             dp_sgd_max_grad_norm=self.dp_sgd_max_grad_norm if self.dp_sgd_noise_multiplier else 0.0,
             dp_delta=self.dp_delta if self.dp_sgd_noise_multiplier else 0.0,

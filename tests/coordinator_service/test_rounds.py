@@ -396,11 +396,16 @@ def test_the_local_learning_rate_decays_per_round():
 
 
 def test_the_cosine_schedule_anneals_over_the_run_and_holds_its_last_rate_after_it():
-    strategy = FedAvg(learning_rate=0.1, lr_schedule="cosine", rounds=4)
-    rates = [strategy.configure_train(r, 0).learning_rate for r in (1, 2, 3, 4, 5, 9)]
+    """The rate, and the distillation's beta with it."""
+    strategy = FedAvg(learning_rate=0.1, lr_schedule="cosine", rounds=4, not_true_distillation=0.8)
+    requests = [strategy.configure_train(r, 0) for r in (1, 2, 3, 4, 5, 9)]
     # 0.1 x (1 + cos(pi (r - 1) / 4)) / 2, written out
     expected = [0.1, 0.1 * (1 + 0.5**0.5) / 2, 0.05, 0.1 * (1 - 0.5**0.5) / 2]
-    assert rates == pytest.approx(expected + expected[-1:] * 2, rel=1e-12)
+    assert [q.learning_rate for q in requests] == pytest.approx(expected + expected[-1:] * 2, rel=1e-12)
+    betas = [0.8 * rate / 0.1 for rate in expected + expected[-1:] * 2]
+    assert [q.not_true_distillation for q in requests] == pytest.approx(betas, rel=1e-12)
+    constant = FedAvg(learning_rate=0.1, lr_schedule="constant", rounds=4, not_true_distillation=0.8)
+    assert {constant.configure_train(r, 0).not_true_distillation for r in (1, 4, 9)} == {0.8}
 
 
 @pytest.mark.parametrize(
