@@ -73,8 +73,8 @@ class LocalTraining(_Group):
         0.5,
         ge=0,
         le=100,
-        description="FedNTD's beta: a classifier's workers keep the global model's view of the classes other than "
-        "each sample's own (0: off; docs/guide.md)",
+        description="FedNTD's beta in round 1, annealed with the learning rate after it: a classifier's workers keep "
+        "the global model's view of the classes other than each sample's own (0: off; docs/guide.md)",
     )
     seed: int = Field(
         0,
