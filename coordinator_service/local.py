@@ -20,10 +20,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 DEMO_NAMES = ("alice", "bob", "charlie", "dave", "erin", "frank", "grace", "heidi")
 
 
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free on 127.0.0.1 now that this process has not handed out before: ports picked before any of their
+    workers binds (a worker's gRPC and metrics ports, say) could otherwise be the same one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with _handed_out_lock:
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 async def wait_serving(
