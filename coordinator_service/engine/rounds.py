@@ -460,17 +460,17 @@ def install_aggregate(
     rnd: RoundState,
     flat: list[torch.Tensor],
     scale: float,
-    schedule: float = 1.0,
+    lr_factor: float = 1.0,
 ) -> None:
     """The aggregate, moved `scale` times from the global model (the strategy's say, e.g. FedNova's) and through
-    the server optimizer (at the round's learning-rate factor `schedule`), becomes the global model if it is
+    the server optimizer (at the round's learning-rate factor `lr_factor`), becomes the global model if it is
     finite."""
     if scale != 1.0:
         for g, a in zip(rnd.reference, flat):
             if a.is_floating_point():
                 a.sub_(g).mul_(scale).add_(g)
     parameters = {name for name, _ in model.named_parameters()}
-    server_optimizer.step(rnd.reference, flat, [meta.name in parameters for meta in rnd.payload.manifest], schedule)
+    server_optimizer.step(rnd.reference, flat, [meta.name in parameters for meta in rnd.payload.manifest], lr_factor)
     for meta, values in zip(rnd.payload.manifest, flat):
         # Finite in double precision is not enough: the model keeps its own dtype.
         if not (fits(values, meta.torch_dtype) if is_float(meta) else serde.all_finite(values)):

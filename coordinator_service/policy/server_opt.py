@@ -106,12 +106,12 @@ class ServerOptimizer:
         global_model: Sequence[torch.Tensor],
         aggregate: Sequence[torch.Tensor],
         trained: Sequence[bool] | None = None,
-        schedule: float = 1.0,
+        lr_factor: float = 1.0,
     ) -> None:
         """Replace each floating-point tensor of `aggregate` (flat, accumulator dtype) by the next global model.
         `trained` marks the model's parameters among them: FedDyn corrects only those (the workers regularise only
-        those; a buffer such as BatchNorm's running variance takes the mean). `schedule` is the round's
-        learning-rate factor, s in FedDyn's correction."""
+        those; a buffer such as BatchNorm's running variance takes the mean). `lr_factor` is the round's
+        learning-rate factor (Strategy.lr_factor), s in FedDyn's correction."""
         c, name = self.config, self.active
         if name == "fedavg":
             return
@@ -126,7 +126,7 @@ class ServerOptimizer:
             m = self.m[i]
             if name == "feddyn":
                 m.sub_(d, alpha=c.alpha)
-                a.sub_(m, alpha=schedule / c.alpha)
+                a.sub_(m, alpha=lr_factor / c.alpha)
                 continue
             if name == "fedavgm":
                 m.mul_(c.beta1).add_(d)
